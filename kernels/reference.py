@@ -1,0 +1,119 @@
+"""Pure-torch reference implementations of every kernel pdserve uses.
+
+Owns: the numerical definition of each fused op. The Triton kernels in this
+package are tested against these functions, and the engine's CPU backend runs
+them directly. No state, no lifecycle: plain functions over tensors.
+
+KV cache layout (one layer): ``kv_layer[num_blocks, 2, block_size, num_kv_heads, head_dim]``
+where index 0 of dim 1 is K and 1 is V. A token's *slot* is
+``block_id * block_size + offset``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with an optional residual add first.
+
+    Returns (normed, new_residual); new_residual is x (+ residual), the value the
+    next residual add must use. Computed in float32, cast back to x.dtype (as HF Llama).
+    """
+    if residual is not None:
+        x = x + residual
+    h = x.to(torch.float32)
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return weight * h.to(x.dtype), x
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x[..., :d] is the gate, x[..., d:] the up projection: silu(gate) * up."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) rotary embedding, as HF Llama applies it.
+
+    Args:
+        q: [T, Hq, D]; k: [T, Hkv, D]; positions: [T] int64.
+        cos_sin: [max_pos, D] float32; first D/2 columns cos, last D/2 sin
+            (of the D/2 distinct frequencies).
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin[positions]
+    cos = torch.cat([cs[:, :half], cs[:, :half]], dim=-1)[:, None, :]
+    sin = torch.cat([cs[:, half:], cs[:, half:]], dim=-1)[:, None, :]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., :half], x[..., half:]
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+
+    return rot(q), rot(k)
+
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Scatter k, v [T, Hkv, D] into kv_layer at slot_mapping [T] (slots < 0 are skipped)."""
+    block_size = kv_layer.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_layer[blocks, 0, offsets] = k[keep].to(kv_layer.dtype)
+    kv_layer[blocks, 1, offsets] = v[keep].to(kv_layer.dtype)
+
+
+def gather_kv_ref(kv_layer: torch.Tensor, block_table: torch.Tensor,
+                  seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [seq_len, Hkv, D] of one sequence, read through its block table."""
+    block_size = kv_layer.shape[2]
+    n_blocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_layer[block_table[:n_blocks].long()]  # [n, 2, bs, H, D]
+    k = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:seq_len]
+    v = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[:seq_len]
+    return k, v
+
+
+def paged_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Causal attention of variable-length query chunks over a paged KV cache.
+
+    Sequence b owns queries q[query_start_loc[b]:query_start_loc[b+1]], which are
+    the *last* tokens of its seq_lens[b] context (so a chunk may start mid-sequence,
+    and a decode step is a chunk of one). The KV of every context token, the new
+    ones included, must already be in the cache. Accumulates in float32.
+
+    Returns: [T, Hq, D] in q.dtype.
+    """
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        s, e = qsl[b], qsl[b + 1]
+        if e == s:
+            continue
+        k, v = gather_kv_ref(kv_layer, block_tables[b], seq_len)
+        out[s:e] = _causal_attention(q[s:e], k, v, scale)
+    return out
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q [Lq, Hq, D] are the last Lq positions of k/v [Lk, Hkv, D]."""
+    lq, hq, _ = q.shape
+    lk, hkv, _ = k.shape
+    group = hq // hkv
+    qf = q.float().transpose(0, 1)  # [Hq, Lq, D]
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, Lq, Lk]
+    q_pos = torch.arange(lk - lq, lk).unsqueeze(1)
+    k_pos = torch.arange(lk).unsqueeze(0)
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vf).transpose(0, 1).to(q.dtype)

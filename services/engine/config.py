@@ -1,0 +1,146 @@
+"""Engine configuration: one user-facing config, split into per-component configs.
+
+Owns: ``EngineConfig`` (mirrors LMDeploy's PytorchEngineConfig: role, tp, dp, ep,
+adapters, device_type, plus cache and scheduler knobs) and the frozen component
+configs derived from it once, at the edge (``CacheConfig``, ``SchedulerConfig``).
+Validation raises ``ConfigError`` (a ValueError) with a message naming the field.
+Building from YAML / environment lives here too so every entry point agrees.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ROLES = ("hybrid", "prefill", "decode")
+DEVICE_TYPES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"
+    role: str = "hybrid"
+    tp: int = 1
+    dp: int = 1
+    ep: int = 1
+    adapters: tuple[str, ...] = ()
+    device_type: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_blocks: int | None = None
+    cache_memory_fraction: float = 0.5
+    max_batch_size: int = 64
+    max_prefill_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.role in ROLES, "role", self.role, f"one of {ROLES}")
+        _check(self.device_type in DEVICE_TYPES, "device_type", self.device_type, f"one of {DEVICE_TYPES}")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        for name in ("tp", "dp", "ep", "block_size", "max_batch_size", "max_prefill_tokens"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        if self.tp != 1 or self.dp != 1 or self.ep != 1:
+            raise ConfigError(f"tp={self.tp}, dp={self.dp}, ep={self.ep}: only tp=dp=ep=1 is supported in this version")
+        if self.adapters:
+            raise ConfigError(f"adapters={list(self.adapters)}: LoRA adapters are not supported in this version")
+        _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")
+        if self.num_blocks is not None:
+            _check(isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", self.num_blocks, "an integer >= 1")
+        _check(0.0 < self.cache_memory_fraction <= 0.95, "cache_memory_fraction",
+               self.cache_memory_fraction, "in (0, 0.95]")
+        if self.max_model_len is not None:
+            _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1, "max_model_len",
+                   self.max_model_len, "an integer >= 1")
+        _check(bool(self.model), "model", self.model, "a model name or path")
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "EngineConfig":
+        """Build from a dict (YAML file, flags); unknown keys are an error."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown engine config keys {unknown}; known keys: {sorted(known)}")
+        kwargs = {k: _coerce(known[k], v) for k, v in values.items() if v is not None}
+        return cls(**kwargs)
+
+    @classmethod
+    def env_overrides(cls, environ: Mapping[str, str], prefix: str = "PDSERVE_") -> dict[str, str]:
+        """Engine keys given as PDSERVE_<KEY> environment variables."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        out = {}
+        for key, value in environ.items():
+            if key.startswith(prefix) and key[len(prefix):].lower() in names:
+                out[key[len(prefix):].lower()] = value
+        return out
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int
+    max_prefill_tokens: int
+    max_model_len: int
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn strings from env/CLI into the field's type."""
+    if not isinstance(value, str):
+        if f.name == "adapters" and isinstance(value, (list, tuple)):
+            return tuple(value)
+        return value
+    kind = str(f.type)
+    try:
+        if kind.startswith("bool"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind.startswith("int"):
+            return None if value.lower() in ("", "none") else int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("tuple"):
+            return tuple(x for x in value.split(",") if x)
+    except ValueError:
+        raise ConfigError(f"{f.name}={value!r} is invalid: expected {kind}") from None
+    return value
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping from path; a clear error when it is missing or not a mapping."""
+    import yaml
+
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+__all__ = ["EngineConfig", "CacheConfig", "SchedulerConfig", "ConfigError", "load_yaml", "field"]
