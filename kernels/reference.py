@@ -10,7 +10,36 @@ where index 0 of dim 1 is K and 1 is V. A token's *slot* is
 """
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+
+
+def build_cos_sin_cache(head_dim: int, max_pos: int, base: float,
+                        rope_scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """[max_pos, head_dim] float32: cos of the head_dim/2 frequencies, then their sin.
+
+    Frequencies as HF transformers computes them (default, or ``rope_type: llama3``
+    scaling of Llama 3.1), so positions rotate bit-identically.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_scaling:
+        inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
+    freqs = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,

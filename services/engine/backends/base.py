@@ -1,0 +1,59 @@
+"""The backend interface and the per-step attention metadata it consumes.
+
+Owns: ``AttentionMetadata`` (built once per step by the model runner, passed down
+explicitly through every layer; never stored globally) and the ``Backend``
+protocol. A backend is stateless apart from what it caches for one step.
+
+KV layout per layer: ``kv_layer[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of this step sits in the paged KV cache.
+
+    Sequence b owns query rows ``query_start_loc[b]:query_start_loc[b+1]``, the last
+    query tokens of its ``seq_lens[b]``-token context (a decode step is one row).
+    """
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: tuple[int, ...]
+    seq_lens_cpu: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class Backend(Protocol):
+    name: str
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed(x + residual), x + residual)."""
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                 meta: AttentionMetadata) -> None: ...
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Causal attention of q [T, Hq, D] over the cache (k, v of this step already stored).
+
+        k and v [T, Hkv, D] are this step's fresh keys/values, which a backend may
+        use directly for sequences with no cached prefix.
+        """

@@ -1,0 +1,184 @@
+"""The engine: one model, one KV cache, one scheduler; ``step()`` advances every request.
+
+Owns: the requests it was given (by id) from ``add_request`` until they finish or
+are aborted, and the objects wired once in ``__init__`` (model, cache, scheduler,
+runner, sampler). ``step()`` = schedule -> execute -> sample -> update and returns
+the new tokens of each request that changed. Not thread-safe: one caller drives it
+(the offline ``LLM`` or the asyncio wrapper's step loop).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from services.common.model_source import resolve_model
+from services.common.sampling_params import SamplingParams
+from services.engine.backends import select_backend
+from services.engine.config import EngineConfig, SchedulerConfig
+from services.engine.kv_cache import KVCacheManager
+from services.engine.model_runner import ModelRunner
+from services.engine.models.loader import DTYPES, load_config, load_model
+from services.engine.models.model_config import ModelConfig
+from services.engine.request import Request, Status, TokenLogprob
+from services.engine.sampler import Sampler
+from services.engine.scheduler import Scheduler
+
+
+@dataclass
+class EngineOutput:
+    """What one request gained in one step."""
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _Counters:
+    tokens_computed_total: int = 0
+    steps_total: int = 0
+    last_step_seconds: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.source = resolve_model(config.model)
+        self.model_config: ModelConfig = load_config(self.source)
+        self.device = torch.device(config.device_type)
+        model = load_model(self.source, self.model_config, config.dtype, self.device, config.seed)
+        num_blocks = config.num_blocks or self._auto_num_blocks()
+        self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
+                                 self.model_config.max_model_len, num_blocks * config.block_size)
+        self.kv_cache = self._allocate_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
+        self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.runner = ModelRunner(model, self.kv_cache, select_backend(config.device_type),
+                                  config.block_size, self.device)
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.requests: dict[str, Request] = {}
+        self.counters = _Counters()
+        self.eos_token_ids = self.model_config.eos_token_ids
+
+    # ---- sizing -------------------------------------------------------------
+    def block_bytes(self) -> int:
+        m = self.model_config
+        item = torch.empty((), dtype=DTYPES[self.config.dtype]).element_size()
+        return m.num_layers * 2 * self.config.block_size * m.num_kv_heads * m.head_dim * item
+
+    def _auto_num_blocks(self) -> int:
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        by_memory = int(free * self.config.cache_memory_fraction) // self.block_bytes()
+        per_seq = 4096 if self.device.type == "cuda" else 1024  # CPU: keep the resident cache small
+        tokens = self.config.max_batch_size * min(self.model_config.max_model_len, per_seq)
+        return max(1, min(by_memory, -(-tokens // self.config.block_size)))
+
+    def _allocate_cache(self, num_blocks: int) -> torch.Tensor:
+        m, c = self.model_config, self.config
+        shape = (m.num_layers, num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim)
+        return torch.zeros(shape, dtype=DTYPES[c.dtype], device=self.device)
+
+    # ---- requests -----------------------------------------------------------
+    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    eos_token_ids: tuple[int, ...] | None = None) -> Request:
+        """Validate and queue a request; ValueError with a clear message on bad input."""
+        self._validate(req_id, prompt_token_ids, params)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        req = Request(req_id, list(prompt_token_ids), params,
+                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else eos_token_ids,
+                      max_model_len=self.max_model_len, generator=gen)
+        self.requests[req_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _validate(self, req_id: str, ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        if req_id in self.requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} "
+                             "tokens (the prompt must leave room for at least one generated token)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is out of range [0, {vocab})")
+
+    def abort(self, req_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already done."""
+        req = self.requests.pop(req_id, None)
+        if req is None or req.finished:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -----------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return []
+        tables = [self.kv.blocks_of(s.req.req_id) for s in out.seqs]
+        logits = self.runner.execute(out, tables)
+        sampling = [s.req for s in out.seqs if s.samples]
+        result = self.sampler.sample(logits, sampling) if sampling else None
+        outputs = self._update(out, result)
+        self.counters.steps_total += 1
+        self.counters.tokens_computed_total += out.num_tokens
+        self.counters.last_step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def _update(self, out, result) -> list[EngineOutput]:
+        for seq in out.seqs:
+            seq.req.num_computed_tokens = seq.start + seq.num_new
+            self.kv.commit_full_blocks(seq.req.req_id, seq.req.token_ids, seq.req.num_computed_tokens)
+        outputs = []
+        sampled = [s.req for s in out.seqs if s.samples]
+        for i, req in enumerate(sampled):
+            req.append_token(result.token_ids[i])
+            lp = result.logprobs[i]
+            if lp is not None:
+                req.logprobs.append(lp)
+            if req.finish_reason is not None:
+                self.scheduler.finish(req, req.finish_reason)
+                self.requests.pop(req.req_id, None)
+            outputs.append(EngineOutput(req.req_id, [result.token_ids[i]], req.finish_reason,
+                                        req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                                        [lp] if lp is not None else []))
+        return outputs
+
+    # ---- introspection ------------------------------------------------------
+    def kv_stats(self) -> dict[str, int]:
+        return self.kv.stats()
+
+    def stats(self) -> dict[str, float | int]:
+        kv = self.kv.stats()
+        c = self.counters
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_free": kv["free"], "kv_blocks_used": kv["used"], "kv_blocks_cached": kv["cached"],
+                "kv_blocks_total": kv["total"], "tokens_computed_total": c.tokens_computed_total,
+                "steps_total": c.steps_total, "last_step_seconds": c.last_step_seconds}
+
+    def model_info(self) -> dict:
+        m = self.model_config
+        return {"model": self.config.model, "architecture": m.architecture, "dtype": self.config.dtype,
+                "max_model_len": self.max_model_len, "vocab_size": m.vocab_size,
+                "eos_token_ids": list(self.eos_token_ids), "block_size": self.config.block_size,
+                "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
+                "num_blocks": self.kv.pool.num_blocks}

@@ -1,0 +1,146 @@
+"""Build a model with its weights from a ``ModelSource``.
+
+Owns: reading checkpoints (Hugging Face safetensors directories, sharded or not;
+GGUF files dequantized with the ``gguf`` package; random ``dummy`` weights of a
+preset) into a ``LlamaForCausalLM`` on the requested device and dtype. The
+module is created on the meta device and materialised once, so large models are
+never built twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from services.common.model_source import ModelSource
+from services.engine.models import model_config as mc
+from services.engine.models.llama import LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_config(source: ModelSource) -> mc.ModelConfig:
+    if source.kind == "dummy":
+        return mc.from_preset(source.preset)
+    if source.kind == "hf":
+        with open(os.path.join(source.path, "config.json")) as fh:
+            return mc.from_hf_config(json.load(fh))
+    reader = _gguf_reader(source.path)
+    return mc.from_gguf_metadata(_gguf_metadata(reader), any(t.name == "output.weight" for t in reader.tensors))
+
+
+def load_model(source: ModelSource, cfg: mc.ModelConfig, dtype: str, device: torch.device,
+               seed: int = 0) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(DTYPES[dtype])
+    if source.kind == "dummy":
+        _init_random(model, seed)
+    elif source.kind == "hf":
+        model.load_weights(_safetensors_weights(source.path))
+    else:
+        model.load_weights(_gguf_weights(source.path, cfg))
+    model.init_rope(cfg.max_model_len, device)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _init_random(model: LlamaForCausalLM, seed: int) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.02, generator=gen)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
+def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"model directory {directory!r} has no *.safetensors weights")
+    for name in files:
+        with safe_open(os.path.join(directory, name), framework="pt") as fh:
+            for key in fh.keys():
+                yield key, fh.get_tensor(key)
+
+
+def _gguf_reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # corrupt or not a GGUF file
+        raise mc.UnsupportedModelError(f"cannot read GGUF file {path!r}: {exc}") from exc
+
+
+def _gguf_metadata(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # fields of exotic types are not needed here
+            continue
+    return out
+
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _gguf_weights(path: str, cfg: mc.ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+
+    for t in _gguf_reader(path).tensors:
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is None:
+            continue
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, KeyError, ValueError) as exc:
+            raise mc.UnsupportedModelError(
+                f"GGUF tensor {t.name!r} uses quant type {t.tensor_type.name}, which cannot be dequantized: {exc}") from exc
+        data = np.array(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if cfg.architecture in ("LlamaForCausalLM", "MistralForCausalLM"):
+            data = _unpermute_qk(hf_name, data, cfg)
+        yield hf_name, torch.from_numpy(np.ascontiguousarray(data))
+
+
+def _unpermute_qk(name: str, w: np.ndarray, cfg: mc.ModelConfig) -> np.ndarray:
+    """Undo llama.cpp's interleaving of rotary halves in q/k projections."""
+    if name.endswith("q_proj.weight"):
+        heads = cfg.num_heads
+    elif name.endswith("k_proj.weight"):
+        heads = cfg.num_kv_heads
+    else:
+        return w
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)

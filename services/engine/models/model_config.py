@@ -1,0 +1,177 @@
+"""Architecture description of a decoder model, independent of where weights come from.
+
+Owns: ``ModelConfig`` (frozen) and the parsers that build it from a Hugging Face
+``config.json`` dict, from GGUF metadata, or from a named dummy preset. Every
+supported architecture is a Llama-family decoder; the differences (qkv bias,
+q/k norm, rope scaling, tied embeddings, sliding window) are flags here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture or weight format is not supported."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # frozen dict items
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest context served; a sliding window caps it (no windowed attention yet)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
+        per_layer = attn + 3 * h * i + 2 * h
+        return self.num_layers * per_layer + v * h * (1 if self.tie_word_embeddings else 2) + h
+
+
+def check_architecture(arch: str) -> None:
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _rope_scaling(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported (supported: default, llama3)")
+    return tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
+
+
+def _rope_theta(cfg: Mapping[str, Any]) -> float:
+    if "rope_theta" in cfg:
+        return float(cfg["rope_theta"])
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("rope_theta", 10000.0))
+
+
+def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
+    """Parse a Hugging Face config.json dict."""
+    archs = cfg.get("architectures") or [cfg.get("model_type", "<missing>")]
+    arch = archs[0]
+    check_architecture(arch)
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    eos = cfg.get("eos_token_id")
+    is_qwen2 = arch == "Qwen2ForCausalLM"
+    window = cfg.get("sliding_window") if (arch == "MistralForCausalLM" or cfg.get("use_sliding_window")) else None
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(cfg),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=is_qwen2 or bool(cfg.get("attention_bias", False)),
+        o_bias=(not is_qwen2) and bool(cfg.get("attention_bias", False)),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        rope_scaling=_rope_scaling(cfg),
+        sliding_window=int(window) if window else None,
+        eos_token_ids=tuple(eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])),
+    )
+
+
+_GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def from_gguf_metadata(meta: Mapping[str, Any], has_output_weight: bool) -> ModelConfig:
+    """Parse GGUF key/values (``general.architecture`` prefixed keys)."""
+    arch_key = meta.get("general.architecture", "<missing>")
+    if arch_key not in _GGUF_ARCH:
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {arch_key!r}; supported: {', '.join(_GGUF_ARCH)} "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)})")
+    p = arch_key + "."
+    heads = int(meta[p + "attention.head_count"])
+    hidden = int(meta[p + "embedding_length"])
+    head_dim = int(meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count") or hidden // heads)
+    vocab = meta.get(p + "vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=_GGUF_ARCH[arch_key],
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(meta[p + "feed_forward_length"]),
+        num_layers=int(meta[p + "block_count"]),
+        num_heads=heads,
+        num_kv_heads=int(meta.get(p + "attention.head_count_kv") or heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(meta[p + "attention.layer_norm_rms_epsilon"]),
+        rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
+        max_position_embeddings=int(meta.get(p + "context_length", 4096)),
+        tie_word_embeddings=not has_output_weight,
+        qkv_bias=arch_key == "qwen2",
+        qk_norm=arch_key == "qwen3",
+        eos_token_ids=(int(eos),) if eos is not None else (),
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=8192, eos_token_id=128001),
+    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         max_position_embeddings=131072, eos_token_id=128001,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       max_position_embeddings=32768, eos_token_id=151645),
+    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=2),
+}
+
+
+def from_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UnsupportedModelError(f"unknown dummy preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return from_hf_config(PRESETS[name])

@@ -1,0 +1,104 @@
+"""Turn a step's logits into tokens, one row per sampling request.
+
+Owns: penalties, temperature, top-k / top-p / min-p filtering, greedy and random
+selection with per-request generators, and logprobs. Stateless: every input
+comes from the requests passed in. Runs on the logits' device.
+
+NOTE: random rows draw Exp(1) noise from their own generator and take
+argmax(p / noise) (an exact sample from p); a seeded request therefore gets the
+same tokens whatever else shares its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.request import Request, TokenLogprob
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Repetition (prompt + output, HF rule), presence and frequency (output only, OpenAI rule)."""
+    for i, req in enumerate(reqs):
+        p = req.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.token_ids)), dtype=torch.long, device=logits.device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
+            out = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.zeros(logits.shape[1], device=logits.device).index_add_(
+                0, out, torch.ones(len(out), device=logits.device))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k, then outside the top-p nucleus, then under min-p.
+
+    Args: logits [B, V] (already divided by temperature); top_k [B] long (<= 0: off);
+    top_p [B] float (1: off); min_p [B] float (0: off). The most likely token always stays.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, _NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+    sorted_logits = sorted_logits.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), _NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)
+    sorted_logits = sorted_logits.masked_fill(probs < min_p.unsqueeze(1) * probs[:, :1], _NEG_INF)
+    return torch.full_like(logits, _NEG_INF).scatter(1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator  # for requests without a seed
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
+        raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+        logits = apply_penalties(logits, reqs)
+        tokens = logits.argmax(dim=-1)
+        rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if rand:
+            tokens[rand] = self._sample_random(logits[rand], [reqs[i] for i in rand])
+        token_list = tokens.tolist()
+        return SampleResult(token_list, _logprobs(raw_logprobs, token_list, reqs))
+
+    def _sample_random(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        dev = logits.device
+        temp = torch.tensor([r.params.temperature for r in reqs], device=dev).unsqueeze(1)
+        top_k = torch.tensor([r.params.top_k for r in reqs], device=dev)
+        top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+        min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
+        logits = filter_logits(logits / temp, top_k, top_p, min_p)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(reqs):
+            noise[i].exponential_(generator=r.generator or self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _logprobs(raw: torch.Tensor | None, tokens: list[int], reqs: list[Request]) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = []
+    for i, req in enumerate(reqs):
+        n = req.params.logprobs
+        if raw is None or n is None:
+            out.append(None)
+            continue
+        top: list[tuple[int, float]] = []
+        if n > 0:
+            vals, ids = raw[i].topk(n)
+            top = list(zip(ids.tolist(), vals.tolist()))
+        out.append(TokenLogprob(tokens[i], float(raw[i, tokens[i]]), top))
+    return out
