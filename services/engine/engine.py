@@ -42,6 +42,7 @@ class EngineOutput:
 class _Counters:
     tokens_computed_total: int = 0
     steps_total: int = 0
+    preemptions_total: int = 0
     last_step_seconds: float = 0.0
 
 
@@ -129,10 +130,12 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # ---- the step -----------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.seqs:
+            self.counters.preemptions_total += len(out.preempted)
             return []
         tables = [self.kv.blocks_of(s.req.req_id) for s in out.seqs]
         logits = self.runner.execute(out, tables)
@@ -141,6 +144,7 @@ class LLMEngine:
         outputs = self._update(out, result)
         self.counters.steps_total += 1
         self.counters.tokens_computed_total += out.num_tokens
+        self.counters.preemptions_total += len(out.preempted)
         self.counters.last_step_seconds = time.perf_counter() - t0
         return outputs
 
@@ -173,7 +177,7 @@ class LLMEngine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_free": kv["free"], "kv_blocks_used": kv["used"], "kv_blocks_cached": kv["cached"],
                 "kv_blocks_total": kv["total"], "tokens_computed_total": c.tokens_computed_total,
-                "steps_total": c.steps_total, "last_step_seconds": c.last_step_seconds}
+                "steps_total": c.steps_total, "preemptions_total": c.preemptions_total, "last_step_seconds": c.last_step_seconds}
 
     def model_info(self) -> dict:
         m = self.model_config

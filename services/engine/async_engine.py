@@ -1,0 +1,171 @@
+"""asyncio front of the engine, for servers: many concurrent generate streams, one step loop.
+
+Owns: the step loop task, the worker thread the model runs on (so the event loop
+never blocks on a forward pass), the per-request output queues, and the commands
+(add, abort) queued for the engine. Lifecycle: ``AsyncEngine(config)`` loads the
+model; ``await start()`` launches the loop; ``generate()`` streams outputs;
+``await stop()`` aborts what is left and ends the loop.
+
+NOTE: the ``LLMEngine`` is touched only between steps, by the loop task: commands
+from other coroutines are queued and applied there, so no lock is needed.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from services.common.sampling_params import SamplingParams
+from services.common.tokenizer import Tokenizer, load_tokenizer
+from services.engine.config import EngineConfig
+from services.engine.engine import EngineOutput, LLMEngine
+from services.engine.request import TokenLogprob
+
+
+@dataclass
+class StreamOutput:
+    """New tokens of one request since its previous yield (several under load)."""
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self._streams: dict[str, _Stream] = {}
+        self._commands: list[Callable[[], None]] = []
+        self._wake = asyncio.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-step")
+        self._task: asyncio.Task | None = None
+        self._stats = self.engine.stats()
+        self._tokenizer: Tokenizer | None = None
+
+    # ---- lifecycle ----------------------------------------------------------
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="pdserve-step-loop")
+
+    async def stop(self) -> None:
+        for rid in list(self._streams):
+            self.abort(rid)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    # ---- requests -----------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[StreamOutput]:
+        """Stream a request's tokens; closing the iterator early aborts it (blocks freed)."""
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = self._streams[request_id] = _Stream()
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params))
+        try:
+            while not stream.done:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                merged = self._merge(item, stream)
+                yield merged
+        finally:
+            if not stream.done:
+                self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        """Idempotent; the stream (if any) ends with finish_reason 'abort'."""
+        self._submit(lambda: self._apply_abort(request_id))
+
+    # ---- introspection ------------------------------------------------------
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    @property
+    def model_info(self) -> dict:
+        return self.engine.model_info()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.engine.source)
+        return self._tokenizer
+
+    # ---- the loop -----------------------------------------------------------
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_commands()
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                if not self._commands:
+                    await self._wake.wait()
+                continue
+            outputs = await loop.run_in_executor(self._pool, self.engine.step)
+            self._dispatch(outputs)
+            self._stats = self.engine.stats()
+
+    def _apply_commands(self) -> None:
+        commands, self._commands = self._commands, []
+        for command in commands:
+            command()
+        if commands:
+            self._stats = self.engine.stats()
+
+    def _add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+        stream = self._streams.get(rid)
+        if stream is None:
+            return  # the caller went away before the request was admitted
+        try:
+            self.engine.add_request(rid, ids, params)
+        except ValueError as exc:
+            stream.queue.put_nowait(exc)
+
+    def _apply_abort(self, rid: str) -> None:
+        req = self.engine.requests.get(rid)
+        if not self.engine.abort(rid):
+            return
+        stream = self._streams.get(rid)
+        if stream is not None:
+            stream.queue.put_nowait(EngineOutput(rid, [], "abort", req.num_prompt_tokens,
+                                                 max(req.num_cached_tokens, 0)))
+
+    def _dispatch(self, outputs: list[EngineOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.req_id)
+            if stream is not None:
+                stream.queue.put_nowait(out)
+
+    @staticmethod
+    def _merge(first: EngineOutput, stream: _Stream) -> StreamOutput:
+        merged = StreamOutput(first.req_id, list(first.new_token_ids), first.finish_reason,
+                              first.num_prompt_tokens, first.num_cached_tokens, list(first.logprobs) or None)
+        while merged.finish_reason is None and not stream.queue.empty():
+            nxt = stream.queue.get_nowait()
+            if isinstance(nxt, BaseException):
+                stream.queue.put_nowait(nxt)
+                break
+            merged.new_token_ids += nxt.new_token_ids
+            merged.finish_reason = nxt.finish_reason
+            if nxt.logprobs:
+                merged.logprobs = (merged.logprobs or []) + list(nxt.logprobs)
+        stream.done = merged.finish_reason is not None
+        return merged
