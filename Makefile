@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/pdserve up
 
-test: install
-	$(PY) -m pytest -q -m "not slow and not gpu" tests
+test: install helm-check
+	$(PY) -m pytest -q -m "not slow and not gpu" --ignore=tests/helm tests
+
+helm-check: install
+	bash deploy/helm/check.sh
 
 test-full: install
 	$(PY) -m pytest -q -m "not gpu" tests

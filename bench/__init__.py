@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): offline throughput, KV transfer bandwidth, kernels."""

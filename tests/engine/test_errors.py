@@ -95,8 +95,8 @@ def test_unsupported_gguf_quant_type(tmp_path):
                        "attention.head_count": 2, "attention.head_count_kv": 2, "vocab_size": 32}.items():
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    # Q8_1: 32 values per 36-byte block; the gguf package cannot dequantize it
-    w.add_tensor("token_embd.weight", np.zeros((32, 36), dtype=np.uint8), raw_shape=(32, 32),
+    # Q8_1: 32 values per 40-byte block; the gguf package cannot dequantize it
+    w.add_tensor("token_embd.weight", np.zeros((32, 40), dtype=np.uint8),
                  raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     w.write_header_to_file()
     w.write_kv_data_to_file()

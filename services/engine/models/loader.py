@@ -5,11 +5,19 @@ GGUF files dequantized with the ``gguf`` package; random ``dummy`` weights of a
 preset) into a ``LlamaForCausalLM`` on the requested device and dtype. The
 module is created on the meta device and materialised once, so large models are
 never built twice.
+
+A GGUF file is parsed and dequantized once; the float32 result is kept as
+safetensors in the user cache (keyed by path, size and mtime), so later starts
+of the same model read it directly.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -28,8 +36,7 @@ def load_config(source: ModelSource) -> mc.ModelConfig:
     if source.kind == "hf":
         with open(os.path.join(source.path, "config.json")) as fh:
             return mc.from_hf_config(json.load(fh))
-    reader = _gguf_reader(source.path)
-    return mc.from_gguf_metadata(_gguf_metadata(reader), any(t.name == "output.weight" for t in reader.tensors))
+    return _gguf_cached(source.path)[0]
 
 
 def load_model(source: ModelSource, cfg: mc.ModelConfig, dtype: str, device: torch.device,
@@ -42,9 +49,50 @@ def load_model(source: ModelSource, cfg: mc.ModelConfig, dtype: str, device: tor
     elif source.kind == "hf":
         model.load_weights(_safetensors_weights(source.path))
     else:
-        model.load_weights(_gguf_weights(source.path, cfg))
+        model.load_weights(_safetensors_weights(_gguf_cached(source.path)[1]))
     model.init_rope(cfg.max_model_len, device)
     return model.eval().requires_grad_(False)
+
+
+def _cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pdserve", "weights")
+
+
+def _gguf_cached(path: str) -> tuple[mc.ModelConfig, str]:
+    """(config, directory of dequantized safetensors), converting the GGUF on first use."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    target = os.path.join(_cache_root(), key)
+    cfg_path = os.path.join(target, "model_config.json")
+    if not os.path.exists(cfg_path):
+        _convert_gguf(path, target)
+    with open(cfg_path) as fh:
+        raw = json.load(fh)
+    if raw.get("rope_scaling"):
+        raw["rope_scaling"] = tuple(tuple(kv) for kv in raw["rope_scaling"])
+    raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
+    return mc.ModelConfig(**raw), target
+
+
+def _convert_gguf(path: str, target: str) -> None:
+    from safetensors.torch import save_file
+
+    reader = _gguf_reader(path)
+    cfg = mc.from_gguf_metadata(_gguf_metadata(reader), any(t.name == "output.weight" for t in reader.tensors))
+    tensors = dict(_gguf_weights(reader, cfg))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".tmp-")
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "model_config.json"), "w") as fh:
+            json.dump(dataclasses.asdict(cfg), fh)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it meanwhile
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -116,10 +164,10 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def _gguf_weights(path: str, cfg: mc.ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(reader, cfg: mc.ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
-    for t in _gguf_reader(path).tensors:
+    for t in reader.tensors:
         hf_name = gguf_to_hf_name(t.name)
         if hf_name is None:
             continue

@@ -1,0 +1,122 @@
+"""Offline throughput: pdserve's engine against transformers ``generate`` in the same run.
+
+N random prompts of P tokens, O output tokens each with ignore_eos. pdserve gets all
+prompts at once (continuous batching); transformers gets them in padded batches.
+Prints output tokens/s for both and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from services.common.sampling_params import SamplingParams
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pdserve bench offline")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device-type", default="cpu")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (n, length), generator=g).tolist()
+
+
+def run_pdserve(args, prompts) -> tuple[float, int]:
+    from services.engine import LLM
+
+    num_blocks = args.num_prompts * -(-(args.prompt_len + args.output_len) // 16) + 64
+    llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type, num_blocks=num_blocks,
+              max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    _sync(args.device_type)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    _sync(args.device_type)
+    elapsed = time.perf_counter() - t0
+    return elapsed, sum(len(o.token_ids) for o in outs)
+
+
+def run_hf(args, prompts) -> tuple[float, int]:
+    from transformers import AutoModelForCausalLM
+
+    model = _hf_model(args)
+    dev = torch.device(args.device_type)
+    total, t0 = 0, None
+    for i in range(0, len(prompts), args.hf_batch_size):
+        batch = torch.tensor(prompts[i:i + args.hf_batch_size], device=dev)
+        if t0 is None:  # warm-up on the first batch, untimed
+            model.generate(batch[:1, :16], max_new_tokens=4, do_sample=False)
+            _sync(args.device_type)
+            t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                                 max_new_tokens=args.output_len, min_new_tokens=args.output_len,
+                                 pad_token_id=0)
+        total += (out.shape[1] - batch.shape[1]) * batch.shape[0]
+    _sync(args.device_type)
+    return time.perf_counter() - t0, total
+
+
+def _hf_model(args):
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from services.common.model_source import resolve_model
+    from services.engine.models.model_config import PRESETS
+
+    dtype = getattr(torch, args.dtype)
+    src = resolve_model(args.model)
+    if src.kind == "gguf":
+        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(src.path), gguf_file=os.path.basename(src.path),
+                                                 dtype=dtype)
+    elif src.kind == "hf":
+        m = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype)
+    else:
+        values = dict(PRESETS[src.preset])
+        values.pop("architectures")
+        cfg = AutoConfig.for_model("llama" if "qwen" not in src.preset else "qwen2", **values)
+        with torch.device(args.device_type):
+            m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return m.to(args.device_type).eval()
+
+
+def _sync(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str]) -> int:
+    args = _args(argv)
+    from services.common.model_source import resolve_model
+    from services.engine.models.loader import load_config
+
+    vocab = load_config(resolve_model(args.model)).vocab_size
+    prompts = _prompts(args.num_prompts, args.prompt_len, vocab, args.seed)
+    print(f"model={args.model} dtype={args.dtype} device={args.device_type} prompts={args.num_prompts}"
+          f"x{args.prompt_len} output={args.output_len} threads={torch.get_num_threads()}")
+    t, n = run_pdserve(args, prompts)
+    ours = n / t
+    print(f"pdserve:      {n} output tokens in {t:.2f} s = {ours:.1f} tok/s")
+    if args.skip_hf:
+        return 0
+    t, n = run_hf(args, prompts)
+    theirs = n / t
+    print(f"transformers: {n} output tokens in {t:.2f} s = {theirs:.1f} tok/s")
+    print(f"ratio pdserve / transformers: {ours / theirs:.2f}x")
+    return 0
