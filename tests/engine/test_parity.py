@@ -49,10 +49,10 @@ def test_smollm2_gguf_parity(smollm2_hf, smol_prompts):
     # chunked prefill with a small token budget, and preemption with a small pool
     chunked = LLM("smollm2", num_blocks=512, max_prefill_tokens=24)
     assert _run(chunked, smol_prompts) == ref
-    tight = LLM("smollm2", num_blocks=40, max_batch_size=8, max_prefill_tokens=64)
+    longest = max(len(p) for p in smol_prompts)
+    tight = LLM("smollm2", num_blocks=-(-(longest + MAX_NEW) // 16) + 2, max_batch_size=8, max_prefill_tokens=64)
     assert _run(tight, smol_prompts) == ref
     assert tight.engine.stats()["preemptions_total"] > 0
-    longest = max(len(p) for p in smol_prompts)
     assert chunked.engine.stats()["steps_total"] >= longest // 24  # the long prompt took many chunks
 
 

@@ -1,0 +1,125 @@
+"""The router's view of live workers, kept in sync with etcd by a prefix watch.
+
+Lifecycle: ``start()`` reads every key under the namespace (raises if etcd is
+unreachable at startup) -> a background task watches the prefix from the next
+revision and applies puts and deletes (a worker appears within a second of
+registering and disappears when its lease is revoked or expires) -> ``stop()``.
+
+NOTE: when etcd is unreachable the last known set is kept and served; the watch
+reconnects by itself, and after any watch failure the task re-reads the whole
+prefix so missed deletes cannot leave ghosts behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Callable
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+
+from services.cluster.keys import KeySpace
+from services.cluster.records import LoadReport, WorkerRecord
+
+log = logging.getLogger(__name__)
+PUT, DELETE = 0, 1
+
+
+class Discovery:
+    """Live workers (``records``) and their latest load (``loads``), by worker id."""
+
+    def __init__(self, client: Etcd3Client, keys: KeySpace) -> None:
+        self._client = client
+        self._keys = keys
+        self.records: dict[str, WorkerRecord] = {}
+        self.loads: dict[str, LoadReport] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._task: asyncio.Task | None = None
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every change of the worker set."""
+        self._listeners.append(callback)
+
+    def live(self, role: str | None = None) -> list[WorkerRecord]:
+        """Live workers (of one role if given), in a stable order."""
+        return sorted((r for r in self.records.values() if role is None or r.role == role), key=lambda r: r.id)
+
+    def load(self, worker_id: str) -> LoadReport:
+        return self.loads.get(worker_id) or LoadReport(timestamp=0.0)
+
+    async def start(self) -> None:
+        revision = await self._resync()
+        self._task = asyncio.create_task(self._run(revision), name="discovery-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _resync(self) -> int:
+        """Replace the view with a full read; returns the read's revision."""
+        prefix = self._keys.prefix
+        response = await self._client.kv.get(prefix, range_end=prefix_range_end(prefix), timeout=5.0)
+        records, loads = {}, {}
+        for kv in response.kvs:
+            self._apply(kv.key.decode(), kv.value, PUT, records, loads)
+        changed = set(records) != set(self.records)
+        self.records, self.loads = records, loads
+        if changed:
+            self._notify()
+        return response.header.revision
+
+    async def _run(self, revision: int) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._watch(revision + 1)
+            except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+                log.warning("etcd watch failed (%s); serving the last known %d workers", exc, len(self.records))
+            except Exception:  # NOTE: the watch must never die, or the view goes stale for good
+                log.exception("etcd watch broke; resyncing")
+            await asyncio.sleep(delay)
+            try:
+                revision = await self._resync()
+                delay = 0.2
+            except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+                log.warning("etcd resync failed (%s); retrying", exc)
+                delay = min(delay * 2, 2.0)
+
+    async def _watch(self, start_revision: int) -> None:
+        prefix = self._keys.prefix
+        stream = self._client.watch.watch(prefix, range_end=prefix_range_end(prefix), start_revision=start_revision)
+        async for response in stream:
+            if response.compact_revision or response.canceled:
+                return  # history is gone or the server dropped us: resync
+            before = set(self.records)
+            for event in response.events:
+                self._apply(event.kv.key.decode(), event.kv.value, event.type, self.records, self.loads)
+            if set(self.records) != before:
+                self._notify()
+
+    def _apply(self, key: str, value: bytes, kind: int, records: dict, loads: dict) -> None:
+        parsed = self._keys.parse(key)
+        if parsed is None:
+            return
+        what, worker_id = parsed
+        target = records if what == "worker" else loads
+        if kind == DELETE:
+            target.pop(worker_id, None)
+            if what == "worker":
+                log.info("worker %s left", worker_id)
+            return
+        try:
+            target[worker_id] = (WorkerRecord if what == "worker" else LoadReport).from_json(value)
+        except ValueError as exc:
+            log.warning("ignoring malformed %s: %s", key, exc)
+            return
+        if what == "worker":
+            log.info("worker %s at %s", worker_id, target[worker_id].grpc_address)
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()

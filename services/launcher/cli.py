@@ -1,0 +1,87 @@
+"""``pdserve up``: start a local cluster, print how to call it, stop it on Ctrl-C / SIGTERM.
+
+Exit codes: 0 after a requested stop, 1 when a child process dies or the cluster
+does not come up, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import threading
+
+from services.launcher.cluster import ClusterSpec, LocalCluster
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve up", description="Bring up etcd, a router and workers locally.")
+    p.add_argument("--hybrid", type=int, default=None, help="hybrid workers (default 1 unless --prefill/--decode)")
+    p.add_argument("--prefill", type=int, default=0, help="prefill workers")
+    p.add_argument("--decode", type=int, default=0, help="decode workers")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--etcd", default=None, help="use this etcd instead of starting one")
+    p.add_argument("--policy", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--log-dir", default=None, help="where child logs go (default: a new temp dir)")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--worker-args", default="", help="extra flags for every worker, e.g. \"--num-blocks 512\"")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
+    hybrid = args.hybrid if args.hybrid is not None else (0 if args.prefill or args.decode else 1)
+    return ClusterSpec(hybrid=hybrid, prefill=args.prefill, decode=args.decode, model=args.model,
+                       http_port=args.http_port, grpc_port=args.grpc_port, etcd=args.etcd, policy=args.policy,
+                       namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(shlex.split(args.worker_args)))
+
+
+def banner(cluster: LocalCluster) -> str:
+    s = cluster.spec
+    roles = ", ".join(f"{n} {r}" for r, n in (("hybrid", s.hybrid), ("prefill", s.prefill), ("decode", s.decode)) if n)
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "What is the capital of France?"}], '
+            '"max_tokens": 32}' % s.model)
+    return "\n".join([
+        f"pdserve is up: {roles} worker(s) serving {s.model}",
+        f"  OpenAI HTTP  {cluster.http_url}/v1",
+        f"  gRPC         {cluster.grpc_address}  (pdserve.v1.Router)",
+        f"  workers      {cluster.http_url}/workers",
+        f"  etcd         {cluster.etcd_url}",
+        f"  logs         {cluster.log_dir}",
+        "try:",
+        f"  curl -s {cluster.http_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+        "Ctrl-C stops everything.",
+    ])
+
+
+def main(name: str, argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+    except ValueError as exc:
+        print(f"pdserve {name}: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = LocalCluster(spec)
+    try:
+        cluster.start()
+        print(f"starting etcd, router and {len(spec.roles)} worker(s); logs in {cluster.log_dir}", flush=True)
+        cluster.wait_ready(args.ready_timeout, cancelled=stop.is_set)
+        print(banner(cluster), flush=True)
+        while not stop.wait(0.5):
+            dead = cluster.group.first_dead()
+            if dead is not None:
+                print(f"{dead.name} exited with code {dead.proc.returncode}:\n{cluster.log_tail(dead)}",
+                      file=sys.stderr)
+                return 1
+        return 0
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"pdserve {name}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping...", file=sys.stderr, flush=True)
+        cluster.stop()

@@ -1,0 +1,147 @@
+"""A local pdserve cluster: etcd, one router and N workers as child processes on loopback.
+
+Lifecycle: ``start()`` starts etcd (unless an external URL is given), the router
+and the workers, each in its own process group with its log in ``log_dir`` ->
+``wait_ready()`` polls the router's ``GET /workers`` until every worker is seen
+(failing fast, with the log tail, if a child exits) -> ``stop()`` stops workers
+first (they drain), then the router, then etcd; idempotent, and also run at exit.
+Used by ``pdserve up`` and by the end-to-end test fixtures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable
+
+from services.launcher.etcd_server import EtcdServer, start_etcd
+from services.launcher.processes import Child, ProcessGroup, free_port, pdserve_command
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    hybrid: int = 1
+    prefill: int = 0
+    decode: int = 0
+    model: str = "smollm2"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    etcd: str | None = None
+    policy: str = "least_loaded"
+    namespace: str = "default"
+    log_dir: str | None = None
+    drain_timeout: float = 30.0
+    lease_ttl: int = 10
+    worker_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        counts = (self.hybrid, self.prefill, self.decode)
+        if any(n < 0 for n in counts) or sum(counts) == 0:
+            raise ValueError(f"worker counts hybrid={self.hybrid} prefill={self.prefill} decode={self.decode}: "
+                             "expected at least one worker and no negative count")
+
+    @property
+    def roles(self) -> list[str]:
+        return ["prefill"] * self.prefill + ["decode"] * self.decode + ["hybrid"] * self.hybrid
+
+
+@dataclass
+class LocalCluster:
+    spec: ClusterSpec
+    group: ProcessGroup = field(default_factory=ProcessGroup)
+    etcd_server: EtcdServer | None = None
+    router: Child | None = None
+    workers: list[Child] = field(default_factory=list)
+    etcd_url: str = ""
+    log_dir: str = ""
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.spec.grpc_port}"
+
+    def start(self) -> "LocalCluster":
+        self.log_dir = self.spec.log_dir or tempfile.mkdtemp(prefix="pdserve-logs-")
+        os.makedirs(self.log_dir, exist_ok=True)
+        if self.spec.etcd:
+            self.etcd_url = self.spec.etcd
+        else:
+            self.etcd_server = start_etcd(self.group, self.log_dir)
+            self.etcd_url = self.etcd_server.url
+        argv = pdserve_command("router", "--etcd", self.etcd_url, "--namespace", self.spec.namespace,
+                               "--host", "127.0.0.1", "--grpc-port", str(self.spec.grpc_port),
+                               "--http-port", str(self.spec.http_port), "--policy", self.spec.policy)
+        self.router = self.group.spawn(Child("router", argv, os.path.join(self.log_dir, "router.log")))
+        for role in self.spec.roles:
+            self.add_worker(role)
+        return self
+
+    def add_worker(self, role: str = "hybrid", *extra: str) -> Child:
+        """Start one more worker process (it registers itself in etcd)."""
+        index = len(self.workers)
+        argv = pdserve_command("worker", "--role", role, "--model", self.spec.model, "--etcd", self.etcd_url,
+                               "--namespace", self.spec.namespace, "--host", "127.0.0.1",
+                               "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+                               "--drain-timeout", str(self.spec.drain_timeout),
+                               "--lease-ttl", str(self.spec.lease_ttl), *self.spec.worker_args, *extra)
+        child = Child(f"worker-{index}-{role}", argv, os.path.join(self.log_dir, f"worker-{index}-{role}.log"))
+        self.workers.append(self.group.spawn(child))
+        return child
+
+    def live_workers(self) -> list[dict]:
+        """The router's ``GET /workers``; [] while the router is not answering."""
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"{self.http_url}/workers", timeout=2.0) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            return []
+
+    def wait_ready(self, timeout: float = 300.0, count: int | None = None,
+                   cancelled: Callable[[], bool] = lambda: False) -> list[dict]:
+        """Block until the router lists ``count`` workers (default: all started and alive)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if cancelled():
+                raise InterruptedError("interrupted while waiting for the cluster")
+            dead = self.group.first_dead()
+            if dead is not None and (dead is self.router or dead is getattr(self.etcd_server, "child", None)
+                                     or count is None):
+                raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode}:\n{self.log_tail(dead)}")
+            expected = count if count is not None else len(self.workers)
+            workers = self.live_workers()
+            if len(workers) >= expected:
+                return workers
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router sees {len(workers)} of {expected} workers after {timeout:.0f} s; "
+                                   f"logs in {self.log_dir}")
+            time.sleep(0.25)
+
+    def log_tail(self, child: Child, lines: int = 30) -> str:
+        try:
+            with open(child.log_path or "", errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Workers first (they drain, in parallel), then the router, then etcd."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.spec.drain_timeout + 5.0)
+        for worker in self.workers:
+            if worker.alive:
+                worker.signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop(max(0.1, deadline - time.monotonic()))
+        if self.router is not None:
+            self.router.stop(10.0)
+        self.group.stop_all(5.0)
+        if self.etcd_server is not None:
+            self.etcd_server.stop()
+            self.etcd_server = None

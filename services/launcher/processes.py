@@ -1,0 +1,127 @@
+"""Child processes of the launcher (and of the test fixtures), each in its own process group.
+
+Lifecycle of a ``Child``: ``spawn()`` starts it in a new session (so signals to the
+parent's terminal do not reach it and the whole group can be signalled) -> ``alive``
+/ ``returncode`` while it runs -> ``stop()`` sends SIGTERM to the group, waits up to
+a deadline, then SIGKILLs the group. ``ProcessGroup`` owns a list of children and
+stops them in reverse start order; it is idempotent and also registered with atexit
+so an interrupted parent leaves no orphans.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def pdserve_command(*args: str) -> list[str]:
+    """Run a pdserve subcommand with this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for children: ours, plus the repository root on PYTHONPATH so the
+    generated ``pdserve.v1`` stubs import even without a fresh editable install."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: str | None = None
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen | None = None
+    _log: IO | None = field(default=None, repr=False)
+
+    def spawn(self) -> "Child":
+        self._log = open(self.log_path, "ab") if self.log_path else None
+        out = self._log if self._log is not None else None
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     stdin=subprocess.DEVNULL, env=self.env or child_env(), start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "spawn() first"
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the child's whole process group (no-op once it is gone)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the group, wait up to ``timeout`` s, then SIGKILL it; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            if self.wait(timeout) is None:
+                self.signal(signal.SIGKILL)
+                self.wait(5.0)
+        # NOTE: the leader may be gone while grandchildren in its group live on.
+        self.signal(signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+
+class ProcessGroup:
+    """Children started by one owner, stopped together (reverse order) exactly once."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+        atexit.register(self.stop_all, 3.0)
+
+    def spawn(self, child: Child) -> Child:
+        self.children.append(child.spawn())
+        return child
+
+    def first_dead(self) -> Child | None:
+        return next((c for c in self.children if not c.alive), None)
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """Stop every child; SIGTERM all first so they drain in parallel."""
+        for child in reversed(self.children):
+            if child.alive:
+                child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in reversed(self.children):
+            child.stop(max(0.1, deadline - time.monotonic()))
+        self.children.clear()

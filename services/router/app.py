@@ -1,0 +1,117 @@
+"""The router process: etcd discovery, the gRPC and HTTP servers, and their shutdown.
+
+Lifecycle (``serve``): connect to etcd and read the live workers (retrying until
+``etcd_wait`` seconds pass) -> start the gRPC server (Router service, grpc health,
+reflection) and the HTTP server -> wait for SIGTERM / SIGINT -> stop accepting,
+give open requests a short grace, close worker channels and the etcd client.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any, Callable
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pdserve.v1 import router_pb2, router_pb2_grpc
+
+from services.cluster.discovery import Discovery
+from services.cluster.etcd import connect, retry_until_reachable
+from services.cluster.keys import KeySpace
+from services.router.config import RouterConfig
+from services.router.dispatch import Dispatcher
+from services.router.grpc_server import RouterServicer
+from services.router.http_server import HttpApi
+from services.router.metrics import RouterMetrics
+from services.router.models import ModelCatalog
+from services.router.policies import make_policy
+from services.router.service import RouterCore
+from services.router.worker_pool import SERVING_ROLES, WorkerPool
+
+log = logging.getLogger(__name__)
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+class RouterProcess:
+    def __init__(self, config: RouterConfig, load_tokenizer: Callable[[str], Any]) -> None:
+        self.config = config
+        self._load_tokenizer = load_tokenizer
+        self.core: RouterCore | None = None
+        self.grpc_server: grpc.aio.Server | None = None  # NOTE: made in start(), on the serving loop
+        self.health: health.aio.HealthServicer | None = None
+        self._runner: web.AppRunner | None = None
+        self._etcd = None
+        self.grpc_port = 0
+        self.http_port = 0
+
+    async def start(self, etcd_wait: float = 30.0) -> None:
+        self._etcd = await connect(self.config.etcd)
+        discovery = Discovery(self._etcd, KeySpace(self.config.namespace))
+        await retry_until_reachable(discovery.start, etcd_wait, f"etcd at {self.config.etcd}")
+        c = self.config
+        policies = {role: make_policy(c.policy, c.prefix_blocks, c.overload_margin) for role in SERVING_ROLES}
+        pool = WorkerPool(discovery, policies, c.suspect_seconds)
+        self.core = RouterCore(discovery, ModelCatalog(discovery, self._load_tokenizer), pool,
+                               Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery))
+        self.core.catalog.preload()
+        await self._start_grpc()
+        await self._start_http()
+        log.info("router: gRPC on %s:%d, HTTP on %s:%d, policy %s, %d workers", c.host, self.grpc_port, c.host,
+                 self.http_port, c.policy, len(discovery.live()))
+
+    async def _start_grpc(self) -> None:
+        self.grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.health = health.aio.HealthServicer()
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.core), self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection((ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.grpc_server)
+        self.grpc_port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC on {self.config.host}:{self.config.grpc_port}")
+        await self.grpc_server.start()
+        for name in ("", ROUTER_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _start_http(self) -> None:
+        self._runner = web.AppRunner(HttpApi(self.core).app(), handler_cancellation=True, access_log=None,
+                                    shutdown_timeout=5.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.config.host, self.config.http_port).start()
+        self.http_port = self._runner.addresses[0][1]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self._runner is not None:
+            await self._runner.cleanup()  # waits for open HTTP handlers (its own timeout)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        if self.core is not None:
+            await self.core.discovery.stop()
+            await self.core.pool.close()
+        if self._etcd is not None:
+            await self._etcd.close()
+
+
+async def serve(config: RouterConfig, load_tokenizer: Callable[[str], Any]) -> int:
+    """Run the router until SIGTERM/SIGINT; returns the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    router = RouterProcess(config, load_tokenizer)
+    try:
+        await router.start()
+    except ConnectionError as exc:
+        log.error("%s", exc)
+        await router.stop(0)
+        return 1
+    await stop.wait()
+    with contextlib.suppress(Exception):
+        await router.stop()
+    return 0

@@ -1,0 +1,47 @@
+"""``pdserve router``: parse flags into one RouterConfig and serve. Never imports torch.
+
+Bad configuration prints one line (``pdserve router: error: ...``) and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from services.router.config import POLICIES, RouterConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage dump
+        raise RouterConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pdserve router", description="Run the pdserve router (gRPC + OpenAI-compatible HTTP).")
+    p.add_argument("--etcd", help="etcd endpoint(s), e.g. http://127.0.0.1:2379")
+    p.add_argument("--namespace", help="cluster namespace in etcd (default: default)")
+    p.add_argument("--host", help="bind address (default 0.0.0.0)")
+    p.add_argument("--grpc-port", dest="grpc_port", help="gRPC port (default 50051; 0 = any free port)")
+    p.add_argument("--http-port", dest="http_port", help="HTTP port (default 8000; 0 = any free port)")
+    p.add_argument("--policy", help=f"routing policy: {' | '.join(POLICIES)} (default least_loaded)")
+    p.add_argument("--prefix-blocks", dest="prefix_blocks", help="prefix_aware: blocks of the prompt to hash")
+    p.add_argument("--overload-margin", dest="overload_margin",
+                   help="prefix_aware: extra outstanding requests tolerated on the prefix owner")
+    return p
+
+
+def main(name: str, argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
+    from services.router.config import RouterConfig
+
+    try:
+        config = RouterConfig.build(vars(build_parser().parse_args(argv)), os.environ)
+    except RouterConfigError as exc:
+        print(f"pdserve {name}: error: {exc}", file=sys.stderr)
+        return 2
+    from services.common.tokenizer import load_tokenizer
+    from services.router.app import serve
+
+    return asyncio.run(serve(config, load_tokenizer))

@@ -1,0 +1,65 @@
+"""The router's configuration, built once from flags (and ``PDSERVE_ROUTER_*`` env) in ``cli``.
+
+Precedence, lowest first: defaults < environment < command-line flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+
+
+class RouterConfigError(ValueError):
+    """A router setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    etcd: str
+    namespace: str = "default"
+    host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    policy: str = "least_loaded"
+    prefix_blocks: int = 8
+    overload_margin: int = 4
+    retry_attempts: int = 3
+    suspect_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.etcd:
+            raise RouterConfigError("etcd is missing: pass --etcd http://host:port (or PDSERVE_ROUTER_ETCD)")
+        if self.policy not in POLICIES:
+            raise RouterConfigError(f"policy={self.policy!r} is invalid: expected one of {POLICIES}")
+        if not self.namespace or "/" in self.namespace:
+            raise RouterConfigError(f"namespace={self.namespace!r} is invalid: expected a name without '/'")
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected a port in [0, 65535]")
+        for name in ("prefix_blocks", "retry_attempts"):
+            if getattr(self, name) < 1:
+                raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1")
+        if self.overload_margin < 0 or self.suspect_seconds < 0:
+            raise RouterConfigError("overload_margin and suspect_seconds must be >= 0")
+
+    @classmethod
+    def build(cls, flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str = "PDSERVE_ROUTER_") -> "RouterConfig":
+        """Merge env < flags (``None`` flags are "not given"), converting strings to field types."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: environ[f"{prefix}{k.upper()}"] for k in fields if f"{prefix}{k.upper()}" in environ}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise RouterConfigError(f"unknown router settings {unknown}")
+        return cls(**{k: _convert(k, fields[k], v) for k, v in values.items()})
+
+
+def _convert(name: str, kind: str, value: Any) -> Any:
+    if not isinstance(value, str) or kind == "str":
+        return value
+    try:
+        return int(value) if kind == "int" else float(value)
+    except ValueError:
+        raise RouterConfigError(f"{name}={value!r} is invalid: expected {kind}") from None

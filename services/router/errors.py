@@ -1,0 +1,50 @@
+"""Request errors of the router and their two renderings: HTTP (OpenAI's error shape)
+and gRPC status codes. Raised anywhere before or during a request; the API layers
+turn them into responses, so validation code never knows which API it serves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+         502: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 500: grpc.StatusCode.INTERNAL, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable_error",
+          502: "worker_error", 500: "internal_error", 504: "timeout_error"}
+
+
+@dataclass
+class RequestError(Exception):
+    message: str
+    status: int = 400
+    param: str | None = None
+    code: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return _GRPC.get(self.status, grpc.StatusCode.UNKNOWN)
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> RequestError:
+    return RequestError(message, 400, param, code)
+
+
+def unavailable(message: str, code: str = "no_workers") -> RequestError:
+    return RequestError(message, 503, None, code)
+
+
+def from_value_error(exc: ValueError, param: str | None = None) -> RequestError:
+    """A SamplingParams / tokenizer ValueError; its first word usually names the field."""
+    text = str(exc)
+    first = text.split(" ", 1)[0]
+    return invalid(text, param or (first if first.isidentifier() else None))

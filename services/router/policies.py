@@ -1,0 +1,112 @@
+"""Routing policies: choose one worker among the live candidates of one role.
+
+Owns the policy objects and their private state (round-robin counter, the
+prefix-hash -> worker table). ``WorkerPool`` builds the candidate list (live, not
+suspect, right model and role) and calls ``choose``; a policy never talks to etcd.
+
+- ``round_robin``: rotate over candidates sorted by id.
+- ``least_loaded``: lowest load score (see ``Candidate.score``), ties rotated.
+- ``prefix_aware``: hash the first ``prefix_blocks`` full blocks of the prompt
+  (chained, like the engine's prefix cache); send the request to the worker that
+  last served the longest matching prefix unless its score exceeds the best score
+  by more than ``overload_margin``; otherwise least loaded. Remembers the choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from services.cluster.records import LoadReport, WorkerRecord
+
+
+@dataclass(frozen=True)
+class Candidate:
+    record: WorkerRecord
+    load: LoadReport
+    local_inflight: int  # streams this router has open on the worker right now
+
+    @property
+    def score(self) -> int:
+        """Outstanding work: the worker's report (about 1 s old) or this router's own count.
+
+        NOTE: max(), not a sum: this router's streams are part of the worker's report.
+        """
+        return max(self.local_inflight, self.load.running + self.load.waiting)
+
+
+class Policy(Protocol):
+    def choose(self, candidates: Sequence[Candidate], tokens: Sequence[int]) -> Candidate: ...
+
+
+class RoundRobin:
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[Candidate], tokens: Sequence[int]) -> Candidate:
+        return candidates[next(self._counter) % len(candidates)]
+
+
+class LeastLoaded:
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[Candidate], tokens: Sequence[int]) -> Candidate:
+        best = min(c.score for c in candidates)
+        tied = [c for c in candidates if c.score == best]
+        most_free = max(c.load.kv_blocks_free for c in tied)
+        tied = [c for c in tied if c.load.kv_blocks_free == most_free]
+        return tied[next(self._counter) % len(tied)]
+
+
+class PrefixAware:
+    def __init__(self, prefix_blocks: int = 8, overload_margin: int = 4, capacity: int = 100_000) -> None:
+        self._prefix_blocks = prefix_blocks
+        self._margin = overload_margin
+        self._capacity = capacity
+        self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self._fallback = LeastLoaded()
+
+    def choose(self, candidates: Sequence[Candidate], tokens: Sequence[int]) -> Candidate:
+        hashes = block_hashes(tokens, candidates[0].record.block_size, self._prefix_blocks)
+        chosen = self._by_prefix(candidates, hashes)
+        if chosen is None:
+            chosen = self._fallback.choose(candidates, tokens)
+        for h in hashes:
+            self._owner[h] = chosen.record.id
+            self._owner.move_to_end(h)
+        while len(self._owner) > self._capacity:
+            self._owner.popitem(last=False)
+        return chosen
+
+    def _by_prefix(self, candidates: Sequence[Candidate], hashes: list[bytes]) -> Candidate | None:
+        by_id = {c.record.id: c for c in candidates}
+        best_score = min(c.score for c in candidates)
+        for h in reversed(hashes):  # longest shared prefix first
+            owner = by_id.get(self._owner.get(h, ""))
+            if owner is not None:
+                return owner if owner.score <= best_score + self._margin else None
+        return None
+
+
+def block_hashes(tokens: Sequence[int], block_size: int, max_blocks: int) -> list[bytes]:
+    """Chained hashes of the first ``max_blocks`` full blocks (a hash covers its whole prefix)."""
+    out: list[bytes] = []
+    previous = b""
+    for i in range(min(len(tokens) // block_size, max_blocks)):
+        block = tokens[i * block_size:(i + 1) * block_size]
+        previous = hashlib.blake2b(previous + b",".join(str(t).encode() for t in block), digest_size=16).digest()
+        out.append(previous)
+    return out
+
+
+def make_policy(name: str, prefix_blocks: int = 8, overload_margin: int = 4) -> Policy:
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "least_loaded":
+        return LeastLoaded()
+    if name == "prefix_aware":
+        return PrefixAware(prefix_blocks, overload_margin)
+    raise ValueError(f"unknown routing policy {name!r}")

@@ -1,0 +1,51 @@
+"""``RouterCore``: what both APIs (gRPC and HTTP) share, wired once by ``app``.
+
+Owns nothing with a lifecycle of its own; it bundles discovery (live workers),
+the model catalog (tokenizers, limits), the worker pool + policies, the
+dispatcher and the metrics, and offers the few calls the API layers need.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
+
+from services.cluster.discovery import Discovery
+from services.router.dispatch import Dispatcher
+from services.router.metrics import RouterMetrics
+from services.router.models import ModelCatalog
+from services.router.prepare import prepare
+from services.router.request_types import Delta, GenerationRequest, Prompt
+from services.router.worker_pool import WorkerPool
+
+
+@dataclass
+class RouterCore:
+    discovery: Discovery
+    catalog: ModelCatalog
+    pool: WorkerPool
+    dispatcher: Dispatcher
+    metrics: RouterMetrics
+
+    async def prepare(self, request_id: str, model: str | None, prompt: Prompt, values: dict[str, Any],
+                      arrival: float, default_max_tokens: int | None) -> tuple[GenerationRequest, Any]:
+        return await prepare(self.catalog, request_id, model, prompt, values, arrival, default_max_tokens)
+
+    def dispatch(self, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
+        return self.dispatcher.stream(req, tokenizer)
+
+    @contextlib.contextmanager
+    def tracking(self, api: str) -> Iterator[None]:
+        gauge = self.metrics.inflight.labels(api)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    def workers_json(self) -> list[dict[str, Any]]:
+        """Every live worker with its address and latest load (``GET /workers``, ``ListWorkers``)."""
+        return [{"id": r.id, "role": r.role, "model": r.model, "grpc_address": r.grpc_address,
+                 "metrics_url": r.metrics_url, "load": self.discovery.load(r.id).public(),
+                 "router_inflight": self.pool.inflight(r.id)}
+                for r in self.discovery.live()]

@@ -1,0 +1,57 @@
+"""``pdserve worker``: parse flags, build the one WorkerConfig, load the engine, serve.
+
+Bad configuration prints one line (``pdserve worker: error: ...``) and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+
+from services.engine.config import ConfigError, EngineConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage dump
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pdserve worker", description="Run one pdserve worker (engine + gRPC + etcd registration).")
+    p.add_argument("--config", help="YAML file whose keys are engine / worker config fields")
+    p.add_argument("--etcd", help="etcd endpoint(s), e.g. http://127.0.0.1:2379")
+    p.add_argument("--namespace", help="cluster namespace in etcd (default: default)")
+    p.add_argument("--host", help="bind address (default 0.0.0.0)")
+    p.add_argument("--grpc-port", dest="grpc_port", help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", dest="metrics_port", help="Prometheus HTTP port (0 = any free port)")
+    p.add_argument("--advertise-host", dest="advertise_host", help="host the router dials (default: bind address)")
+    p.add_argument("--worker-id", dest="worker_id", help="unique id (default: role-host-pid-random)")
+    p.add_argument("--drain-timeout", dest="drain_timeout", help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--lease-ttl", dest="lease_ttl", help="etcd lease TTL in seconds (default 10)")
+    for f in dataclasses.fields(EngineConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, help=f"engine {f.name} ({f.type})")
+    return p
+
+
+def main(name: str, argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
+    from services.worker.config import build_worker_config
+
+    try:
+        args = vars(build_parser().parse_args(argv))
+        config_path = args.pop("config")
+        config = build_worker_config(args, os.environ, config_path)
+    except ConfigError as exc:
+        print(f"pdserve {name}: error: {exc}", file=sys.stderr)
+        return 2
+    from services.worker.process import load_engine, serve
+
+    try:
+        engine = load_engine(config)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"pdserve {name}: error: cannot load model {config.engine.model!r}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config, engine))

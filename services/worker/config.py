@@ -1,0 +1,108 @@
+"""The worker's configuration: flags, ``PDSERVE_*`` environment and a YAML file merged
+into one frozen ``WorkerConfig`` (wrapping the engine's ``EngineConfig``), built once
+in ``cli`` and passed down.
+
+Precedence, lowest first: defaults < YAML file < environment < command-line flags.
+Every error is a ``ConfigError`` with a one-line message naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from services.engine.config import ConfigError, EngineConfig, load_yaml
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    engine: EngineConfig
+    etcd: str = ""
+    namespace: str = "default"
+    host: str = "0.0.0.0"
+    grpc_port: int = 0
+    metrics_port: int = 0
+    advertise_host: str = ""
+    worker_id: str = ""
+    drain_timeout: float = 30.0
+    lease_ttl: int = 10
+    load_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.etcd:
+            raise ConfigError("etcd is missing: pass --etcd http://host:port (or PDSERVE_ETCD)")
+        if not self.namespace or "/" in self.namespace:
+            raise ConfigError(f"namespace={self.namespace!r} is invalid: expected a name without '/'")
+        for name in ("grpc_port", "metrics_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ConfigError(f"{name}={value!r} is invalid: expected a port in [0, 65535]")
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"drain_timeout={self.drain_timeout!r} is invalid: expected seconds >= 0")
+        if not isinstance(self.lease_ttl, int) or self.lease_ttl < 2:
+            raise ConfigError(f"lease_ttl={self.lease_ttl!r} is invalid: expected an integer >= 2 (seconds)")
+        if not self.load_interval > 0:
+            raise ConfigError(f"load_interval={self.load_interval!r} is invalid: expected seconds > 0")
+
+    @property
+    def role(self) -> str:
+        return self.engine.role
+
+
+WORKER_KEYS = tuple(f.name for f in dataclasses.fields(WorkerConfig) if f.name != "engine")
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def build_worker_config(flags: Mapping[str, Any], environ: Mapping[str, str],
+                        config_path: str | None = None) -> WorkerConfig:
+    """Merge YAML < env < flags (``None`` flags are "not given") into one WorkerConfig."""
+    merged: dict[str, Any] = {}
+    if config_path:
+        merged.update(load_yaml(config_path))
+    merged.update(_env_values(environ))
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    unknown = sorted(set(merged) - set(WORKER_KEYS) - set(ENGINE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(WORKER_KEYS + ENGINE_KEYS)}")
+    engine = EngineConfig.from_mapping({k: v for k, v in merged.items() if k in ENGINE_KEYS})
+    worker = {k: _coerce(k, v) for k, v in merged.items() if k in WORKER_KEYS}
+    config = WorkerConfig(engine=engine, **worker)
+    return _resolve_identity(config)
+
+
+def _env_values(environ: Mapping[str, str], prefix: str = "PDSERVE_") -> dict[str, str]:
+    out = EngineConfig.env_overrides(environ, prefix)
+    for key in WORKER_KEYS:
+        if f"{prefix}{key.upper()}" in environ:
+            out[key] = environ[f"{prefix}{key.upper()}"]
+    return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Strings from env / flags -> the field's type (int or float); others unchanged."""
+    kind = next(f.type for f in dataclasses.fields(WorkerConfig) if f.name == name)
+    if not isinstance(value, str) or kind == "str":
+        return value
+    try:
+        return int(value) if kind == "int" else float(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {kind}") from None
+
+
+def _resolve_identity(config: WorkerConfig) -> WorkerConfig:
+    """Fill the advertised host and a unique worker id when not given."""
+    host = config.advertise_host or config.host
+    if host in ("0.0.0.0", "::", ""):
+        host = _routable_host()
+    worker_id = config.worker_id or f"{config.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return dataclasses.replace(config, advertise_host=host, worker_id=worker_id)
+
+
+def _routable_host() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,122 @@
+"""The worker's Prometheus metrics and the small HTTP server that exposes them.
+
+Owns one ``CollectorRegistry`` per worker (no process globals): engine gauges are
+read from ``engine.stats()`` at scrape time; request counters and histograms are
+fed by the servicer; the step-time histogram is fed by ``observe_engine()``, which
+the worker calls about once a second.
+
+Lifecycle of ``MetricsServer``: ``start()`` binds ``host:port`` (0 = any free port)
+and serves ``GET /metrics`` and ``GET /health`` -> ``stop()``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges and counters read from ``engine.stats()`` when scraped."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], labels: dict[str, str]) -> None:
+        self._stats = stats
+        self._labels = labels
+
+    def collect(self) -> Iterator:
+        s = self._stats()
+        names, values = list(self._labels), list(self._labels.values())
+        yield _gauge("pdserve_worker_requests_running", "Requests in the running batch", names, values, s["running"])
+        yield _gauge("pdserve_worker_queue_depth", "Requests waiting to be scheduled", names, values, s["waiting"])
+        blocks = GaugeMetricFamily("pdserve_worker_kv_blocks", "KV cache blocks by state", labels=names + ["state"])
+        for state in ("used", "free", "cached", "total"):
+            blocks.add_metric(values + [state], s[f"kv_blocks_{state}"])
+        yield blocks
+        tokens = CounterMetricFamily("pdserve_worker_tokens_computed", "Tokens computed by the model", labels=names)
+        tokens.add_metric(values, s["tokens_computed_total"])
+        yield tokens
+        steps = CounterMetricFamily("pdserve_worker_engine_steps", "Engine steps executed", labels=names)
+        steps.add_metric(values, s["steps_total"])
+        yield steps
+
+
+def _gauge(name: str, doc: str, names: list[str], values: list[str], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=names)
+    family.add_metric(values, value)
+    return family
+
+
+class WorkerMetrics:
+    """Every metric of one worker, in its own registry."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], worker_id: str, role: str, model: str) -> None:
+        labels = {"worker_id": worker_id, "role": role, "model": model}
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats, labels))
+        names, reg = list(labels), self.registry
+        self.requests = Counter("pdserve_worker_requests", "Finished Generate streams by finish reason",
+                                names + ["finish_reason"], registry=reg)
+        self.prompt_tokens = Counter("pdserve_worker_prompt_tokens", "Prompt tokens received", names, registry=reg)
+        self.cached_tokens = Counter("pdserve_worker_cached_prompt_tokens", "Prompt tokens served from the prefix cache",
+                                     names, registry=reg)
+        self.generated_tokens = Counter("pdserve_worker_generated_tokens", "Tokens generated", names, registry=reg)
+        self.first_token = Histogram("pdserve_worker_time_to_first_token_seconds",
+                                     "Accept to first token (queue + prefill)", names, buckets=LATENCY_BUCKETS, registry=reg)
+        self.step_time = Histogram("pdserve_worker_step_seconds", "Engine step duration (sampled about once a second)",
+                                   names, buckets=LATENCY_BUCKETS, registry=reg)
+        self.inflight = Gauge("pdserve_worker_inflight_streams", "Open Generate streams", names, registry=reg)
+        self.draining = Gauge("pdserve_worker_draining", "1 while the worker drains", names, registry=reg)
+        self._labels = labels
+        self._last_steps = 0
+
+    def labelled(self, metric: Any, **extra: str) -> Any:
+        return metric.labels(**self._labels, **extra)
+
+    def observe_engine(self, stats: dict[str, Any]) -> None:
+        """Sample the step histogram: one observation of the last step when steps advanced.
+
+        NOTE: the engine reports only its last step's duration, so this is a sample
+        (about one step per second), not every step.
+        """
+        if stats["steps_total"] > self._last_steps:
+            self._last_steps = stats["steps_total"]
+            self.labelled(self.step_time).observe(stats["last_step_seconds"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def _health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus text) and ``GET /health`` over HTTP."""
+
+    def __init__(self, metrics: WorkerMetrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host, self._port = host, port
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/health", _health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _serve_metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

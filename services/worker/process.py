@@ -1,0 +1,165 @@
+"""One worker process: engine + gRPC server + metrics + etcd registration + drain.
+
+Lifecycle (``run_worker``):
+  1. load the engine (seconds) and start its step loop;
+  2. start the grpc.aio server (Worker service, grpc health, reflection) and the
+     metrics HTTP server; health turns SERVING;
+  3. register in etcd (the router only sees a worker that can already serve);
+     a background task publishes load and feeds the step histogram;
+  4. wait for SIGTERM / SIGINT;
+  5. drain: refuse new streams with UNAVAILABLE, health NOT_SERVING, revoke the
+     lease (deregister), let in-flight streams finish until ``drain_timeout``,
+     abort what is left, stop the servers and the engine; exit code 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+from services.cluster.etcd import connect, retry_until_reachable
+from services.cluster.keys import KeySpace
+from services.cluster.records import LoadReport, WorkerRecord
+from services.cluster.registry import Registration
+from services.worker.config import WorkerConfig
+from services.worker.metrics import MetricsServer, WorkerMetrics
+from services.worker.servicer import Inflight, WorkerServicer
+
+log = logging.getLogger(__name__)
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+def load_engine(config: WorkerConfig) -> Any:
+    """Build the real engine (imports torch; only the worker process does this)."""
+    from services.engine.async_engine import AsyncEngine
+
+    return AsyncEngine(config.engine)
+
+
+def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_port: int) -> WorkerRecord:
+    info, stats = engine.model_info, engine.stats()
+    host = config.advertise_host
+    layout = {k: info.get(k) for k in ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype")}
+    return WorkerRecord(
+        id=config.worker_id, role=config.role, grpc_address=f"{host}:{grpc_port}",
+        metrics_url=f"http://{host}:{metrics_port}/metrics", model=config.engine.model,
+        dtype=str(info.get("dtype", config.engine.dtype)), block_size=int(info.get("block_size", config.engine.block_size)),
+        max_model_len=int(info["max_model_len"]), tp=config.engine.tp, kv_layout=layout,
+        capacity={"kv_blocks_total": stats["kv_blocks_total"], "max_batch_size": config.engine.max_batch_size,
+                  "vocab_size": info.get("vocab_size")},
+    )
+
+
+def load_report(engine: Any, inflight: Inflight) -> LoadReport:
+    s = engine.stats()
+    return LoadReport(running=s["running"], waiting=s["waiting"], kv_blocks_used=s["kv_blocks_used"],
+                      kv_blocks_free=s["kv_blocks_free"], kv_blocks_cached=s["kv_blocks_cached"],
+                      kv_blocks_total=s["kv_blocks_total"], tokens_computed_total=s["tokens_computed_total"],
+                      draining=inflight.draining)
+
+
+class WorkerProcess:
+    """Wires the pieces of one worker around an engine that was already built."""
+
+    def __init__(self, config: WorkerConfig, engine: Any) -> None:
+        self.config = config
+        self.engine = engine
+        self.inflight = Inflight()
+        self.metrics = WorkerMetrics(engine.stats, config.worker_id, config.role, config.engine.model)
+        self.health: health.aio.HealthServicer | None = None
+        self.server: grpc.aio.Server | None = None  # NOTE: made in start(), on the serving loop
+        self.metrics_server = MetricsServer(self.metrics, config.host, config.metrics_port)
+        self.registration: Registration | None = None
+        self._etcd = None
+        self._tasks: list[asyncio.Task] = []
+        self.grpc_port = 0
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        servicer = WorkerServicer(self.engine, self.inflight, self.metrics, self.config.worker_id, self.config.role)
+        worker_pb2_grpc.add_WorkerServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((WORKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC on {self.config.host}:{self.config.grpc_port}")
+        await self.server.start()
+        await self.metrics_server.start()
+        for name in ("", WORKER_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._etcd = await connect(self.config.etcd)
+        record = worker_record(self.config, self.engine, self.grpc_port, self.metrics_server.port)
+        self.registration = Registration(self._etcd, KeySpace(self.config.namespace), record,
+                                         lambda: load_report(self.engine, self.inflight),
+                                         ttl=self.config.lease_ttl, load_interval=self.config.load_interval)
+        await retry_until_reachable(self.registration.start, 30.0, f"etcd at {self.config.etcd}")
+        self._tasks.append(asyncio.create_task(self._sample_engine(), name="sample-engine"))
+        log.info("worker %s (%s, %s) serving gRPC on %s, metrics on %s", record.id, record.role, record.model,
+                 record.grpc_address, record.metrics_url)
+
+    async def drain(self) -> None:
+        """Deregister, refuse new work, finish (or abort) in-flight work, stop everything."""
+        log.info("draining: %d in-flight streams, deadline %.1f s", len(self.inflight.ids), self.config.drain_timeout)
+        self.inflight.draining = True
+        self.metrics.labelled(self.metrics.draining).set(1)
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.registration is not None:
+            await self.registration.stop()
+        if not await self.inflight.wait_empty(self.config.drain_timeout):
+            log.warning("drain deadline passed; aborting %d requests", len(self.inflight.ids))
+            for rid in list(self.inflight.ids):
+                self.engine.abort(rid)
+            await self.inflight.wait_empty(5.0)
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.registration is not None:
+            await self.registration.stop()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        await self.metrics_server.stop()
+        await self.engine.stop()
+        if self._etcd is not None:
+            await self._etcd.close()
+            self._etcd = None
+
+    async def _sample_engine(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.observe_engine(self.engine.stats())
+
+
+async def serve(config: WorkerConfig, engine: Any) -> int:
+    """Run a worker until SIGTERM/SIGINT, then drain; returns the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = WorkerProcess(config, engine)
+    try:
+        await worker.start()
+    except ConnectionError as exc:
+        log.error("%s", exc)
+        await worker.close()
+        return 1
+    except BaseException:
+        await worker.close()
+        raise
+    await stop.wait()
+    await worker.drain()
+    return 0

@@ -1,0 +1,128 @@
+"""The ``pdserve.v1.Worker`` gRPC service around one engine.
+
+Lifecycle of one Generate stream: refused with UNAVAILABLE while draining ->
+params validated (INVALID_ARGUMENT on ValueError) -> tracked in ``Inflight`` ->
+engine outputs forwarded as they come (each engine yield may carry several
+tokens; under load the engine batches more per yield) -> the last message has
+``finish_reason`` -> untracked. When the client cancels, the handler is cancelled;
+closing the engine iterator and ``engine.abort()`` free the request's KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import grpc
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+from services.cluster.wire import logprobs_to_proto, params_from_proto
+from services.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inflight:
+    """Request ids with an open Generate stream; ``draining`` refuses new ones."""
+
+    draining: bool = False
+    ids: set[str] = field(default_factory=set)
+    _empty: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, request_id: str) -> None:
+        self.ids.add(request_id)
+        self._empty.clear()
+
+    def discard(self, request_id: str) -> None:
+        self.ids.discard(request_id)
+        if not self.ids:
+            self._empty.set()
+
+    async def wait_empty(self, timeout: float) -> bool:
+        """True when every stream ended within ``timeout`` seconds."""
+        if not self.ids:
+            return True
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: Any, inflight: Inflight, metrics: WorkerMetrics, worker_id: str, role: str) -> None:
+        self._engine = engine
+        self._inflight = inflight
+        self._metrics = metrics
+        self._worker_id = worker_id
+        self._role = role
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        rid = request.request_id
+        if self._inflight.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self._worker_id} is draining")
+        if not rid or rid in self._inflight.ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is empty or already running")
+        try:
+            params = params_from_proto(request.params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._inflight.add(rid)
+        self._metrics.labelled(self._metrics.inflight).inc()
+        try:
+            async for message in self._stream(rid, list(request.prompt_token_ids), params):
+                yield message
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self._engine.abort(rid)
+            self._inflight.discard(rid)
+            self._metrics.labelled(self._metrics.inflight).dec()
+
+    async def _stream(self, rid: str, prompt: list[int], params: Any) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        start, first, finish = time.monotonic(), True, "abort"
+        outputs = self._engine.generate(rid, prompt, params)
+        try:
+            async for out in outputs:
+                message = worker_pb2.WorkerGenerateResponse(
+                    request_id=rid, token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
+                    num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens)
+                if out.logprobs:
+                    message.logprobs.extend(logprobs_to_proto(out.logprobs))
+                if first and out.new_token_ids:
+                    first = False
+                    message.first_token_seconds = time.monotonic() - start
+                    self._count_prompt(out, message.first_token_seconds)
+                self._metrics.labelled(self._metrics.generated_tokens).inc(len(out.new_token_ids))
+                if out.finish_reason:
+                    finish = out.finish_reason
+                yield message
+        finally:
+            self._metrics.labelled(self._metrics.requests, finish_reason=finish).inc()
+            with contextlib.suppress(Exception):
+                await outputs.aclose()
+
+    def _count_prompt(self, out: Any, first_token_seconds: float) -> None:
+        self._metrics.labelled(self._metrics.prompt_tokens).inc(out.num_prompt_tokens)
+        self._metrics.labelled(self._metrics.cached_tokens).inc(out.num_cached_tokens)
+        self._metrics.labelled(self._metrics.first_token).observe(first_token_seconds)
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
+        found = request.request_id in self._inflight.ids
+        self._engine.abort(request.request_id)
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request: worker_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StatsResponse:
+        s = self._engine.stats()
+        return worker_pb2.StatsResponse(
+            worker_id=self._worker_id, role=self._role, draining=self._inflight.draining,
+            running=s["running"], waiting=s["waiting"], kv_blocks_free=s["kv_blocks_free"],
+            kv_blocks_used=s["kv_blocks_used"], kv_blocks_cached=s["kv_blocks_cached"],
+            kv_blocks_total=s["kv_blocks_total"], tokens_computed_total=s["tokens_computed_total"],
+            steps_total=s["steps_total"], last_step_seconds=s["last_step_seconds"],
+            inflight_streams=len(self._inflight.ids))

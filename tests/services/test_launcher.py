@@ -1,0 +1,63 @@
+"""``pdserve up`` as a user runs it: comes up, serves, stops everything on Ctrl-C."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.launcher.processes import free_port
+from tests.services.clients import http_json, wait_for
+from tests.services.cluster_fixture import process_gone
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    http_port, grpc_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "services.cli", "up", "--hybrid", "1", "--http-port", str(http_port),
+            "--grpc-port", str(grpc_port), "--log-dir", str(tmp_path), "--worker-args", "--num-blocks 128"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    out_path = tmp_path / "up.out"
+    with open(out_path, "w") as out:
+        launcher = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    children: list[int] = []
+    try:
+        wait_for(lambda: "Ctrl-C stops everything" in out_path.read_text() or launcher.poll() is not None, 240.0,
+                 interval=0.2, what="pdserve up ready")
+        text = out_path.read_text()
+        assert launcher.poll() is None, text
+        assert f"http://127.0.0.1:{http_port}/v1" in text and f"127.0.0.1:{grpc_port}" in text and "curl" in text
+        children = children_of(launcher.pid)
+        assert len(children) == 3  # etcd, router, one worker
+        status, body = http_json(f"http://127.0.0.1:{http_port}/v1/completions",
+                                 {"model": "smollm2", "prompt": "Hello", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(60) == 0
+        wait_for(lambda: all(process_gone(pid) for pid in children), 10.0, what="no orphans")
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in children:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
