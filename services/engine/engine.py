@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 
@@ -24,7 +25,7 @@ from services.engine.models.loader import DTYPES, load_config, load_model
 from services.engine.models.model_config import ModelConfig
 from services.engine.request import Request, Status, TokenLogprob
 from services.engine.sampler import Sampler
-from services.engine.scheduler import Scheduler
+from services.engine.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -36,6 +37,12 @@ class EngineOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LayerListener(Protocol):
+    """Told which sequences a step runs, then called as each layer's KV is written."""
+
+    def begin_step(self, out: SchedulerOutput, tables: list[list[int]]) -> Callable[[int], None] | None: ...
 
 
 @dataclass
@@ -64,6 +71,9 @@ class LLMEngine:
                                   config.block_size, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.requests: dict[str, Request] = {}
+        self.remote: dict[str, Request] = {}  # decode side: blocks reserved, KV arriving from a peer
+        self.held: dict[str, Request] = {}  # prefill side: finished, blocks kept until the transfer ends
+        self.layer_listener: LayerListener | None = None
         self.counters = _Counters()
         self.eos_token_ids = self.model_config.eos_token_ids
 
@@ -90,17 +100,25 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    eos_token_ids: tuple[int, ...] | None = None) -> Request:
-        """Validate and queue a request; ValueError with a clear message on bad input."""
+                    hold_kv: bool = False) -> Request:
+        """Validate and queue a request; ValueError with a clear message on bad input.
+
+        With hold_kv the request's blocks outlive its end (until ``release_held``), so
+        a peer can read or be sent its KV.
+        """
+        req = self._new_request(req_id, prompt_token_ids, params)
+        req.hold_kv = hold_kv
+        self.scheduler.add(req)
+        return req
+
+    def _new_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         self._validate(req_id, prompt_token_ids, params)
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        req = Request(req_id, list(prompt_token_ids), params,
-                      eos_token_ids=self.eos_token_ids if eos_token_ids is None else eos_token_ids,
+        req = Request(req_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                       max_model_len=self.max_model_len, generator=gen)
         self.requests[req_id] = req
-        self.scheduler.add(req)
         return req
 
     def _validate(self, req_id: str, ids: list[int], params: SamplingParams) -> None:
@@ -119,11 +137,65 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad!r} is out of range [0, {vocab})")
 
     def abort(self, req_id: str) -> bool:
-        """Stop a request and free its blocks; False if it is unknown or already done."""
+        """Stop a request and free its blocks; False if it is unknown or already done.
+
+        NOTE: a remote reservation is not touched here: a peer may still be writing
+        into its blocks. The owner of the transfer calls ``cancel_remote`` once it is over.
+        """
+        if req_id in self.remote:
+            return False
         req = self.requests.pop(req_id, None)
         if req is None or req.finished:
             return False
         self.scheduler.finish(req, "abort")
+        return True
+
+    # ---- remote KV (disaggregated prefill) -----------------------------------
+    def reserve_remote(self, req_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> tuple[list[int], int] | None:
+        """Decode side: hold blocks for a prompt whose KV a peer will write.
+
+        Returns (block ids covering the prompt, prompt tokens already cached here,
+        whose blocks need not be sent), or None if the pool cannot hold it now.
+        """
+        req = self._new_request(req_id, prompt_token_ids, params)
+        cached = self.kv.match_prefix(req_id, req.token_ids)
+        if not self.kv.allocate_slots(req_id, req.num_prompt_tokens):
+            self.kv.free(req_id)
+            del self.requests[req_id]
+            return None
+        req.num_cached_tokens = cached
+        self.remote[req_id] = req
+        return list(self.kv.blocks_of(req_id)), cached
+
+    def admit_remote(self, req_id: str, first_token: int) -> EngineOutput:
+        """Decode side: the prompt's KV has landed; decoding continues after first_token."""
+        req = self.remote.pop(req_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.commit_full_blocks(req_id, req.token_ids, req.num_computed_tokens)
+        req.append_token(first_token)
+        if req.finish_reason is not None:
+            self.scheduler.finish(req, req.finish_reason)
+            self.requests.pop(req_id, None)
+        else:
+            self.scheduler.add(req)
+        return EngineOutput(req_id, [first_token], req.finish_reason, req.num_prompt_tokens, req.num_cached_tokens)
+
+    def cancel_remote(self, req_id: str) -> bool:
+        """Decode side: drop a reservation whose transfer is over (done, failed or timed out)."""
+        req = self.remote.pop(req_id, None)
+        if req is None:
+            return False
+        self.requests.pop(req_id, None)
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def release_held(self, req_id: str) -> bool:
+        """Prefill side: the transfer of a finished request's KV is over; free its blocks."""
+        req = self.held.pop(req_id, None)
+        if req is None:
+            return False
+        self.kv.free(req_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -138,7 +210,10 @@ class LLMEngine:
             self.counters.preemptions_total += len(out.preempted)
             return []
         tables = [self.kv.blocks_of(s.req.req_id) for s in out.seqs]
-        logits = self.runner.execute(out, tables)
+        hook = None
+        if self.layer_listener is not None:
+            hook = self.layer_listener.begin_step(out, tables)
+        logits = self.runner.execute(out, tables, hook)
         sampling = [s.req for s in out.seqs if s.samples]
         result = self.sampler.sample(logits, sampling) if sampling else None
         outputs = self._update(out, result)
@@ -160,8 +235,10 @@ class LLMEngine:
             if lp is not None:
                 req.logprobs.append(lp)
             if req.finish_reason is not None:
-                self.scheduler.finish(req, req.finish_reason)
+                self.scheduler.finish(req, req.finish_reason, free_kv=not req.hold_kv)
                 self.requests.pop(req.req_id, None)
+                if req.hold_kv:
+                    self.held[req.req_id] = req
             outputs.append(EngineOutput(req.req_id, [result.token_ids[i]], req.finish_reason,
                                         req.num_prompt_tokens, max(req.num_cached_tokens, 0),
                                         [lp] if lp is not None else []))

@@ -46,6 +46,7 @@ class Request:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    hold_kv: bool = False  # keep blocks after finishing (prefill side of a KV transfer)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

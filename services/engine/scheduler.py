@@ -114,12 +114,13 @@ class Scheduler:
             budget -= n
         return budget
 
-    def finish(self, req: Request, reason: str) -> None:
-        """Remove a request wherever it is and free its blocks."""
+    def finish(self, req: Request, reason: str, free_kv: bool = True) -> None:
+        """Remove a request wherever it is and (unless told not to) free its blocks."""
         if req.status is Status.RUNNING:
             self.running.remove(req)
         elif req.status is Status.WAITING and req in self.waiting:
             self.waiting.remove(req)
         req.status = Status.FINISHED
         req.finish_reason = req.finish_reason or reason
-        self.kv.free(req.req_id)
+        if free_kv:
+            self.kv.free(req.req_id)
