@@ -75,6 +75,10 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream()
         self._submit(lambda: self._add(request_id, list(prompt_token_ids), params))
+        async for out in self._drain(request_id, stream):
+            yield out
+
+    async def _drain(self, request_id: str, stream: _Stream) -> AsyncIterator[StreamOutput]:
         try:
             while not stream.done:
                 item = await stream.queue.get()
@@ -90,6 +94,57 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Idempotent; the stream (if any) ends with finish_reason 'abort'."""
         self._submit(lambda: self._apply_abort(request_id))
+
+    # ---- disaggregation -------------------------------------------------------
+    async def reserve_remote(self, request_id: str, prompt_token_ids: list[int],
+                             params: SamplingParams) -> tuple[list[int], int] | None:
+        """Decode side: (block ids, tokens cached here) for a prompt a peer computes; None if full now."""
+        return await self._call(lambda: self.engine.reserve_remote(request_id, list(prompt_token_ids), params))
+
+    async def admit_remote(self, request_id: str, first_token: int) -> AsyncIterator[StreamOutput]:
+        """Decode side: the KV has landed; stream the rest (first output holds first_token)."""
+        stream = self._streams[request_id] = _Stream()
+        self._submit(lambda: stream.queue.put_nowait(self.engine.admit_remote(request_id, first_token)))
+        async for out in self._drain(request_id, stream):
+            yield out
+
+    async def cancel_remote(self, request_id: str) -> bool:
+        """Decode side: free a reservation once no peer can write into it any more."""
+        return await self._call(lambda: self.engine.cancel_remote(request_id))
+
+    async def prefill_held(self, request_id: str, prompt_token_ids: list[int],
+                           params: SamplingParams) -> tuple[int, list[int], int]:
+        """Prefill side: compute the prompt, sample one token, keep the blocks.
+
+        Returns (first token, block ids, prompt tokens that were prefix-cache hits).
+        The blocks stay allocated until ``release_held``, which the caller must call
+        in every case (also after an error or a cancellation; it is idempotent).
+        """
+        stream = self._streams[request_id] = _Stream()
+        one = params.replace(max_tokens=1)
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), one, hold_kv=True))
+        last = None
+        async for last in self._drain(request_id, stream):
+            pass
+        if last is None or last.finish_reason == "abort" or not last.new_token_ids:
+            raise RuntimeError(f"prefill of {request_id!r} was aborted")
+        blocks = await self._call(lambda: list(self.engine.kv.blocks_of(request_id)))
+        return last.new_token_ids[-1], blocks, last.num_cached_tokens
+
+    def release_held(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.release_held(request_id))
+
+    async def _call(self, fn: Callable[[], object]):
+        """Run fn on the engine between steps and return its result (or raise its error)."""
+        fut = asyncio.get_running_loop().create_future()
+
+        def command() -> None:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # handed to the awaiting caller
+                fut.set_exception(exc)
+        self._submit(command)
+        return await fut
 
     # ---- introspection ------------------------------------------------------
     def stats(self) -> dict:
@@ -130,12 +185,12 @@ class AsyncEngine:
         if commands:
             self._stats = self.engine.stats()
 
-    def _add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+    def _add(self, rid: str, ids: list[int], params: SamplingParams, hold_kv: bool = False) -> None:
         stream = self._streams.get(rid)
         if stream is None:
             return  # the caller went away before the request was admitted
         try:
-            self.engine.add_request(rid, ids, params)
+            self.engine.add_request(rid, ids, params, hold_kv=hold_kv)
         except ValueError as exc:
             stream.queue.put_nowait(exc)
 

@@ -59,3 +59,38 @@ def test_streams_match_offline_and_cancel_frees(tiny_models):
             await eng.stop()
 
     asyncio.run(main())
+
+
+def test_async_remote_prefill_roundtrip(tiny_models):
+    """Prefill on one AsyncEngine, copy the blocks, admit on another: same tokens as local."""
+    path = tiny_models["mistral"]
+    prompt = list(range(300, 345))
+    expected = LLM(path, num_blocks=64).generate([prompt], GREEDY)[0].token_ids
+
+    async def main():
+        p = AsyncEngine(EngineConfig(model=path, num_blocks=64, role="prefill"))
+        d = AsyncEngine(EngineConfig(model=path, num_blocks=64, role="decode"))
+        await p.start(), await d.start()
+        try:
+            d_blocks, cached = await d.reserve_remote("x", prompt, GREEDY)
+            try:
+                first, p_blocks, _ = await p.prefill_held("x", prompt, GREEDY)
+                d.engine.kv_cache[:, d_blocks] = p.engine.kv_cache[:, p_blocks[:len(d_blocks)]]
+            finally:
+                p.release_held("x")
+            got = []
+            async for out in d.admit_remote("x", first):
+                got += out.new_token_ids
+            assert got == expected
+            await asyncio.sleep(0.1)
+            assert p.stats()["kv_blocks_used"] == 0 and d.stats()["kv_blocks_used"] == 0
+            with pytest.raises(ValueError, match="context"):
+                await d.reserve_remote("y", [1] * 2000, GREEDY)
+            held, _ = await d.reserve_remote("y", [1] * 900, GREEDY)
+            assert await d.reserve_remote("z", [1] * 300, GREEDY) is None  # pool full for now
+            assert await d.cancel_remote("y") and d.stats()["kv_blocks_used"] == 0
+            assert await d.cancel_remote("nope") is False
+        finally:
+            await p.stop(), await d.stop()
+
+    asyncio.run(main())
