@@ -101,16 +101,15 @@ def sdpa_ms(q_lens: list[int], seq_lens: list[int]) -> float | None:
     return median_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))
 
 
-def sweep_decode(batch: PagedBatch) -> None:
-    print("\ndecode sweep: block_n warps stages splits -> ms")
-    shapes = [(n, w, s, None) for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))]
-    shapes += [(64, 4, 3, splits) for splits in (1, 2, 4, 8, 16)]
-    for block_n, warps, stages, splits in shapes:
-        cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
-        try:
-            print(f"  {block_n:4d} {warps:2d} {stages:2d} {str(splits):>5s} -> {time_decode(batch, cfg):.3f}")
-        except Exception as exc:  # shapes that do not fit shared memory
-            print(f"  {block_n:4d} {warps:2d} {stages:2d} {str(splits):>5s} -> failed: {type(exc).__name__}")
+def sweep_decode(copy_bw: float) -> None:
+    """Split counts per batch size at context 4096 (KV GB/s as % of copy)."""
+    print("\ndecode split sweep (ctx 4096): batch splits -> us, % of copy")
+    for batch_size in (4, 16, 32, 64):
+        batch = make_batch([1] * batch_size, [4096] * batch_size)
+        for splits in (None, 1, 2, 4, 8, 16):
+            ms = time_decode(batch, DecodeConfig(block_n=64, num_warps=4, num_stages=3, num_splits=splits))
+            pct = 100 * kv_bytes(batch) / (ms * 1e-3) / copy_bw
+            print(f"  {batch_size:3d} {str(splits or 'auto'):>5s} -> {ms * 1e3:7.1f} us {pct:5.1f}%")
 
 
 def sweep_prefill(batch: PagedBatch) -> None:
@@ -160,7 +159,7 @@ def main() -> None:
         print(line)
 
     if args.sweep:
-        sweep_decode(decode)
+        sweep_decode(copy_bw)
         sweep_prefill(prefill_batches["fresh 4x4096"])
 
 

@@ -11,35 +11,56 @@ where index 0 of dim 1 is K and 1 is V. A token's *slot* is
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 
 def build_cos_sin_cache(head_dim: int, max_pos: int, base: float,
-                        rope_scaling: dict[str, Any] | None = None) -> torch.Tensor:
+                        rope_scaling: Mapping[str, Any] | None = None) -> torch.Tensor:
     """[max_pos, head_dim] float32: cos of the head_dim/2 frequencies, then their sin.
 
-    Frequencies as HF transformers computes them (default, or ``rope_type: llama3``
-    scaling of Llama 3.1), so positions rotate bit-identically.
+    Matches HF transformers' default and ``llama3`` rope initialisation (the
+    attention factor is 1.0 for both, so it is not applied).
+
+    Args:
+        rope_scaling: None, or the model's rope-scaling dict; ``rope_type`` (or
+            legacy ``type``) "default" or "llama3". llama3 needs ``factor``,
+            ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings``.
     """
+    if head_dim % 2:
+        raise ValueError(f"head_dim {head_dim} must be even")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = "default"
     if rope_scaling:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
+    elif rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')")
     freqs = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: Mapping[str, Any]) -> torch.Tensor:
+    """Llama 3.1 frequency scaling, step for step as HF ``_compute_llama3_parameters``."""
+    missing = [key for key in ("factor", "low_freq_factor", "high_freq_factor",
+                               "original_max_position_embeddings") if key not in scaling]
+    if missing:
+        raise ValueError(f"llama3 rope_scaling is missing {missing}")
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
     wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,

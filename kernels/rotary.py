@@ -1,0 +1,88 @@
+"""Rotary position embedding: the cos/sin cache builder and a Triton kernel applying it.
+
+Owns: the rotary kernel; ``build_cos_sin_cache`` (built once by the engine at load time, with any
+llama3 frequency scaling folded in) and ``rotary`` (neox-style rotate-half on q
+and k in one launch). Stateless. Numerics follow ``reference.rotary_ref``, with
+the rotation computed in float32 and rounded once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import build_cos_sin_cache  # noqa: F401  (re-exported)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, *,
+           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding of q [T, Hq, D] and k [T, Hkv, D] at positions [T].
+
+    Args:
+        cos_sin: [max_pos, D] float32 from ``build_cos_sin_cache``.
+        out: optional (q_out, k_out) buffers; passing (q, k) rotates in place.
+
+    Returns:
+        (q_rot, k_rot) in the dtypes of q and k.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    head_dim = q.shape[2]
+    if head_dim % 2 or cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim:
+        raise ValueError(f"cos_sin must be [max_pos, {head_dim}] with an even head_dim, got {tuple(cos_sin.shape)}")
+    q = q if q.stride(2) == 1 else q.contiguous()
+    k = k if k.stride(2) == 1 else k.contiguous()
+    cos_sin = cos_sin if cos_sin.stride(1) == 1 else cos_sin.contiguous()
+    q_out, k_out = out if out is not None else (torch.empty_like(q), torch.empty_like(k))
+    for src, dst in ((q, q_out), (k, k_out)):
+        if dst.shape != src.shape or dst.dtype != src.dtype or dst.stride(2) != 1:
+            raise ValueError(f"rotary output must be {tuple(src.shape)} {src.dtype} with a contiguous last dim")
+    tokens = q.shape[0]
+    if tokens == 0:
+        return q_out, k_out
+    half = head_dim // 2
+    _rotary_kernel[(tokens,)](
+        q, k, q_out, k_out, positions, cos_sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin.stride(0),
+        Q_HEADS=q.shape[1], K_HEADS=k.shape[1],
+        Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        num_warps=4,
+    )
+    return q_out, k_out
+
+
+@triton.jit
+def _rotate_heads(src, dst, stride_src, stride_dst, cos, sin,
+                  HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HALF_PAD)
+    mask = (offs_h[:, None] < HEADS) & (offs_d[None, :] < HALF)
+    src_1 = src + offs_h[:, None] * stride_src + offs_d[None, :]
+    x1 = tl.load(src_1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src_1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst_1 = dst + offs_h[:, None] * stride_dst + offs_d[None, :]
+    ty = dst.dtype.element_ty
+    tl.store(dst_1, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
+    tl.store(dst_1 + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cs_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+    Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, HALF_PAD)
+    cs_mask = offs < HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + offs, mask=cs_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs, mask=cs_mask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, stride_qh, stride_qoh, cos, sin,
+                  Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin,
+                  K_HEADS, K_HEADS_PAD, HALF, HALF_PAD)

@@ -1,0 +1,94 @@
+"""``rotary`` against ``reference.rotary_ref``, and ``build_cos_sin_cache`` against HF transformers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.reference import rotary_ref
+from kernels.rotary import build_cos_sin_cache, rotary
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+SIZES = ["small", pytest.param("large", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (6, 2), (32, 8)])
+def test_rotary(q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, size: str,
+                device: torch.device, check_close) -> None:
+    tokens, max_pos = (9, 4096) if size == "small" else (4096, 131072)
+    cos_sin = build_cos_sin_cache(head_dim, max_pos, 500000.0, LLAMA3).to(device)
+    qkv = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)
+    q, k = qkv[:, :q_heads], qkv[:, q_heads:q_heads + kv_heads]
+    positions = torch.randint(0, max_pos, (tokens,), device=device)
+    outs = (torch.full(q.shape, float("nan"), dtype=dtype, device=device),
+            torch.full(k.shape, float("nan"), dtype=dtype, device=device))
+    q_rot, k_rot = rotary(q, k, positions, cos_sin, out=outs)
+    q_ref, k_ref = rotary_ref(q.double(), k.double(), positions, cos_sin.double())
+    check_close(q_rot, q_ref, dtype, "q")
+    check_close(k_rot, k_ref, dtype, "k")
+
+
+def test_rotary_in_place(device: torch.device, check_close) -> None:
+    cos_sin = build_cos_sin_cache(64, 128, 10000.0).to(device)
+    q, k = torch.randn(5, 3, 64, device=device), torch.randn(5, 1, 64, device=device)
+    positions = torch.randint(0, 128, (5,), device=device)
+    q_ref, k_ref = rotary_ref(q.double(), k.double(), positions, cos_sin.double())
+    q_rot, k_rot = rotary(q, k, positions, cos_sin, out=(q, k))
+    assert q_rot.data_ptr() == q.data_ptr()
+    check_close(q, q_ref, torch.float32, "q")
+    check_close(k, k_ref, torch.float32, "k")
+
+
+def test_cos_sin_cache_default() -> None:
+    cache = build_cos_sin_cache(8, 16, 10000.0)
+    inv_freq = torch.tensor([10000.0 ** (-i / 8) for i in range(0, 8, 2)], dtype=torch.float64)
+    angles = torch.arange(16, dtype=torch.float64)[:, None] * inv_freq
+    assert cache.dtype == torch.float32 and cache.shape == (16, 8)
+    torch.testing.assert_close(cache.double(), torch.cat([angles.cos(), angles.sin()], -1),
+                               rtol=0, atol=1e-5)
+
+
+def test_cos_sin_cache_llama3_bands() -> None:
+    """High frequencies keep their value, low ones are divided by the factor."""
+    plain = build_cos_sin_cache(128, 2, 500000.0)
+    scaled = build_cos_sin_cache(128, 2, 500000.0, LLAMA3)
+    inv_plain, inv_scaled = torch.atan2(plain[1, 64:], plain[1, :64]), torch.atan2(scaled[1, 64:], scaled[1, :64])
+    wavelen = 2 * math.pi / inv_plain
+    high, low = wavelen < 8192 / 4, wavelen > 8192 / 1
+    torch.testing.assert_close(inv_scaled[high], inv_plain[high])
+    torch.testing.assert_close(inv_scaled[low], inv_plain[low] / 8)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3], ids=["default", "llama3"])
+def test_cos_sin_cache_matches_transformers(rope_scaling: dict | None) -> None:
+    """Bit for bit what HF Llama's rotary embedding computes."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32,
+                                      max_position_embeddings=131072, rope_theta=500000.0,
+                                      rope_scaling=dict(rope_scaling) if rope_scaling else None)
+    positions = torch.arange(0, 131072, 97)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1), positions[None])
+    cache = build_cos_sin_cache(128, 131072, 500000.0, rope_scaling)[positions]
+    assert torch.equal(cache[:, :64], cos[0, :, :64]) and torch.equal(cache[:, 64:], sin[0, :, :64])
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3], ids=["default", "llama3"])
+def test_cos_sin_cache_matches_torch_backend(rope_scaling: dict | None) -> None:
+    """The engine's torch backend and the Triton path must rotate identically."""
+    expected = reference.build_cos_sin_cache(64, 4096, 10000.0, rope_scaling)
+    assert torch.equal(build_cos_sin_cache(64, 4096, 10000.0, rope_scaling), expected)
+
+
+def test_cos_sin_cache_rejects_unknown_scaling() -> None:
+    with pytest.raises(ValueError, match="yarn"):
+        build_cos_sin_cache(64, 8, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="missing"):
+        build_cos_sin_cache(64, 8, 10000.0, {"rope_type": "llama3", "factor": 8.0})
