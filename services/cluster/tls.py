@@ -1,0 +1,80 @@
+"""TLS material for pdserve's gRPC servers, gRPC clients and the etcd client.
+
+Owns: ``TLSFiles`` (paths to a PEM certificate, key and CA bundle, validated and
+read once at start) and the credentials built from them. A process with no TLS
+files configured uses plaintext, as on a trusted loopback or pod network.
+
+- Server: certificate + key; with a CA it also requires and verifies client
+  certificates (mutual TLS).
+- Client: verifies the server against the CA; presents its certificate + key
+  when given (for mutual TLS).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import grpc
+
+
+class TLSConfigError(ValueError):
+    """A TLS file is missing or only half of a certificate/key pair is given."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise TLSConfigError("TLS needs both a certificate and a key (got only one of them)")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise TLSConfigError(f"TLS {name} file {path!r} does not exist")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.ca)
+
+    def _read(self, path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if not self.cert:
+            raise TLSConfigError("a TLS server needs a certificate and key")
+        ca = self._read(self.ca)
+        return grpc.ssl_server_credentials([(self._read(self.key), self._read(self.cert))],
+                                           root_certificates=ca, require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self._read(self.ca),
+                                            private_key=self._read(self.key),
+                                            certificate_chain=self._read(self.cert))
+
+    def etcd_conn_args(self) -> dict[str, bytes]:
+        """Keyword arguments for ``etcd3aio.Etcd3Client`` (empty when TLS is off)."""
+        if not self.enabled:
+            return {}
+        args = {"ca_cert": self._read(self.ca)}
+        if self.cert:
+            args |= {"cert_key": self._read(self.key), "cert_chain": self._read(self.cert)}
+        return {k: v for k, v in args.items() if v is not None}
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: TLSFiles) -> int:
+    """Bind address on server, with TLS when configured; returns the bound port."""
+    if tls.cert:
+        return server.add_secure_port(address, tls.server_credentials())
+    return server.add_insecure_port(address)
+
+
+def open_channel(address: str, tls: TLSFiles, options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
+    if tls.enabled:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+    return grpc.aio.insecure_channel(address, options=options)
