@@ -56,7 +56,7 @@ class PrefillConfig:
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                     max_query_len: int, max_seq_len: int, *,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, min_split_tiles: int = 4) -> torch.Tensor:
     """Causal attention of variable-length query chunks over a paged KV cache.
 
     Args:
@@ -69,15 +69,18 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: to
             ceil(seq_lens[b] / block_size) entries of row b are read.
         scale: softmax scale.
         max_query_len: longest chunk; 1 selects the decode path.
-        max_seq_len: longest context; sizes the decode split.
+        max_seq_len: longest context (or an upper bound of it); sizes the decode split.
         out: optional [T, Hq, D] output buffer (rows of no sequence are left untouched).
+        min_split_tiles: decode: KV tiles a split walks at least. Pass 1 when max_seq_len
+            is only a bound (a captured graph): splits past a sequence's end return at once,
+            so short splits keep enough programs busy at the real, shorter contexts.
 
     Returns:
         [T, Hq, D] in q.dtype.
     """
     if max_query_len <= 1:
         return paged_decode_attention(q, kv_layer, query_start_loc, seq_lens, block_tables,
-                                      scale, max_seq_len, out=out)
+                                      scale, max_seq_len, out=out, min_split_tiles=min_split_tiles)
     return paged_prefill_attention(q, kv_layer, query_start_loc, seq_lens, block_tables,
                                    scale, out=out)
 
@@ -85,14 +88,15 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: to
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            max_seq_len: int, *, out: torch.Tensor | None = None,
-                           config: DecodeConfig | None = None) -> torch.Tensor:
+                           config: DecodeConfig | None = None, min_split_tiles: int = 4) -> torch.Tensor:
     """Decode path of ``paged_attention``: every chunk holds at most one query."""
     q, kv_layer, out = _check_inputs(q, kv_layer, block_tables, out)
     cfg = config or _default_decode_config(q, kv_layer)
     batch, kv_heads = seq_lens.shape[0], kv_layer.shape[3]
     if batch == 0 or q.shape[0] == 0:
         return out
-    splits = cfg.num_splits or _pick_num_splits(q.device, batch * kv_heads, max_seq_len, cfg.block_n)
+    splits = cfg.num_splits or _pick_num_splits(q.device, batch * kv_heads, max_seq_len, cfg.block_n,
+                                                min_split_tiles)
     split_len = cfg.block_n * triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), cfg.block_n)
     splits = triton.cdiv(max(max_seq_len, 1), split_len)
     group, head_dim = q.shape[1] // kv_heads, q.shape[2]
@@ -208,7 +212,8 @@ def _default_prefill_config(q: torch.Tensor, kv_layer: torch.Tensor) -> PrefillC
     return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
-def _pick_num_splits(device: torch.device, programs: int, max_seq_len: int, block_n: int) -> int:
+def _pick_num_splits(device: torch.device, programs: int, max_seq_len: int, block_n: int,
+                     min_tiles: int = 4) -> int:
     """Split count that gives about two (sequence, KV head, split) programs per multiprocessor.
 
     NOTE: more splits than that cost more than they balance: at batch 64 x 4096 (512
@@ -216,7 +221,7 @@ def _pick_num_splits(device: torch.device, programs: int, max_seq_len: int, bloc
     batch 4 needs 8-16 splits to get anywhere (see kernels/README.md).
     """
     target = 2 * _multiprocessors(device.index) if device.type == "cuda" else 4
-    max_splits = max(1, max_seq_len // (4 * block_n))  # each split walks at least 4 tiles
+    max_splits = max(1, max_seq_len // (min_tiles * block_n))  # each split walks at least min_tiles tiles
     return max(1, min(math.ceil(target / programs), max_splits, 64))
 
 

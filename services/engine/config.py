@@ -3,6 +3,7 @@
 Owns: ``EngineConfig`` (mirrors LMDeploy's PytorchEngineConfig: role, tp, dp, ep,
 adapters, device_type, plus cache and scheduler knobs) and the frozen component
 configs derived from it once, at the edge (``CacheConfig``, ``SchedulerConfig``).
+``device_type`` names a platform of ``services.engine.platforms``.
 Validation raises ``ConfigError`` (a ValueError) with a message naming the field.
 Building from YAML / environment lives here too so every entry point agrees.
 """
@@ -13,8 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from services.engine.platforms import platform_names
+
 ROLES = ("hybrid", "prefill", "decode")
-DEVICE_TYPES = ("cpu", "cuda")
+DEVICE_TYPES = platform_names()
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -39,6 +42,7 @@ class EngineConfig:
     max_prefill_tokens: int = 2048
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # never capture step graphs (platforms with graphs capture decode steps)
     seed: int = 0
 
     def __post_init__(self) -> None:

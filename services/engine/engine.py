@@ -1,14 +1,14 @@
 """The engine: one model, one KV cache, one scheduler; ``step()`` advances every request.
 
 Owns: the requests it was given (by id) from ``add_request`` until they finish or
-are aborted, and the objects wired once in ``__init__`` (model, cache, scheduler,
-runner, sampler). ``step()`` = schedule -> execute -> sample -> update and returns
-the new tokens of each request that changed. Not thread-safe: one caller drives it
-(the offline ``LLM`` or the asyncio wrapper's step loop).
+are aborted, and the objects wired once in ``__init__`` (platform, model, cache,
+scheduler, runner with its captured graphs, sampler). ``step()`` = schedule ->
+execute -> sample -> update and returns the new tokens of each request that
+changed. Not thread-safe: one caller drives it (the offline ``LLM`` or the asyncio
+wrapper's step loop).
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -17,12 +17,12 @@ import torch
 
 from services.common.model_source import resolve_model
 from services.common.sampling_params import SamplingParams
-from services.engine.backends import select_backend
 from services.engine.config import EngineConfig, SchedulerConfig
 from services.engine.kv_cache import KVCacheManager
-from services.engine.model_runner import ModelRunner
+from services.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from services.engine.models.loader import DTYPES, load_config, load_model
 from services.engine.models.model_config import ModelConfig
+from services.engine.platforms import get_platform
 from services.engine.request import Request, Status, TokenLogprob
 from services.engine.sampler import Sampler
 from services.engine.scheduler import Scheduler, SchedulerOutput
@@ -58,7 +58,8 @@ class LLMEngine:
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.source)
-        self.device = torch.device(config.device_type)
+        self.platform = get_platform(config.device_type)
+        self.device = self.platform.device()
         model = load_model(self.source, self.model_config, config.dtype, self.device, config.seed)
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
@@ -67,8 +68,12 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv)
-        self.runner = ModelRunner(model, self.kv_cache, select_backend(config.device_type),
-                                  config.block_size, self.device)
+        graphs = self.platform.supports_graphs and not config.enforce_eager
+        runner_cfg = RunnerConfig(config.block_size, self.max_model_len,
+                                  graph_batch_sizes(config.max_batch_size) if graphs else ())
+        self.runner = ModelRunner(model, self.kv_cache, self.platform.backend(), self.platform,
+                                  self.device, runner_cfg)
+        self.runner.capture_graphs()
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.requests: dict[str, Request] = {}
         self.remote: dict[str, Request] = {}  # decode side: blocks reserved, KV arriving from a peer
@@ -84,12 +89,9 @@ class LLMEngine:
         return m.num_layers * 2 * self.config.block_size * m.num_kv_heads * m.head_dim * item
 
     def _auto_num_blocks(self) -> int:
-        if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0]
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free, _ = self.platform.memory_info(self.device)
         by_memory = int(free * self.config.cache_memory_fraction) // self.block_bytes()
-        per_seq = 4096 if self.device.type == "cuda" else 1024  # CPU: keep the resident cache small
+        per_seq = self.platform.cache_tokens_per_seq
         tokens = self.config.max_batch_size * min(self.model_config.max_model_len, per_seq)
         return max(1, min(by_memory, -(-tokens // self.config.block_size)))
 

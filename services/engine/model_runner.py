@@ -1,69 +1,172 @@
 """Runs the model for one scheduled step: builds batch tensors, calls the forward, returns logits.
 
 Owns: the model, the KV cache tensor ``[num_layers, num_blocks, 2, block_size,
-num_kv_heads, head_dim]`` (allocated once), and the backend. Bookkeeping stays
-with the scheduler; the runner only turns a ``SchedulerOutput`` into tensors.
+num_kv_heads, head_dim]`` (allocated once by the engine), the backend, and, where
+the platform has graphs, the captured decode-step graphs (``DecodeGraphs``).
+Bookkeeping stays with the scheduler; the runner only turns a ``SchedulerOutput``
+into tensors. Lifecycle: wired in ``__init__``; ``capture_graphs()`` once before the
+first step (optional); then ``execute()`` per step.
+
+A step's inputs are built on the host with numpy (``build_host_batch``) and copied
+to the device in one non-blocking copy per tensor from page-locked memory, so the
+only host synchronisation of a step is the sampler's final token fetch.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from services.engine.backends.base import AttentionMetadata, Backend
+from services.engine.graphs import DecodeGraphs
 from services.engine.models.llama import LlamaForCausalLM
+from services.engine.platforms.base import Platform
 from services.engine.scheduler import SchedulerOutput
 
 LayerHook = Callable[[int], None]
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    block_size: int
+    max_model_len: int
+    graph_batch_sizes: tuple[int, ...] = ()  # padded batch sizes of captured decode graphs; () = eager only
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    """One step's inputs on the host; rows past the scheduled sequences are padding.
+
+    A padding row is a one-token sequence at position 0 whose KV is not stored
+    (slot -1) and whose attention reads block 0 (any finite data).
+    """
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [B+1] int32
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, W] int32, zero-padded
+    logits_rows: np.ndarray  # [S] int64: the last row of each sampling sequence
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.seq_lens)
+
+
+def graph_batch_sizes(max_batch_size: int, largest: int = 256) -> tuple[int, ...]:
+    """Powers of two up to the one covering max_batch_size, at most ``largest``."""
+    sizes, b = [], 1
+    while b <= largest:
+        sizes.append(b)
+        if b >= max_batch_size:
+            break
+        b *= 2
+    return tuple(sizes)
+
+
+def build_host_batch(out: SchedulerOutput, tables: list[list[int]], block_size: int,
+                     pad_to: int = 0) -> HostBatch:
+    """Vectorised over sequences: the per-token loops run in numpy, not Python."""
+    seqs = out.seqs
+    n = len(seqs)
+    rows = max(pad_to, n)
+    starts = np.fromiter((s.start for s in seqs), np.int64, n)
+    counts = np.fromiter((s.num_new for s in seqs), np.int64, n)
+    total = int(counts.sum())
+    qsl = np.zeros(rows + 1, np.int64)
+    np.cumsum(counts, out=qsl[1:n + 1])
+    qsl[n + 1:] = total + np.arange(1, rows - n + 1)
+    ids = np.fromiter(itertools.chain.from_iterable(s.req.token_ids[s.start:s.start + s.num_new] for s in seqs),
+                      np.int64, total)
+    pos = np.arange(total, dtype=np.int64) - np.repeat(qsl[:n] - starts, counts)
+    lens = np.fromiter((len(t) for t in tables), np.int64, n)
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(lens.sum()))
+    first = np.zeros(n, np.int64)
+    np.cumsum(lens[:-1], out=first[1:])
+    slots = flat[np.repeat(first, counts) + pos // block_size] * block_size + pos % block_size
+    table = np.zeros((rows, int(lens.max())), np.int32)
+    table[np.repeat(np.arange(n), lens), np.arange(len(flat)) - np.repeat(first, lens)] = flat
+    pad = rows - n
+    samples = np.fromiter((s.samples for s in seqs), bool, n)
+    return HostBatch(
+        input_ids=np.concatenate([ids, np.zeros(pad, np.int64)]),
+        positions=np.concatenate([pos, np.zeros(pad, np.int64)]),
+        slot_mapping=np.concatenate([slots, np.full(pad, -1, np.int64)]),
+        query_start_loc=qsl.astype(np.int32),
+        seq_lens=np.concatenate([starts + counts, np.ones(pad, np.int64)]).astype(np.int32),
+        block_tables=table,
+        logits_rows=(qsl[1:n + 1] - 1)[samples],
+    )
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, backend: Backend,
-                 block_size: int, device: torch.device):
+                 platform: Platform, device: torch.device, config: RunnerConfig):
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
-        self.block_size = block_size
+        self.platform = platform
         self.device = device
+        self.config = config
+        self.graphs: DecodeGraphs | None = None
 
-    def build_metadata(self, out: SchedulerOutput, block_tables: list[list[int]]
-                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """(input_ids, positions, metadata, logits_indices) for the scheduled sequences."""
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        logits_idx: list[int] = []
-        for seq, table in zip(out.seqs, block_tables):
-            span = range(seq.start, seq.start + seq.num_new)
-            ids.extend(seq.req.token_ids[seq.start:seq.start + seq.num_new])
-            pos.extend(span)
-            slots.extend(table[p // bs] * bs + p % bs for p in span)
-            qsl.append(qsl[-1] + seq.num_new)
-            if seq.samples:
-                logits_idx.append(qsl[-1] - 1)
-        seq_lens = [s.start + s.num_new for s in out.seqs]
-        width = max(len(t) for t in block_tables)
-        tables = [t + [0] * (width - len(t)) for t in block_tables]
-        dev = self.device
+    def capture_graphs(self) -> None:
+        """Capture one decode graph per configured batch size (no-op without sizes)."""
+        if not self.config.graph_batch_sizes:
+            return
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.backend, self.platform, self.device,
+                              self.config.graph_batch_sizes, self.config.block_size, self.config.max_model_len)
+        graphs.capture()
+        self.graphs = graphs
+
+    def _upload(self, arr: np.ndarray) -> torch.Tensor:
+        """A host array as a device tensor; on accelerators the copy is made from page-locked
+        memory and does not block the host."""
+        t = torch.from_numpy(arr)
+        if self.device.type == "cpu":
+            return t
+        return (t.pin_memory() if self.platform.pin_memory else t).to(self.device, non_blocking=True)
+
+    def build_metadata(self, batch: HostBatch, max_query_len: int,
+                       max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids, positions, metadata) on the device."""
+        qsl = batch.query_start_loc
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(s.num_new for s in out.seqs),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=tuple(s.num_new for s in out.seqs),
-            seq_lens_cpu=tuple(seq_lens),
+            slot_mapping=self._upload(batch.slot_mapping),
+            query_start_loc=self._upload(qsl),
+            seq_lens=self._upload(batch.seq_lens),
+            block_tables=self._upload(batch.block_tables),
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            query_lens_cpu=tuple((qsl[1:] - qsl[:-1]).tolist()),
+            seq_lens_cpu=tuple(batch.seq_lens.tolist()),
         )
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                meta, torch.tensor(logits_idx, dtype=torch.long, device=dev))
+        return self._upload(batch.input_ids), self._upload(batch.positions), meta
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: list[list[int]],
                 on_layer_done: LayerHook | None = None) -> torch.Tensor:
         """Logits [S, vocab] (float32) for the sequences that sample this step, in order."""
-        input_ids, positions, meta, logits_idx = self.build_metadata(out, block_tables)
+        bs = self.config.block_size
+        padded = self._graph_size(out) if on_layer_done is None else 0
+        if padded:
+            batch = build_host_batch(out, block_tables, bs, pad_to=padded)
+            return self.graphs.run(batch, len(out.seqs))
+        batch = build_host_batch(out, block_tables, bs)
+        max_q = max(s.num_new for s in out.seqs)
+        max_seq = max(s.start + s.num_new for s in out.seqs)
+        input_ids, positions, meta = self.build_metadata(batch, max_q, max_seq)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend, on_layer_done)
-        return self.model.compute_logits(hidden[logits_idx])
+        return self.model.compute_logits(hidden[self._upload(batch.logits_rows)])
+
+    def _graph_size(self, out: SchedulerOutput) -> int:
+        """The padded batch size of a captured graph for this step, or 0 to run eagerly.
+
+        Graphs hold decode steps only: one new token per sequence, every sequence sampling.
+        """
+        if self.graphs is None or not all(s.num_new == 1 and s.samples for s in out.seqs):
+            return 0
+        return self.graphs.padded_size(len(out.seqs))

@@ -30,11 +30,11 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     for i, req in enumerate(reqs):
         p = req.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(req.token_ids)), dtype=torch.long, device=logits.device)
+            seen = _to_device(sorted(set(req.token_ids)), torch.long, logits.device)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
-            out = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
+            out = _to_device(req.output_token_ids, torch.long, logits.device)
             counts = torch.zeros(logits.shape[1], device=logits.device).index_add_(
                 0, out, torch.ones(len(out), device=logits.device))
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
@@ -66,22 +66,24 @@ class Sampler:
         self.generator = generator  # for requests without a seed
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
+        """Tokens (and logprobs) of every row; the token fetch is the only host synchronisation."""
         raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_penalties(logits, reqs)
         tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if rand:
-            tokens[rand] = self._sample_random(logits[rand], [reqs[i] for i in rand])
+        if len(rand) == len(reqs):
+            tokens = self._sample_random(logits, reqs)
+        elif rand:
+            rows = _to_device(rand, torch.long, logits.device)
+            tokens[rows] = self._sample_random(logits[rows], [reqs[i] for i in rand])
         token_list = tokens.tolist()
         return SampleResult(token_list, _logprobs(raw_logprobs, token_list, reqs))
 
     def _sample_random(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        dev = logits.device
-        temp = torch.tensor([r.params.temperature for r in reqs], device=dev).unsqueeze(1)
-        top_k = torch.tensor([r.params.top_k for r in reqs], device=dev)
-        top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
-        min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
-        logits = filter_logits(logits / temp, top_k, top_p, min_p)
+        knobs = _to_device([[r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p] for r in reqs],
+                           torch.float32, logits.device)
+        temp, top_k, top_p, min_p = knobs.unbind(1)
+        logits = filter_logits(logits / temp.unsqueeze(1), top_k.long(), top_p, min_p)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for i, r in enumerate(reqs):
@@ -90,15 +92,26 @@ class Sampler:
 
 
 def _logprobs(raw: torch.Tensor | None, tokens: list[int], reqs: list[Request]) -> list[TokenLogprob | None]:
+    """One top-k and one gather for the whole batch, then one fetch of each."""
+    if raw is None:
+        return [None] * len(reqs)
+    chosen = raw.gather(1, _to_device(tokens, torch.long, raw.device).unsqueeze(1)).squeeze(1).tolist()
+    k = max((r.params.logprobs or 0) for r in reqs)
+    top_vals, top_ids = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], raw[:, :0].long())
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
     out: list[TokenLogprob | None] = []
     for i, req in enumerate(reqs):
         n = req.params.logprobs
-        if raw is None or n is None:
+        if n is None:
             out.append(None)
             continue
-        top: list[tuple[int, float]] = []
-        if n > 0:
-            vals, ids = raw[i].topk(n)
-            top = list(zip(ids.tolist(), vals.tolist()))
-        out.append(TokenLogprob(tokens[i], float(raw[i, tokens[i]]), top))
+        out.append(TokenLogprob(tokens[i], chosen[i], list(zip(top_ids[i][:n], top_vals[i][:n]))))
     return out
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the logits' device, copied without blocking the host on accelerators."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

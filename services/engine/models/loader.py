@@ -43,7 +43,9 @@ def load_model(source: ModelSource, cfg: mc.ModelConfig, dtype: str, device: tor
                seed: int = 0) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=device).to(DTYPES[dtype])
+    # NOTE: cast on the meta device first, so only the target dtype is ever allocated
+    # (an 8B model in bf16 is 16 GB; materialising float32 first would need 48 GB at peak).
+    model = model.to(DTYPES[dtype]).to_empty(device=device)
     if source.kind == "dummy":
         _init_random(model, seed)
     elif source.kind == "hf":

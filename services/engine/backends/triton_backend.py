@@ -1,0 +1,50 @@
+"""CUDA backend: the Triton kernels of ``kernels/`` behind the ``Backend`` interface.
+
+Owns nothing across steps. Every op is one kernel launch with no host
+synchronisation, so a decode step can be captured in a CUDA graph. Two ops work in
+place where the model no longer needs the input: the residual add of ``rms_norm``
+(into the residual it was given) and ``rotary`` (into the q/k views of the QKV
+projection).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import activation, attention, kv_store, norm, rotary
+from services.engine.backends.base import AttentionMetadata
+
+
+class TritonBackend:
+    name = "triton"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() == 2:
+            return norm.rms_norm(x, weight, eps, residual, residual_out=residual)
+        # per-head norms (q_norm / k_norm) see [T, H, D]
+        shape = x.shape
+        flat_res = None if residual is None else residual.reshape(-1, shape[-1])
+        out, res = norm.rms_norm(x.reshape(-1, shape[-1]), weight, eps, flat_res)
+        return out.view(shape), res.view(shape)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.stride(-1) != 1 or k.stride(-1) != 1:
+            return rotary.rotary(q, k, positions, cos_sin)
+        return rotary.rotary(q, k, positions, cos_sin, out=(q, k))
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return activation.silu_and_mul(x)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        kv_store.store_kv(k, v, kv_layer, meta.slot_mapping)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        # NOTE: one-tile decode splits: in a captured decode step max_seq_len is the model's
+        # length, not the batch's, and longer splits would leave most of the card idle at
+        # small batches (splits past a sequence's end exit at once).
+        return attention.paged_attention(q, kv_layer, meta.query_start_loc, meta.seq_lens,
+                                         meta.block_tables, scale, meta.max_query_len, meta.max_seq_len,
+                                         min_split_tiles=1)
