@@ -49,6 +49,21 @@ class WorkerStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.RemotePrefill = channel.unary_unary(
+                '/pdserve.v1.Worker/RemotePrefill',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.RemotePrefillRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.RemotePrefillResponse.FromString,
+                _registered_method=True)
+        self.AbortRemotePrefill = channel.unary_unary(
+                '/pdserve.v1.Worker/AbortRemotePrefill',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.AbortRemotePrefillRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.AbortRemotePrefillResponse.FromString,
+                _registered_method=True)
+        self.Debug = channel.unary_unary(
+                '/pdserve.v1.Worker/Debug',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.DebugRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.DebugResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -72,6 +87,26 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemotePrefill(self, request, context):
+        """Prefill side of disaggregation (called by decode workers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRemotePrefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Debug(self, request, context):
+        """Test hooks; PERMISSION_DENIED unless the worker runs with --debug-rpcs true.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +124,21 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.StatsResponse.SerializeToString,
+            ),
+            'RemotePrefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemotePrefill,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.RemotePrefillRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.RemotePrefillResponse.SerializeToString,
+            ),
+            'AbortRemotePrefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRemotePrefill,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.AbortRemotePrefillRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.AbortRemotePrefillResponse.SerializeToString,
+            ),
+            'Debug': grpc.unary_unary_rpc_method_handler(
+                    servicer.Debug,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.DebugRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.DebugResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +222,87 @@ class Worker:
             '/pdserve.v1.Worker/Stats',
             pdserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemotePrefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/RemotePrefill',
+            pdserve_dot_v1_dot_worker__pb2.RemotePrefillRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.RemotePrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRemotePrefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/AbortRemotePrefill',
+            pdserve_dot_v1_dot_worker__pb2.AbortRemotePrefillRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.AbortRemotePrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Debug(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/Debug',
+            pdserve_dot_v1_dot_worker__pb2.DebugRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.DebugResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,4 +5,5 @@
 - ``etcd``: building the one etcd client of a process from an ``http://host:port`` URL.
 - ``registry``: a worker's lease, registration, keep-alive and load publishing.
 - ``discovery``: the router's watched view of live workers and their load.
+- ``kv_peers``: a worker's NIXL peers kept equal to discovery, progress and notifications.
 """

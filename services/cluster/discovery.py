@@ -38,7 +38,8 @@ class Discovery:
         self._task: asyncio.Task | None = None
 
     def add_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` after every change of the worker set."""
+        """Call ``callback()`` after every change of the worker records (a worker
+        joining, leaving, or re-registering with a new record, e.g. after a restart)."""
         self._listeners.append(callback)
 
     def live(self, role: str | None = None) -> list[WorkerRecord]:
@@ -66,7 +67,7 @@ class Discovery:
         records, loads = {}, {}
         for kv in response.kvs:
             self._apply(kv.key.decode(), kv.value, PUT, records, loads)
-        changed = set(records) != set(self.records)
+        changed = records != self.records
         self.records, self.loads = records, loads
         if changed:
             self._notify()
@@ -95,10 +96,10 @@ class Discovery:
         async for response in stream:
             if response.compact_revision or response.canceled:
                 return  # history is gone or the server dropped us: resync
-            before = set(self.records)
+            before = dict(self.records)
             for event in response.events:
                 self._apply(event.kv.key.decode(), event.kv.value, event.type, self.records, self.loads)
-            if set(self.records) != before:
+            if self.records != before:
                 self._notify()
 
     def _apply(self, key: str, value: bytes, kind: int, records: dict, loads: dict) -> None:

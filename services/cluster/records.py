@@ -4,6 +4,15 @@ Owns ``WorkerRecord`` (static facts about one worker, written once per lease) an
 ``LoadReport`` (its load, refreshed about once a second). Both parse leniently:
 unknown keys from newer workers are ignored, so routers and workers can be
 upgraded one at a time.
+
+A worker that can exchange KV blocks also publishes, in its record and so under
+its lease, its KV transfer identity: ``kv_agent`` (the NIXL agent name peers
+address), ``kv_handshake`` (what two peers must agree on: model, dtype, block
+size, KV layout, protocol version) and ``kv_metadata`` (the agent's connection
+blob, base64). A restarted worker publishes new metadata; a dead one's record
+(and so its metadata) vanishes with its lease. ``kv_mismatch`` is the one
+torch-free comparison of two records' handshakes (the router uses it to refuse
+pairing incompatible workers).
 """
 from __future__ import annotations
 
@@ -30,6 +39,13 @@ class WorkerRecord:
     kv_layout: dict[str, Any] = field(default_factory=dict)
     capacity: dict[str, Any] = field(default_factory=dict)
     version: str = PROTOCOL_VERSION
+    kv_agent: str = ""
+    kv_handshake: dict[str, Any] = field(default_factory=dict)
+    kv_metadata: str = ""  # base64 of the agent's metadata bytes
+
+    @property
+    def can_transfer_kv(self) -> bool:
+        return bool(self.kv_agent and self.kv_metadata and self.kv_handshake)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -68,6 +84,22 @@ class LoadReport:
             "kv_blocks_free": self.kv_blocks_free,
             "kv_blocks_cached": self.kv_blocks_cached,
         }
+
+
+def kv_mismatch(a: WorkerRecord, b: WorkerRecord) -> str | None:
+    """Why ``a`` and ``b`` cannot exchange KV blocks, or None when they can.
+
+    Example: ``decode-1 and prefill-2 cannot exchange KV: block_size: 32 != 16``.
+    """
+    if not a.can_transfer_kv or not b.can_transfer_kv:
+        missing = [r.id for r in (a, b) if not r.can_transfer_kv]
+        return f"{a.id} and {b.id} cannot exchange KV: {missing} publish no KV transfer agent"
+    fields = list(a.kv_handshake) + [k for k in b.kv_handshake if k not in a.kv_handshake]
+    diffs = [f"{k}: {a.kv_handshake.get(k)!r} != {b.kv_handshake.get(k)!r}"
+             for k in fields if a.kv_handshake.get(k) != b.kv_handshake.get(k)]
+    if not diffs:
+        return None
+    return f"{a.id} and {b.id} cannot exchange KV: " + "; ".join(diffs)
 
 
 def _from_dict(cls: type, data: Any) -> Any:

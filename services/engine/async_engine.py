@@ -134,11 +134,17 @@ class AsyncEngine:
     def release_held(self, request_id: str) -> None:
         self._submit(lambda: self.engine.release_held(request_id))
 
+    async def call(self, fn: Callable[[LLMEngine], object]):
+        """Run ``fn(llm_engine)`` between steps (on the loop's terms) and return its result."""
+        return await self._call(lambda: fn(self.engine))
+
     async def _call(self, fn: Callable[[], object]):
         """Run fn on the engine between steps and return its result (or raise its error)."""
         fut = asyncio.get_running_loop().create_future()
 
         def command() -> None:
+            if fut.cancelled():
+                return  # NOTE: the caller gave up before fn ran; setting a result would kill the loop
             try:
                 fut.set_result(fn())
             except Exception as exc:  # handed to the awaiting caller

@@ -16,9 +16,10 @@ from services.launcher.cluster import ClusterSpec, LocalCluster
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve up", description="Bring up etcd, a router and workers locally.")
-    p.add_argument("--hybrid", type=int, default=None, help="hybrid workers (default 1 unless --prefill/--decode)")
-    p.add_argument("--prefill", type=int, default=0, help="prefill workers")
-    p.add_argument("--decode", type=int, default=0, help="decode workers")
+    p.add_argument("--hybrid", type=int, default=None, help="hybrid workers")
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers")
+    p.add_argument("--decode", type=int, default=None,
+                   help="decode workers (with no worker counts given: 1 prefill + 1 decode)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=50051)
@@ -28,14 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=None, help="where child logs go (default: a new temp dir)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--worker-args", default="", help="extra flags for every worker, e.g. \"--num-blocks 512\"")
+    p.add_argument("--router-args", default="", help="extra router flags, e.g. \"--local-prefill-threshold 64\"")
     return p
 
 
+def topology(hybrid: int | None, prefill: int | None, decode: int | None) -> tuple[int, int, int]:
+    """(hybrid, prefill, decode): 1 prefill + 1 decode when no count is given; otherwise
+    the counts given, the others 0 (``--hybrid 2`` is two hybrid workers)."""
+    if hybrid is None and prefill is None and decode is None:
+        return 0, 1, 1
+    return hybrid or 0, prefill or 0, decode or 0
+
+
 def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
-    hybrid = args.hybrid if args.hybrid is not None else (0 if args.prefill or args.decode else 1)
-    return ClusterSpec(hybrid=hybrid, prefill=args.prefill, decode=args.decode, model=args.model,
+    hybrid, prefill, decode = topology(args.hybrid, args.prefill, args.decode)
+    return ClusterSpec(hybrid=hybrid, prefill=prefill, decode=decode, model=args.model,
                        http_port=args.http_port, grpc_port=args.grpc_port, etcd=args.etcd, policy=args.policy,
-                       namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(shlex.split(args.worker_args)))
+                       namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(shlex.split(args.worker_args)),
+                       router_args=tuple(shlex.split(args.router_args)))
 
 
 def banner(cluster: LocalCluster) -> str:

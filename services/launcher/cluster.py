@@ -37,6 +37,7 @@ class ClusterSpec:
     drain_timeout: float = 30.0
     lease_ttl: int = 10
     worker_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         counts = (self.hybrid, self.prefill, self.decode)
@@ -77,14 +78,16 @@ class LocalCluster:
             self.etcd_url = self.etcd_server.url
         argv = pdserve_command("router", "--etcd", self.etcd_url, "--namespace", self.spec.namespace,
                                "--host", "127.0.0.1", "--grpc-port", str(self.spec.grpc_port),
-                               "--http-port", str(self.spec.http_port), "--policy", self.spec.policy)
+                               "--http-port", str(self.spec.http_port), "--policy", self.spec.policy,
+                               *self.spec.router_args)
         self.router = self.group.spawn(Child("router", argv, os.path.join(self.log_dir, "router.log")))
         for role in self.spec.roles:
             self.add_worker(role)
         return self
 
     def add_worker(self, role: str = "hybrid", *extra: str) -> Child:
-        """Start one more worker process (it registers itself in etcd)."""
+        """Start one more worker process (it registers itself in etcd); later flags in
+        ``extra`` override the spec's ``worker_args``."""
         index = len(self.workers)
         argv = pdserve_command("worker", "--role", role, "--model", self.spec.model, "--etcd", self.etcd_url,
                                "--namespace", self.spec.namespace, "--host", "127.0.0.1",

@@ -28,9 +28,9 @@ from services.router.grpc_server import RouterServicer
 from services.router.http_server import HttpApi
 from services.router.metrics import RouterMetrics
 from services.router.models import ModelCatalog
-from services.router.policies import make_policy
+from services.router.policies import MostFreeKV, PrefixAware, make_policy
 from services.router.service import RouterCore
-from services.router.worker_pool import SERVING_ROLES, WorkerPool
+from services.router.worker_pool import RoutingConfig, WorkerPool
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -53,8 +53,10 @@ class RouterProcess:
         discovery = Discovery(self._etcd, KeySpace(self.config.namespace))
         await retry_until_reachable(discovery.start, etcd_wait, f"etcd at {self.config.etcd}")
         c = self.config
-        policies = {role: make_policy(c.policy, c.prefix_blocks, c.overload_margin) for role in SERVING_ROLES}
-        pool = WorkerPool(discovery, policies, c.suspect_seconds)
+        policies = {"hybrid": make_policy(c.policy, c.prefix_blocks, c.overload_margin), "decode": MostFreeKV(),
+                    "prefill": PrefixAware(c.prefix_blocks, c.overload_margin)}
+        pool = WorkerPool(discovery, policies, c.suspect_seconds,
+                          RoutingConfig(c.local_prefill_threshold, c.prefill_candidates))
         self.core = RouterCore(discovery, ModelCatalog(discovery, self._load_tokenizer), pool,
                                Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery))
         self.core.catalog.preload()

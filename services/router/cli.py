@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-blocks", dest="prefix_blocks", help="prefix_aware: blocks of the prompt to hash")
     p.add_argument("--overload-margin", dest="overload_margin",
                    help="prefix_aware: extra outstanding requests tolerated on the prefix owner")
+    p.add_argument("--local-prefill-threshold", dest="local_prefill_threshold",
+                   help="prompts shorter than this (tokens) prefill on the decode worker (default 32)")
+    p.add_argument("--prefill-candidates", dest="prefill_candidates",
+                   help="prefill workers named per request, tried in order by the decode worker (default 2)")
     return p
 
 

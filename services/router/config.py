@@ -27,6 +27,8 @@ class RouterConfig:
     overload_margin: int = 4
     retry_attempts: int = 3
     suspect_seconds: float = 10.0
+    local_prefill_threshold: int = 32
+    prefill_candidates: int = 2
 
     def __post_init__(self) -> None:
         if not self.etcd:
@@ -38,7 +40,10 @@ class RouterConfig:
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected a port in [0, 65535]")
-        for name in ("prefix_blocks", "retry_attempts"):
+        if self.local_prefill_threshold < 0:
+            raise RouterConfigError(f"local_prefill_threshold={self.local_prefill_threshold} is invalid: "
+                                    "expected tokens >= 0")
+        for name in ("prefix_blocks", "retry_attempts", "prefill_candidates"):
             if getattr(self, name) < 1:
                 raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1")
         if self.overload_margin < 0 or self.suspect_seconds < 0:

@@ -1,8 +1,11 @@
 """Running one prepared request on a worker and turning its token stream into deltas.
 
-Lifecycle of a request here: pick a worker (policy) -> open its Generate stream ->
-for each message: detokenize incrementally, match stop strings, convert logprobs,
-yield a ``Delta`` -> the final delta carries finish_reason, usage and timing.
+Lifecycle of a request here: pick a route (a decode or hybrid worker, and the
+prefill workers it may ask; see ``worker_pool``) -> open the decode worker's
+Generate stream naming them -> for each message: detokenize incrementally, match
+stop strings, convert logprobs, yield a ``Delta`` -> the final delta carries
+finish_reason, usage and timing. The decode worker runs the P/D handoff itself
+(reservation, RemotePrefill, retry on the next prefill worker, local fallback).
 
 NOTE: the worker stream is always cancelled in ``finally``: on a stop-string match,
 on client disconnect or gRPC cancel (this generator is closed / cancelled), and
@@ -23,7 +26,7 @@ from services.cluster.wire import params_to_proto
 from services.common.detokenizer import IncrementalDetokenizer
 from services.router.errors import RequestError, invalid, unavailable
 from services.router.request_types import Delta, GenerationRequest, TokenLogprob, TopToken, Timing, Usage
-from services.router.worker_pool import WorkerHandle, WorkerPool
+from services.router.worker_pool import Route, WorkerHandle, WorkerPool
 
 
 class _Retry(Exception):
@@ -43,6 +46,7 @@ class _StreamState:
         self.worker_first_token = 0.0
         self.completion_tokens = 0
         self.prompt_tokens, self.cached_tokens = len(req.prompt_token_ids), 0
+        self.prefill_worker_id = ""
         self.finished = False
 
     def on_message(self, msg: worker_pb2.WorkerGenerateResponse) -> Delta | None:
@@ -52,12 +56,14 @@ class _StreamState:
         if tokens and self.first_token is None:
             self.first_token = time.monotonic()
             self.worker_first_token = msg.first_token_seconds
+            self.prefill_worker_id = msg.prefill_worker_id
         self.completion_tokens += len(tokens)
         text, stopped = self.detok.add(tokens) if self.detok is not None else ("", False)
         finish = "stop" if stopped else (msg.finish_reason or None)
         if not tokens and finish is None:
             return None
-        delta = Delta(text=text, token_ids=tokens, logprobs=self._logprobs(msg), worker_id=self.worker_id)
+        delta = Delta(text=text, token_ids=tokens, logprobs=self._logprobs(msg), worker_id=self.worker_id,
+                      prefill_worker_id=self.prefill_worker_id)
         if finish is not None:
             self.finished = True
             delta.text += self.detok.flush() if self.detok is not None else ""
@@ -90,12 +96,13 @@ class Dispatcher:
         """Deltas of ``req`` from a worker chosen by the policy; raises RequestError."""
         tried: list[str] = []
         for _ in range(self._attempts):
-            handle = self._pool.pick_serving(req.prompt_token_ids, req.model, exclude=tried)
-            if handle is None:
+            route = self._pool.pick_route(req.prompt_token_ids, req.model, exclude=tried)
+            if route is None:
                 break
+            handle = route.decode
             tried.append(handle.record.id)
             try:
-                async with contextlib.aclosing(self._run_on(handle, req, tokenizer)) as deltas:
+                async with contextlib.aclosing(self._run_on(route, req, tokenizer)) as deltas:
                     async for delta in deltas:
                         yield delta
                 return
@@ -103,12 +110,19 @@ class Dispatcher:
                 self._pool.mark_suspect(handle.record.id)
         if tried:
             raise unavailable(f"workers {tried} could not take the request; try again", "workers_failed")
+        if self._pool.candidates("prefill", req.model):
+            raise unavailable(f"no decode or hybrid worker serves model {req.model!r} (prefill workers only "
+                              "compute prompts for decode workers)", "no_decode_workers")
         raise unavailable(f"no live worker serves model {req.model!r}")
 
-    async def _run_on(self, handle: WorkerHandle, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
+    async def _run_on(self, route: Route, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
+        handle = route.decode
         state = _StreamState(req, tokenizer, handle.record.id)
-        message = worker_pb2.WorkerGenerateRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
-                                                   params=params_to_proto(req.params, with_stop_strings=False))
+        message = worker_pb2.WorkerGenerateRequest(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+            params=params_to_proto(req.params, with_stop_strings=False), local_prefill_reason=route.local_reason,
+            prefill_peers=[worker_pb2.PrefillPeer(worker_id=r.id, grpc_address=r.grpc_address, kv_agent=r.kv_agent)
+                           for r in route.prefill])
         call = handle.stub.Generate(message)
         sent_any = False
         with self._pool.track(handle.record.id):

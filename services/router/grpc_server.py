@@ -83,7 +83,8 @@ def _prompt(request: router_pb2.GenerateRequest) -> Prompt:
 
 def _response(rid: str, delta: Delta) -> router_pb2.GenerateResponse:
     msg = router_pb2.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text,
-                                      finish_reason=delta.finish_reason or "", worker_id=delta.worker_id)
+                                      finish_reason=delta.finish_reason or "", worker_id=delta.worker_id,
+                                      prefill_worker_id=delta.prefill_worker_id)
     for e in delta.logprobs:
         msg.logprobs.append(common_pb2.TokenLogprob(
             token_id=e.token_id, logprob=e.logprob, token=e.token,

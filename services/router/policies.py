@@ -10,6 +10,11 @@ suspect, right model and role) and calls ``choose``; a policy never talks to etc
   (chained, like the engine's prefix cache); send the request to the worker that
   last served the longest matching prefix unless its score exceeds the best score
   by more than ``overload_margin``; otherwise least loaded. Remembers the choice.
+
+Disaggregated requests use two fixed policies: ``MostFreeKV`` picks the decode
+worker (most free KV blocks, then fewest running), and ``rank_prefill`` orders
+the prefill workers (prefix-cache overlap first via ``prefix_aware``, then
+shortest queue) so the decode worker can fall back to the next one.
 """
 from __future__ import annotations
 
@@ -110,3 +115,27 @@ def make_policy(name: str, prefix_blocks: int = 8, overload_margin: int = 4) -> 
     if name == "prefix_aware":
         return PrefixAware(prefix_blocks, overload_margin)
     raise ValueError(f"unknown routing policy {name!r}")
+
+
+class MostFreeKV:
+    """Decode placement: the most free KV blocks (a decode worker holds every
+    request's KV until it ends), then the fewest running requests."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[Candidate], tokens: Sequence[int]) -> Candidate:
+        key = [(-c.load.kv_blocks_free, c.score) for c in candidates]
+        best = min(key)
+        tied = [c for c, k in zip(candidates, key) if k == best]
+        return tied[next(self._counter) % len(tied)]
+
+
+def rank_prefill(policy: Policy, candidates: Sequence[Candidate], tokens: Sequence[int], limit: int) -> list[Candidate]:
+    """Up to ``limit`` prefill workers: the policy's choice, then the rest by shortest queue."""
+    if not candidates or limit < 1:
+        return []
+    first = policy.choose(candidates, tokens)
+    rest = sorted((c for c in candidates if c is not first), key=lambda c: (c.score, -c.load.kv_blocks_free,
+                                                                             c.record.id))
+    return [first, *rest][:limit]

@@ -73,6 +73,7 @@ class Delta:
     usage: Usage | None = None
     timing: Timing | None = None
     worker_id: str = ""
+    prefill_worker_id: str = ""  # "" when worker_id computed the prompt
 
 
 def merge(deltas: list[Delta]) -> Delta:
@@ -86,4 +87,5 @@ def merge(deltas: list[Delta]) -> Delta:
         out.usage = d.usage or out.usage
         out.timing = d.timing or out.timing
         out.worker_id = d.worker_id or out.worker_id
+        out.prefill_worker_id = d.prefill_worker_id or out.prefill_worker_id
     return out

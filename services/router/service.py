@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
 from services.cluster.discovery import Discovery
+from services.cluster.records import WorkerRecord, kv_mismatch
 from services.router.dispatch import Dispatcher
 from services.router.metrics import RouterMetrics
 from services.router.models import ModelCatalog
@@ -45,7 +46,23 @@ class RouterCore:
 
     def workers_json(self) -> list[dict[str, Any]]:
         """Every live worker with its address and latest load (``GET /workers``, ``ListWorkers``)."""
+        live = self.discovery.live()
         return [{"id": r.id, "role": r.role, "model": r.model, "grpc_address": r.grpc_address,
                  "metrics_url": r.metrics_url, "load": self.discovery.load(r.id).public(),
-                 "router_inflight": self.pool.inflight(r.id)}
-                for r in self.discovery.live()]
+                 "router_inflight": self.pool.inflight(r.id), "kv_agent": r.kv_agent,
+                 "kv_incompatible": _kv_problems(r, live)}
+                for r in live]
+
+
+_PD_PAIRS = ({"decode", "prefill"}, {"decode", "hybrid"}, {"hybrid", "prefill"})
+
+
+def _kv_problems(record: WorkerRecord, live: list[WorkerRecord]) -> list[str]:
+    """Why ``record`` refuses to pair with each P/D peer of the same model, if any."""
+    out = []
+    for other in live:
+        if other.id != record.id and other.model == record.model and {record.role, other.role} in _PD_PAIRS:
+            problem = kv_mismatch(record, other)
+            if problem is not None:
+                out.append(problem)
+    return out

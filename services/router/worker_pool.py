@@ -1,30 +1,38 @@
 """The router's handles on live workers: gRPC channels, local in-flight counts,
-temporarily excluded ("suspect") workers, and ``pick(role, tokens)``.
+temporarily excluded ("suspect") workers, ``pick(role, tokens)`` and ``pick_route``.
 
 Lifecycle: channels are opened lazily on first use and closed when discovery
 reports the worker gone (or at ``close()``). A worker that fails before streaming
 anything is marked suspect for ``suspect_seconds`` (about one lease TTL: a dead
 worker's registration lingers until its lease expires) and skipped by ``pick``.
 
-NOTE: until the disaggregated path lands, every role serves whole requests: the
-router asks for ``hybrid`` and falls back to ``decode`` then ``prefill`` workers.
+Routing one request (``pick_route``): the request goes to a decode worker
+(dedicated decode workers when any is live, else hybrid workers) and names the
+prefill workers it may use, best first: prefill workers, plus hybrid workers when
+the decode worker is a dedicated one; never the decode worker itself, never one
+whose KV handshake differs (the pair is refused, logged once, and the reason
+travels with the request). No prefill worker is named, and the decode worker
+prefills locally, when the prompt is shorter than ``local_prefill_threshold``
+tokens or none is usable. Prefill workers never serve whole requests.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import grpc
 from pdserve.v1 import worker_pb2_grpc
 
 from services.cluster.discovery import Discovery
-from services.cluster.records import WorkerRecord
-from services.router.policies import Candidate, Policy
+from services.cluster.records import WorkerRecord, kv_mismatch
+from services.router.policies import Candidate, Policy, rank_prefill
 
-SERVING_ROLES = ("hybrid", "decode", "prefill")
+log = logging.getLogger(__name__)
+ROLES = ("hybrid", "decode", "prefill")
 
 
 @dataclass
@@ -33,11 +41,29 @@ class WorkerHandle:
     stub: worker_pb2_grpc.WorkerStub
 
 
+@dataclass(frozen=True)
+class RoutingConfig:
+    local_prefill_threshold: int = 32
+    prefill_candidates: int = 2
+
+
+@dataclass
+class Route:
+    """Where one request runs: the decode worker, and the prefill workers it may ask."""
+
+    decode: WorkerHandle
+    prefill: list[WorkerRecord] = field(default_factory=list)
+    local_reason: str = ""  # why ``prefill`` is empty
+
+
 class WorkerPool:
-    def __init__(self, discovery: Discovery, policies: dict[str, Policy], suspect_seconds: float = 10.0) -> None:
+    def __init__(self, discovery: Discovery, policies: dict[str, Policy], suspect_seconds: float = 10.0,
+                 routing: RoutingConfig = RoutingConfig()) -> None:
         self._discovery = discovery
         self._policies = policies
         self._suspect_seconds = suspect_seconds
+        self._routing = routing
+        self._refused_pairs: set[tuple[str, str]] = set()
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
         self._inflight: dict[str, int] = {}
         self._suspect_until: dict[str, float] = {}
@@ -64,13 +90,34 @@ class WorkerPool:
         chosen = self._policies[role].choose(candidates, tokens)
         return WorkerHandle(chosen.record, self.stub(chosen.record))
 
-    def pick_serving(self, tokens: Sequence[int], model: str, exclude: Sequence[str] = ()) -> WorkerHandle | None:
-        """A worker that runs the whole request (see the module NOTE on roles)."""
-        for role in SERVING_ROLES:
-            handle = self.pick(role, tokens, model, exclude)
-            if handle is not None:
-                return handle
-        return None
+    def pick_route(self, tokens: Sequence[int], model: str, exclude: Sequence[str] = ()) -> Route | None:
+        """The decode worker and its prefill workers for one request (see the module docstring)."""
+        role = "decode" if self.candidates("decode", model, exclude) else "hybrid"
+        handle = self.pick(role, tokens, model, exclude)
+        if handle is None:
+            return None
+        prefill, reason = self._prefill_for(handle.record, tokens, model)
+        return Route(handle, prefill, reason)
+
+    def _prefill_for(self, decode: WorkerRecord, tokens: Sequence[int], model: str) -> tuple[list[WorkerRecord], str]:
+        roles = ("prefill", "hybrid") if decode.role == "decode" else ("prefill",)
+        pool = [c for role in roles for c in self.candidates(role, model, exclude=(decode.id,))]
+        if not pool:
+            return [], "no_prefill_worker"
+        if len(tokens) < self._routing.local_prefill_threshold:
+            return [], "short"
+        compatible = [c for c in pool if self._compatible(decode, c.record)]
+        if not compatible:
+            return [], "incompatible"
+        ranked = rank_prefill(self._policies["prefill"], compatible, tokens, self._routing.prefill_candidates)
+        return [c.record for c in ranked], ""
+
+    def _compatible(self, decode: WorkerRecord, prefill: WorkerRecord) -> bool:
+        problem = kv_mismatch(decode, prefill)
+        if problem is not None and (decode.id, prefill.id) not in self._refused_pairs:
+            self._refused_pairs.add((decode.id, prefill.id))
+            log.warning("not pairing decode worker %s with prefill worker %s: %s", decode.id, prefill.id, problem)
+        return problem is None
 
     def stub(self, record: WorkerRecord) -> worker_pb2_grpc.WorkerStub:
         address, channel = self._channels.get(record.id, ("", None))
@@ -109,6 +156,7 @@ class WorkerPool:
                 asyncio.get_running_loop().create_task(channel.close())
         for worker_id in [w for w in self._suspect_until if w not in live]:
             del self._suspect_until[worker_id]
+        self._refused_pairs = {p for p in self._refused_pairs if p[0] in live and p[1] in live}
 
     async def close(self) -> None:
         channels = [c for _, c in self._channels.values()] + list(self._retired.values())

@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", dest="worker_id", help="unique id (default: role-host-pid-random)")
     p.add_argument("--drain-timeout", dest="drain_timeout", help="seconds to finish in-flight work on SIGTERM")
     p.add_argument("--lease-ttl", dest="lease_ttl", help="etcd lease TTL in seconds (default 10)")
+    p.add_argument("--kv-transfer", dest="kv_transfer", help="true|false: run a NIXL agent for P/D (default true)")
+    p.add_argument("--kv-send", dest="kv_send", help="layerwise (overlap with compute, default) | whole")
+    p.add_argument("--local-prefill-threshold", dest="local_prefill_threshold",
+                   help="decode side: prompts with fewer uncached tokens prefill locally (default 32)")
+    p.add_argument("--remote-prefill-timeout", dest="remote_prefill_timeout",
+                   help="decode side: deadline of one RemotePrefill call in seconds (default 120)")
+    p.add_argument("--kv-transfer-timeout", dest="kv_transfer_timeout",
+                   help="prefill side: seconds to wait for KV writes to finish (default 30)")
+    p.add_argument("--debug-rpcs", dest="debug_rpcs", help="true|false: allow the Debug RPC (tests only)")
     for f in dataclasses.fields(EngineConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, help=f"engine {f.name} ({f.type})")
     return p

@@ -30,6 +30,13 @@ class WorkerConfig:
     drain_timeout: float = 30.0
     lease_ttl: int = 10
     load_interval: float = 1.0
+    # Disaggregation (see services/prefill and services/decode).
+    kv_transfer: bool = True
+    kv_send: str = "layerwise"
+    local_prefill_threshold: int = 32
+    remote_prefill_timeout: float = 120.0
+    kv_transfer_timeout: float = 30.0
+    debug_rpcs: bool = False
 
     def __post_init__(self) -> None:
         if not self.etcd:
@@ -46,6 +53,14 @@ class WorkerConfig:
             raise ConfigError(f"lease_ttl={self.lease_ttl!r} is invalid: expected an integer >= 2 (seconds)")
         if not self.load_interval > 0:
             raise ConfigError(f"load_interval={self.load_interval!r} is invalid: expected seconds > 0")
+        if self.kv_send not in ("layerwise", "whole"):
+            raise ConfigError(f"kv_send={self.kv_send!r} is invalid: expected 'layerwise' or 'whole'")
+        if not isinstance(self.local_prefill_threshold, int) or self.local_prefill_threshold < 0:
+            raise ConfigError(f"local_prefill_threshold={self.local_prefill_threshold!r} is invalid: "
+                              "expected an integer >= 0 (tokens)")
+        for name in ("remote_prefill_timeout", "kv_transfer_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected seconds > 0")
 
     @property
     def role(self) -> str:
@@ -86,6 +101,12 @@ def _coerce(name: str, value: Any) -> Any:
     kind = next(f.type for f in dataclasses.fields(WorkerConfig) if f.name == name)
     if not isinstance(value, str) or kind == "str":
         return value
+    if kind == "bool":
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is invalid: expected true or false")
     try:
         return int(value) if kind == "int" else float(value)
     except ValueError:

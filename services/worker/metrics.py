@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TRANSFER_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BANDWIDTH_BUCKETS = (1e7, 3e7, 1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11, 3e11, 1e12)
 
 
 class _EngineCollector(Collector):
@@ -70,8 +72,54 @@ class WorkerMetrics:
                                    names, buckets=LATENCY_BUCKETS, registry=reg)
         self.inflight = Gauge("pdserve_worker_inflight_streams", "Open Generate streams", names, registry=reg)
         self.draining = Gauge("pdserve_worker_draining", "1 while the worker drains", names, registry=reg)
+        self._add_disagg_metrics(names, reg)
         self._labels = labels
         self._last_steps = 0
+
+    def _add_disagg_metrics(self, names: list[str], reg: CollectorRegistry) -> None:
+        direction = names + ["direction"]
+        self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved between workers (sent by prefill, "
+                                "received by decode)", direction, registry=reg)
+        self.kv_blocks = Counter("pdserve_kv_transfer_blocks", "KV blocks moved between workers (a block counts "
+                                 "once for all its layers)", direction, registry=reg)
+        self.kv_seconds = Histogram("pdserve_kv_transfer_seconds", "First KV write posted to every write DONE",
+                                    direction, buckets=TRANSFER_BUCKETS, registry=reg)
+        self.kv_tail = Histogram("pdserve_kv_transfer_tail_seconds", "Last layer computed to every KV write DONE "
+                                 "(the transfer time not hidden behind compute)", names, buckets=TRANSFER_BUCKETS,
+                                 registry=reg)
+        self.kv_bandwidth = Histogram("pdserve_kv_transfer_bandwidth_bytes_per_second", "Bytes over the time spent "
+                                      "writing them, per request", direction, buckets=BANDWIDTH_BUCKETS, registry=reg)
+        self.kv_handover = Histogram("pdserve_kv_handover_seconds", "Prefill side: last layer computed to completion "
+                                     "notification sent", names, buckets=TRANSFER_BUCKETS, registry=reg)
+        self.prefills = Counter("pdserve_worker_prefills", "Prompts prefilled for this worker's requests: where "
+                                "(local | remote) and why", names + ["where", "reason"], registry=reg)
+        self.remote_prefills = Counter("pdserve_worker_remote_prefill_requests", "RemotePrefill calls served "
+                                       "(prefill side) by status and the phase an abort or failure found",
+                                       names + ["status", "phase"], registry=reg)
+        self.remote_prefill_latency = Histogram("pdserve_worker_remote_prefill_seconds", "Decode side: RemotePrefill "
+                                                "sent to KV landed (queue + compute + transfer)", names,
+                                                buckets=LATENCY_BUCKETS, registry=reg)
+
+    def count_prefill(self, where: str, reason: str) -> None:
+        self.labelled(self.prefills, where=where, reason=reason).inc()
+
+    def observe_kv(self, direction: str, blocks: int, nbytes: int) -> None:
+        self.labelled(self.kv_blocks, direction=direction).inc(blocks)
+        self.labelled(self.kv_bytes, direction=direction).inc(nbytes)
+
+    def observe_transfer_time(self, direction: str, nbytes: int, seconds: float, write_seconds: float) -> None:
+        self.labelled(self.kv_seconds, direction=direction).observe(seconds)
+        if write_seconds > 0:
+            self.labelled(self.kv_bandwidth, direction=direction).observe(nbytes / write_seconds)
+
+    def observe_remote_prefill(self, result: Any) -> None:
+        """Prefill side: one answered RemotePrefill (``services.prefill.server.PrefillResult``)."""
+        self.labelled(self.remote_prefills, status=result.status, phase=result.phase or "-").inc()
+        if result.status == "DONE":
+            self.observe_kv("sent", result.blocks_sent, result.bytes_sent)
+            self.observe_transfer_time("sent", result.bytes_sent, result.transfer_seconds, result.write_seconds)
+            self.labelled(self.kv_tail).observe(result.tail_seconds)
+            self.labelled(self.kv_handover).observe(result.handover_seconds)
 
     def labelled(self, metric: Any, **extra: str) -> Any:
         return metric.labels(**self._labels, **extra)

@@ -1,15 +1,20 @@
 """One worker process: engine + gRPC server + metrics + etcd registration + drain.
 
 Lifecycle (``run_worker``):
-  1. load the engine (seconds) and start its step loop;
+  1. load the engine (seconds) and start its step loop; build the KV transfer
+     agent over the engine's KV tensor (registered once) and, by role, the
+     prefill server (prefill | hybrid) and the decode coordinator (decode | hybrid);
   2. start the grpc.aio server (Worker service, grpc health, reflection) and the
      metrics HTTP server; health turns SERVING;
-  3. register in etcd (the router only sees a worker that can already serve);
-     a background task publishes load and feeds the step histogram;
+  3. register in etcd with the agent's metadata in the record (the router only
+     sees a worker that can already serve); a background task publishes load and
+     feeds the step histogram; discovery follows the other workers and keeps the
+     KV peers in sync (added, removed, replaced after a restart);
   4. wait for SIGTERM / SIGINT;
-  5. drain: refuse new streams with UNAVAILABLE, health NOT_SERVING, revoke the
-     lease (deregister), let in-flight streams finish until ``drain_timeout``,
-     abort what is left, stop the servers and the engine; exit code 0.
+  5. drain: refuse new streams with UNAVAILABLE and new remote prefills, health
+     NOT_SERVING, revoke the lease (deregister), let in-flight streams and remote
+     prefills finish until ``drain_timeout``, abort what is left, stop the
+     servers, the KV agent and the engine; exit code 0.
 """
 from __future__ import annotations
 
@@ -24,12 +29,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
+from services.cluster.discovery import Discovery
 from services.cluster.etcd import connect, retry_until_reachable
 from services.cluster.keys import KeySpace
+from services.cluster.kv_peers import KVPeers
 from services.cluster.records import LoadReport, WorkerRecord
 from services.cluster.registry import Registration
 from services.worker.config import WorkerConfig
 from services.worker.metrics import MetricsServer, WorkerMetrics
+from services.worker.remote_rpc import RemoteRoles
 from services.worker.servicer import Inflight, WorkerServicer
 
 log = logging.getLogger(__name__)
@@ -43,7 +51,29 @@ def load_engine(config: WorkerConfig) -> Any:
     return AsyncEngine(config.engine)
 
 
-def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_port: int) -> WorkerRecord:
+def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics) -> RemoteRoles:
+    """The KV agent and the P/D parts this worker's role needs (none without a real KV cache)."""
+    if not config.kv_transfer or getattr(getattr(engine, "engine", None), "kv_cache", None) is None:
+        return RemoteRoles(debug=config.debug_rpcs)
+    from services.decode.coordinator import DecodeConfig, DecodeCoordinator
+    from services.engine.kv_transfer import NixlKVTransferAgent
+    from services.prefill.server import PrefillConfig, PrefillServer
+
+    agent = NixlKVTransferAgent(config.worker_id, engine.engine.kv_cache, config.engine.model)
+    peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
+    prefill = decode = None
+    if config.role in ("prefill", "hybrid"):
+        prefill = PrefillServer(engine, peers, PrefillConfig(transfer_timeout=config.kv_transfer_timeout,
+                                                             send=config.kv_send), metrics.observe_remote_prefill)
+    if config.role in ("decode", "hybrid"):
+        decode = DecodeCoordinator(engine, peers, DecodeConfig(
+            local_prefill_threshold=config.local_prefill_threshold,
+            remote_prefill_timeout=config.remote_prefill_timeout), metrics)
+    return RemoteRoles(peers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout)
+
+
+def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_port: int,
+                  peers: KVPeers | None = None) -> WorkerRecord:
     info, stats = engine.model_info, engine.stats()
     host = config.advertise_host
     layout = {k: info.get(k) for k in ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype")}
@@ -54,6 +84,7 @@ def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_por
         max_model_len=int(info["max_model_len"]), tp=config.engine.tp, kv_layout=layout,
         capacity={"kv_blocks_total": stats["kv_blocks_total"], "max_batch_size": config.engine.max_batch_size,
                   "vocab_size": info.get("vocab_size")},
+        **(peers.identity() if peers is not None else {}),
     )
 
 
@@ -77,15 +108,21 @@ class WorkerProcess:
         self.server: grpc.aio.Server | None = None  # NOTE: made in start(), on the serving loop
         self.metrics_server = MetricsServer(self.metrics, config.host, config.metrics_port)
         self.registration: Registration | None = None
+        self.discovery: Discovery | None = None
+        self.remote = RemoteRoles()
         self._etcd = None
         self._tasks: list[asyncio.Task] = []
         self.grpc_port = 0
 
     async def start(self) -> None:
         await self.engine.start()
+        self.remote = build_remote_roles(self.config, self.engine, self.metrics)
+        if self.remote.prefill is not None:
+            self.remote.prefill.install()
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        servicer = WorkerServicer(self.engine, self.inflight, self.metrics, self.config.worker_id, self.config.role)
+        servicer = WorkerServicer(self.engine, self.inflight, self.metrics, self.config.worker_id, self.config.role,
+                                  self.remote)
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((WORKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -97,11 +134,15 @@ class WorkerProcess:
         for name in ("", WORKER_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._etcd = await connect(self.config.etcd)
-        record = worker_record(self.config, self.engine, self.grpc_port, self.metrics_server.port)
-        self.registration = Registration(self._etcd, KeySpace(self.config.namespace), record,
-                                         lambda: load_report(self.engine, self.inflight),
+        record = worker_record(self.config, self.engine, self.grpc_port, self.metrics_server.port, self.remote.peers)
+        keys = KeySpace(self.config.namespace)
+        self.registration = Registration(self._etcd, keys, record, lambda: load_report(self.engine, self.inflight),
                                          ttl=self.config.lease_ttl, load_interval=self.config.load_interval)
         await retry_until_reachable(self.registration.start, 30.0, f"etcd at {self.config.etcd}")
+        if self.remote.peers is not None:
+            self.discovery = Discovery(self._etcd, keys)
+            await retry_until_reachable(self.discovery.start, 30.0, f"etcd at {self.config.etcd}")
+            await self.remote.peers.start(self.discovery)
         self._tasks.append(asyncio.create_task(self._sample_engine(), name="sample-engine"))
         log.info("worker %s (%s, %s) serving gRPC on %s, metrics on %s", record.id, record.role, record.model,
                  record.grpc_address, record.metrics_url)
@@ -110,6 +151,8 @@ class WorkerProcess:
         """Deregister, refuse new work, finish (or abort) in-flight work, stop everything."""
         log.info("draining: %d in-flight streams, deadline %.1f s", len(self.inflight.ids), self.config.drain_timeout)
         self.inflight.draining = True
+        if self.remote.prefill is not None:
+            self.remote.prefill.draining = True
         self.metrics.labelled(self.metrics.draining).set(1)
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
@@ -117,8 +160,12 @@ class WorkerProcess:
             await self.registration.stop()
         if not await self.inflight.wait_empty(self.config.drain_timeout):
             log.warning("drain deadline passed; aborting %d requests", len(self.inflight.ids))
-            for rid in list(self.inflight.ids):
+            for rid in [i for i in self.inflight.ids if not i.startswith("rp:")]:
+                if self.remote.decode is not None:
+                    self.remote.decode.abort(rid)
                 self.engine.abort(rid)
+            if self.remote.prefill is not None:
+                await self.remote.prefill.abort_all(5.0)
             await self.inflight.wait_empty(5.0)
         await self.close()
 
@@ -133,10 +180,21 @@ class WorkerProcess:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         await self.metrics_server.stop()
+        await self._close_remote()
         await self.engine.stop()
         if self._etcd is not None:
             await self._etcd.close()
             self._etcd = None
+
+    async def _close_remote(self) -> None:
+        if self.remote.decode is not None:
+            await self.remote.decode.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
+            self.discovery = None
+        if self.remote.peers is not None:
+            await self.remote.peers.close()
+            self.remote = RemoteRoles()
 
     async def _sample_engine(self) -> None:
         while True:

@@ -2,10 +2,15 @@
 
 Lifecycle of one Generate stream: refused with UNAVAILABLE while draining ->
 params validated (INVALID_ARGUMENT on ValueError) -> tracked in ``Inflight`` ->
-engine outputs forwarded as they come (each engine yield may carry several
-tokens; under load the engine batches more per yield) -> the last message has
+outputs forwarded as they come (each engine yield may carry several tokens;
+under load the engine batches more per yield) -> the last message has
 ``finish_reason`` -> untracked. When the client cancels, the handler is cancelled;
-closing the engine iterator and ``engine.abort()`` free the request's KV blocks.
+closing the output iterator and ``engine.abort()`` free the request's KV blocks.
+
+On a decode-capable worker the outputs come from the ``DecodeCoordinator``
+(remote prefill named by the router, else local). ``RemotePrefill`` /
+``AbortRemotePrefill`` are served by the ``PrefillServer`` of a prefill-capable
+worker; both are tracked in ``Inflight`` (as ``rp:<id>``) so a drain waits for them.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from services.cluster.wire import logprobs_to_proto, params_from_proto
+from services.decode.coordinator import Origin, PrefillPeer
 from services.worker.metrics import WorkerMetrics
+from services.worker.remote_rpc import RemoteRoles, debug, order_from_proto, result_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +61,14 @@ class Inflight:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: Any, inflight: Inflight, metrics: WorkerMetrics, worker_id: str, role: str) -> None:
+    def __init__(self, engine: Any, inflight: Inflight, metrics: WorkerMetrics, worker_id: str, role: str,
+                 remote: RemoteRoles = RemoteRoles()) -> None:
         self._engine = engine
         self._inflight = inflight
         self._metrics = metrics
         self._worker_id = worker_id
         self._role = role
+        self._remote = remote
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
@@ -75,18 +84,37 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._inflight.add(rid)
         self._metrics.labelled(self._metrics.inflight).inc()
         try:
-            async for message in self._stream(rid, list(request.prompt_token_ids), params):
+            async for message in self._stream(rid, list(request.prompt_token_ids), params, request):
                 yield message
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
-            self._engine.abort(rid)
+            self._abort(rid)
             self._inflight.discard(rid)
             self._metrics.labelled(self._metrics.inflight).dec()
 
-    async def _stream(self, rid: str, prompt: list[int], params: Any) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+    def _outputs(self, rid: str, prompt: list[int], params: Any,
+                 request: worker_pb2.WorkerGenerateRequest) -> tuple[AsyncIterator[Any], Any]:
+        """The output stream (remote or local prefill) and the origin it fills in."""
+        decode = self._remote.decode
+        if decode is None:
+            if request.prefill_peers:
+                log.warning("%s: this %s worker cannot receive KV; prefilling %s locally", self._worker_id,
+                            self._role, rid)
+            return self._engine.generate(rid, prompt, params), None
+        origin = Origin()
+        peers = [PrefillPeer(p.worker_id, p.grpc_address, p.kv_agent) for p in request.prefill_peers]
+        return decode.generate(rid, prompt, params, peers, request.local_prefill_reason, origin), origin
+
+    def _abort(self, rid: str) -> None:
+        if self._remote.decode is not None:
+            self._remote.decode.abort(rid)
+        self._engine.abort(rid)
+
+    async def _stream(self, rid: str, prompt: list[int], params: Any,
+                      request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         start, first, finish = time.monotonic(), True, "abort"
-        outputs = self._engine.generate(rid, prompt, params)
+        outputs, origin = self._outputs(rid, prompt, params, request)
         try:
             async for out in outputs:
                 message = worker_pb2.WorkerGenerateResponse(
@@ -97,6 +125,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if first and out.new_token_ids:
                     first = False
                     message.first_token_seconds = time.monotonic() - start
+                    message.prefill_worker_id = origin.prefill_worker_id if origin is not None else ""
                     self._count_prompt(out, message.first_token_seconds)
                 self._metrics.labelled(self._metrics.generated_tokens).inc(len(out.new_token_ids))
                 if out.finish_reason:
@@ -114,8 +143,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
         found = request.request_id in self._inflight.ids
-        self._engine.abort(request.request_id)
+        self._abort(request.request_id)
         return worker_pb2.AbortResponse(found=found)
+
+    # ---- disaggregation -------------------------------------------------------------
+    async def RemotePrefill(self, request: worker_pb2.RemotePrefillRequest,
+                            context: grpc.aio.ServicerContext) -> worker_pb2.RemotePrefillResponse:
+        prefill, key = self._remote.prefill, f"rp:{request.request_id}"
+        if prefill is None:
+            return worker_pb2.RemotePrefillResponse(
+                status=worker_pb2.RemotePrefillResponse.FAILED,
+                error=f"worker {self._worker_id} ({self._role}) does not serve remote prefills")
+        try:
+            order = order_from_proto(request)
+        except ValueError as exc:
+            return worker_pb2.RemotePrefillResponse(status=worker_pb2.RemotePrefillResponse.INVALID, error=str(exc))
+        self._inflight.add(key)
+        try:
+            return result_to_proto(await prefill.remote_prefill(order))
+        finally:
+            self._inflight.discard(key)
+
+    async def AbortRemotePrefill(self, request: worker_pb2.AbortRemotePrefillRequest,
+                                 context: grpc.aio.ServicerContext) -> worker_pb2.AbortRemotePrefillResponse:
+        if self._remote.prefill is None:
+            return worker_pb2.AbortRemotePrefillResponse(found=False, quiesced=True)
+        found, quiesced = await self._remote.prefill.abort(request.request_id, self._remote.abort_timeout)
+        return worker_pb2.AbortRemotePrefillResponse(found=found, quiesced=quiesced)
+
+    async def Debug(self, request: worker_pb2.DebugRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.DebugResponse:
+        if not self._remote.debug:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "debug RPCs are off (start with --debug-rpcs true)")
+        return await debug(self._engine, self._remote, request)
 
     async def Stats(self, request: worker_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StatsResponse:
         s = self._engine.stats()
@@ -125,4 +185,5 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_blocks_used=s["kv_blocks_used"], kv_blocks_cached=s["kv_blocks_cached"],
             kv_blocks_total=s["kv_blocks_total"], tokens_computed_total=s["tokens_computed_total"],
             steps_total=s["steps_total"], last_step_seconds=s["last_step_seconds"],
-            inflight_streams=len(self._inflight.ids))
+            inflight_streams=len([i for i in self._inflight.ids if not i.startswith("rp:")]),
+            **self._remote.stats())

@@ -29,9 +29,11 @@ def children_of(pid: int) -> list[int]:
 
 
 def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    """The default topology: 1 prefill + 1 decode worker."""
     http_port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "services.cli", "up", "--hybrid", "1", "--http-port", str(http_port),
-            "--grpc-port", str(grpc_port), "--log-dir", str(tmp_path), "--worker-args", "--num-blocks 128"]
+    argv = [sys.executable, "-m", "services.cli", "up", "--http-port", str(http_port),
+            "--grpc-port", str(grpc_port), "--log-dir", str(tmp_path), "--worker-args", "--num-blocks 128",
+            "--router-args", "--local-prefill-threshold 1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     out_path = tmp_path / "up.out"
     with open(out_path, "w") as out:
@@ -44,11 +46,13 @@ def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> Non
         text = out_path.read_text()
         assert launcher.poll() is None, text
         assert f"http://127.0.0.1:{http_port}/v1" in text and f"127.0.0.1:{grpc_port}" in text and "curl" in text
+        assert "1 prefill, 1 decode worker(s)" in text
         children = children_of(launcher.pid)
-        assert len(children) == 3  # etcd, router, one worker
+        assert len(children) == 4  # etcd, router, a prefill and a decode worker
         status, body = http_json(f"http://127.0.0.1:{http_port}/v1/completions",
                                  {"model": "smollm2", "prompt": "Hello", "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] == 3
+        assert sorted(w["role"] for w in http_json(f"http://127.0.0.1:{http_port}/workers")[1]) == ["decode", "prefill"]
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(60) == 0
         wait_for(lambda: all(process_gone(pid) for pid in children), 10.0, what="no orphans")

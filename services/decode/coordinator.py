@@ -1,0 +1,313 @@
+"""Decode side of disaggregation: get a prompt's KV from a prefill worker, then decode it here.
+
+Owns: the decode-side life of each request until its KV has landed (attempts,
+reservations, the RemotePrefill calls), the releases of reservations that must
+wait for a prefill worker (quarantine tasks), the gRPC channels to prefill
+workers, and the choice between remote and local prefill (conditional
+disaggregation, counted with a reason).
+
+Request state machine (``generate``):
+
+    START --(no prefill peer / prompt below threshold)------------------> LOCAL
+      |
+    RESERVING  engine.reserve_remote(attempt id) -- pool full ----------> LOCAL
+      |        uncached part below threshold: cancel_remote ------------> LOCAL
+    REQUESTING RemotePrefill(peer i) + wait for the NIXL notification
+      |  notification {rid, first token} ----------------------------> ADMITTED
+      |  answer DONE, notification within notify_timeout -------------> ADMITTED
+      |  other answer (prefill confirmed it holds nothing): cancel_remote -> next peer | LOCAL
+      |  no answer (dead, unreachable, deadline): QUARANTINE ---------> next peer | LOCAL
+      |  caller gone (client disconnect, abort): QUARANTINE
+    ADMITTED   engine.admit_remote streams the rest (first token included)
+    LOCAL      engine.generate (prefill here)
+
+    QUARANTINE (background): AbortRemotePrefill until it answers quiesced, or the
+    RemotePrefill call answers, or the prefill worker's lease is gone (or it
+    re-registered) -> cancel_remote.
+
+NOTE: a reservation is freed only when no prefill worker can still write into
+it: the notification arrived (then the engine owns it), the prefill worker
+answered (any answer means it holds nothing), or its incarnation is gone from
+etcd. Each attempt uses its own engine request id (``<rid>#p<i>``), so a
+quarantined reservation never blocks the next attempt or the local fallback.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import grpc
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+from services.cluster.wire import params_to_proto
+from services.common.sampling_params import SamplingParams
+from services.engine.kv_transfer import KVCompatibilityError, check_compatible
+
+log = logging.getLogger(__name__)
+_CONFIRMED = ("DONE", "ABORTED", "FAILED", "INCOMPATIBLE", "INVALID")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Args:
+        local_prefill_threshold: prompts whose uncached part is shorter prefill here.
+        remote_prefill_timeout: deadline of one RemotePrefill call (queue + compute + transfer).
+        notify_timeout: wait for the notification after the prefill answered DONE.
+        abort_timeout: deadline of one AbortRemotePrefill call.
+        release_retry: seconds between quarantine checks.
+    """
+
+    local_prefill_threshold: int = 32
+    remote_prefill_timeout: float = 120.0
+    notify_timeout: float = 5.0
+    abort_timeout: float = 5.0
+    release_retry: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.local_prefill_threshold < 0:
+            raise ValueError(f"local_prefill_threshold={self.local_prefill_threshold} must be >= 0")
+        for name in ("remote_prefill_timeout", "notify_timeout", "abort_timeout", "release_retry"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class PrefillPeer:
+    worker_id: str
+    grpc_address: str
+    kv_agent: str
+
+
+@dataclass
+class Origin:
+    """Filled while streaming: which worker computed the prompt ("" = this one)."""
+
+    prefill_worker_id: str = ""
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    first: int | None = None
+    reason: str = ""
+    stop: bool = False  # no point trying another prefill worker
+
+
+class DecodeCoordinator:
+    def __init__(self, engine: Any, peers: Any, config: DecodeConfig, metrics: Any) -> None:
+        self._engine = engine  # AsyncEngine
+        self._peers = peers  # services.cluster.kv_peers.KVPeers
+        self._config = config
+        self._metrics = metrics  # services.worker.metrics.WorkerMetrics
+        self._layout = peers.agent.layout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._engine_ids: dict[str, str] = {}  # client request id -> engine request id
+        self._background: set[asyncio.Task] = set()
+        self.reservations = 0  # reserved, KV not admitted yet (quarantined included)
+        self.counts = {"local": 0, "remote": 0}
+
+    # ---- the request -----------------------------------------------------------
+    async def generate(self, rid: str, prompt: list[int], params: SamplingParams, peers: list[PrefillPeer],
+                       local_reason: str, origin: Origin) -> AsyncIterator[Any]:
+        """Stream a request's outputs, prefilled remotely when possible (see the module docstring)."""
+        reason = local_reason or "no_prefill_worker"
+        if peers and len(prompt) < self._config.local_prefill_threshold:
+            peers, reason = [], "short"
+        try:
+            for index, peer in enumerate(peers):
+                problem = self._unusable(peer)
+                if problem is not None:
+                    reason = problem
+                    continue
+                arid = f"{rid}#p{index}"
+                attempt = await self._attempt(arid, prompt, params, peer)
+                if attempt.first is not None:
+                    origin.prefill_worker_id = peer.worker_id
+                    self._count("remote", "disaggregated")
+                    self._engine_ids[rid] = arid
+                    async for out in self._engine.admit_remote(arid, attempt.first):
+                        yield out
+                    return
+                reason = attempt.reason
+                if attempt.stop:
+                    break
+            self._count("local", reason)
+            async for out in self._engine.generate(rid, prompt, params):
+                yield out
+        finally:
+            self._engine_ids.pop(rid, None)
+
+    def abort(self, rid: str) -> None:
+        """Abort the engine request serving client request ``rid`` (a no-op when unknown)."""
+        self._engine.abort(self._engine_ids.get(rid, rid))
+
+    def _unusable(self, peer: PrefillPeer) -> str | None:
+        record = self._peers.record_of(peer.worker_id)
+        if record is None or record.kv_agent != peer.kv_agent:
+            log.warning("prefill worker %s is not (or no longer) in discovery; skipping it", peer.worker_id)
+            return "prefill_unknown"
+        try:
+            check_compatible(self._peers.handshake, record.kv_handshake)
+        except KVCompatibilityError as exc:
+            log.warning("not pairing with prefill worker %s: %s", peer.worker_id, exc)
+            return "incompatible"
+        return None
+
+    async def _attempt(self, arid: str, prompt: list[int], params: SamplingParams, peer: PrefillPeer) -> _Attempt:
+        record = self._peers.record_of(peer.worker_id)  # NOTE: its incarnation, before anything is reserved
+        reserved = await self._reserve(arid, prompt, params)
+        if reserved is None:
+            return _Attempt(reason="decode_kv_full", stop=True)
+        blocks, cached = reserved
+        self.reservations += 1
+        landed = self._peers.expect(arid)
+        call: asyncio.Future | None = None
+        settled = False
+        try:
+            if len(prompt) - cached < self._config.local_prefill_threshold:
+                return _Attempt(reason="cached", stop=True)  # nothing sent: freed below
+            started = time.monotonic()
+            call = asyncio.ensure_future(self._stub(peer.grpc_address).RemotePrefill(
+                self._order(arid, prompt, params, blocks, cached), timeout=self._config.remote_prefill_timeout))
+            first, reason, settled = await self._await_kv(arid, landed, call)
+            if first is not None:
+                self._observe_received(len(blocks) - cached // self._layout.block_size, time.monotonic() - started)
+            return _Attempt(first=first, reason=reason)
+        finally:
+            self._peers.forget(arid)
+            if settled:
+                self.reservations -= 1
+            else:
+                self._spawn(self._release_when_safe(arid, peer, record.kv_metadata if record else "", call))
+
+    async def _reserve(self, arid: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], int] | None:
+        """``reserve_remote``; a reservation made while the caller was cancelled is freed, not lost."""
+        task = asyncio.ensure_future(self._engine.reserve_remote(arid, prompt, params))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._free_if_reserved(arid, done))
+            raise
+
+    def _free_if_reserved(self, arid: str, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None and task.result() is not None:
+            self._spawn(self._engine.cancel_remote(arid))  # NOTE: no RemotePrefill was sent for it
+
+    async def _await_kv(self, arid: str, landed: asyncio.Future, call: asyncio.Future) -> tuple[int | None, str, bool]:
+        """(first token or None, failure reason, whether the reservation is settled).
+
+        Settled means: admitted by the engine next (first token), or already freed.
+        """
+        await asyncio.wait({landed, call}, return_when=asyncio.FIRST_COMPLETED)
+        if landed.done() and not landed.cancelled() and landed.exception() is None:
+            self._spawn(self._observe_answer(call))
+            return landed.result(), "", True
+        answer, error = _answer(call) if call.done() else (None, "the KV transfer agent closed")
+        if answer is None:
+            log.warning("remote prefill %s got no answer (%s); its reservation waits for the prefill worker",
+                        arid, error)
+            return None, "prefill_unreachable", False
+        status = worker_pb2.RemotePrefillResponse.Status.Name(answer.status)
+        if status == "DONE":
+            try:
+                first = await asyncio.wait_for(landed, self._config.notify_timeout)
+                self._observe_answer_now(answer)
+                return first, "", True
+            except Exception as exc:  # NOTE: DONE answered, so nothing is in flight: free it
+                log.error("remote prefill %s answered DONE but no notification came: %s", arid, exc)
+                status = "NOTIFY_TIMEOUT"
+        else:
+            log.warning("remote prefill %s: %s: %s", arid, status, answer.error)
+        await asyncio.shield(self._engine.cancel_remote(arid))
+        return None, f"prefill_{status.lower()}", True
+
+    def _order(self, arid: str, prompt: list[int], params: SamplingParams, blocks: list[int],
+               cached: int) -> worker_pb2.RemotePrefillRequest:
+        return worker_pb2.RemotePrefillRequest(
+            request_id=arid, prompt_token_ids=prompt, params=params_to_proto(params, with_stop_strings=False),
+            decode_kv_agent=self._peers.name, decode_kv_handshake=json.dumps(self._peers.handshake),
+            block_ids=blocks, num_cached_tokens=cached, decode_kv_incarnation=self._peers.incarnation)
+
+    # ---- quarantine --------------------------------------------------------------
+    async def _release_when_safe(self, arid: str, peer: PrefillPeer, incarnation: str,
+                                 call: asyncio.Future | None) -> None:
+        """Free ``arid``'s reservation once the prefill worker can no longer write into it."""
+        stub = self._stub(peer.grpc_address)
+        try:
+            while call is not None:
+                if call.done() and _answer(call)[0] is not None:
+                    break  # the prefill worker answered: it holds nothing
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.AbortRemotePrefill(worker_pb2.AbortRemotePrefillRequest(request_id=arid),
+                                                          timeout=self._config.abort_timeout)
+                    if reply.quiesced:
+                        break
+                if self._peers.is_gone(peer.worker_id, incarnation):
+                    log.warning("prefill worker %s is gone; freeing the reservation of %s", peer.worker_id, arid)
+                    break
+                await asyncio.sleep(self._config.release_retry)
+        finally:
+            if call is not None:
+                call.cancel()
+            self.reservations -= 1
+            await asyncio.shield(self._engine.cancel_remote(arid))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- metrics -----------------------------------------------------------------
+    def _count(self, where: str, reason: str) -> None:
+        self.counts[where] += 1
+        self._metrics.count_prefill(where, reason)
+
+    def _observe_received(self, blocks: int, seconds: float) -> None:
+        layout = self._layout
+        self._metrics.observe_kv("received", blocks, blocks * layout.num_layers * layout.block_bytes)
+        self._metrics.labelled(self._metrics.remote_prefill_latency).observe(seconds)
+
+    async def _observe_answer(self, call: asyncio.Future) -> None:
+        """The KV landed before the answer; record the answer's timings when it comes."""
+        await asyncio.wait({call})  # NOTE: bounded by the call's own deadline
+        answer, _ = _answer(call)
+        if answer is not None:
+            self._observe_answer_now(answer)
+
+    def _observe_answer_now(self, answer: worker_pb2.RemotePrefillResponse) -> None:
+        if answer.transfer_seconds > 0:
+            self._metrics.observe_transfer_time("received", answer.num_bytes_sent, answer.transfer_seconds,
+                                                answer.write_seconds)
+
+    # ---- channels ----------------------------------------------------------------
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for quarantined reservations, then close the channels."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+        for task in list(self._background):
+            task.cancel()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+def _answer(call: asyncio.Future) -> tuple[worker_pb2.RemotePrefillResponse | None, str]:
+    """(the prefill worker's answer, or None with why there is none)."""
+    if call.cancelled():
+        return None, "cancelled"
+    exc = call.exception()
+    if exc is None:
+        return call.result(), ""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return None, f"{exc.code().name}: {exc.details()}"
+    return None, repr(exc)

@@ -1,0 +1,352 @@
+"""Prefill side of disaggregation: compute a prompt for a decode worker and WRITE its KV there.
+
+Owns: the remote-prefill jobs of this worker (by request id), the engine's layer
+listener (which posts each layer's writes as soon as that layer's KV exists),
+the tombstones of aborted request ids, and the debug delay.
+
+Request state machine (one ``RemotePrefill`` call):
+
+    ACCEPTED ---(tombstoned / draining / bad request / incompatible)--> answered, nothing held
+       |  peer loaded, job registered
+    COMPUTING   engine.prefill_held(); in the step that completes the prompt, the
+       |        layer listener posts layer l's writes right after layer l is computed
+    SENDING     every layer posted; wait until all writes are DONE (timeout)
+       |        then send_notify(decode, {rid, first token})
+    DONE
+    (any state) --abort / caller gone / error--> ABORTED | FAILED
+
+On every exit, in this order: the job stops accepting layer posts, the posted
+writes are waited for (bounded; then the peer is dropped, which fails them) and
+released, and ``release_held`` frees the blocks. Only then does the RPC answer.
+
+NOTE: an answer of this server (any status) means no write of the request is in
+flight and none will start: the decode worker may free its reservation. An
+aborted id is tombstoned, so a RemotePrefill that arrives after its abort is
+refused instead of writing into freed blocks.
+NOTE: only the first ``num_cached_tokens // block_size`` destination blocks are
+skipped (the decode worker has them); the last, partial block is sent whole.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from services.cluster.kv_peers import PeerIncompatible, PeerUnavailable, encode_done
+from services.common.sampling_params import SamplingParams
+from services.engine.kv_transfer import (KVCompatibilityError, KVTransferError, TransferHandle, check_compatible,
+                                         wait)
+
+log = logging.getLogger(__name__)
+
+SEND_MODES = ("layerwise", "whole")
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Args:
+        transfer_timeout: seconds to wait for posted writes to be DONE.
+        peer_wait: seconds to wait for the decode worker to appear in discovery.
+        send: ``layerwise`` (overlap with compute) or ``whole`` (one write after compute).
+        tombstones: how many aborted request ids to remember.
+    """
+
+    transfer_timeout: float = 30.0
+    peer_wait: float = 3.0
+    send: str = "layerwise"
+    tombstones: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.send not in SEND_MODES:
+            raise ValueError(f"kv_send={self.send!r} is invalid: expected one of {SEND_MODES}")
+        if not (self.transfer_timeout > 0 and self.peer_wait >= 0):
+            raise ValueError("transfer_timeout must be > 0 and peer_wait >= 0")
+
+
+@dataclass(frozen=True)
+class PrefillOrder:
+    """What the decode worker asks for (decoded from the RPC by the servicer)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    decode_agent: str
+    decode_handshake: dict[str, Any]
+    block_ids: list[int]
+    num_cached_tokens: int
+    decode_incarnation: str = ""
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    status: str  # DONE | ABORTED | FAILED | INCOMPATIBLE | INVALID
+    error: str = ""
+    first_token: int = 0
+    blocks_sent: int = 0
+    bytes_sent: int = 0
+    num_cached_tokens: int = 0
+    compute_seconds: float = 0.0
+    tail_seconds: float = 0.0
+    transfer_seconds: float = 0.0
+    write_seconds: float = 0.0
+    handover_seconds: float = 0.0
+    phase: str = ""  # where an abort/failure found the job
+
+
+@dataclass
+class _Job:
+    order: PrefillOrder
+    skip: int  # destination blocks the decode worker already has
+    num_blocks: int  # blocks covering the prompt
+    num_layers: int
+    accepted: float = field(default_factory=time.monotonic)
+    phase: str = "queued"  # queued -> computing -> sending -> done
+    handles: list[TransferHandle] = field(default_factory=list)
+    layers_posted: int = 0
+    error: str | None = None
+    closed: bool = False
+    aborted: bool = False
+    posted: asyncio.Event = field(default_factory=asyncio.Event)
+    first_post: float = 0.0
+    last_post_end: float = 0.0
+    last_layer: float = 0.0
+    post_seconds: float = 0.0
+
+    @property
+    def remote(self) -> list[int]:
+        return self.order.block_ids[self.skip:self.num_blocks]
+
+
+class PrefillServer:
+    """Serves RemotePrefill / AbortRemotePrefill for one engine and one KV agent."""
+
+    def __init__(self, engine: Any, peers: Any, config: PrefillConfig,
+                 on_result: Callable[[PrefillResult], None] = lambda _: None) -> None:
+        self._engine = engine  # AsyncEngine
+        self._peers = peers  # services.cluster.kv_peers.KVPeers
+        self._agent = peers.agent
+        self._config = config
+        self._on_result = on_result
+        self._block_size = engine.model_info["block_size"]
+        self._num_layers = self._agent.layout.num_layers
+        self._jobs: dict[str, _Job] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        self.debug_delay = 0.0  # seconds between "all layers posted" and the DONE wait (tests)
+
+    def install(self) -> None:
+        """Become the engine's layer listener (call once, on the serving loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._engine.engine.layer_listener = self
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def sending(self) -> int:
+        return sum(job.phase == "sending" for job in self._jobs.values())
+
+    # ---- RPCs ------------------------------------------------------------------
+    async def remote_prefill(self, order: PrefillOrder) -> PrefillResult:
+        """Run one job to its end; never raises except when the caller is cancelled."""
+        rid = order.request_id
+        refused = self._refusal(order)
+        if refused is not None:
+            return self._finish(refused)
+        try:
+            await self._peers.wait_peer(order.decode_agent, self._config.peer_wait, order.decode_incarnation)
+        except PeerIncompatible as exc:
+            return self._finish(PrefillResult("INCOMPATIBLE", str(exc)))
+        except PeerUnavailable as exc:
+            return self._finish(PrefillResult("FAILED", str(exc)))
+        if rid in self._tombstones:  # aborted while we waited for the peer
+            return self._finish(PrefillResult("ABORTED", f"request {rid} was aborted", phase="queued"))
+        job = _Job(order, order.num_cached_tokens // self._block_size, len(order.block_ids), self._num_layers)
+        self._jobs[rid] = job
+        task = self._tasks[rid] = asyncio.get_running_loop().create_task(self._run(job), name=f"remote-prefill-{rid}")
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            if job.aborted and not _cancelling():
+                return self._finish(PrefillResult("ABORTED", f"request {rid} was aborted", phase=job.phase))
+            raise
+        finally:  # NOTE: the task is done here (a cancelled await waits for its cleanup)
+            self._jobs.pop(rid, None)
+            self._tasks.pop(rid, None)
+        return self._finish(result)
+
+    async def abort(self, request_id: str, timeout: float) -> tuple[bool, bool]:
+        """Drop a job; returns (found, quiesced) once its writes are over (or ``timeout``)."""
+        self._tombstone(request_id)
+        job, task = self._jobs.get(request_id), self._tasks.get(request_id)
+        if task is None:
+            return job is not None, True
+        if job is not None:
+            job.aborted = True
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        return True, bool(done)
+
+    async def abort_all(self, timeout: float) -> None:
+        await asyncio.gather(*(self.abort(rid, timeout) for rid in list(self._tasks)))
+
+    # ---- the job -----------------------------------------------------------------
+    def _refusal(self, order: PrefillOrder) -> PrefillResult | None:
+        if self.draining:
+            return PrefillResult("FAILED", "prefill worker is draining")
+        if order.request_id in self._tombstones or order.request_id in self._tasks:
+            return PrefillResult("ABORTED", f"request {order.request_id} was aborted or is already running")
+        try:
+            check_compatible(self._peers.handshake, order.decode_handshake)
+        except KVCompatibilityError as exc:
+            return PrefillResult("INCOMPATIBLE", str(exc))
+        bs, n = self._block_size, len(order.prompt)
+        if not order.prompt or len(order.block_ids) != math.ceil(n / bs):
+            return PrefillResult("INVALID", f"{len(order.block_ids)} destination blocks for a {n}-token prompt: "
+                                            f"expected {math.ceil(n / bs)} (block size {bs})")
+        cached = order.num_cached_tokens
+        if cached % bs or not 0 <= cached < n:
+            return PrefillResult("INVALID", f"num_cached_tokens={cached} must be a multiple of {bs} below {n}")
+        return None
+
+    async def _run(self, job: _Job) -> PrefillResult:
+        rid = job.order.request_id
+        try:
+            with self._peers.busy():
+                return await self._compute_and_send(job)
+        except (KVTransferError, RuntimeError, ValueError, TimeoutError) as exc:
+            why = str(exc) or type(exc).__name__
+            return PrefillResult("FAILED", f"remote prefill of {rid} failed while {job.phase}: {why}", phase=job.phase)
+        finally:
+            job.closed = True  # NOTE: later layer callbacks of this job post nothing
+            await self._quiesce(job)
+            self._engine.release_held(rid)
+            self._jobs.pop(rid, None)
+            self._tasks.pop(rid, None)
+
+    async def _compute_and_send(self, job: _Job) -> PrefillResult:
+        order = job.order
+        job.phase = "computing"
+        first, local_blocks, cached_here = await self._engine.prefill_held(order.request_id, order.prompt, order.params)
+        if self._config.send == "whole":
+            job.last_layer = job.last_layer or time.monotonic()
+            self._post(job, local_blocks[job.skip:job.num_blocks], range(job.num_layers))
+            job.layers_posted = job.num_layers
+            job.posted.set()
+        await asyncio.wait_for(job.posted.wait(), self._config.transfer_timeout)
+        job.phase = "sending"
+        if job.error is not None:
+            raise KVTransferError(job.error)
+        if self.debug_delay:
+            await asyncio.sleep(self.debug_delay)
+        done_when_posted = all(self._finished(h) for h in job.handles)
+        await wait(self._agent, job.handles, self._config.transfer_timeout)
+        # NOTE: on CPU a post copies, so writes are often DONE when the post returns
+        done = job.last_post_end if done_when_posted else time.monotonic()
+        self._agent.send_notify(order.decode_agent, encode_done(order.request_id, first))
+        job.phase = "done"
+        return self._result(job, first, cached_here, done)
+
+    def _result(self, job: _Job, first: int, cached_here: int, done: float) -> PrefillResult:
+        sent = job.num_blocks - job.skip
+        nbytes = sent * job.num_layers * self._agent.layout.block_bytes
+        return PrefillResult(
+            "DONE", first_token=first, blocks_sent=sent, bytes_sent=nbytes,
+            num_cached_tokens=cached_here, compute_seconds=job.last_layer - job.accepted,
+            tail_seconds=max(0.0, done - job.last_layer), transfer_seconds=done - job.first_post,
+            write_seconds=job.post_seconds + max(0.0, done - job.last_post_end),
+            handover_seconds=time.monotonic() - job.last_layer)
+
+    async def _quiesce(self, job: _Job) -> None:
+        """Wait (bounded) until every posted write is DONE or FAILED, then release them all.
+
+        NOTE: past the timeout the decode peer is dropped, which fails its writes at
+        the transport (and is loaded again from discovery): after this returns no
+        write of the job can land.
+        """
+        deadline = time.monotonic() + self._config.transfer_timeout
+        while not all(self._finished(h) for h in job.handles):
+            if time.monotonic() >= deadline:
+                log.error("writes of %s still in flight after %.1f s: dropping KV peer %s to fail them",
+                          job.order.request_id, self._config.transfer_timeout, job.order.decode_agent)
+                self._peers.reload(job.order.decode_agent)
+                break
+            self._agent.progress()
+            await asyncio.sleep(0.0005)
+        for handle in job.handles:
+            self._agent.release(handle)
+        job.handles.clear()
+
+    def _finished(self, handle: TransferHandle) -> bool:
+        try:
+            return self._agent.poll(handle).finished
+        except KVTransferError:
+            return True
+
+    # ---- the layer listener (engine step thread) ---------------------------------
+    def begin_step(self, out: Any, tables: list[list[int]]) -> Callable[[int], None] | None:
+        """Called by the engine before a step; returns the per-layer hook or None."""
+        if not self._jobs:
+            return None
+        batch: list[tuple[_Job, list[int]]] = []
+        for seq, table in zip(out.seqs, tables):
+            job = self._jobs.get(seq.req.req_id)
+            if job is not None and seq.samples:  # this step completes the prompt
+                batch.append((job, list(table[job.skip:job.num_blocks])))
+        if not batch:
+            return None
+        loop, layerwise, last = self._loop, self._config.send == "layerwise", self._num_layers - 1
+
+        def on_layer(layer: int) -> None:
+            # NOTE: runs in the step thread; every NIXL call stays on the loop thread.
+            if layerwise or layer == last:
+                loop.call_soon_threadsafe(self._on_layer, batch, layer, time.monotonic())
+        return on_layer
+
+    def _on_layer(self, batch: list[tuple[_Job, list[int]]], layer: int, computed_at: float) -> None:
+        for job, local in batch:
+            if job.closed:
+                continue
+            if self._config.send == "layerwise":
+                self._post(job, local, range(layer, layer + 1))
+                job.layers_posted += 1
+            if layer == job.num_layers - 1:
+                job.last_layer = computed_at
+            if job.layers_posted == job.num_layers:
+                job.posted.set()
+
+    def _post(self, job: _Job, local: list[int], layers: range) -> None:
+        if job.error is not None:
+            return
+        start = time.monotonic()
+        job.first_post = job.first_post or start
+        try:
+            job.handles.append(self._agent.write_blocks(job.order.decode_agent, local, job.remote, layers=layers))
+        except (KVTransferError, ValueError) as exc:
+            job.error = str(exc)
+            job.posted.set()
+        job.last_post_end = time.monotonic()
+        job.post_seconds += job.last_post_end - start
+
+    # ---- bookkeeping -------------------------------------------------------------
+    def _tombstone(self, request_id: str) -> None:
+        self._tombstones[request_id] = None
+        self._tombstones.move_to_end(request_id)
+        while len(self._tombstones) > self._config.tombstones:
+            self._tombstones.popitem(last=False)
+
+    def _finish(self, result: PrefillResult) -> PrefillResult:
+        self._on_result(result)
+        return result
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
