@@ -175,6 +175,10 @@ class LLMEngine:
         req = self.remote.pop(req_id)
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.commit_full_blocks(req_id, req.token_ids, req.num_computed_tokens)
+        if req.generator is not None and not req.params.greedy:
+            # NOTE: the peer drew this seed's first noise vector for first_token; skip it here
+            # so a seeded request samples the same tokens as when served by one engine.
+            torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=req.generator)
         req.append_token(first_token)
         if req.finish_reason is not None:
             self.scheduler.finish(req, req.finish_reason)

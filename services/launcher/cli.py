@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--worker-args", default="", help="extra flags for every worker, e.g. \"--num-blocks 512\"")
     p.add_argument("--router-args", default="", help="extra router flags, e.g. \"--local-prefill-threshold 64\"")
+    p.add_argument("--ray", action="store_true", help="run the router and workers as Ray actors on a Ray cluster")
+    p.add_argument("--address", default="auto", help="with --ray: Ray address (auto, local to start a head, host:port)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs per worker (0 on CPU)")
     return p
 
 
@@ -69,6 +72,9 @@ def banner(cluster: LocalCluster) -> str:
 
 def main(name: str, argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.ray:
+        from services.launcher.ray_cluster import run_with_ray  # imports this module: keep it lazy
+        return run_with_ray(args, name)
     try:
         spec = spec_from_args(args)
     except ValueError as exc:

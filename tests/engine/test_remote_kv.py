@@ -22,11 +22,12 @@ def _run_to_end(engine: LLMEngine, rid: str) -> list[int]:
     return tokens
 
 
-def _disaggregated(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int]) -> tuple[list[int], int]:
+def _disaggregated(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int],
+                   params: SamplingParams = GREEDY) -> tuple[list[int], int]:
     bs = d.config.block_size
-    d_blocks, cached = d.reserve_remote(rid, prompt, GREEDY)
+    d_blocks, cached = d.reserve_remote(rid, prompt, params)
     d.kv_cache[:, d_blocks[cached // bs:]] = float("nan")  # poison: every needed block must be sent
-    p.add_request(rid, prompt, GREEDY.replace(max_tokens=1), hold_kv=True)
+    p.add_request(rid, prompt, params.replace(max_tokens=1), hold_kv=True)
     first = _run_to_end(p, rid)
     assert len(first) == 1 and rid in p.held
     p_blocks = p.kv.blocks_of(rid)
@@ -52,6 +53,16 @@ def test_remote_prefill_matches_local(tiny_models, length):
     assert cached == ((length - 1) // 16) * 16
     for e in (p, d):
         assert e.kv_stats()["used"] == 0
+
+
+def test_seeded_sampling_same_as_local(tiny_models):
+    path = tiny_models["llama"]
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    prompt = list(range(50, 90))
+    expected = LLM(path, num_blocks=64).generate([prompt], params)[0].token_ids
+    p = LLMEngine(EngineConfig(model=path, num_blocks=64))
+    d = LLMEngine(EngineConfig(model=path, num_blocks=64))
+    assert _disaggregated(p, d, "s", prompt, params)[0] == expected
 
 
 def test_cancel_and_abort_of_a_reservation(tiny_models):
