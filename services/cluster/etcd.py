@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 import grpc
 from etcd3aio import Etcd3Client, EtcdError
 
+from services.cluster.tls import TLSFiles
+
 log = logging.getLogger(__name__)
 
 
@@ -24,18 +26,21 @@ def parse_endpoints(url: str) -> list[str]:
         if not part:
             continue
         parsed = urlparse(part if "://" in part else f"http://{part}")
-        if parsed.scheme not in ("http", "") or not parsed.hostname or not parsed.port:
-            raise ValueError(f"etcd endpoint {part!r} is invalid: expected http://host:port")
+        if parsed.scheme not in ("http", "https", "") or not parsed.hostname or not parsed.port:
+            raise ValueError(f"etcd endpoint {part!r} is invalid: expected http(s)://host:port")
         endpoints.append(f"{parsed.hostname}:{parsed.port}")
     if not endpoints:
         raise ValueError(f"etcd={url!r} is invalid: expected http://host:port")
     return endpoints
 
 
-async def connect(url: str) -> Etcd3Client:
+async def connect(url: str, tls: TLSFiles = TLSFiles()) -> Etcd3Client:
     """Open (lazily; the first RPC dials) a client for the given endpoint URL(s)."""
+    if url.startswith("https://") and not tls.ca:
+        raise ValueError(f"etcd={url!r} uses https: pass the CA that signed etcd's certificate (--etcd-ca)")
     client = Etcd3Client(parse_endpoints(url), rpc_max_attempts=2,
-                         watch_reconnect_backoff_seconds=0.2, watch_max_reconnect_backoff_seconds=2.0)
+                         watch_reconnect_backoff_seconds=0.2, watch_max_reconnect_backoff_seconds=2.0,
+                         **tls.etcd_conn_args())
     await client.connect()
     return client
 

@@ -67,6 +67,22 @@ class TLSFiles:
         return {k: v for k, v in args.items() if v is not None}
 
 
+TLS_FIELDS = ("tls_cert", "tls_key", "tls_ca", "etcd_cert", "etcd_key", "etcd_ca")
+
+
+def add_tls_flags(parser) -> None:
+    """The six TLS flags shared by the worker and the router (dest = the config field)."""
+    for name in TLS_FIELDS:
+        scope = "etcd client" if name.startswith("etcd") else "gRPC server and clients"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"PEM file: {name.split('_')[1]} ({scope})")
+
+
+def tls_from_config(config) -> tuple[TLSFiles, TLSFiles]:
+    """(gRPC TLS, etcd TLS) from a config object carrying the TLS_FIELDS."""
+    return (TLSFiles(config.tls_cert, config.tls_key, config.tls_ca),
+            TLSFiles(config.etcd_cert, config.etcd_key, config.etcd_ca))
+
+
 def add_port(server: grpc.aio.Server, address: str, tls: TLSFiles) -> int:
     """Bind address on server, with TLS when configured; returns the bound port."""
     if tls.cert:

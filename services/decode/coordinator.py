@@ -47,6 +47,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.cluster.wire import params_to_proto
 from services.common.sampling_params import SamplingParams
 from services.engine.kv_transfer import KVCompatibilityError, check_compatible
+from services.cluster.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 _CONFIRMED = ("DONE", "ABORTED", "FAILED", "INCOMPATIBLE", "INVALID")
@@ -60,6 +61,7 @@ class DecodeConfig:
         notify_timeout: wait for the notification after the prefill answered DONE.
         abort_timeout: deadline of one AbortRemotePrefill call.
         release_retry: seconds between quarantine checks.
+        tls: credentials for the channels to prefill workers (plaintext when empty).
     """
 
     local_prefill_threshold: int = 32
@@ -67,6 +69,7 @@ class DecodeConfig:
     notify_timeout: float = 5.0
     abort_timeout: float = 5.0
     release_retry: float = 1.0
+    tls: TLSFiles = TLSFiles()
 
     def __post_init__(self) -> None:
         if self.local_prefill_threshold < 0:
@@ -287,7 +290,7 @@ class DecodeCoordinator:
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address, self._config.tls)
         return worker_pb2_grpc.WorkerStub(channel)
 
     async def close(self, timeout: float = 5.0) -> None:

@@ -31,6 +31,7 @@ from services.router.models import ModelCatalog
 from services.router.policies import MostFreeKV, PrefixAware, make_policy
 from services.router.service import RouterCore
 from services.router.worker_pool import RoutingConfig, WorkerPool
+from services.cluster.tls import add_port
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -49,14 +50,14 @@ class RouterProcess:
         self.http_port = 0
 
     async def start(self, etcd_wait: float = 30.0) -> None:
-        self._etcd = await connect(self.config.etcd)
+        self._etcd = await connect(self.config.etcd, self.config.tls[1])
         discovery = Discovery(self._etcd, KeySpace(self.config.namespace))
         await retry_until_reachable(discovery.start, etcd_wait, f"etcd at {self.config.etcd}")
         c = self.config
         policies = {"hybrid": make_policy(c.policy, c.prefix_blocks, c.overload_margin), "decode": MostFreeKV(),
                     "prefill": PrefixAware(c.prefix_blocks, c.overload_margin)}
         pool = WorkerPool(discovery, policies, c.suspect_seconds,
-                          RoutingConfig(c.local_prefill_threshold, c.prefill_candidates))
+                          RoutingConfig(c.local_prefill_threshold, c.prefill_candidates), tls=c.tls[0])
         self.core = RouterCore(discovery, ModelCatalog(discovery, self._load_tokenizer), pool,
                                Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery))
         self.core.catalog.preload()
@@ -72,7 +73,7 @@ class RouterProcess:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.grpc_server)
-        self.grpc_port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        self.grpc_port = add_port(self.grpc_server, f"{self.config.host}:{self.config.grpc_port}", self.config.tls[0])
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC on {self.config.host}:{self.config.grpc_port}")
         await self.grpc_server.start()

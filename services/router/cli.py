@@ -11,6 +11,7 @@ import os
 import sys
 
 from services.router.config import POLICIES, RouterConfigError
+from services.cluster.tls import add_tls_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,6 +22,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdserve router", description="Run the pdserve router (gRPC + OpenAI-compatible HTTP).")
     p.add_argument("--etcd", help="etcd endpoint(s), e.g. http://127.0.0.1:2379")
+    add_tls_flags(p)
     p.add_argument("--namespace", help="cluster namespace in etcd (default: default)")
     p.add_argument("--host", help="bind address (default 0.0.0.0)")
     p.add_argument("--grpc-port", dest="grpc_port", help="gRPC port (default 50051; 0 = any free port)")

@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from services.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
+
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 
 
@@ -30,6 +32,13 @@ class RouterConfig:
     local_prefill_threshold: int = 32
     prefill_candidates: int = 2
 
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_ca: str = ""
+
     def __post_init__(self) -> None:
         if not self.etcd:
             raise RouterConfigError("etcd is missing: pass --etcd http://host:port (or PDSERVE_ROUTER_ETCD)")
@@ -48,6 +57,15 @@ class RouterConfig:
                 raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1")
         if self.overload_margin < 0 or self.suspect_seconds < 0:
             raise RouterConfigError("overload_margin and suspect_seconds must be >= 0")
+        try:
+            tls_from_config(self)
+        except TLSConfigError as exc:
+            raise RouterConfigError(str(exc)) from None
+
+    @property
+    def tls(self) -> tuple[TLSFiles, TLSFiles]:
+        """(gRPC TLS, etcd TLS); plaintext when no files are configured."""
+        return tls_from_config(self)
 
     @classmethod
     def build(cls, flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str = "PDSERVE_ROUTER_") -> "RouterConfig":

@@ -30,6 +30,7 @@ from pdserve.v1 import worker_pb2_grpc
 from services.cluster.discovery import Discovery
 from services.cluster.records import WorkerRecord, kv_mismatch
 from services.router.policies import Candidate, Policy, rank_prefill
+from services.cluster.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 ROLES = ("hybrid", "decode", "prefill")
@@ -58,8 +59,9 @@ class Route:
 
 class WorkerPool:
     def __init__(self, discovery: Discovery, policies: dict[str, Policy], suspect_seconds: float = 10.0,
-                 routing: RoutingConfig = RoutingConfig()) -> None:
+                 routing: RoutingConfig = RoutingConfig(), tls: TLSFiles = TLSFiles()) -> None:
         self._discovery = discovery
+        self._tls = tls
         self._policies = policies
         self._suspect_seconds = suspect_seconds
         self._routing = routing
@@ -122,7 +124,7 @@ class WorkerPool:
     def stub(self, record: WorkerRecord) -> worker_pb2_grpc.WorkerStub:
         address, channel = self._channels.get(record.id, ("", None))
         if channel is None or address != record.grpc_address:
-            channel = grpc.aio.insecure_channel(record.grpc_address, options=[
+            channel = open_channel(record.grpc_address, self._tls, options=[
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                 ("grpc.max_receive_message_length", 64 << 20)])
             self._channels[record.id] = (record.grpc_address, channel)

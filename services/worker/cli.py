@@ -12,6 +12,7 @@ import os
 import sys
 
 from services.engine.config import ConfigError, EngineConfig
+from services.cluster.tls import add_tls_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdserve worker", description="Run one pdserve worker (engine + gRPC + etcd registration).")
     p.add_argument("--config", help="YAML file whose keys are engine / worker config fields")
     p.add_argument("--etcd", help="etcd endpoint(s), e.g. http://127.0.0.1:2379")
+    add_tls_flags(p)
     p.add_argument("--namespace", help="cluster namespace in etcd (default: default)")
     p.add_argument("--host", help="bind address (default 0.0.0.0)")
     p.add_argument("--grpc-port", dest="grpc_port", help="gRPC port (0 = any free port)")

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from services.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
 from services.engine.config import ConfigError, EngineConfig, load_yaml
 
 
@@ -38,9 +39,20 @@ class WorkerConfig:
     kv_transfer_timeout: float = 30.0
     debug_rpcs: bool = False
 
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_ca: str = ""
+
     def __post_init__(self) -> None:
         if not self.etcd:
             raise ConfigError("etcd is missing: pass --etcd http://host:port (or PDSERVE_ETCD)")
+        try:
+            tls_from_config(self)
+        except TLSConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.namespace or "/" in self.namespace:
             raise ConfigError(f"namespace={self.namespace!r} is invalid: expected a name without '/'")
         for name in ("grpc_port", "metrics_port"):
@@ -65,6 +77,11 @@ class WorkerConfig:
     @property
     def role(self) -> str:
         return self.engine.role
+
+    @property
+    def tls(self) -> tuple[TLSFiles, TLSFiles]:
+        """(gRPC TLS, etcd TLS); plaintext when no files are configured."""
+        return tls_from_config(self)
 
 
 WORKER_KEYS = tuple(f.name for f in dataclasses.fields(WorkerConfig) if f.name != "engine")

@@ -39,6 +39,7 @@ from services.worker.config import WorkerConfig
 from services.worker.metrics import MetricsServer, WorkerMetrics
 from services.worker.remote_rpc import RemoteRoles
 from services.worker.servicer import Inflight, WorkerServicer
+from services.cluster.tls import add_port
 
 log = logging.getLogger(__name__)
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
@@ -68,7 +69,7 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     if config.role in ("decode", "hybrid"):
         decode = DecodeCoordinator(engine, peers, DecodeConfig(
             local_prefill_threshold=config.local_prefill_threshold,
-            remote_prefill_timeout=config.remote_prefill_timeout), metrics)
+            remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0]), metrics)
     return RemoteRoles(peers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout)
 
 
@@ -126,14 +127,14 @@ class WorkerProcess:
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((WORKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.grpc_port = self.server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        self.grpc_port = add_port(self.server, f"{self.config.host}:{self.config.grpc_port}", self.config.tls[0])
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC on {self.config.host}:{self.config.grpc_port}")
         await self.server.start()
         await self.metrics_server.start()
         for name in ("", WORKER_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._etcd = await connect(self.config.etcd)
+        self._etcd = await connect(self.config.etcd, self.config.tls[1])
         record = worker_record(self.config, self.engine, self.grpc_port, self.metrics_server.port, self.remote.peers)
         keys = KeySpace(self.config.namespace)
         self.registration = Registration(self._etcd, keys, record, lambda: load_report(self.engine, self.inflight),
