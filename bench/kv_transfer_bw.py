@@ -9,7 +9,13 @@ it times a same-process torch copy of the same bytes (contiguous ``copy_`` and
 the indexed gather/scatter the placement implies), and reports descriptors per
 whole-prompt write and the cost of ``write_blocks`` itself (build + post).
 
-Run: ``python -m bench.kv_transfer_bw [--tokens 4096] [--iters 5]``.
+With ``--device cuda`` both KV tensors live in GPU memory (NIXL registers them
+as VRAM): by default both processes use the same GPU (``cuda:0``);
+``--recv-device cuda:1`` puts the receiver on a second GPU. The torch baselines
+then run on the GPU, synchronized around each sample.
+
+Run: ``python -m bench.kv_transfer_bw [--tokens 4096] [--iters 5] [--device cuda]
+[--shapes "Llama-3-8B bf16" ...]``.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import argparse
 import multiprocessing
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Callable
 
@@ -54,9 +60,25 @@ def destination_blocks(placement: str, count: int, seed: int = 0) -> list[int]:
 
 
 def make_kv(layout: KVLayout, seed: int) -> torch.Tensor:
-    """Random non-zero contents; ``uniform_`` in place keeps a 1 GB cache cheap to fill."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.empty(layout.shape, dtype=getattr(torch, layout.dtype)).uniform_(0.5, 1.5, generator=gen)
+    """Random non-zero contents on ``layout.device``; ``uniform_`` in place keeps a
+    1 GB cache cheap to fill."""
+    device = torch.device(layout.device)
+    gen = torch.Generator(device).manual_seed(seed)
+    kv = torch.empty(layout.shape, dtype=getattr(torch, layout.dtype), device=device)
+    return kv.uniform_(0.5, 1.5, generator=gen)
+
+
+def sync_for(*devices: str) -> Callable[[], None] | None:
+    """A callable that waits for the GPUs among ``devices`` (None when all are CPU)."""
+    cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"}, key=str)
+    if not cuda:
+        return None
+
+    def sync() -> None:
+        for d in cuda:
+            torch.cuda.synchronize(d)
+
+    return sync
 
 
 # ---- receiver process -------------------------------------------------------------
@@ -66,7 +88,10 @@ def receiver(conn: Connection, name: str, layout_fields: dict, model: str) -> No
     from services.engine.kv_transfer.nixl_connector import NixlKVTransferAgent
 
     layout = KVLayout(**layout_fields)
-    agent = NixlKVTransferAgent(name, make_kv(layout, 2), model)
+    kv = make_kv(layout, 2)
+    if kv.is_cuda:
+        torch.cuda.synchronize(kv.device)  # filled before the peer may write into it
+    agent = NixlKVTransferAgent(name, kv, model)
     conn.send(agent.metadata())
     peer_name, peer_md = conn.recv()
     agent.add_peer(peer_name, peer_md)
@@ -99,28 +124,41 @@ class Timing:
         return f"{nbytes / self.median_s / 1e9:.2f}/{nbytes / self.best_s / 1e9:.2f}"
 
 
-def timed(fn: Callable[[], None], iters: int) -> Timing:
+def timed(fn: Callable[[], None], iters: int, sync: Callable[[], None] | None = None) -> Timing:
+    """Median and best of ``iters`` runs after one warm-up; ``sync`` (GPU work)
+    is called before the clock starts and before it stops."""
+    sync = sync or (lambda: None)
     fn()  # warm-up: connection set-up, page faults
+    sync()
     samples = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
+        sync()
         samples.append(time.perf_counter() - start)
+        sync()
     return Timing(statistics.median(samples), min(samples))
 
 
-def bench_shape(shape: Shape, tokens: int, block_size: int, prepped: bool, iters: int) -> list[dict]:
+def bench_shape(shape: Shape, tokens: int, block_size: int, prepped: bool, iters: int,
+                device: str = "cpu", recv_device: str | None = None) -> list[dict]:
     from services.engine.kv_transfer.nixl_connector import NixlConfig, NixlKVTransferAgent
 
     count = tokens // block_size
-    layout = KVLayout(shape.num_layers, 2 * count, block_size, shape.num_kv_heads, shape.head_dim, shape.dtype)
+    layout = KVLayout(shape.num_layers, 2 * count, block_size, shape.num_kv_heads, shape.head_dim, shape.dtype,
+                      device)
+    recv_layout = replace(layout, device=recv_device or device)
     tag = "p" if prepped else "d"
     ctx = multiprocessing.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=receiver, args=(child, f"recv-{tag}", asdict(layout), "bench"), daemon=True)
+    proc = ctx.Process(target=receiver, args=(child, f"recv-{tag}", asdict(recv_layout), "bench"), daemon=True)
     proc.start()
     try:
-        agent = NixlKVTransferAgent(f"send-{tag}", make_kv(layout, 1), "bench", NixlConfig(prepped=prepped))
+        kv = make_kv(layout, 1)
+        sync = sync_for(device)
+        if sync is not None:
+            sync()
+        agent = NixlKVTransferAgent(f"send-{tag}", kv, "bench", NixlConfig(prepped=prepped))
         agent.add_peer(f"recv-{tag}", conn.recv())
         conn.send((agent.name, agent.metadata()))
         assert conn.recv() == "ready"
@@ -159,16 +197,20 @@ def measure(agent: KVTransferAgent, peer: str, layout: KVLayout, placement: str,
             "submit_s": statistics.median(submit)}
 
 
-def torch_copies(layout: KVLayout, iters: int) -> dict[str, Timing]:
+def torch_copies(layout: KVLayout, iters: int, recv_device: str | None = None) -> dict[str, Timing]:
     """Same-process torch baselines: contiguous ``copy_`` of the prompt's bytes, and
-    the indexed copy each placement implies (``dst[:, ids] = src[:, ids]``)."""
-    a, b = make_kv(layout, 1), make_kv(layout, 2)
+    the indexed copy each placement implies (``dst[:, ids] = src[:, ids]``). The
+    source lives on ``layout.device``, the destination on ``recv_device``; GPU
+    samples are synchronized on both."""
+    recv_device = recv_device or layout.device
+    a, b = make_kv(layout, 1), make_kv(replace(layout, device=recv_device), 2)
+    sync = sync_for(layout.device, recv_device)
     count = layout.num_blocks // 2
-    out = {"copy": timed(lambda: b[:, count:].copy_(a[:, :count]), iters)}
-    src = torch.arange(count)
+    out = {"copy": timed(lambda: b[:, count:].copy_(a[:, :count]), iters, sync)}
+    src = torch.arange(count, device=a.device)
     for placement in PLACEMENTS:
-        dst = torch.tensor(destination_blocks(placement, count))
-        out[placement] = timed(lambda: b.index_copy_(1, dst, a.index_select(1, src)), iters)
+        dst = torch.tensor(destination_blocks(placement, count), device=b.device)
+        out[placement] = timed(lambda: b.index_copy_(1, dst, a.index_select(1, src).to(b.device)), iters, sync)
     return out
 
 
@@ -177,18 +219,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cpu",
+                        help="where both KV tensors live: cpu (DRAM) or cuda[:N] (VRAM; 'cuda' means cuda:0)")
+    parser.add_argument("--recv-device", default=None,
+                        help="the receiver's device when it differs from --device, e.g. cuda:1")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="LABEL",
+                        help=f"shapes to run (default all): {', '.join(repr(s.label) for s in SHAPES)}")
     args = parser.parse_args(argv)
+    device = "cuda:0" if args.device == "cuda" else args.device
+    recv_device = "cuda:0" if args.recv_device == "cuda" else (args.recv_device or device)
+    shapes = SHAPES
+    if args.shapes:
+        unknown = set(args.shapes) - {s.label for s in SHAPES}
+        if unknown:
+            parser.error(f"unknown shapes {sorted(unknown)}; known: {[s.label for s in SHAPES]}")
+        shapes = tuple(s for s in SHAPES if s.label in args.shapes)
     print(f"prompt {args.tokens} tokens, block_size {args.block_size}; GB/s = 1e9 B/s as median/best of {args.iters}")
+    if device != "cpu" or recv_device != "cpu":
+        names = {d: torch.cuda.get_device_name(d) for d in (device, recv_device) if d.startswith("cuda")}
+        print(f"sender KV on {device}, receiver KV on {recv_device} ({'; '.join(f'{d}: {n}' for d, n in names.items())}); "
+              f"torch {torch.__version__}")
     header = (f"{'shape':<18} {'MB':>6} {'lists':<8} {'dst blocks':<11} {'descs':>6} {'whole GB/s':>11} "
               f"{'layer GB/s':>11} {'torch idx':>11} {'torch copy':>11} {'submit ms':>9}")
     print(header)
-    for shape in SHAPES:
+    for shape in shapes:
         count = args.tokens // args.block_size
         layout = KVLayout(shape.num_layers, 2 * count, args.block_size, shape.num_kv_heads, shape.head_dim,
-                          shape.dtype)
-        torch_s = torch_copies(layout, args.iters)
+                          shape.dtype, device)
+        torch_s = torch_copies(layout, args.iters, recv_device)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the baselines' tensors go back before the agents allocate
         for prepped in (True, False):
-            rows = bench_shape(shape, args.tokens, args.block_size, prepped, args.iters)
+            rows = bench_shape(shape, args.tokens, args.block_size, prepped, args.iters, device, recv_device)
             for r in rows:
                 n = r["bytes"]
                 print(f"{shape.label:<18} {n / 1e6:6.1f} {'prepped' if prepped else 'direct':<8} "
