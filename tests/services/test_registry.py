@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 
 from services.cluster.discovery import Discovery
-from services.cluster.etcd import connect, parse_endpoints
+from services.cluster.etcd import connect, parse_endpoints, retry_until_reachable
 from services.cluster.keys import KeySpace
 from services.cluster.records import LoadReport, WorkerRecord
 from services.cluster.registry import Registration
@@ -110,7 +110,8 @@ def test_discovery_keeps_last_known_set_while_etcd_is_down(etcd: Any, tmp_path: 
         restarted = await asyncio.to_thread(start_etcd, group, str(tmp_path), 20.0, ports, data_dir)
         server.child = restarted.child
         reg2 = Registration(worker_client, keys, record("w4"), LoadReport, ttl=5, load_interval=0.2)
-        await reg2.start()
+        # as the worker process does: the client's channel may still be backing off after the restart
+        await retry_until_reachable(reg2.start, 20.0, "restarted etcd")
         await until(lambda: {r.id for r in discovery.live()} == {"w3", "w4"}, 10.0)
         for r in (reg, reg2):
             await r.stop()
