@@ -151,3 +151,14 @@ def _side_arrays(runs: Sequence[BlockRun], side: Side) -> tuple[np.ndarray, np.n
 def _first_duplicate(ids: np.ndarray) -> int:
     values, counts = np.unique(ids, return_counts=True)
     return int(values[counts > 1][0])
+
+
+def checked_layers(layers: range | None, num_layers: int) -> range:
+    """The layers a write covers (all when None); ValueError when out of range."""
+    if layers is None:
+        return range(num_layers)
+    if not isinstance(layers, range):
+        raise ValueError(f"layers must be a range or None, got {type(layers).__name__}")
+    if len(layers) and (min(layers) < 0 or max(layers) >= num_layers):
+        raise ValueError(f"layers {layers} out of range: the cache has {num_layers} layers")
+    return layers

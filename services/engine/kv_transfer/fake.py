@@ -33,7 +33,7 @@ from services.engine.kv_transfer.base import (
     TransferState,
     check_compatible,
 )
-from services.engine.kv_transfer.descriptors import check_block_ids, merge_block_runs
+from services.engine.kv_transfer.descriptors import check_block_ids, checked_layers, merge_block_runs
 
 
 class FakeKVRegistry:
@@ -155,9 +155,7 @@ class FakeKVTransferAgent(KVTransferAgent):
         self._check_open()
         info = self._peer_info(peer_name)
         self._live_peer(peer_name, info)
-        layers = range(self._layout.num_layers) if layers is None else layers
-        if len(layers) and (min(layers) < 0 or max(layers) >= self._layout.num_layers):
-            raise ValueError(f"layers {layers} out of range: the cache has {self._layout.num_layers} layers")
+        layers = checked_layers(layers, self._layout.num_layers)
         runs = merge_block_runs(local_block_ids, remote_block_ids)
         check_block_ids(runs, self._layout.num_blocks, "local")
         check_block_ids(runs, info.num_blocks, "remote")

@@ -47,6 +47,7 @@ from services.engine.kv_transfer.descriptors import (
     KVRegion,
     all_block_descriptors,
     check_block_ids,
+    checked_layers,
     merge_block_runs,
     run_descriptors,
     run_indices,
@@ -194,7 +195,7 @@ class NixlKVTransferAgent(KVTransferAgent):
     ) -> TransferHandle:
         self._check_open()
         peer = self._peer(peer_name)
-        layers = _checked_layers(layers, self._layout.num_layers)
+        layers = checked_layers(layers, self._layout.num_layers)
         runs = merge_block_runs(local_block_ids, remote_block_ids)
         check_block_ids(runs, self._layout.num_blocks, "local")
         check_block_ids(runs, peer.region.num_blocks, "remote")
@@ -382,16 +383,6 @@ def _checked_layout(kv: torch.Tensor) -> KVLayout:
     if not kv.is_contiguous():
         raise ValueError("the KV tensor must be contiguous: it is registered as one region")
     return KVLayout.for_tensor(kv)
-
-
-def _checked_layers(layers: range | None, num_layers: int) -> range:
-    if layers is None:
-        return range(num_layers)
-    if not isinstance(layers, range):
-        raise ValueError(f"layers must be a range or None, got {type(layers).__name__}")
-    if len(layers) and (min(layers) < 0 or max(layers) >= num_layers):
-        raise ValueError(f"layers {layers} out of range: the cache has {num_layers} layers")
-    return layers
 
 
 def _mem_type(kv: torch.Tensor) -> tuple[str, int]:
