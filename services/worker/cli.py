@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", dest="drain_timeout", help="seconds to finish in-flight work on SIGTERM")
     p.add_argument("--lease-ttl", dest="lease_ttl", help="etcd lease TTL in seconds (default 10)")
     p.add_argument("--kv-transfer", dest="kv_transfer", help="true|false: run a NIXL agent for P/D (default true)")
-    p.add_argument("--kv-send", dest="kv_send", help="layerwise (overlap with compute, default) | whole")
+    p.add_argument("--kv-send", dest="kv_send", help="auto (default: layerwise on GPUs, whole on CPU) | layerwise (overlap with compute) | whole")
     p.add_argument("--local-prefill-threshold", dest="local_prefill_threshold",
                    help="decode side: prompts with fewer uncached tokens prefill locally (default 32)")
     p.add_argument("--remote-prefill-timeout", dest="remote_prefill_timeout",

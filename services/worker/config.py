@@ -17,6 +17,8 @@ from typing import Any, Mapping
 from services.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
 from services.engine.config import ConfigError, EngineConfig, load_yaml
 
+KV_SEND_MODES = ("auto", "layerwise", "whole")
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -33,7 +35,7 @@ class WorkerConfig:
     load_interval: float = 1.0
     # Disaggregation (see services/prefill and services/decode).
     kv_transfer: bool = True
-    kv_send: str = "layerwise"
+    kv_send: str = "auto"  # layerwise on accelerators, whole on CPU (see resolve_kv_send)
     local_prefill_threshold: int = 32
     remote_prefill_timeout: float = 120.0
     kv_transfer_timeout: float = 30.0
@@ -65,8 +67,8 @@ class WorkerConfig:
             raise ConfigError(f"lease_ttl={self.lease_ttl!r} is invalid: expected an integer >= 2 (seconds)")
         if not self.load_interval > 0:
             raise ConfigError(f"load_interval={self.load_interval!r} is invalid: expected seconds > 0")
-        if self.kv_send not in ("layerwise", "whole"):
-            raise ConfigError(f"kv_send={self.kv_send!r} is invalid: expected 'layerwise' or 'whole'")
+        if self.kv_send not in KV_SEND_MODES:
+            raise ConfigError(f"kv_send={self.kv_send!r} is invalid: expected one of {', '.join(KV_SEND_MODES)}")
         if not isinstance(self.local_prefill_threshold, int) or self.local_prefill_threshold < 0:
             raise ConfigError(f"local_prefill_threshold={self.local_prefill_threshold!r} is invalid: "
                               "expected an integer >= 0 (tokens)")
@@ -103,6 +105,15 @@ def build_worker_config(flags: Mapping[str, Any], environ: Mapping[str, str],
     worker = {k: _coerce(k, v) for k, v in merged.items() if k in WORKER_KEYS}
     config = WorkerConfig(engine=engine, **worker)
     return _resolve_identity(config)
+
+
+def resolve_kv_send(mode: str, device_type: str) -> str:
+    """``auto``: layer by layer on accelerators, where the copy engines overlap the
+    sends with compute; in one write on CPU, where the copy takes the cores the
+    prefill needs (measured slower layer by layer, docs/benchmarks.md)."""
+    if mode != "auto":
+        return mode
+    return "whole" if device_type == "cpu" else "layerwise"
 
 
 def _env_values(environ: Mapping[str, str], prefix: str = "PDSERVE_") -> dict[str, str]:

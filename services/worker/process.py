@@ -35,7 +35,7 @@ from services.cluster.keys import KeySpace
 from services.cluster.kv_peers import KVPeers
 from services.cluster.records import LoadReport, WorkerRecord
 from services.cluster.registry import Registration
-from services.worker.config import WorkerConfig
+from services.worker.config import WorkerConfig, resolve_kv_send
 from services.worker.metrics import MetricsServer, WorkerMetrics
 from services.worker.remote_rpc import RemoteRoles
 from services.worker.servicer import Inflight, WorkerServicer
@@ -64,8 +64,9 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
     prefill = decode = None
     if config.role in ("prefill", "hybrid"):
-        prefill = PrefillServer(engine, peers, PrefillConfig(transfer_timeout=config.kv_transfer_timeout,
-                                                             send=config.kv_send), metrics.observe_remote_prefill)
+        send = resolve_kv_send(config.kv_send, engine.engine.device.type)
+        prefill = PrefillServer(engine, peers, PrefillConfig(transfer_timeout=config.kv_transfer_timeout, send=send),
+                                metrics.observe_remote_prefill)
     if config.role in ("decode", "hybrid"):
         decode = DecodeCoordinator(engine, peers, DecodeConfig(
             local_prefill_threshold=config.local_prefill_threshold,

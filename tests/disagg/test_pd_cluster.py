@@ -26,7 +26,8 @@ from tests.services.clients import router_stub, wait_for, worker_stub
 from tests.services.cluster_fixture import kill_hard, local_cluster, worker_for
 
 THRESHOLD = 8
-PD_ARGS = ("--local-prefill-threshold", str(THRESHOLD), "--debug-rpcs", "true", "--remote-prefill-timeout", "60")
+PD_ARGS = ("--local-prefill-threshold", str(THRESHOLD), "--debug-rpcs", "true", "--remote-prefill-timeout", "60",
+           "--kv-send", "layerwise")  # NOTE: the GPU default; CPU workers send whole prompts unless told
 MAX_TOKENS = 12
 LONG = 900  # tokens: ~1 s of prefill compute on CPU, room to act mid-request
 
@@ -247,26 +248,39 @@ def test_sigkill_decode_mid_request_fails_fast_and_prefill_frees(
     wait_quiet(cluster)
 
 
-def test_incompatible_decode_worker_is_refused_clearly(cluster: LocalCluster, reference: Reference,
-                                                       ids: list[int]) -> None:
-    odd = cluster.add_worker("decode", "--block-size", "32", "--num-blocks", "128")
-    cluster.wait_ready(120.0, count=4)
-    odd_info = next(w for w in workers(cluster, "decode") if int(w["id"].split("-")[-2]) == odd.pid)
-    prefill = workers(cluster, "prefill")[0]
-    assert any("block_size: 32 != 16" in m for m in odd_info["kv_incompatible"]), odd_info["kv_incompatible"]
-    wait_for(lambda: any("block_size: local 16 != remote 32" in e for e in stats(prefill).kv_peer_errors), 10.0,
-             what="the prefill worker refused the odd peer")
-    p = prompt(ids, 60, offset=1000)
-    out = worker_generate(odd_info["grpc_address"], p, MAX_TOKENS, peers=[prefill])  # the router would not pair them
-    assert out[0].prefill_worker_id == ""  # prefilled locally, not a crash
-    expect_match(reference, [p], [tokens_of(out)], MAX_TOKENS)
-    assert metric(metrics(odd_info), "pdserve_worker_prefills_total", where="local", reason="incompatible") == 1
-    handshake = {"protocol_version": 1, "model": "smollm2", "dtype": "float32", "block_size": 32,
-                 "kv_layout": "layer,block,kv,token,head,dim", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
-    answer = worker_stub(prefill["grpc_address"]).RemotePrefill(worker_pb2.RemotePrefillRequest(
-        request_id="odd-1", prompt_token_ids=p, decode_kv_agent=odd_info["kv_agent"],
-        decode_kv_handshake=json.dumps(handshake), block_ids=[0, 1], num_cached_tokens=0), timeout=10)
-    assert answer.status == worker_pb2.RemotePrefillResponse.INCOMPATIBLE
-    assert "block_size: local 16 != remote 32" in answer.error
-    assert odd.alive and sum(c.alive for c in cluster.workers) == 4
+@pytest.mark.parametrize("flags, field, theirs, ours", [
+    (("--block-size", "32", "--num-blocks", "128"), "block_size", 32, 16),
+    (("--dtype", "bfloat16", "--num-blocks", "128"), "dtype", "bfloat16", "float32"),
+], ids=["block_size", "dtype"])
+def test_incompatible_decode_worker_is_refused_clearly(cluster: LocalCluster, reference: Reference, ids: list[int],
+                                                       flags: tuple[str, ...], field: str, theirs: int | str,
+                                                       ours: int | str) -> None:
+    odd = cluster.add_worker("decode", *flags)
+    try:
+        cluster.wait_ready(120.0, count=4)
+        odd_info = next(w for w in workers(cluster, "decode") if int(w["id"].split("-")[-2]) == odd.pid)
+        prefill = workers(cluster, "prefill")[0]
+        assert any(f"{field}: {theirs!r} != {ours!r}" in m for m in odd_info["kv_incompatible"]), odd_info
+        refusal = f"{field}: local {ours!r} != remote {theirs!r}"
+        wait_for(lambda: any(refusal in e for e in stats(prefill).kv_peer_errors), 10.0,
+                 what="the prefill worker refused the odd peer")
+        p = prompt(ids, 60, offset=1000)
+        out = worker_generate(odd_info["grpc_address"], p, MAX_TOKENS, peers=[prefill])  # the router would not pair them
+        assert out[0].prefill_worker_id == ""  # prefilled locally, not a crash
+        if field != "dtype":  # NOTE: bfloat16 greedy output may differ from the float32 reference
+            expect_match(reference, [p], [tokens_of(out)], MAX_TOKENS)
+        assert len(tokens_of(out)) == MAX_TOKENS
+        assert metric(metrics(odd_info), "pdserve_worker_prefills_total", where="local", reason="incompatible") == 1
+        handshake = {"protocol_version": 1, "model": "smollm2", "dtype": "float32", "block_size": 16,
+                     "kv_layout": "layer,block,kv,token,head,dim", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+        handshake[field] = theirs
+        answer = worker_stub(prefill["grpc_address"]).RemotePrefill(worker_pb2.RemotePrefillRequest(
+            request_id=f"odd-{field}", prompt_token_ids=p, decode_kv_agent=odd_info["kv_agent"],
+            decode_kv_handshake=json.dumps(handshake), block_ids=[0, 1], num_cached_tokens=0), timeout=10)
+        assert answer.status == worker_pb2.RemotePrefillResponse.INCOMPATIBLE
+        assert refusal in answer.error
+        assert odd.alive and sum(c.alive for c in cluster.workers) == 4
+    finally:
+        odd.stop(20.0)
+    wait_for(lambda: len(cluster.live_workers()) == 3, 30.0, what="the odd worker gone from the router")
     wait_quiet(cluster)

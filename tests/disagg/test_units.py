@@ -15,7 +15,7 @@ from services.engine.kv_transfer.fake import FakeKVRegistry, FakeKVTransferAgent
 from services.launcher.cli import topology
 from services.router.policies import MostFreeKV, PrefixAware, RoundRobin
 from services.router.worker_pool import RoutingConfig, WorkerPool
-from services.worker.config import build_worker_config
+from services.worker.config import build_worker_config, resolve_kv_send
 
 HANDSHAKE = {"protocol_version": 1, "model": "m", "dtype": "float32", "block_size": 16,
              "kv_layout": "layer,block,kv,token,head,dim", "num_layers": 2, "num_kv_heads": 1, "head_dim": 8}
@@ -149,6 +149,13 @@ def test_worker_config_disaggregation_flags() -> None:
         build_worker_config({"etcd": "http://e:1", "kv_send": "sometimes"}, {})
     with pytest.raises(ValueError, match="debug_rpcs"):
         build_worker_config({"etcd": "http://e:1", "debug_rpcs": "maybe"}, {})
+
+
+def test_kv_send_auto_is_whole_on_cpu_and_layerwise_on_accelerators() -> None:
+    assert build_worker_config({"etcd": "http://e:1"}, {}).kv_send == "auto"
+    assert resolve_kv_send("auto", "cpu") == "whole"
+    assert resolve_kv_send("auto", "cuda") == "layerwise"
+    assert resolve_kv_send("layerwise", "cpu") == "layerwise" and resolve_kv_send("whole", "cuda") == "whole"
 
 
 @pytest.mark.parametrize("given, expected", [

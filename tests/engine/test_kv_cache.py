@@ -77,3 +77,51 @@ def test_prefix_caching_disabled():
     kv.free("a")
     assert kv.match_prefix("b", [1, 2, 3]) == 0
     assert kv.stats()["cached"] == 0
+
+
+def test_allocation_hands_out_contiguous_runs():
+    pool = BlockPool(16)
+    a = pool.allocate(3)
+    b = pool.allocate(4)
+    assert a == [0, 1, 2] and b == [3, 4, 5, 6]
+    pool.release(a)  # a hole of 3 at the front
+    c = pool.allocate(5)  # does not fit the hole: the first run long enough
+    assert c == [7, 8, 9, 10, 11]
+    d = pool.allocate(2)  # fits the hole
+    assert d == [0, 1]
+    assert pool.allocate(1, after=11) == [12]  # a growing table continues its run
+    e = pool.allocate(4)  # no run of 4 left: the lowest ids
+    assert e == [2, 13, 14, 15]
+    assert pool.num_free == 0
+
+
+def test_growing_tables_stay_contiguous():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    for rid in ("a", "b"):
+        kv.match_prefix(rid, list(range(9)))
+        assert kv.allocate_slots(rid, 9)
+    for n in range(10, 40):  # both grow token by token, interleaved
+        for rid in ("a", "b"):
+            assert kv.allocate_slots(rid, n)
+    for rid in ("a", "b"):
+        blocks = kv.blocks_of(rid)
+        runs = 1 + sum(1 for x, y in zip(blocks, blocks[1:]) if y != x + 1)
+        assert runs <= 4, (rid, blocks)
+        kv.free(rid)
+    assert kv.stats()["used"] == 0
+
+
+def test_empty_blocks_are_used_before_cached_ones_are_evicted():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    kv.match_prefix("a", [1, 2, 3, 4, 5])
+    assert kv.allocate_slots("a", 4)
+    kv.commit_full_blocks("a", [1, 2, 3, 4, 5], 4)
+    kv.free("a")
+    assert kv.stats()["cached"] == 2
+    kv.match_prefix("b", list(range(20, 33)))
+    assert kv.allocate_slots("b", 12)  # the 6 empty blocks: no eviction
+    assert kv.stats()["cached"] == 2
+    kv.free("b")
+    assert kv.match_prefix("a2", [1, 2, 3, 4, 5]) == 4
+    kv.free("a2")
+    assert kv.stats()["used"] == 0

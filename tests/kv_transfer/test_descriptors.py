@@ -189,3 +189,35 @@ def test_peer_info_round_trip_and_rejections() -> None:
     future[4:6] = (PROTOCOL_VERSION + 1).to_bytes(2, "big")
     with pytest.raises(KVCompatibilityError, match=f"protocol_version: local {PROTOCOL_VERSION} != remote"):
         PeerInfo.decode(bytes(future))
+
+
+def test_a_prompt_allocated_on_both_sides_moves_as_one_run() -> None:
+    """The pools hand out contiguous runs, so a prompt's KV is one region per layer on
+    each side even after other requests came and went (holes in both pools)."""
+    from services.engine.kv_cache import KVCacheManager
+
+    import random
+
+    rng = random.Random(0)
+    prefill, decode = KVCacheManager(256, 16), KVCacheManager(256, 16)
+    for kv in (prefill, decode):
+        count = 0
+        while kv.stats()["free"] > 20:  # the whole pool has been used once
+            n = rng.randrange(17, 300)
+            kv.match_prefix(f"h{count}", list(range(n)))
+            if not kv.allocate_slots(f"h{count}", n):
+                kv.free(f"h{count}")
+                break
+            count += 1
+        order = list(range(count))
+        rng.shuffle(order)
+        for i in order[1:]:  # one stays: a hole somewhere in the pool
+            kv.free(f"h{i}")
+    prompt = list(range(1000, 1000 + 1500))
+    decode.match_prefix("r", prompt)
+    assert decode.allocate_slots("r", len(prompt))
+    prefill.match_prefix("r", prompt)
+    for chunk_end in range(512, len(prompt) + 512, 512):  # chunked prefill grows the table
+        assert prefill.allocate_slots("r", min(chunk_end, len(prompt)))
+    runs = merge_block_runs(prefill.blocks_of("r"), decode.blocks_of("r"))
+    assert len(runs) == 1 and runs[0].length == -(-len(prompt) // 16)

@@ -68,7 +68,8 @@ class KVCacheManager:
         if need > self.pool.num_free:
             return False
         table = self._tables.setdefault(req_id, _Table())
-        table.blocks.extend(self.pool.allocate(need))
+        if need:
+            table.blocks.extend(self.pool.allocate(need, after=table.blocks[-1] if table.blocks else None))
         return True
 
     def commit_full_blocks(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
