@@ -30,7 +30,7 @@ test-full: install
 	$(PY) -m pytest -q -m "not gpu" tests
 
 test-gpu:
-	python3 -m pytest -q -m "gpu or not slow" tests/kernels tests/engine
+	python3 -m pytest -q -m "gpu or not slow" tests/kernels tests/engine tests/disagg/test_pd_gpu.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/pdserve/v1/*.proto

@@ -1,69 +1,116 @@
 """Time to first token: disaggregated 1P1D against one hybrid worker, long prompts.
 
-Owns: the benchmark only. Starts a real cluster per topology (etcd, router,
-workers as processes, ``services.launcher.LocalCluster``), sends each prompt
-length a few times one at a time over the OpenAI HTTP API with streaming, and
-reports the median time from sending to the first streamed token. Each prompt is
-new (random token ids), so no prefix cache helps either side.
+Owns: the benchmark only. Starts two real clusters side by side (etcd, router,
+workers as processes, ``services.launcher.LocalCluster``): one with a prefill and
+a decode worker, one with a single hybrid worker. Requests go one at a time,
+alternating between the clusters, so both see the same machine state (an idle
+worker burns no CPU); each prompt is new (random token ids), so no prefix cache
+helps either side. TTFT is measured at the client: from sending a streaming
+``Router.Generate`` (token ids) to the first response carrying a token. Reports
+the median per prompt length and the prefill worker's own split of the 1P1D time
+(compute, transfer tail after the last layer, hand-over until the notification).
 
-Run: ``python -m bench.ttft [--lengths 512 1024 2048] [--repeats 3]``.
+Run: ``python -m bench.ttft [--lengths 512 1024 2048] [--repeats 3]``; on a GPU
+``python -m bench.ttft --model dummy:llama-3-8b --dtype bfloat16 --device-type cuda
+--lengths 1024 4096 8192`` (all three workers share the GPU).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 import urllib.request
 
+import grpc
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
 from services.launcher.cluster import ClusterSpec, LocalCluster
 from services.launcher.processes import free_port
 
 
-def _ttft(url: str, prompt: list[int]) -> float:
-    body = json.dumps({"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0,
-                       "stream": True}).encode()
-    req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+def _ttft(stub: router_pb2_grpc.RouterStub, prompt: list[int]) -> float:
+    params = common_pb2.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    request = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=prompt), stream=True, params=params)
     start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        for line in resp:
-            if line.startswith(b"data: ") and b'"text"' in line:
-                first = time.perf_counter() - start
-                for _ in resp:  # drain the stream
-                    pass
-                return first
-    raise RuntimeError("the stream ended without a token")
+    first = None
+    for response in stub.Generate(request, timeout=600):
+        if first is None and response.token_ids:
+            first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError("the stream ended without a token")
+    return first
 
 
-def _measure(spec: ClusterSpec, lengths: list[int], repeats: int, rng: random.Random) -> dict[int, float]:
-    cluster = LocalCluster(spec)
-    try:
-        cluster.start()
-        cluster.wait_ready(600)
-        _ttft(cluster.http_url, [rng.randrange(100, 40000) for _ in range(64)])  # warm-up
-        return {n: statistics.median(_ttft(cluster.http_url, [rng.randrange(100, 40000) for _ in range(n)])
-                                     for _ in range(repeats)) for n in lengths}
-    finally:
-        cluster.stop(timeout=30)
+def _prefill_split(cluster: LocalCluster) -> dict[str, float]:
+    """Mean seconds per remote prefill from the prefill worker's histograms."""
+    wanted = {"pdserve_worker_remote_prefill_compute_seconds": "compute",
+              "pdserve_kv_transfer_tail_seconds": "tail", "pdserve_kv_handover_seconds": "handover"}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for worker in cluster.live_workers():
+        if worker["role"] != "prefill":
+            continue
+        with urllib.request.urlopen(worker["metrics_url"], timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                for metric, name in wanted.items():
+                    if sample.name == f"{metric}_sum":
+                        sums[name] = sums.get(name, 0.0) + sample.value
+                    elif sample.name == f"{metric}_count":
+                        counts[name] = counts.get(name, 0.0) + sample.value
+    return {name: sums[name] / counts[name] for name in sums if counts.get(name)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ttft")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--kv-send", default="layerwise", choices=("layerwise", "whole"))
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device-type", default="cpu")
+    p.add_argument("--num-blocks", type=int, default=1024)
+    p.add_argument("--kv-send", default="auto", choices=("auto", "layerwise", "whole"))
     args = p.parse_args(argv)
-    worker_args = ("--num-blocks", "1024", "--dtype", "float32", "--kv-send", args.kv_send)
+    worker_args = ("--num-blocks", str(args.num_blocks), "--dtype", args.dtype, "--device-type", args.device_type,
+                   "--kv-send", args.kv_send, "--max-batch-size", "8")
     topologies = {"1P1D": dict(hybrid=0, prefill=1, decode=1), "hybrid": dict(hybrid=1)}
-    results = {}
-    for name, counts in topologies.items():
-        spec = ClusterSpec(**counts, http_port=free_port(), grpc_port=free_port(), worker_args=worker_args)
-        results[name] = _measure(spec, args.lengths, args.repeats, random.Random(0))
+    clusters = {name: LocalCluster(ClusterSpec(**counts, model=args.model, http_port=free_port(),
+                                               grpc_port=free_port(), worker_args=worker_args))
+                for name, counts in topologies.items()}
+    rng = random.Random(0)
+    channels: list[grpc.Channel] = []
+    try:
+        for cluster in clusters.values():
+            cluster.start()
+        stubs = {}
+        for name, cluster in clusters.items():
+            cluster.wait_ready(900)
+            channels.append(grpc.insecure_channel(cluster.grpc_address))
+            stubs[name] = router_pb2_grpc.RouterStub(channels[-1])
+        for stub in stubs.values():  # warm-up: kernels compiled, one transfer done
+            _ttft(stub, [rng.randrange(100, 30000) for _ in range(max(args.lengths))])
+        times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in args.lengths} for name in clusters}
+        for n in args.lengths:
+            for _ in range(args.repeats):
+                for name, stub in stubs.items():
+                    times[name][n].append(_ttft(stub, [rng.randrange(100, 30000) for _ in range(n)]))
+        split = _prefill_split(clusters["1P1D"])
+    finally:
+        for channel in channels:
+            channel.close()
+        for cluster in clusters.values():
+            cluster.stop(timeout=30)
+    print(f"model={args.model} dtype={args.dtype} device={args.device_type} kv_send={args.kv_send} "
+          f"median of {args.repeats}, alternating clusters")
     print(f"{'prompt tokens':>14} {'1P1D TTFT s':>12} {'hybrid TTFT s':>14} {'ratio':>6}")
     for n in args.lengths:
-        a, b = results["1P1D"][n], results["hybrid"][n]
-        print(f"{n:>14} {a:>12.3f} {b:>14.3f} {a / b:>6.2f}")
+        a, b = statistics.median(times["1P1D"][n]), statistics.median(times["hybrid"][n])
+        print(f"{n:>14} {a:>12.4f} {b:>14.4f} {a / b:>6.2f}")
+    print("prefill worker, mean per remote prefill (all lengths and the warm-up): "
+          + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in split.items()))
     return 0
 
 

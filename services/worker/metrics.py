@@ -91,6 +91,9 @@ class WorkerMetrics:
                                       "writing them, per request", direction, buckets=BANDWIDTH_BUCKETS, registry=reg)
         self.kv_handover = Histogram("pdserve_kv_handover_seconds", "Prefill side: last layer computed to completion "
                                      "notification sent", names, buckets=TRANSFER_BUCKETS, registry=reg)
+        self.remote_compute = Histogram("pdserve_worker_remote_prefill_compute_seconds", "Prefill side: "
+                                        "RemotePrefill accepted to its last layer computed (queue + compute)", names,
+                                        registry=reg)
         self.prefills = Counter("pdserve_worker_prefills", "Prompts prefilled for this worker's requests: where "
                                 "(local | remote) and why", names + ["where", "reason"], registry=reg)
         self.remote_prefills = Counter("pdserve_worker_remote_prefill_requests", "RemotePrefill calls served "
@@ -120,6 +123,7 @@ class WorkerMetrics:
             self.observe_transfer_time("sent", result.bytes_sent, result.transfer_seconds, result.write_seconds)
             self.labelled(self.kv_tail).observe(result.tail_seconds)
             self.labelled(self.kv_handover).observe(result.handover_seconds)
+            self.labelled(self.remote_compute).observe(result.compute_seconds)
 
     def labelled(self, metric: Any, **extra: str) -> Any:
         return metric.labels(**self._labels, **extra)
