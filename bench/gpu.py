@@ -57,6 +57,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the previous one's tokens (default: on for CUDA)")
     p.add_argument("--profile", action="store_true",
                    help="print the kernels of a decode forward and the host functions of engine steps")
     p.add_argument("--json", default="", help="also write the figures to this file")
@@ -135,6 +137,8 @@ def bench_decode(llm, batch: int, args, vocab: int, ceil: Ceilings, weight_bytes
         _profile(engine, graphs.graphs[padded][0].replay)
     for r in ids:
         engine.abort(r)
+    while engine.has_unfinished():  # NOTE: a step launched before the aborts is still in flight
+        engine.step()
     kv = sum(contexts) * engine.block_bytes() // engine.config.block_size
     roof_ms = (weight_bytes + kv) / ceil.copy_bytes_per_s * 1e3
     step = statistics.median(step_ms)
@@ -237,7 +241,8 @@ def run_engine_phases(args, vocab: int, ceil: Ceilings) -> dict:
     per_seq_blocks = -(-(args.context + args.output_len) // 16)
     llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type,
               num_blocks=args.num_prompts * per_seq_blocks + 64, max_batch_size=args.num_prompts,
-              max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len)
+              max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
+              async_scheduling=args.async_scheduling)
     params, weight_bytes = weight_bytes_read(llm.engine.runner.model)
     out = {"params": params, "weight_bytes_read": weight_bytes, "decode": []}
     for b in (int(x) for x in args.decode_batches.split(",")):

@@ -43,6 +43,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # never capture step graphs (platforms with graphs capture decode steps)
+    async_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None: where the device runs asynchronously
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -118,6 +119,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = str(f.type)
     try:
         if kind.startswith("bool"):
+            if "None" in kind and value.lower() in ("", "none", "auto"):
+                return None
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
             if value.lower() in ("0", "false", "no", "off"):

@@ -1,11 +1,22 @@
 """The engine: one model, one KV cache, one scheduler; ``step()`` advances every request.
 
 Owns: the requests it was given (by id) from ``add_request`` until they finish or
-are aborted, and the objects wired once in ``__init__`` (platform, model, cache,
-scheduler, runner with its captured graphs, sampler). ``step()`` = schedule ->
-execute -> sample -> update and returns the new tokens of each request that
-changed. Not thread-safe: one caller drives it (the offline ``LLM`` or the asyncio
-wrapper's step loop).
+are aborted, the objects wired once in ``__init__`` (platform, model, cache,
+scheduler, runner with its captured graphs, sampler), and at most one launched
+step whose tokens are not read yet. ``step()`` = schedule -> launch (execute and
+sample on the device) -> complete (read the tokens, update the requests) and
+returns the new tokens of each request that changed. Not thread-safe: one caller
+drives it (the offline ``LLM`` or the asyncio wrapper's step loop).
+
+Overlap (``async_scheduling``, on by default where the device runs behind the
+host): before completing step N, the engine counts N as done, holds a place for
+each sampled token and launches step N+1, whose inputs for those places come from
+the device (``DeviceFeed``); the host's bookkeeping of N then runs while the
+device computes N+1. Requests whose tokens the host must see before sampling
+again (penalties, logprobs, a KV hand-off, a layer listener) run without overlap.
+A request that ends at N also computes one wasted row in N+1, and its blocks
+are freed once N+1 is done (``free_after``), so no later owner of a block meets a
+write of the step in flight.
 """
 from __future__ import annotations
 
@@ -13,19 +24,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from services.common.model_source import resolve_model
 from services.common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig, SchedulerConfig
 from services.engine.kv_cache import KVCacheManager
-from services.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
+from services.engine.model_runner import DeviceFeed, LayerHook, ModelRunner, RunnerConfig, graph_batch_sizes
 from services.engine.models.loader import DTYPES, load_config, load_model
 from services.engine.models.model_config import ModelConfig
 from services.engine.platforms import get_platform
 from services.engine.request import Request, Status, TokenLogprob
-from services.engine.sampler import Sampler
+from services.engine.sampler import PendingSample, Sampler
 from services.engine.scheduler import Scheduler, SchedulerOutput
+
+_HELD = 0  # token id standing in for a sampled token the host has not read yet
 
 
 @dataclass
@@ -40,9 +54,27 @@ class EngineOutput:
 
 
 class LayerListener(Protocol):
-    """Told which sequences a step runs, then called as each layer's KV is written."""
+    """Told which sequences a step runs; the hook it returns is then called with
+    (layer, event) as each layer's work is queued: that layer's KV may be read once
+    ``event.query()`` is True (on CPU at once; on a GPU when the device got there)."""
 
-    def begin_step(self, out: SchedulerOutput, tables: list[list[int]]) -> Callable[[int], None] | None: ...
+    def begin_step(self, out: SchedulerOutput, tables: list[list[int]]) -> LayerHook | None: ...
+
+
+@dataclass
+class _Launched:
+    """A step whose device work is queued and whose tokens are not read yet."""
+    out: SchedulerOutput
+    sampled: list[Request]  # the requests that sample, in the order of their rows
+    places: list[int]  # where each sampled token goes in its request's token_ids
+    sample: PendingSample | None
+    watched: bool  # a layer listener reads this step's KV
+    advanced: bool = False  # requests already count the step as done (places held)
+    free_after: list[str] = field(default_factory=list)  # requests whose blocks wait for this step
+
+    @property
+    def req_ids(self) -> set[str]:
+        return {s.req.req_id for s in self.out.seqs}
 
 
 @dataclass
@@ -50,6 +82,7 @@ class _Counters:
     tokens_computed_total: int = 0
     steps_total: int = 0
     preemptions_total: int = 0
+    overlapped_steps_total: int = 0  # steps launched before the previous step's tokens were read
     last_step_seconds: float = 0.0
 
 
@@ -74,7 +107,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv_cache, self.platform.backend(), self.platform,
                                   self.device, runner_cfg)
         self.runner.capture_graphs()
-        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed), self.platform.new_event)
+        self.overlap = (config.async_scheduling if config.async_scheduling is not None
+                        else self.platform.asynchronous)
+        self._launched: _Launched | None = None
         self.requests: dict[str, Request] = {}
         self.remote: dict[str, Request] = {}  # decode side: blocks reserved, KV arriving from a peer
         self.held: dict[str, Request] = {}  # prefill side: finished, blocks kept until the transfer ends
@@ -149,8 +185,15 @@ class LLMEngine:
         req = self.requests.pop(req_id, None)
         if req is None or req.finished:
             return False
-        self.scheduler.finish(req, "abort")
+        self._end(req, "abort", free_kv=True)
         return True
+
+    def _end(self, req: Request, reason: str, free_kv: bool) -> None:
+        """Finish a request; blocks a launched step still writes are freed after it."""
+        in_flight = free_kv and self._launched is not None and req.req_id in self._launched.req_ids
+        self.scheduler.finish(req, reason, free_kv=free_kv and not in_flight)
+        if in_flight:
+            self._launched.free_after.append(req.req_id)
 
     # ---- remote KV (disaggregated prefill) -----------------------------------
     def reserve_remote(self, req_id: str, prompt_token_ids: list[int],
@@ -205,47 +248,113 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._launched is not None
 
     # ---- the step -----------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
         t0 = time.perf_counter()
-        out = self.scheduler.schedule()
-        if not out.seqs:
-            self.counters.preemptions_total += len(out.preempted)
-            return []
-        tables = [self.kv.blocks_of(s.req.req_id) for s in out.seqs]
-        hook = None
-        if self.layer_listener is not None:
-            hook = self.layer_listener.begin_step(out, tables)
-        logits = self.runner.execute(out, tables, hook)
-        sampling = [s.req for s in out.seqs if s.samples]
-        result = self.sampler.sample(logits, sampling) if sampling else None
-        outputs = self._update(out, result)
-        self.counters.steps_total += 1
-        self.counters.tokens_computed_total += out.num_tokens
-        self.counters.preemptions_total += len(out.preempted)
+        current, self._launched = self._launched, None
+        if current is None:
+            current = self._launch(self.scheduler.schedule(), None)
+            if current is None:
+                return []
+        if self._may_overlap(current):
+            ending = self._advance(current)
+            self._launched = self._launch(self.scheduler.schedule(ending), current)
+            self.counters.overlapped_steps_total += self._launched is not None
+        outputs = self._complete(current)
         self.counters.last_step_seconds = time.perf_counter() - t0
         return outputs
 
-    def _update(self, out, result) -> list[EngineOutput]:
-        for seq in out.seqs:
-            seq.req.num_computed_tokens = seq.start + seq.num_new
-            self.kv.commit_full_blocks(seq.req.req_id, seq.req.token_ids, seq.req.num_computed_tokens)
-        outputs = []
+    def _launch(self, out: SchedulerOutput, previous: _Launched | None) -> _Launched | None:
+        """Queue a scheduled step on the device (forward and sampling); None if nothing runs."""
+        self.counters.preemptions_total += len(out.preempted)
+        if not out.seqs:
+            return None
+        tables = [self.kv.blocks_of(s.req.req_id) for s in out.seqs]
+        hook = self.layer_listener.begin_step(out, tables) if self.layer_listener is not None else None
+        feed = self._feed(out, previous) if previous is not None else None
+        logits = self.runner.execute(out, tables, hook, feed)
         sampled = [s.req for s in out.seqs if s.samples]
-        for i, req in enumerate(sampled):
-            req.append_token(result.token_ids[i])
+        places = [s.start + s.num_new for s in out.seqs if s.samples]
+        sample = self.sampler.launch(logits, sampled) if sampled else None
+        self.counters.steps_total += 1
+        self.counters.tokens_computed_total += out.num_tokens
+        return _Launched(out, sampled, places, sample, hook is not None)
+
+    @staticmethod
+    def _feed(out: SchedulerOutput, previous: _Launched) -> DeviceFeed | None:
+        """Rows of ``out`` whose input is a token ``previous`` sampled (still on the device)."""
+        row_of = {req.req_id: i for i, req in enumerate(previous.sampled)}
+        dst, src, offset = [], [], 0
+        for s in out.seqs:
+            i = row_of.get(s.req.req_id)
+            if i is not None and s.start == previous.places[i]:
+                dst.append(offset)
+                src.append(i)
+            offset += s.num_new
+        if not dst or previous.sample is None:
+            return None
+        return DeviceFeed(previous.sample.tokens, np.array(dst, np.int64), np.array(src, np.int64))
+
+    def _may_overlap(self, current: _Launched) -> bool:
+        """Whether the next step can be launched before ``current``'s tokens are read."""
+        if not self.overlap or current.watched or not current.sampled:
+            return False
+        if len(current.sampled) != len(current.out.seqs) or len(self.scheduler.running) != len(current.sampled):
+            return False  # NOTE: only whole decode/last-chunk steps, so the next step cannot preempt
+        need = 0
+        for req, place in zip(current.sampled, current.places):
+            p = req.params
+            if (req.hold_kv or p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty
+                    or p.frequency_penalty):
+                return False  # the host must see the token before the next step samples
+            need += self.kv.blocks_needed(req.req_id, place + 1)
+        return need <= self.kv.pool.num_free
+
+    def _advance(self, current: _Launched) -> frozenset[str]:
+        """Count ``current`` as done and hold a place for each sampled token; returns the
+        requests known to end with it (left out of the next step)."""
+        for s in current.out.seqs:
+            s.req.num_computed_tokens = s.start + s.num_new
+        ending = set()
+        for req, place in zip(current.sampled, current.places):
+            req.token_ids.append(_HELD)
+            if req.ends_by_length_at(place + 1):
+                ending.add(req.req_id)
+        current.advanced = True
+        return frozenset(ending)
+
+    def _complete(self, current: _Launched) -> list[EngineOutput]:
+        """Read ``current``'s tokens (waiting for its work only) and update its requests."""
+        result = self.sampler.collect(current.sample) if current.sample is not None else None
+        for req_id in current.free_after:  # NOTE: the device is past this step now
+            self.kv.free(req_id)
+        for seq in current.out.seqs:
+            end = seq.start + seq.num_new
+            if not current.advanced:
+                seq.req.num_computed_tokens = end
+            self.kv.commit_full_blocks(seq.req.req_id, seq.req.token_ids, end)
+        outputs = []
+        for i, (req, place) in enumerate(zip(current.sampled, current.places)):
+            if req.finished:
+                continue  # aborted while the step ran
+            token = result.token_ids[i]
+            if current.advanced:
+                req.set_token(place, token)
+            else:
+                req.append_token(token)
             lp = result.logprobs[i]
             if lp is not None:
                 req.logprobs.append(lp)
             if req.finish_reason is not None:
-                self.scheduler.finish(req, req.finish_reason, free_kv=not req.hold_kv)
+                del req.token_ids[place + 1:]  # a place held by the step in flight
+                self._end(req, req.finish_reason, free_kv=not req.hold_kv)
                 self.requests.pop(req.req_id, None)
                 if req.hold_kv:
                     self.held[req.req_id] = req
-            outputs.append(EngineOutput(req.req_id, [result.token_ids[i]], req.finish_reason,
+            outputs.append(EngineOutput(req.req_id, [token], req.finish_reason,
                                         req.num_prompt_tokens, max(req.num_cached_tokens, 0),
                                         [lp] if lp is not None else []))
         return outputs
@@ -260,7 +369,8 @@ class LLMEngine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_free": kv["free"], "kv_blocks_used": kv["used"], "kv_blocks_cached": kv["cached"],
                 "kv_blocks_total": kv["total"], "tokens_computed_total": c.tokens_computed_total,
-                "steps_total": c.steps_total, "preemptions_total": c.preemptions_total, "last_step_seconds": c.last_step_seconds}
+                "steps_total": c.steps_total, "preemptions_total": c.preemptions_total,
+                "overlapped_steps_total": c.overlapped_steps_total, "last_step_seconds": c.last_step_seconds}
 
     def model_info(self) -> dict:
         m = self.model_config

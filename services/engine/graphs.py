@@ -15,8 +15,9 @@ chosen for that bound. The query offsets are constant (one token per row).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from services.engine.backends.base import AttentionMetadata, Backend
@@ -24,7 +25,7 @@ from services.engine.models.llama import LlamaForCausalLM
 from services.engine.platforms.base import Graph, Platform
 
 if TYPE_CHECKING:
-    from services.engine.model_runner import HostBatch
+    from services.engine.model_runner import DeviceFeed, HostBatch
 
 
 class DecodeGraphs:
@@ -74,8 +75,10 @@ class DecodeGraphs:
         hidden = self.model(self.tokens[0, :b], self.tokens[1, :b], self.kv_cache, meta, self.backend)
         return self.model.compute_logits(hidden)
 
-    def run(self, batch: "HostBatch", num_seqs: int) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of a decode step whose host batch is padded to a captured size."""
+    def run(self, batch: "HostBatch", num_seqs: int, feed: "DeviceFeed | None" = None,
+            upload: Callable[[np.ndarray], torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [num_seqs, vocab] of a decode step whose host batch is padded to a captured size;
+        ``feed`` overwrites input tokens with ones on the device (``upload`` moves its indices)."""
         b = batch.num_rows
         graph, logits = self.graphs[b]
         self.copied.synchronize()  # the last step's copies have left the host mirrors
@@ -89,6 +92,8 @@ class DecodeGraphs:
         self.seq_lens[:b].copy_(self.host["seq_lens"][:b], non_blocking=True)
         self.block_tables[:b].copy_(self.host["block_tables"][:b], non_blocking=True)
         self.copied.record()
+        if feed is not None:
+            feed.apply(self.tokens[0], upload)
         graph.replay()
         return logits[:num_seqs]
 

@@ -9,13 +9,15 @@ first step (optional); then ``execute()`` per step.
 
 A step's inputs are built on the host with numpy (``build_host_batch``) and copied
 to the device in one non-blocking copy per tensor from page-locked memory, so the
-only host synchronisation of a step is the sampler's final token fetch.
+only host synchronisation of a step is the sampler's final token fetch. Input
+tokens the host does not know yet (sampled by the step still running) come from
+device memory instead (``DeviceFeed``).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,7 +28,23 @@ from services.engine.models.llama import LlamaForCausalLM
 from services.engine.platforms.base import Platform
 from services.engine.scheduler import SchedulerOutput
 
-LayerHook = Callable[[int], None]
+LayerHook = Callable[[int, Any], None]  # (layer, event done once that layer's KV is in the cache)
+
+
+@dataclass(frozen=True)
+class DeviceFeed:
+    """Input tokens that are on the device only: ``input[dst[k]] = tokens[src[k]]``
+    (rows of this step's tokens; rows of the sampled tokens of the step before)."""
+    tokens: torch.Tensor
+    dst: np.ndarray
+    src: np.ndarray
+
+    def apply(self, target: torch.Tensor, upload: Callable[[np.ndarray], torch.Tensor]) -> None:
+        n = len(self.dst)
+        if n == len(self.tokens) and np.array_equal(self.dst, np.arange(n)) and np.array_equal(self.src, self.dst):
+            target[:n].copy_(self.tokens)  # NOTE: the usual decode step: same rows, same order
+            return
+        target.index_copy_(0, upload(self.dst), self.tokens.index_select(0, upload(self.src)))
 
 
 @dataclass(frozen=True)
@@ -148,19 +166,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: list[list[int]],
-                on_layer_done: LayerHook | None = None) -> torch.Tensor:
+                on_layer_done: LayerHook | None = None, feed: DeviceFeed | None = None) -> torch.Tensor:
         """Logits [S, vocab] (float32) for the sequences that sample this step, in order."""
         bs = self.config.block_size
         padded = self._graph_size(out) if on_layer_done is None else 0
         if padded:
             batch = build_host_batch(out, block_tables, bs, pad_to=padded)
-            return self.graphs.run(batch, len(out.seqs))
+            return self.graphs.run(batch, len(out.seqs), feed, self._upload)
         batch = build_host_batch(out, block_tables, bs)
         max_q = max(s.num_new for s in out.seqs)
         max_seq = max(s.start + s.num_new for s in out.seqs)
         input_ids, positions, meta = self.build_metadata(batch, max_q, max_seq)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend, on_layer_done)
+        if feed is not None:
+            feed.apply(input_ids, self._upload)
+        hook = self._with_events(on_layer_done) if on_layer_done is not None else None
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend, hook)
         return self.model.compute_logits(hidden[self._upload(batch.logits_rows)])
+
+    def _with_events(self, on_layer_done: LayerHook) -> Callable[[int], None]:
+        """The model calls its hook once a layer's work is queued, not done: on an
+        accelerator the host runs ahead, so each call carries an event recorded after
+        the layer, and a reader of that layer's KV must wait until it has passed."""
+        def hook(layer: int) -> None:
+            event = self.platform.new_event()
+            event.record()
+            on_layer_done(layer, event)
+        return hook
 
     def _graph_size(self, out: SchedulerOutput) -> int:
         """The padded batch size of a captured graph for this step, or 0 to run eagerly.

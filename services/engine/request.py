@@ -74,8 +74,22 @@ class Request:
     def append_token(self, token_id: int) -> None:
         """Add a sampled token and decide whether the request is done."""
         self.token_ids.append(token_id)
+        self._check_finish(token_id, len(self.token_ids))
+
+    def set_token(self, pos: int, token_id: int) -> None:
+        """Fill in the sampled token at ``pos`` (a place held while the step that
+        sampled it ran; later places may already be held too) and decide whether the
+        request is done with it."""
+        self.token_ids[pos] = token_id
+        self._check_finish(token_id, pos + 1)
+
+    def ends_by_length_at(self, num_tokens: int) -> bool:
+        """Whether the request is over (max_tokens or the context) once it has num_tokens."""
+        return num_tokens - self.num_prompt_tokens >= self.params.max_tokens or num_tokens >= self.max_model_len
+
+    def _check_finish(self, token_id: int, num_tokens: int) -> None:
         p = self.params
         if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
             self.finish_reason = "stop"
-        elif self.num_output_tokens >= p.max_tokens or self.num_tokens >= self.max_model_len:
+        elif self.ends_by_length_at(num_tokens):
             self.finish_reason = "length"

@@ -2,7 +2,10 @@
 
 Owns: penalties, temperature, top-k / top-p / min-p filtering, greedy and random
 selection with per-request generators, and logprobs. Stateless: every input
-comes from the requests passed in. Runs on the logits' device.
+comes from the requests passed in. Runs on the logits' device. ``launch`` queues
+the choice and the copy of the tokens to the host without waiting; ``collect``
+waits for that copy alone (so work queued after it, such as the next step, keeps
+running); ``sample`` is both.
 
 NOTE: random rows draw Exp(1) noise from their own generator and take
 argmax(p / noise) (an exact sample from p); a seeded request therefore gets the
@@ -11,6 +14,7 @@ same tokens whatever else shares its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -61,12 +65,26 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.full_like(logits, _NEG_INF).scatter(1, order, sorted_logits)
 
 
+@dataclass(frozen=True)
+class PendingSample:
+    """Tokens chosen on the device and on their way to the host."""
+    reqs: list[Request]
+    tokens: torch.Tensor  # [S] on the device: a later step may read its inputs from here
+    host: torch.Tensor  # [S] the host copy, valid once ``ready`` has passed
+    ready: Any  # platform event recorded after the copy
+    raw_logprobs: torch.Tensor | None
+
+
 class Sampler:
-    def __init__(self, generator: torch.Generator):
+    def __init__(self, generator: torch.Generator, new_event: Callable[[], Any]):
         self.generator = generator  # for requests without a seed
+        self.new_event = new_event
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         """Tokens (and logprobs) of every row; the token fetch is the only host synchronisation."""
+        return self.collect(self.launch(logits, reqs))
+
+    def launch(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
         raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_penalties(logits, reqs)
         tokens = logits.argmax(dim=-1)
@@ -76,8 +94,18 @@ class Sampler:
         elif rand:
             rows = _to_device(rand, torch.long, logits.device)
             tokens[rows] = self._sample_random(logits[rows], [reqs[i] for i in rand])
-        token_list = tokens.tolist()
-        return SampleResult(token_list, _logprobs(raw_logprobs, token_list, reqs))
+        host = tokens
+        if tokens.device.type != "cpu":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+        ready = self.new_event()
+        ready.record()
+        return PendingSample(reqs, tokens, host, ready, raw_logprobs)
+
+    def collect(self, pending: PendingSample) -> SampleResult:
+        pending.ready.synchronize()
+        token_list = pending.host.tolist()
+        return SampleResult(token_list, _logprobs(pending.raw_logprobs, token_list, pending.reqs))
 
     def _sample_random(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         knobs = _to_device([[r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p] for r in reqs],

@@ -59,15 +59,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, ending: frozenset[str] = frozenset()) -> SchedulerOutput:
+        """``ending``: running requests left out of this step because they are known to
+        end with a token the device is still computing."""
         budget = self.config.max_prefill_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.status is not Status.RUNNING:
-                continue  # preempted earlier in this loop
+            if req.status is not Status.RUNNING or req.req_id in ending:
+                continue  # preempted earlier in this loop, or ending
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._allocate_or_preempt(req, n, preempted):
                 continue

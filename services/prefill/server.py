@@ -53,18 +53,20 @@ class PrefillConfig:
         peer_wait: seconds to wait for the decode worker to appear in discovery.
         send: ``layerwise`` (overlap with compute) or ``whole`` (one write after compute).
         tombstones: how many aborted request ids to remember.
+        layer_poll: seconds between checks that the device has written a layer.
     """
 
     transfer_timeout: float = 30.0
     peer_wait: float = 3.0
     send: str = "layerwise"
     tombstones: int = 10_000
+    layer_poll: float = 0.0002
 
     def __post_init__(self) -> None:
         if self.send not in SEND_MODES:
             raise ValueError(f"kv_send={self.send!r} is invalid: expected one of {SEND_MODES}")
-        if not (self.transfer_timeout > 0 and self.peer_wait >= 0):
-            raise ValueError("transfer_timeout must be > 0 and peer_wait >= 0")
+        if not (self.transfer_timeout > 0 and self.peer_wait >= 0 and self.layer_poll > 0):
+            raise ValueError("transfer_timeout and layer_poll must be > 0 and peer_wait >= 0")
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,7 @@ class PrefillServer:
             return True
 
     # ---- the layer listener (engine step thread) ---------------------------------
-    def begin_step(self, out: Any, tables: list[list[int]]) -> Callable[[int], None] | None:
+    def begin_step(self, out: Any, tables: list[list[int]]) -> Callable[[int, Any], None] | None:
         """Called by the engine before a step; returns the per-layer hook or None."""
         if not self._jobs:
             return None
@@ -304,11 +306,19 @@ class PrefillServer:
             return None
         loop, layerwise, last = self._loop, self._config.send == "layerwise", self._num_layers - 1
 
-        def on_layer(layer: int) -> None:
+        def on_layer(layer: int, written: Any) -> None:
             # NOTE: runs in the step thread; every NIXL call stays on the loop thread.
             if layerwise or layer == last:
-                loop.call_soon_threadsafe(self._on_layer, batch, layer, time.monotonic())
+                loop.call_soon_threadsafe(self._when_written, batch, layer, written)
         return on_layer
+
+    def _when_written(self, batch: list[tuple[_Job, list[int]]], layer: int, written: Any) -> None:
+        """Post the layer once the device has written its KV (the host queues layers
+        ahead of the device; a write posted earlier would send stale blocks)."""
+        if written.query():
+            self._on_layer(batch, layer, time.monotonic())
+        else:
+            self._loop.call_later(self._config.layer_poll, self._when_written, batch, layer, written)
 
     def _on_layer(self, batch: list[tuple[_Job, list[int]]], layer: int, computed_at: float) -> None:
         for job, local in batch:

@@ -125,3 +125,23 @@ def test_empty_blocks_are_used_before_cached_ones_are_evicted():
     assert kv.match_prefix("a2", [1, 2, 3, 4, 5]) == 4
     kv.free("a2")
     assert kv.stats()["used"] == 0
+
+
+def test_random_allocation_never_hands_out_a_block_twice():
+    import random
+
+    rng = random.Random(3)
+    pool = BlockPool(64)
+    tables: dict[int, list[int]] = {}
+    for step in range(3000):
+        rid = rng.randrange(12)
+        table = tables.setdefault(rid, [])
+        if table and rng.random() < 0.2:
+            pool.release(list(reversed(table)))
+            tables[rid] = []
+        else:
+            n = rng.randrange(1, 6)
+            if n <= pool.num_free:
+                table += pool.allocate(n, after=table[-1] if table else None)
+        held = [b for t in tables.values() for b in t]
+        assert len(held) == len(set(held)) and pool.num_free == 64 - len(held), step

@@ -75,3 +75,45 @@ def test_cancel_and_abort_of_a_reservation(tiny_models):
     assert d.kv_stats()["used"] == 4 and "big" not in d.requests
     assert d.cancel_remote("r")
     assert d.kv_stats()["used"] == 0
+
+
+class _SnapshotListener:
+    """Reads each layer's KV the way a transfer does: once the layer's event has passed,
+    on a stream of its own (on a GPU), while the step goes on."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.snapshots: dict[int, torch.Tensor] = {}
+        self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
+
+    def begin_step(self, out, tables):
+        blocks = torch.tensor(tables[0], device=self.engine.device)
+
+        def hook(layer: int, written) -> None:
+            if self.stream is None:
+                assert written.query()
+                self.snapshots[layer] = self.engine.kv_cache[layer, blocks].clone()
+                return
+            self.stream.wait_event(written)
+            with torch.cuda.stream(self.stream):
+                self.snapshots[layer] = self.engine.kv_cache[layer, blocks].clone()
+        return hook
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_layer_events_mark_the_kv_as_written(device: str) -> None:
+    """The prefill worker sends layer l once its event has passed: by then the layer's KV
+    must be final, although the host queued the layer (and called the hook) earlier."""
+    engine = LLMEngine(EngineConfig(model="dummy:smollm2-135m", dtype="float32", device_type=device, num_blocks=64,
+                                    max_prefill_tokens=1024))
+    listener = _SnapshotListener(engine)
+    engine.layer_listener = listener
+    engine.add_request("r", list(range(100, 900)), SamplingParams(max_tokens=1, ignore_eos=True), hold_kv=True)
+    _run_to_end(engine, "r")
+    engine.platform.synchronize(engine.device)
+    blocks = torch.tensor(engine.kv.blocks_of("r"), device=engine.device)
+    assert sorted(listener.snapshots) == list(range(engine.model_config.num_layers))
+    for layer, snap in listener.snapshots.items():
+        assert torch.equal(snap, engine.kv_cache[layer, blocks]), f"layer {layer} read before it was written"
+    assert engine.release_held("r") and engine.kv_stats()["used"] == 0

@@ -69,10 +69,12 @@ class BlockPool:
             while len(out) < n and b < self.num_blocks and self._empty[b]:
                 out.append(b)
                 b += 1
+            self._empty[out] = False
         rest = n - len(out)
         if rest:
-            out.extend(self._first_fit(rest, grow=after is not None).tolist())
-        self._empty[out] = False
+            more = self._first_fit(rest, grow=after is not None)
+            self._empty[more] = False
+            out.extend(more.tolist())
         self._num_empty -= n
         return out
 

@@ -25,6 +25,7 @@ class Platform(Protocol):
     device_type: str
     supports_graphs: bool  # whether ``capture_graph`` works
     pin_memory: bool  # whether host staging buffers should be page-locked for async copies
+    asynchronous: bool  # whether device work runs behind the host (then host work can overlap it)
     cache_tokens_per_seq: int  # automatic KV sizing: context tokens reserved per batch slot
 
     def device(self, index: int = 0) -> torch.device:
@@ -40,7 +41,8 @@ class Platform(Protocol):
         """A stream to queue work on beside the default one (None where there are no streams)."""
 
     def new_event(self, enable_timing: bool = False) -> Any:
-        """An event with ``record()``, ``synchronize()`` and ``elapsed_time(other)`` (ms)."""
+        """An event with ``record()``, ``query()`` (True once the work queued before it
+        has run), ``synchronize()`` and ``elapsed_time(other)`` (ms)."""
 
     def graph_pool(self) -> Any:
         """A memory pool that several captured graphs share (they never run concurrently)."""

@@ -25,6 +25,9 @@ class HostEvent:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True  # NOTE: CPU work recorded before this event has already run
+
     def elapsed_time(self, end: "HostEvent") -> float:
         return (end.t - self.t) * 1e3
 
@@ -33,6 +36,7 @@ class CpuPlatform:
     device_type = "cpu"
     supports_graphs = False
     pin_memory = False
+    asynchronous = False
     cache_tokens_per_seq = 1024  # keep the resident cache small on the host
 
     def device(self, index: int = 0) -> torch.device:

@@ -16,6 +16,7 @@ class CudaPlatform:
     device_type = "cuda"
     supports_graphs = True
     pin_memory = True
+    asynchronous = True
     cache_tokens_per_seq = 4096
 
     def device(self, index: int = 0) -> torch.device:
