@@ -1,9 +1,12 @@
-"""Rotary position embedding: the cos/sin cache builder and a Triton kernel applying it.
+"""Rotary position embedding: the cos/sin cache builder and Triton kernels applying it.
 
-Owns: the rotary kernel; ``build_cos_sin_cache`` (built once by the engine at load time, with any
-llama3 frequency scaling folded in) and ``rotary`` (neox-style rotate-half on q
-and k in one launch). Stateless. Numerics follow ``reference.rotary_ref``, with
-the rotation computed in float32 and rounded once.
+Owns: the rotary kernels; ``build_cos_sin_cache`` (built once by the engine at load time, with any
+llama3 frequency scaling folded in), ``rotary`` (neox-style rotate-half on q
+and k in one launch) and ``rotary_store_kv`` (the same in place, plus the KV
+store of ``kv_store.store_kv`` in the same launch: one kernel less per layer,
+which matters in small decode steps). Stateless. Numerics follow
+``reference.rotary_ref`` and ``reference.store_kv_ref``, with the rotation
+computed in float32 and rounded once.
 """
 from __future__ import annotations
 
@@ -86,3 +89,86 @@ def _rotary_kernel(
                   Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
     _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin,
                   K_HEADS, K_HEADS_PAD, HALF, HALF_PAD)
+
+
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin: torch.Tensor, kv_layer: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place, and write the rotated k and v
+    [T, Hkv, D] into kv_layer [blocks, 2, block_size, Hkv, D] at slot_mapping [T]
+    (slots < 0 are not stored). q, k and v may be strided views with a contiguous
+    last dim (e.g. of a fused QKV output). Returns (q, k)."""
+    if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D], k and v [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if kv_layer.dim() != 5 or tuple(k.shape[1:]) != tuple(kv_layer.shape[3:]) or kv_layer.stride(4) != 1:
+        raise ValueError(f"kv_layer must be [blocks, 2, block_size, {k.shape[1]}, {k.shape[2]}] with a "
+                         f"contiguous last dim, got {tuple(kv_layer.shape)}")
+    head_dim = q.shape[2]
+    if head_dim % 2 or cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.stride(1) != 1:
+        raise ValueError(f"cos_sin must be [max_pos, {head_dim}] (contiguous rows) with an even head_dim, "
+                         f"got {tuple(cos_sin.shape)}")
+    if slot_mapping.shape != (q.shape[0],) or positions.shape != (q.shape[0],):
+        raise ValueError(f"positions and slot_mapping must be [{q.shape[0]}]")
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("q, k and v need a contiguous last dim (they are rotated in place)")
+    tokens = q.shape[0]
+    if tokens == 0:
+        return q, k
+    half = head_dim // 2
+    k_heads_pad = triton.next_power_of_2(k.shape[1])
+    _rotary_store_kernel[(tokens,)](
+        q, k, v, positions, cos_sin, slot_mapping, kv_layer,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
+        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
+        Q_HEADS=q.shape[1], K_HEADS=k.shape[1],
+        Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=k_heads_pad,
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=kv_layer.shape[2],
+        num_warps=4,
+    )
+    return q, k
+
+
+@triton.jit
+def _rotary_store_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kv_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+    stride_cb, stride_ckv, stride_cslot, stride_ch,
+    Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, HALF_PAD)
+    cs_mask = offs < HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + offs, mask=cs_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs, mask=cs_mask, other=0.0).to(tl.float32)
+    q_row = q_ptr + t * stride_qt
+    _rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
+    # k: load once, rotate, store in place and (unless padding) into the cache
+    offs_h = tl.arange(0, K_HEADS_PAD)
+    mask = (offs_h[:, None] < K_HEADS) & (offs[None, :] < HALF)
+    k_1 = k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs[None, :]
+    x1 = tl.load(k_1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(k_1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    r1 = x1 * cos[None, :] - x2 * sin[None, :]
+    r2 = x2 * cos[None, :] + x1 * sin[None, :]
+    k_ty = k_ptr.dtype.element_ty
+    tl.store(k_1, r1.to(k_ty), mask=mask)
+    tl.store(k_1 + HALF, r2.to(k_ty), mask=mask)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        c_ty = kv_ptr.dtype.element_ty
+        # NOTE: the cached k is rounded from float32 once, like rotary then store_kv of the
+        # same dtype (the rotated k above is already in k's dtype; round-trip it to match).
+        dst = (kv_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cslot
+               + offs_h[:, None] * stride_ch + offs[None, :])
+        tl.store(dst, r1.to(k_ty).to(c_ty), mask=mask)
+        tl.store(dst + HALF, r2.to(k_ty).to(c_ty), mask=mask)
+        offs_d = tl.arange(0, DIM_PAD)
+        v_mask = (offs_h[:, None] < K_HEADS) & (offs_d[None, :] < 2 * HALF)
+        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=v_mask)
+        v_dst = (kv_ptr + (slot // BLOCK_SIZE) * stride_cb + stride_ckv + (slot % BLOCK_SIZE) * stride_cslot
+                 + offs_h[:, None] * stride_ch + offs_d[None, :])
+        tl.store(v_dst, v.to(c_ty), mask=v_mask)

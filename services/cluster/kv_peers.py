@@ -16,8 +16,9 @@ Lifecycle:
 
 Progress: no thread. One asyncio task calls ``get_notifications()`` (which
 progresses every transfer) every ``busy_poll`` seconds while anything is in
-flight (a waiter, an active sender) and every ``idle_poll`` seconds otherwise,
-so an idle worker costs ~0 CPU.
+flight (a waiter, an active sender, and ``busy_linger`` seconds after a sender
+is done, so its last notification leaves at once) and every ``idle_poll``
+seconds otherwise, so an idle worker costs ~0 CPU.
 
 NOTE: every NIXL call happens on the event loop thread that owns this object.
 """
@@ -52,10 +53,13 @@ class PeerIncompatible(PeerUnavailable):
 class KVPeersConfig:
     busy_poll: float = 0.001
     idle_poll: float = 0.1
+    busy_linger: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0 < self.busy_poll <= self.idle_poll:
             raise ValueError(f"KVPeersConfig: need 0 < busy_poll ({self.busy_poll}) <= idle_poll ({self.idle_poll})")
+        if self.busy_linger < 0:
+            raise ValueError(f"KVPeersConfig: busy_linger ({self.busy_linger}) must be >= 0")
 
 
 def encode_done(request_id: str, first_token: int) -> bytes:
@@ -93,6 +97,7 @@ class KVPeers:
         self.errors: dict[str, str] = {}  # worker id -> why it is not a peer
         self._waiters: dict[str, asyncio.Future[int]] = {}
         self._busy = 0
+        self._linger_until = 0.0  # loop time until which a finished sender still polls fast
         self._wake = asyncio.Event()
         self._discovery: Discovery | None = None
         self._task: asyncio.Task | None = None
@@ -224,6 +229,7 @@ class KVPeers:
             yield
         finally:
             self._busy -= 1
+            self._linger_until = asyncio.get_running_loop().time() + self._config.busy_linger
 
     async def _run(self) -> None:
         while True:
@@ -232,7 +238,7 @@ class KVPeers:
                     self._deliver(sender, msg)
             except Exception:  # NOTE: the progress task must outlive any one bad tick
                 log.exception("KV progress tick failed")
-            if self._waiters or self._busy:
+            if self._waiters or self._busy or asyncio.get_running_loop().time() < self._linger_until:
                 await asyncio.sleep(self._config.busy_poll)
                 continue
             self._wake.clear()

@@ -70,11 +70,14 @@ def test_triton_backend_matches_torch(tiny_models, kind):
 
 
 @interpreted
-def test_decode_graphs_pad_and_replay(tiny_models):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_decode_graphs_pad_and_replay(tiny_models, overlap):
+    """``overlap``: each step launched before the previous one's tokens are read, its
+    inputs copied into the graph's static buffer from the previous step's tokens."""
     path = tiny_models["llama"]
     prompts = _prompts()[:3]  # 3 sequences decode in the padded graph of 4
     ref = [o.token_ids for o in LLM(path, num_blocks=32).generate(prompts, GREEDY)]
-    llm = LLM(path, num_blocks=32, max_batch_size=4)
+    llm = LLM(path, num_blocks=32, max_batch_size=4, async_scheduling=overlap)
     runner = _use_runner(llm, ReplayPlatform(), graph_batch_sizes(4))
     assert sorted(runner.graphs.graphs) == [1, 2, 4]
     replays = []
@@ -83,6 +86,7 @@ def test_decode_graphs_pad_and_replay(tiny_models):
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == ref
     assert replays and set(replays) <= {4}  # every decode step ran in the padded graph
     assert llm.kv_stats()["used"] == 0
+    assert (llm.engine.stats()["overlapped_steps_total"] > 0) == overlap
 
 
 def test_graph_batch_sizes():

@@ -92,3 +92,32 @@ def test_cos_sin_cache_rejects_unknown_scaling() -> None:
         build_cos_sin_cache(64, 8, 10000.0, {"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="missing"):
         build_cos_sin_cache(64, 8, 10000.0, {"rope_type": "llama3", "factor": 8.0})
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (32, 8, 128)])
+def test_rotary_store_kv(q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, size: str,
+                         device: torch.device, check_close) -> None:
+    """One launch = ``rotary`` in place + ``store_kv`` of the rotated k and v; padding slots
+    (-1) are rotated but not stored, and no other cache slot is touched."""
+    from kernels.reference import store_kv_ref
+    from kernels.rotary import rotary_store_kv
+
+    tokens, blocks, block_size = (21, 6, 16) if size == "small" else (3000, 400, 16)
+    cos_sin = build_cos_sin_cache(head_dim, 8192, 500000.0, LLAMA3).to(device)
+    qkv = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)
+    q, k, v = qkv[:, :q_heads], qkv[:, q_heads:q_heads + kv_heads], qkv[:, q_heads + kv_heads:]
+    positions = torch.randint(0, 8192, (tokens,), device=device)
+    slots = torch.randperm(blocks * block_size, device=device)[:tokens]
+    slots[torch.rand(tokens, device=device) < 0.2] = -1
+    cache = torch.full((blocks, 2, 2, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    q_ref, k_ref = rotary_ref(q.double(), k.double(), positions, cos_sin.double())
+    expected = cache.clone()
+    store_kv_ref(k_ref.to(dtype), v, expected[:, 0], slots)
+    rotary_store_kv(q, k, v, positions, cos_sin, cache[:, 0], slots)
+    check_close(q, q_ref, dtype, "q")
+    check_close(k, k_ref, dtype, "k")
+    written = expected[:, 0].isfinite()
+    assert torch.equal(cache[:, 0].isfinite(), written) and cache[:, 1].isnan().all()
+    check_close(cache[:, 0][written], expected[:, 0][written].double(), dtype, "cache")

@@ -50,6 +50,11 @@ class Backend(Protocol):
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata) -> None: ...
 
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin: torch.Tensor, kv_layer: torch.Tensor,
+                        meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rotary`` then ``store_kv`` of the rotated k and v; returns the rotated (q, k)."""
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Causal attention of q [T, Hq, D] over the cache (k, v of this step already stored).

@@ -28,6 +28,11 @@ class TorchBackend:
     def store_kv(self, k, v, kv_layer, meta: AttentionMetadata) -> None:
         ref.store_kv_ref(k, v, kv_layer, meta.slot_mapping)
 
+    def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
+        q, k = self.rotary(q, k, positions, cos_sin)
+        self.store_kv(k, v, kv_layer, meta)
+        return q, k
+
     def attention(self, q, k, v, kv_layer, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()

@@ -3,8 +3,8 @@
 Owns nothing across steps. Every op is one kernel launch with no host
 synchronisation, so a decode step can be captured in a CUDA graph. Two ops work in
 place where the model no longer needs the input: the residual add of ``rms_norm``
-(into the residual it was given) and ``rotary`` (into the q/k views of the QKV
-projection).
+(into the residual it was given) and ``rotary`` / ``rotary_store_kv`` (into the
+q/k views of the QKV projection).
 """
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ class TritonBackend:
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata) -> None:
         kv_store.store_kv(k, v, kv_layer, meta.slot_mapping)
+
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin: torch.Tensor, kv_layer: torch.Tensor,
+                        meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k = self.rotary(q, k, positions, cos_sin)
+            self.store_kv(k, v, kv_layer, meta)
+            return q, k
+        return rotary.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:

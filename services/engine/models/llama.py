@@ -48,8 +48,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = be.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]
             k = be.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
-        q, k = be.rotary(q, k, positions, cos_sin)
-        be.store_kv(k, v, kv_layer, meta)
+        q, k = be.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta)
         o = be.attention(q, k, v, kv_layer, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
