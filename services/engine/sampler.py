@@ -111,12 +111,27 @@ class Sampler:
         knobs = _to_device([[r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p] for r in reqs],
                            torch.float32, logits.device)
         temp, top_k, top_p, min_p = knobs.unbind(1)
-        logits = filter_logits(logits / temp.unsqueeze(1), top_k.long(), top_p, min_p)
+        logits = logits / temp.unsqueeze(1)
+        if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in reqs):
+            logits = filter_logits(logits, top_k.long(), top_p, min_p)  # NOTE: a full sort: only when asked
         probs = logits.softmax(dim=-1)
+        return (probs / self._noise(probs, reqs)).argmax(dim=-1)
+
+    def _noise(self, probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Exp(1) noise: a seeded row from its own generator (the same draws whatever the
+        batch), every other row from the engine's generator in one call."""
         noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
+        if len(unseeded) == len(reqs):
+            return noise.exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
-            noise[i].exponential_(generator=r.generator or self.generator)
-        return (probs / noise).argmax(dim=-1)
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        if unseeded:
+            rows = _to_device(unseeded, torch.long, probs.device)
+            noise[rows] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_(
+                generator=self.generator)
+        return noise
 
 
 def _logprobs(raw: torch.Tensor | None, tokens: list[int], reqs: list[Request]) -> list[TokenLogprob | None]:
