@@ -83,12 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-type", default="cpu")
     p.add_argument("--num-blocks", type=int, default=1024)
     p.add_argument("--kv-send", default="auto", choices=("auto", "layerwise", "whole"))
+    p.add_argument("--gpus", default="", help="GPUs of the 1P1D workers (prefill first), e.g. \"0,1\"; the "
+                                             "hybrid worker takes the first; default: all on the visible GPU(s)")
     args = p.parse_args(argv)
     worker_args = ("--num-blocks", str(args.num_blocks), "--dtype", args.dtype, "--device-type", args.device_type,
                    "--kv-send", args.kv_send, "--max-batch-size", "8")
     topologies = {"1P1D": dict(hybrid=0, prefill=1, decode=1), "hybrid": dict(hybrid=1)}
+    gpus = tuple(g for g in args.gpus.split(",") if g)
+    placement = {"1P1D": gpus, "hybrid": gpus[:1]}
     clusters = {name: LocalCluster(ClusterSpec(**counts, model=args.model, http_port=free_port(),
-                                               grpc_port=free_port(), worker_args=worker_args))
+                                               grpc_port=free_port(), worker_args=worker_args, gpus=placement[name]))
                 for name, counts in topologies.items()}
     rng = random.Random(0)
     channels: list[grpc.Channel] = []
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         for cluster in clusters.values():
             cluster.stop(timeout=30)
     print(f"model={args.model} dtype={args.dtype} device={args.device_type} kv_send={args.kv_send} "
-          f"median of {args.repeats}, alternating clusters")
+          f"gpus={args.gpus or 'shared'} median of {args.repeats}, alternating clusters")
     print(f"{'prompt tokens':>14} {'1P1D TTFT s':>12} {'hybrid TTFT s':>14} {'ratio':>6}")
     for n in args.lengths:
         a, b = statistics.median(times["1P1D"][n]), statistics.median(times["hybrid"][n])

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--worker-args", default="", help="extra flags for every worker, e.g. \"--num-blocks 512\"")
     p.add_argument("--router-args", default="", help="extra router flags, e.g. \"--local-prefill-threshold 64\"")
+    p.add_argument("--gpus", default="", help="comma-separated GPUs; worker i runs on the i-th (round-robin), "
+                                              "e.g. \"0,1\" puts a prefill and a decode worker on GPUs 0 and 1")
     p.add_argument("--ray", action="store_true", help="run the router and workers as Ray actors on a Ray cluster")
     p.add_argument("--address", default="auto", help="with --ray: Ray address (auto, local to start a head, host:port)")
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs per worker (0 on CPU)")
@@ -49,7 +51,8 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
     return ClusterSpec(hybrid=hybrid, prefill=prefill, decode=decode, model=args.model,
                        http_port=args.http_port, grpc_port=args.grpc_port, etcd=args.etcd, policy=args.policy,
                        namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(shlex.split(args.worker_args)),
-                       router_args=tuple(shlex.split(args.router_args)))
+                       router_args=tuple(shlex.split(args.router_args)),
+                       gpus=tuple(g for g in args.gpus.split(",") if g))
 
 
 def banner(cluster: LocalCluster) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from services.launcher.etcd_server import EtcdServer, start_etcd
-from services.launcher.processes import Child, ProcessGroup, free_port, pdserve_command
+from services.launcher.processes import Child, ProcessGroup, child_env, free_port, pdserve_command
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,15 @@ class ClusterSpec:
     lease_ttl: int = 10
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
+    gpus: tuple[str, ...] = ()  # worker i sees only gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES); () = all
 
     def __post_init__(self) -> None:
         counts = (self.hybrid, self.prefill, self.decode)
         if any(n < 0 for n in counts) or sum(counts) == 0:
             raise ValueError(f"worker counts hybrid={self.hybrid} prefill={self.prefill} decode={self.decode}: "
                              "expected at least one worker and no negative count")
+        if any(not g.strip() or "," in g for g in self.gpus):
+            raise ValueError(f"gpus={list(self.gpus)}: expected one GPU index or UUID per entry")
 
     @property
     def roles(self) -> list[str]:
@@ -94,9 +97,16 @@ class LocalCluster:
                                "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
                                "--drain-timeout", str(self.spec.drain_timeout),
                                "--lease-ttl", str(self.spec.lease_ttl), *self.spec.worker_args, *extra)
-        child = Child(f"worker-{index}-{role}", argv, os.path.join(self.log_dir, f"worker-{index}-{role}.log"))
+        child = Child(f"worker-{index}-{role}", argv, os.path.join(self.log_dir, f"worker-{index}-{role}.log"),
+                      self.worker_env(index))
         self.workers.append(self.group.spawn(child))
         return child
+
+    def worker_env(self, index: int) -> dict[str, str] | None:
+        """The environment of the index-th worker: pinned to one of ``spec.gpus`` when given."""
+        if not self.spec.gpus:
+            return None
+        return child_env({"CUDA_VISIBLE_DEVICES": self.spec.gpus[index % len(self.spec.gpus)]})
 
     def live_workers(self) -> list[dict]:
         """The router's ``GET /workers``; [] while the router is not answering."""
