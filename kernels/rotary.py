@@ -72,6 +72,16 @@ def _rotate_heads(src, dst, stride_src, stride_dst, cos, sin,
 
 
 @triton.jit
+def _cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """cos and sin [HALF_PAD] (float32, zero past HALF) at token t's position."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, HALF_PAD)
+    cos = tl.load(cs_ptr + pos * stride_cs + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -80,11 +90,7 @@ def _rotary_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs = tl.arange(0, HALF_PAD)
-    cs_mask = offs < HALF
-    cos = tl.load(cs_ptr + pos * stride_cs + offs, mask=cs_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs, mask=cs_mask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
     _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, stride_qh, stride_qoh, cos, sin,
                   Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
     _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin,
@@ -139,14 +145,11 @@ def _rotary_store_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs = tl.arange(0, HALF_PAD)
-    cs_mask = offs < HALF
-    cos = tl.load(cs_ptr + pos * stride_cs + offs, mask=cs_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs, mask=cs_mask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
     q_row = q_ptr + t * stride_qt
     _rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
     # k: load once, rotate, store in place and (unless padding) into the cache
+    offs = tl.arange(0, HALF_PAD)
     offs_h = tl.arange(0, K_HEADS_PAD)
     mask = (offs_h[:, None] < K_HEADS) & (offs[None, :] < HALF)
     k_1 = k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs[None, :]
