@@ -52,7 +52,7 @@ def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
                        http_port=args.http_port, grpc_port=args.grpc_port, etcd=args.etcd, policy=args.policy,
                        namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(shlex.split(args.worker_args)),
                        router_args=tuple(shlex.split(args.router_args)),
-                       gpus=tuple(g for g in args.gpus.split(",") if g))
+                       gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()))
 
 
 def banner(cluster: LocalCluster) -> str:
@@ -75,6 +75,10 @@ def banner(cluster: LocalCluster) -> str:
 
 def main(name: str, argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.ray and args.gpus:
+        print(f"pdserve {name}: error: --gpus does not apply with --ray (Ray places workers on GPUs; "
+              "use --num-gpus-per-worker)", file=sys.stderr)
+        return 2
     if args.ray:
         from services.launcher.ray_cluster import run_with_ray  # imports this module: keep it lazy
         return run_with_ray(args, name)

@@ -73,10 +73,13 @@ def test_gpus_pin_workers_round_robin() -> None:
     from services.launcher.cli import build_parser, spec_from_args
     from services.launcher.cluster import ClusterSpec, LocalCluster
 
-    spec = spec_from_args(build_parser().parse_args(["--prefill", "2", "--decode", "1", "--gpus", "0,1"]))
+    spec = spec_from_args(build_parser().parse_args(["--prefill", "2", "--decode", "1", "--gpus", "0, 1"]))
     assert spec.gpus == ("0", "1") and spec.roles == ["prefill", "prefill", "decode"]
     cluster = LocalCluster(spec)
     assert [cluster.worker_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
     assert LocalCluster(ClusterSpec()).worker_env(0) is None  # no --gpus: workers see every GPU
     with pytest.raises(ValueError, match="gpus"):
         ClusterSpec(gpus=("0,1",))
+    from services.launcher.cli import main
+
+    assert main("up", ["--ray", "--gpus", "0"]) == 2  # Ray places workers itself
