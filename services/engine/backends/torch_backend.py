@@ -1,8 +1,8 @@
 """Reference backend in plain torch: correct on any device, used on CPU.
 
 Owns nothing across steps. Attention splits the batch: sequences with a single
-query row (decode) are gathered from the paged cache and attended in one
-batched SDPA call; sequences with several rows (prefill chunks) are attended one
+query row (decode) are gathered from the paged cache and attended together in
+batched matmuls; sequences with several rows (prefill chunks) are attended one
 by one, straight from this step's k/v when nothing was cached before them.
 """
 from __future__ import annotations
