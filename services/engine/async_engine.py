@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -21,6 +22,8 @@ from services.common.tokenizer import Tokenizer, load_tokenizer
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineOutput, LLMEngine
 from services.engine.request import TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -180,7 +183,11 @@ class AsyncEngine:
                 if not self._commands:
                     await self._wake.wait()
                 continue
-            outputs = await loop.run_in_executor(self._pool, self.engine.step)
+            try:
+                outputs = await loop.run_in_executor(self._pool, self.engine.step)
+            except Exception as exc:  # NOTE: one failed step must not wedge every stream
+                self._fail_running(exc)
+                continue
             self._dispatch(outputs)
             self._stats = self.engine.stats()
 
@@ -208,6 +215,15 @@ class AsyncEngine:
         if stream is not None:
             stream.queue.put_nowait(EngineOutput(rid, [], "abort", req.num_prompt_tokens,
                                                  max(req.num_cached_tokens, 0)))
+
+    def _fail_running(self, exc: Exception) -> None:
+        log.exception("engine step failed; failing the requests it held")
+        error = RuntimeError(f"the engine step failed: {type(exc).__name__}: {exc}")
+        for rid in self.engine.fail_all():
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.queue.put_nowait(error)
+        self._stats = self.engine.stats()
 
     def _dispatch(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:

@@ -247,6 +247,27 @@ class LLMEngine:
         self.kv.free(req_id)
         return True
 
+    def fail_all(self) -> list[str]:
+        """After a step raised: end every queued and running request ("error") and free
+        their blocks; returns their ids. A launched step is dropped unread (the device
+        finishes or has failed it; its blocks are freed after it, stream-ordered).
+        Remote reservations and held prefills stay with the transfers that own them."""
+        self._launched = None
+        try:
+            self.platform.synchronize(self.device)  # NOTE: nothing queued may write a freed block
+        except Exception:  # the device itself failed: nothing of it runs any more
+            pass
+        failed = []
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if req.req_id in self.remote or req.req_id in self.held:
+                continue
+            self.scheduler.finish(req, "error", free_kv=not req.hold_kv)
+            if req.hold_kv:
+                self.held[req.req_id] = req  # NOTE: its transfer owner releases it
+            self.requests.pop(req.req_id, None)
+            failed.append(req.req_id)
+        return failed
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._launched is not None
 

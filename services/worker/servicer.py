@@ -88,6 +88,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield message
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RuntimeError as exc:  # the engine failed the request (a step raised)
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
             self._abort(rid)
             self._inflight.discard(rid)

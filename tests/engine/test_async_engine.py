@@ -94,3 +94,37 @@ def test_async_remote_prefill_roundtrip(tiny_models):
             await p.stop(), await d.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_failing_step_fails_its_requests_frees_blocks_and_the_engine_goes_on(tiny_models, overlap):
+    """A step that raises (e.g. out of device memory) ends the requests it held with an
+    error on their streams, frees their blocks, and later requests are served."""
+    path = tiny_models["llama"]
+    expected = LLM(path, num_blocks=64).generate([[5, 6, 7]], GREEDY)[0].token_ids
+
+    async def main():
+        eng = AsyncEngine(EngineConfig(model=path, num_blocks=64, async_scheduling=overlap))
+        runner = eng.engine.runner
+        real, calls = runner.execute, []
+
+        def flaky(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("simulated device failure")
+            return real(*args, **kwargs)
+
+        runner.execute = flaky
+        await eng.start()
+        try:
+            async def run(rid, prompt):
+                return [t async for out in eng.generate(rid, prompt, GREEDY) for t in out.new_token_ids]
+
+            results = await asyncio.gather(run("a", [5] * 20), run("b", [9] * 30), return_exceptions=True)
+            assert all(isinstance(r, RuntimeError) and "simulated device failure" in str(r) for r in results)
+            assert eng.engine.kv_stats()["used"] == 0 and not eng.engine.has_unfinished()
+            assert await run("c", [5, 6, 7]) == expected  # the loop is alive
+        finally:
+            await eng.stop()
+
+    asyncio.run(main())
