@@ -25,6 +25,29 @@ def _copy_gbs() -> float:
     return 2 * a.numel() * 2 / (ms * 1e-3) / 1e9
 
 
+def _triton_sweep(copy: float) -> None:
+    """Our GEMV (kernels/gemv.py) per shape at M = 1: the best of a few launch configs."""
+    from kernels.gemv import gemv
+
+    configs = [(bn, bk, nw, 4) for bn in (4, 8, 16) for bk in (512, 1024) for nw in (4, 8)]
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        ref = F.linear(x, w)
+        best = None
+        for bn, bk, nw, ns in configs:
+            fn = lambda: gemv(x, w, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)  # noqa: E731
+            err = ((fn().float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 1e-2, (name, bn, bk, err)
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            if best is None or ms < best[0]:
+                best = (ms, bn, bk, nw, ns)
+        ms, bn, bk, nw, ns = best
+        gbs = w.numel() * 2 / (ms * 1e-3) / 1e9
+        print(f"  triton    M=1 {name:8s} {ms * 1e3:7.1f} us = {gbs:6.0f} GB/s = {100 * gbs / copy:5.1f}% of copy "
+              f"(block_n={bn} block_k={bk} warps={nw} stages={ns})")
+
+
 def main() -> int:
     copy = _copy_gbs()
     print(f"{torch.cuda.get_device_name()}: copy {copy:,.0f} GB/s (read + write)")
@@ -42,6 +65,7 @@ def main() -> int:
                 print(f"  {lib:9s} M={rows} {name:8s} {ms * 1e3:7.1f} us = {w.numel() * 2 / (ms * 1e-3) / 1e9:6.0f} GB/s"
                       f" = {100 * w.numel() * 2 / (ms * 1e-3) / 1e9 / copy:5.1f}% of copy")
             print(f"  {lib:9s} M={rows} one step's projections (32 layers + LM head): {total_ms:.3f} ms")
+    _triton_sweep(copy)
     return 0
 
 

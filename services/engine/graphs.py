@@ -73,7 +73,7 @@ class DecodeGraphs:
             max_query_len=1, max_seq_len=self.max_model_len,
             query_lens_cpu=(1,) * b, seq_lens_cpu=(self.max_model_len,) * b)  # upper bounds
         hidden = self.model(self.tokens[0, :b], self.tokens[1, :b], self.kv_cache, meta, self.backend)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, self.backend)
 
     def run(self, batch: "HostBatch", num_seqs: int, feed: "DeviceFeed | None" = None,
             upload: Callable[[np.ndarray], torch.Tensor] | None = None) -> torch.Tensor:

@@ -181,7 +181,7 @@ class ModelRunner:
             feed.apply(input_ids, self._upload)
         hook = self._with_events(on_layer_done) if on_layer_done is not None else None
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend, hook)
-        return self.model.compute_logits(hidden[self._upload(batch.logits_rows)])
+        return self.model.compute_logits(hidden[self._upload(batch.logits_rows)], self.backend)
 
     def _with_events(self, on_layer_done: LayerHook) -> Callable[[int], None]:
         """The model calls its hook once a layer's work is queued, not done: on an

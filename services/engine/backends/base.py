@@ -50,6 +50,9 @@ class Backend(Protocol):
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata) -> None: ...
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T (+ bias)`` for an nn.Linear weight [N, K]."""
+
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin: torch.Tensor, kv_layer: torch.Tensor,
                         meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,9 @@ class TorchBackend:
     def store_kv(self, k, v, kv_layer, meta: AttentionMetadata) -> None:
         ref.store_kv_ref(k, v, kv_layer, meta.slot_mapping)
 
+    def linear(self, x, weight, bias=None):
+        return torch.nn.functional.linear(x, weight, bias)
+
     def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
         q, k = self.rotary(q, k, positions, cos_sin)
         self.store_kv(k, v, kv_layer, meta)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import activation, attention, kv_store, norm, rotary
+from kernels import activation, attention, gemv, kv_store, norm, rotary
 from services.engine.backends.base import AttentionMetadata
 
 
@@ -32,6 +32,14 @@ class TritonBackend:
         if q.stride(-1) != 1 or k.stride(-1) != 1:
             return rotary.rotary(q, k, positions, cos_sin)
         return rotary.rotary(q, k, positions, cos_sin, out=(q, k))
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # NOTE: a single row (a batch-1 decode step) in 16-bit: our GEMV streams the weight
+        # faster than cuBLAS (kernels/gemv.py); float32 keeps cuBLAS's summation order.
+        if x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+            out = gemv.gemv(x, weight)
+            return out if bias is None else out + bias
+        return torch.nn.functional.linear(x, weight, bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return activation.silu_and_mul(x)

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x, positions, cos_sin, kv_layer, meta: AttentionMetadata, be: Backend):
-        qkv = self.qkv_proj(x)
+        qkv = be.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -50,7 +50,7 @@ class Attention(nn.Module):
             k = be.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
         q, k = be.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta)
         o = be.attention(q, k, v, kv_layer, meta, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return be.linear(o.reshape(-1, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -60,7 +60,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, be: Backend):
-        return self.down_proj(be.silu_and_mul(self.gate_up_proj(x)))
+        return be.linear(be.silu_and_mul(be.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -111,9 +111,9 @@ class LlamaForCausalLM(nn.Module):
         norm = self.model.norm
         return be.rms_norm(x, norm.weight, norm.eps, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, be: Backend) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return be.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (hf_name, tensor) pairs in, fusing q/k/v and gate/up; error on any gap."""
