@@ -36,7 +36,8 @@ class TritonBackend:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # NOTE: a single row (a batch-1 decode step) in 16-bit: our GEMV streams the weight
         # faster than cuBLAS (kernels/gemv.py); float32 keeps cuBLAS's summation order.
-        if x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        if (x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+                and x.stride(-1) == 1 and weight.stride(-1) == 1):
             out = gemv.gemv(x, weight)
             return out if bias is None else out + bias
         return torch.nn.functional.linear(x, weight, bias)
