@@ -73,6 +73,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling reads the tokens so far (repetition, presence or frequency penalty)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
     def replace(self, **changes: Any) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
 

@@ -249,9 +249,9 @@ class LLMEngine:
 
     def fail_all(self) -> list[str]:
         """After a step raised: end every queued and running request ("error") and free
-        their blocks; returns their ids. A launched step is dropped unread (the device
-        finishes or has failed it; its blocks are freed after it, stream-ordered).
-        Remote reservations and held prefills stay with the transfers that own them."""
+        their blocks; returns their ids. A launched step is dropped unread once the
+        device is past it. Remote reservations (not scheduled) stay with the transfers
+        that own them; a prefill that keeps its KV moves to ``held`` for its owner."""
         self._launched = None
         try:
             self.platform.synchronize(self.device)  # NOTE: nothing queued may write a freed block
@@ -259,8 +259,6 @@ class LLMEngine:
             pass
         failed = []
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if req.req_id in self.remote or req.req_id in self.held:
-                continue
             self.scheduler.finish(req, "error", free_kv=not req.hold_kv)
             if req.hold_kv:
                 self.held[req.req_id] = req  # NOTE: its transfer owner releases it
@@ -328,8 +326,7 @@ class LLMEngine:
         need = 0
         for req, place in zip(current.sampled, current.places):
             p = req.params
-            if (req.hold_kv or p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty
-                    or p.frequency_penalty):
+            if req.hold_kv or p.logprobs is not None or p.penalized:
                 return False  # the host must see the token before the next step samples
             need += self.kv.blocks_needed(req.req_id, place + 1)
         return need <= self.kv.pool.num_free

@@ -120,17 +120,10 @@ class Sampler:
     def _noise(self, probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Exp(1) noise: a seeded row from its own generator (the same draws whatever the
         batch), every other row from the engine's generator in one call."""
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
-        if len(unseeded) == len(reqs):
-            return noise.exponential_(generator=self.generator)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
-        if unseeded:
-            rows = _to_device(unseeded, torch.long, probs.device)
-            noise[rows] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_(
-                generator=self.generator)
         return noise
 
 
