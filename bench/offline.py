@@ -26,6 +26,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-prefill-tokens", type=int, default=2048)
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--torch-only", action="store_true", help="CPU: pure torch, not pdserve's compiled CPU kernels")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -40,7 +41,8 @@ def run_pdserve(args, prompts) -> tuple[float, int]:
 
     num_blocks = args.num_prompts * -(-(args.prompt_len + args.output_len) // 16) + 64
     llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type, num_blocks=num_blocks,
-              max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
+              max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+              compiled_cpu_kernels=not args.torch_only)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     _sync(args.device_type)

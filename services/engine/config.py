@@ -44,6 +44,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # never capture step graphs (platforms with graphs capture decode steps)
     async_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None: where the device runs asynchronously
+    compiled_cpu_kernels: bool = True  # CPU: pdserve's C kernels where a C compiler can build them; False: pure torch
     seed: int = 0
 
     def __post_init__(self) -> None:

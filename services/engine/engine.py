@@ -104,7 +104,7 @@ class LLMEngine:
         graphs = self.platform.supports_graphs and not config.enforce_eager
         runner_cfg = RunnerConfig(config.block_size, self.max_model_len,
                                   graph_batch_sizes(config.max_batch_size) if graphs else ())
-        self.runner = ModelRunner(model, self.kv_cache, self.platform.backend(), self.platform,
+        self.runner = ModelRunner(model, self.kv_cache, self.platform.backend(config.compiled_cpu_kernels), self.platform,
                                   self.device, runner_cfg)
         self.runner.capture_graphs()
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed), self.platform.new_event)

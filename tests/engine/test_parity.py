@@ -76,6 +76,8 @@ def test_tiny_random_parity(kind, device, overlap, tiny_models):
     if device == "cuda" and overlap:
         pytest.skip("overlap is already the default on CUDA")
     opts = dict(device_type=device, async_scheduling=overlap)
+    if device == "cpu" and overlap is None:
+        opts["compiled_cpu_kernels"] = False  # the pure-torch path here; the compiled kernels elsewhere
     llm = LLM(path, num_blocks=256, max_batch_size=8, **opts)
     assert _run(llm, prompts) == ref
     assert (llm.engine.stats()["overlapped_steps_total"] > 0) == llm.engine.overlap

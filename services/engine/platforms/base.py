@@ -54,5 +54,6 @@ class Platform(Protocol):
         graph, and must not synchronise with the host.
         """
 
-    def backend(self) -> Backend:
-        """The compute backend for this device family."""
+    def backend(self, compiled_cpu_kernels: bool = True) -> Backend:
+        """The compute backend for this device family (``compiled_cpu_kernels``: the CPU
+        platform's choice between its compiled kernels and pure torch; others ignore it)."""

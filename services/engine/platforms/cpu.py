@@ -1,4 +1,4 @@
-"""The CPU platform: host memory, no streams, no graphs, the pure-torch backend.
+"""The CPU platform: host memory, no streams, no graphs; the CPU backend (compiled kernels over the torch reference).
 
 Owns nothing across calls. Host memory figures come from ``sysconf``.
 """
@@ -61,7 +61,15 @@ class CpuPlatform:
     def capture_graph(self, fn: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
         raise NotImplementedError("the CPU platform has no graphs; run steps eagerly")
 
-    def backend(self) -> Backend:
+    def backend(self, compiled_cpu_kernels: bool = True) -> Backend:
+        """pdserve's compiled kernels where a C compiler can build them, else pure torch."""
         from services.engine.backends.torch_backend import TorchBackend
 
+        if compiled_cpu_kernels:
+            from kernels.cpu import load_cpu_kernels
+            from services.engine.backends.cpu_backend import CpuBackend
+
+            kernels = load_cpu_kernels()
+            if kernels is not None:
+                return CpuBackend(kernels)
         return TorchBackend()

@@ -45,7 +45,7 @@ class CudaPlatform:
             out = fn()
         return graph, out
 
-    def backend(self) -> Backend:
+    def backend(self, compiled_cpu_kernels: bool = True) -> Backend:
         try:
             from services.engine.backends.triton_backend import TritonBackend
         except ImportError as exc:  # triton missing

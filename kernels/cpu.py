@@ -1,0 +1,129 @@
+"""Compiled CPU kernels: builds ``csrc/cpu_kernels.c`` with the host's C compiler, loads it with ctypes.
+
+Owns: the build (once per source, compiler and CPU, cached on disk as a shared
+library) and ``CpuKernels``, the typed wrappers around its entry points. Lifecycle:
+``load_cpu_kernels()`` returns a ``CpuKernels`` or None when no C compiler with
+OpenMP is available (callers then keep the pure-torch path); the object lives as
+long as the backend holding it. The references these kernels are tested against
+are in ``kernels/reference.py``.
+
+The library is built with ``-march=native`` for the CPU it runs on, so the cache key
+includes that CPU's model and flags; the build writes a temporary file and renames
+it, so concurrent processes never load a half-written library.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pdserve" / "kernels"
+
+
+def load_cpu_kernels(cache_dir: Path | None = None) -> "CpuKernels | None":
+    """The compiled kernels, building them first if needed; None (logged) without a compiler."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler found: CPU kernels fall back to pure torch")
+        return None
+    target = (cache_dir or default_cache_dir()) / f"cpu_kernels-{_build_key(compiler)}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        return CpuKernels(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.warning("CPU kernels unavailable (%s): falling back to pure torch", exc)
+        return None
+
+
+def _build_key(compiler: str) -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join((compiler, *FLAGS)).encode())
+    h.update(subprocess.run([compiler, "--version"], capture_output=True).stdout)
+    h.update(_cpu_signature().encode())
+    return h.hexdigest()[:16]
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    wanted = ("model name", "flags")
+    return "|".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class CpuKernels:
+    """Typed entry points of the compiled library; tensors are checked before each call."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib
+        lib.pd_decode_scratch_floats.restype = ctypes.c_size_t
+        lib.pd_decode_scratch_floats.argtypes = [_I, _I, _I, _I]
+        for suffix in _TYPES.values():
+            fn = getattr(lib, f"pd_decode_attention_{suffix}")
+            fn.restype = None
+            fn.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_size_t, _F, _P, _I]
+
+    @staticmethod
+    def supports(dtype: torch.dtype) -> bool:
+        return dtype in _TYPES
+
+    def decode_attention(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """One query row per sequence over its paged context, read in place.
+
+        q [B, Hq, D]; kv_layer [N, 2, bs, Hkv, D] of q's dtype, each block contiguous (the
+        block dim may be strided); block_tables [B, W] int32; seq_lens [B] int32 (>= 1
+        each). Returns [B, Hq, D] in q's dtype.
+        """
+        b, hq, d = q.shape
+        bs, hkv = kv_layer.shape[2], kv_layer.shape[3]
+        _require(q.dtype == kv_layer.dtype and q.dtype in _TYPES, f"dtypes {q.dtype}, {kv_layer.dtype}")
+        _require(kv_layer.shape[4] == d and hq % hkv == 0, f"shapes q {tuple(q.shape)}, kv {tuple(kv_layer.shape)}")
+        _require(block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32, "int32 tables and lengths")
+        _require(block_tables.shape[0] >= b and seq_lens.shape[0] >= b, "a table row and length per sequence")
+        _require(kv_layer.shape[0] == 0 or kv_layer[0].is_contiguous(), "KV layout (a block must be contiguous)")
+        q = q.contiguous()
+        tables, lens = block_tables.contiguous(), seq_lens.contiguous()
+        out = torch.empty_like(q)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._lib.pd_decode_scratch_floats(hq, hkv, d, bs), dtype=torch.float32)
+        fn = getattr(self._lib, f"pd_decode_attention_{_TYPES[q.dtype]}")
+        fn(q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+           b, tables.shape[1], hq, hkv, d, bs, kv_layer.stride(0), scale, scratch.data_ptr(), threads)
+        return out
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"CPU decode attention: unsupported {what}")

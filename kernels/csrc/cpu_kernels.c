@@ -1,0 +1,313 @@
+/* CPU kernels of pdserve, called through ctypes (kernels/cpu.py compiles this file).
+ *
+ * Paged decode attention: one query row per sequence, read in place from the paged
+ * KV cache (no gather), online softmax in float32. The KV layout of one layer is
+ * [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0 of dim 1 is K.
+ * Element types: float32 ("f32") and bfloat16 ("bf16", stored as uint16).
+ */
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline void load_f32(const float *src, float *dst, int n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
+static inline void store_f32(const float *src, float *dst, int n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
+
+static inline void load_bf16(const uint16_t *src, float *dst, int n) {
+    for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+static inline void store_bf16(const float *src, uint16_t *dst, int n) {
+    for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE float dot_f32(const float *a, const float *b, int n) {
+    float acc = 0.f;
+#pragma omp simd reduction(+:acc)
+    for (int i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+ALWAYS_INLINE void axpy_f32(float p, const float *x, float *y, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) y[i] += p * x[i];
+}
+
+/* exp for x <= 0 (softmax after subtracting the max), vectorizable: 2^(x log2 e) with a
+ * degree-6 polynomial for the fraction; relative error ~2e-7; returns 0 below -87. */
+ALWAYS_INLINE float exp_neg(float x) {
+    float t = x * 1.44269504f;
+    t = t < -126.f ? -126.f : t;
+    float fl = (float)(int)t;
+    fl = fl > t ? fl - 1.f : fl;  /* floor */
+    float f = t - fl, r = 1.5403530e-4f;
+    r = r * f + 1.3333558e-3f;
+    r = r * f + 9.6181291e-3f;
+    r = r * f + 5.5504109e-2f;
+    r = r * f + 2.4022651e-1f;
+    r = r * f + 6.9314718e-1f;
+    r = r * f + 1.0f;
+    int32_t bits = ((int32_t)fl + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.f ? 0.f : r * scale;
+}
+
+/* Online softmax update of one head over n scores (overwritten with their weights):
+ * rescales acc[d] and returns the new running max through *m, the sum through *l. */
+ALWAYS_INLINE void softmax_update(float *s, int n, float *m, float *l, float *acc, int d) {
+    float mx = *m;
+    for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    float corr = exp_neg(*m - mx), sum = 0.f;
+#pragma omp simd reduction(+:sum)
+    for (int t = 0; t < n; t++) { s[t] = exp_neg(s[t] - mx); sum += s[t]; }
+#pragma omp simd
+    for (int i = 0; i < d; i++) acc[i] *= corr;
+    *l = *l * corr + sum;
+    *m = mx;
+}
+
+/* One block of one KV head for its `group` query heads: scores, softmax update, P.V.
+ * kf/vf are the block's K and V in float32, token stride `tok`; s is group * bs. */
+ALWAYS_INLINE void attend_block(const float *qf, const float *kf, const float *vf, int n, int tok,
+                                int group, int d, int bs, float *s, float *m, float *l, float *acc) {
+    for (int t = 0; t < n; t++)
+        for (int g = 0; g < group; g++) s[g * bs + t] = dot_f32(qf + g * d, kf + t * tok, d);
+    for (int g = 0; g < group; g++) softmax_update(s + g * bs, n, m + g, l + g, acc + g * d, d);
+    for (int t = 0; t < n; t++)
+        for (int g = 0; g < group; g++) axpy_f32(s[g * bs + t], vf + t * tok, acc + g * d, d);
+}
+
+/* Head sizes with their own compiled copy (constant trip counts unroll into registers). */
+static void attend_block_any(const float *qf, const float *kf, const float *vf, int n, int tok,
+                             int group, int d, int bs, float *s, float *m, float *l, float *acc) {
+    if (d == 64) attend_block(qf, kf, vf, n, tok, group, 64, bs, s, m, l, acc);
+    else if (d == 128) attend_block(qf, kf, vf, n, tok, group, 128, bs, s, m, l, acc);
+    else attend_block(qf, kf, vf, n, tok, group, d, bs, s, m, l, acc);
+}
+
+/* One sequence: every query head over the sequence's blocks, one block at a time
+ * (K and V of a block converted to float32 once for all heads). Scratch:
+ * qf[Hq*D], acc[Hq*D], kf[bs*Hkv*D], vf[bs*Hkv*D], s[group*bs], m[Hq], l[Hq]. */
+#define DECODE_TASK(NAME, T, LOAD, STORE)                                                      \
+static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,             \
+                 int hq, int hkv, int d, int bs, size_t stride, float scale, float *scratch) {             \
+    int group = hq / hkv, tok = hkv * d;                                                     \
+    float *qf = scratch, *acc = qf + hq * d, *kf = acc + hq * d, *vf = kf + bs * tok;       \
+    float *s = vf + bs * tok, *m = s + group * bs, *l = m + hq;                              \
+    LOAD(q, qf, hq * d);                                                                     \
+    for (int i = 0; i < hq * d; i++) { qf[i] *= scale; acc[i] = 0.f; }                       \
+    for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                           \
+    for (int j = 0; j * bs < len; j++) {                                                     \
+        int n = len - j * bs < bs ? len - j * bs : bs;                                       \
+        const T *kb = kv + (size_t)table[j] * stride;                                  \
+        LOAD(kb, kf, n * tok);                                                               \
+        LOAD(kb + (size_t)bs * tok, vf, n * tok);                                            \
+        for (int h = 0; h < hkv; h++)                                                        \
+            attend_block_any(qf + h * group * d, kf + h * d, vf + h * d, n, tok, group, d,  \
+                             bs, s, m + h * group, l + h * group, acc + h * group * d);     \
+    }                                                                                        \
+    for (int hd = 0; hd < hq; hd++) {                                                        \
+        float inv = 1.f / l[hd], *ah = acc + hd * d;                                         \
+        for (int i = 0; i < d; i++) ah[i] *= inv;                                            \
+    }                                                                                        \
+    STORE(acc, out, hq * d);                                                                 \
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* r[t] = sum of the 16 lanes of a[t], t = 0..15, in 45 instructions (no per-vector
+ * horizontal reduction). */
+static inline __m512 reduce16(const __m512 *a) {
+    __m512 b[8], c[4];
+    for (int k = 0; k < 8; k++)
+        b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    for (int k = 0; k < 4; k++) {
+        __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
+        c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 f01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 f23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* exp(x) for x <= 0: 2^(x log2 e), degree-6 polynomial on the fraction, scalef for the
+ * exponent; relative error ~2e-7. */
+static inline __m512 exp512(__m512 x) {
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
+    __m512 fl = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, fl), r = _mm512_set1_ps(1.5403530e-4f);
+    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.3333558e-3f));
+    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(9.6181291e-3f));
+    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(5.5504109e-2f));
+    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(2.4022651e-1f));
+    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(6.9314718e-1f));
+    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(r, fl);
+}
+
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Scores of up to 16 tokens (rows of k, stride tok) against one query row; lanes past
+ * n are -inf. f32: FMA over D; bf16: dot products of bf16 pairs (AVX512-BF16). */
+static inline __m512 scores16_f32(const float *q, const float *k, int n, int tok, int d, float scale) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; t++) {
+        acc[t] = _mm512_setzero_ps();
+        if (t < n)
+            for (int i = 0; i < d; i += 16)
+                acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + (size_t)t * tok + i), acc[t]);
+    }
+    __m512 s = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
+    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << n) - 1u), s);
+}
+
+#if defined(__AVX512BF16__)
+static inline __m512 scores16_bf16(const uint16_t *q, const uint16_t *k, int n, int tok, int d, float scale) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; t++) {
+        acc[t] = _mm512_setzero_ps();
+        if (t < n)
+            for (int i = 0; i < d; i += 32)
+                acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(q + i),
+                                          (__m512bh)_mm512_loadu_si512(k + (size_t)t * tok + i));
+    }
+    __m512 s = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
+    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << n) - 1u), s);
+}
+#define HAVE_BF16_VEC 1
+#endif
+
+/* Up to 16 tokens of one KV head for its `group` query heads: scores, online softmax,
+ * P.V into acc[group * d] (float32). */
+#define CHUNK_VEC(NAME, T, SCORES, LOADV)                                                      \
+static inline void NAME(const T *q, const T *k, const T *v, int n, int tok, int group, int d, \
+                        float scale, float *m, float *l, float *acc) {                       \
+    float p[group][16];                                                                      \
+    for (int g = 0; g < group; g++) {                                                        \
+        __m512 s = SCORES(q + (size_t)g * d, k, n, tok, d, scale);                           \
+        float mx = _mm512_reduce_max_ps(s);                                                  \
+        mx = m[g] > mx ? m[g] : mx;                                                          \
+        __m512 e = exp512(_mm512_sub_ps(s, _mm512_set1_ps(mx)));                             \
+        e = _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1u), e);                             \
+        float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);                              \
+        l[g] = l[g] * corr + _mm512_reduce_add_ps(e);                                        \
+        m[g] = mx;                                                                           \
+        _mm512_storeu_ps(p[g], e);                                                           \
+        __m512 c = _mm512_set1_ps(corr);                                                     \
+        for (int i = 0; i < d; i += 16)                                                      \
+            _mm512_storeu_ps(acc + g * d + i, _mm512_mul_ps(_mm512_loadu_ps(acc + g * d + i), c)); \
+    }                                                                                        \
+    for (int t = 0; t < n; t++)                                                              \
+        for (int i = 0; i < d; i += 16) {                                                    \
+            __m512 vv = LOADV(v + (size_t)t * tok + i);                                      \
+            for (int g = 0; g < group; g++) {                                                \
+                float *a = acc + g * d + i;                                                  \
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g][t]), vv, _mm512_loadu_ps(a))); \
+            }                                                                                \
+        }                                                                                    \
+}
+
+CHUNK_VEC(chunk_vec_f32, float, scores16_f32, load16_f32)
+#ifdef HAVE_BF16_VEC
+CHUNK_VEC(chunk_vec_bf16, uint16_t, scores16_bf16, load16_bf16)
+#endif
+
+/* One sequence, vectorized: blocks in table order, 16 tokens at a time, every KV head.
+ * acc[Hq*D], m[Hq], l[Hq] from scratch; output rounded to T. */
+#define DECODE_VEC_TASK(NAME, T, CHUNK, STORE)                                                  \
+static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,             \
+                 int hq, int hkv, int d, int bs, size_t stride, float scale, float *scratch) {             \
+    int group = hq / hkv, tok = hkv * d;                                                     \
+    float *acc = scratch, *m = acc + hq * d, *l = m + hq;                                    \
+    for (int i = 0; i < hq * d; i++) acc[i] = 0.f;                                           \
+    for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                           \
+    for (int j = 0; j * bs < len; j++) {                                                     \
+        int n = len - j * bs < bs ? len - j * bs : bs;                                       \
+        const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;     \
+        if ((j + 1) * bs < len) {                                                            \
+            const char *nk = (const char *)(kv + (size_t)table[j + 1] * stride);       \
+            for (size_t o = 0; o < (size_t)2 * bs * tok * sizeof(T); o += 64) __builtin_prefetch(nk + o); \
+        }                                                                                    \
+        for (int t0 = 0; t0 < n; t0 += 16) {                                                 \
+            int c = n - t0 < 16 ? n - t0 : 16;                                               \
+            for (int h = 0; h < hkv; h++)                                                    \
+                CHUNK(q + (size_t)h * group * d, kb + (size_t)t0 * tok + h * d,              \
+                      vb + (size_t)t0 * tok + h * d, c, tok, group, d, scale,                \
+                      m + h * group, l + h * group, acc + (size_t)h * group * d);           \
+        }                                                                                    \
+    }                                                                                        \
+    for (int hd = 0; hd < hq; hd++) {                                                        \
+        float inv = 1.f / l[hd], *ah = acc + hd * d;                                         \
+        for (int i = 0; i < d; i++) ah[i] *= inv;                                            \
+    }                                                                                        \
+    STORE(acc, out, hq * d);                                                                 \
+}
+
+DECODE_VEC_TASK(decode_vec_task_f32, float, chunk_vec_f32, store_f32)
+#ifdef HAVE_BF16_VEC
+DECODE_VEC_TASK(decode_vec_task_bf16, uint16_t, chunk_vec_bf16, store_bf16)
+#endif
+#endif /* __AVX512F__ */
+
+/* scratch holds threads * pd_decode_scratch_floats(...) floats, one slice per thread. */
+#define DECODE_KERNEL(NAME, TASK, VEC, T)                                                      \
+void NAME(const T *q, const T *kv, const int32_t *tables, const int32_t *lens, T *out,        \
+          int batch, int width, int hq, int hkv, int d, int bs, size_t stride, float scale,                  \
+          float *scratch, int threads) {                                                      \
+    size_t per_thread = pd_decode_scratch_floats(hq, hkv, d, bs);                            \
+    _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")                       \
+    for (int b = 0; b < batch; b++)                                                          \
+        (VEC != NULL && d % 32 == 0 ? VEC : TASK)(                                           \
+             q + (size_t)b * hq * d, kv, tables + (size_t)b * width, lens[b],               \
+             out + (size_t)b * hq * d, hq, hkv, d, bs, stride, scale,                               \
+             scratch + per_thread * (size_t)omp_get_thread_num());                          \
+}
+
+size_t pd_decode_scratch_floats(int hq, int hkv, int d, int bs) {
+    return (size_t)2 * hq * d + 2 * (size_t)bs * hkv * d + (size_t)(hq / hkv) * bs + 2 * (size_t)hq;
+}
+
+DECODE_TASK(decode_task_f32, float, load_f32, store_f32)
+DECODE_TASK(decode_task_bf16, uint16_t, load_bf16, store_bf16)
+typedef void (*decode_task_fn_f32)(const float *, const float *, const int32_t *, int, float *,
+                                   int, int, int, int, size_t, float, float *);
+typedef void (*decode_task_fn_bf16)(const uint16_t *, const uint16_t *, const int32_t *, int, uint16_t *,
+                                    int, int, int, int, size_t, float, float *);
+#if defined(__AVX512F__)
+static const decode_task_fn_f32 VEC_F32 = decode_vec_task_f32;
+#else
+static const decode_task_fn_f32 VEC_F32 = NULL;
+#endif
+#ifdef HAVE_BF16_VEC
+static const decode_task_fn_bf16 VEC_BF16 = decode_vec_task_bf16;
+#else
+static const decode_task_fn_bf16 VEC_BF16 = NULL;
+#endif
+
+DECODE_KERNEL(pd_decode_attention_f32, decode_task_f32, VEC_F32, float)
+DECODE_KERNEL(pd_decode_attention_bf16, decode_task_bf16, VEC_BF16, uint16_t)
