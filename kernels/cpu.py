@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 _TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_P, _I, _L, _F, _S = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_size_t
 
 
 def default_cache_dir() -> Path:
@@ -89,10 +89,20 @@ class CpuKernels:
         self._lib = lib
         lib.pd_decode_scratch_floats.restype = ctypes.c_size_t
         lib.pd_decode_scratch_floats.argtypes = [_I, _I, _I, _I]
-        for suffix in _TYPES.values():
-            fn = getattr(lib, f"pd_decode_attention_{suffix}")
-            fn.restype = None
-            fn.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_size_t, _F, _P, _I]
+        signatures = {
+            "decode_attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _S, _F, _P, _I],
+            "rms_norm": [_P, _L, _P, _L, _P, _P, _P, _I, _I, _F, _I],
+            "silu_and_mul": [_P, _L, _P, _I, _I, _I],
+            "rotary_store": [_P, _L, _P, _L, _P, _L, _P, _P, _P, _S, _P, _I, _I, _I, _I, _I, _I],
+        }
+        for name, argtypes in signatures.items():
+            for suffix in _TYPES.values():
+                fn = getattr(lib, f"pd_{name}_{suffix}")
+                fn.restype = None
+                fn.argtypes = argtypes
+
+    def _fn(self, name: str, dtype: torch.dtype):
+        return getattr(self._lib, f"pd_{name}_{_TYPES[dtype]}")
 
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
@@ -118,12 +128,57 @@ class CpuKernels:
         out = torch.empty_like(q)
         threads = torch.get_num_threads()
         scratch = torch.empty(threads * self._lib.pd_decode_scratch_floats(hq, hkv, d, bs), dtype=torch.float32)
-        fn = getattr(self._lib, f"pd_decode_attention_{_TYPES[q.dtype]}")
-        fn(q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        self._fn("decode_attention", q.dtype)(q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
            b, tables.shape[1], hq, hkv, d, bs, kv_layer.stride(0), scale, scratch.data_ptr(), threads)
         return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``reference.rms_norm_ref`` for 2-D rows [T, n] (last dim contiguous)."""
+        rows, n = x.shape
+        _require(_rows_ok(x, n) and (residual is None or _rows_ok(residual, n) and residual.shape == x.shape),
+                 "rms_norm rows")
+        _require(x.dtype == weight.dtype and (residual is None or residual.dtype == x.dtype), "rms_norm dtypes")
+        weight = weight.contiguous()
+        out, res_out = torch.empty(rows, n, dtype=x.dtype), torch.empty(rows, n, dtype=x.dtype)
+        res_ptr, res_stride = (0, 0) if residual is None else (residual.data_ptr(), residual.stride(0))
+        self._fn("rms_norm", x.dtype)(x.data_ptr(), x.stride(0), res_ptr or None, res_stride, weight.data_ptr(),
+                                      out.data_ptr(), res_out.data_ptr(), rows, n, eps, torch.get_num_threads())
+        return out, res_out
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """As ``reference.silu_and_mul_ref`` for 2-D rows [T, 2n] (last dim contiguous)."""
+        rows, n2 = x.shape
+        _require(_rows_ok(x, n2) and n2 % 2 == 0, "silu_and_mul rows")
+        out = torch.empty(rows, n2 // 2, dtype=x.dtype)
+        self._fn("silu_and_mul", x.dtype)(x.data_ptr(), x.stride(0), out.data_ptr(), rows, n2 // 2,
+                                          torch.get_num_threads())
+        return out
+
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin: torch.Tensor, kv_layer: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``reference.rotary_ref`` then ``store_kv_ref``, but q and k are rotated IN PLACE
+        (and returned). q [T, Hq, D], k and v [T, Hkv, D]: heads contiguous within a token."""
+        t, hq, d = q.shape
+        hkv, bs = k.shape[1], kv_layer.shape[2]
+        _require(all(x.stride(2) == 1 and x.stride(1) == d for x in (q, k, v)), "rotary q/k/v layout")
+        _require(q.dtype == k.dtype == v.dtype == kv_layer.dtype, "rotary dtypes")
+        _require(kv_layer.shape[0] == 0 or kv_layer[0].is_contiguous(), "KV layout (a block must be contiguous)")
+        _require(cos_sin.dtype == torch.float32 and cos_sin.shape[1] == d, "cos_sin table")
+        positions, slots = positions.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous()
+        cos_sin = cos_sin.contiguous()
+        self._fn("rotary_store", q.dtype)(
+            q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), positions.data_ptr(),
+            cos_sin.data_ptr(), kv_layer.data_ptr(), kv_layer.stride(0), slots.data_ptr(), t, hq, hkv, d, bs,
+            torch.get_num_threads())
+        return q, k
+
+
+def _rows_ok(x: torch.Tensor, n: int) -> bool:
+    return x.dim() == 2 and x.shape[1] == n and x.stride(1) == 1 and x.dtype in _TYPES
 
 
 def _require(ok: bool, what: str) -> None:
     if not ok:
-        raise ValueError(f"CPU decode attention: unsupported {what}")
+        raise ValueError(f"CPU kernel: unsupported {what}")

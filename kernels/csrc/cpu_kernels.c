@@ -50,11 +50,11 @@ ALWAYS_INLINE void axpy_f32(float p, const float *x, float *y, int n) {
     for (int i = 0; i < n; i++) y[i] += p * x[i];
 }
 
-/* exp for x <= 0 (softmax after subtracting the max), vectorizable: 2^(x log2 e) with a
- * degree-6 polynomial for the fraction; relative error ~2e-7; returns 0 below -87. */
-ALWAYS_INLINE float exp_neg(float x) {
+/* exp(x), vectorizable (no calls, no branches): 2^(x log2 e) with a degree-6 polynomial
+ * for the fraction; relative error ~2e-7; the exponent is clamped to [-126, 126]. */
+ALWAYS_INLINE float exp_approx(float x) {
     float t = x * 1.44269504f;
-    t = t < -126.f ? -126.f : t;
+    t = t < -126.f ? -126.f : (t > 126.f ? 126.f : t);
     float fl = (float)(int)t;
     fl = fl > t ? fl - 1.f : fl;  /* floor */
     float f = t - fl, r = 1.5403530e-4f;
@@ -67,8 +67,11 @@ ALWAYS_INLINE float exp_neg(float x) {
     int32_t bits = ((int32_t)fl + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x < -87.f ? 0.f : r * scale;
+    return r * scale;
 }
+
+/* exp for x <= 0 (softmax weights after subtracting the max): 0 below -87. */
+ALWAYS_INLINE float exp_neg(float x) { return x < -87.f ? 0.f : exp_approx(x); }
 
 /* Online softmax update of one head over n scores (overwritten with their weights):
  * rescales acc[d] and returns the new running max through *m, the sum through *l. */
@@ -152,7 +155,7 @@ static inline __m512 reduce16(const __m512 *a) {
                          _mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* exp(x) for x <= 0: 2^(x log2 e), degree-6 polynomial on the fraction, scalef for the
+/* exp(x) for x <= 88 (0 below -100): 2^(x log2 e), degree-6 polynomial on the fraction, scalef for the
  * exponent; relative error ~2e-7. */
 static inline __m512 exp512(__m512 x) {
     __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
@@ -311,3 +314,115 @@ static const decode_task_fn_bf16 VEC_BF16 = NULL;
 
 DECODE_KERNEL(pd_decode_attention_f32, decode_task_f32, VEC_F32, float)
 DECODE_KERNEL(pd_decode_attention_bf16, decode_task_bf16, VEC_BF16, uint16_t)
+
+/* ---- Row-wise fused ops. Each rounds to the element type wherever the torch reference
+ * (kernels/reference.py) rounds, so bfloat16 results match it to the last bit except
+ * where a float32 sum is ordered differently. ---- */
+
+#define ROUND_f32(x) (x)
+#define ROUND_bf16(x) bf16_to_f32(f32_to_bf16(x))
+#define GET_f32(p, i) ((p)[i])
+#define GET_bf16(p, i) bf16_to_f32((p)[i])
+#define PUT_f32(p, i, x) ((p)[i] = (x))
+#define PUT_bf16(p, i, x) ((p)[i] = f32_to_bf16(x))
+
+/* out = w * (h / rms(h)) with h = x (+ residual); res_out = h (as the reference returns it).
+ * x, residual, out, res_out: [rows, n] with row strides; residual may be NULL. */
+#define RMS_NORM(SUF, T)                                                                       \
+void pd_rms_norm_##SUF(const T *x, long sx, const T *res, long sr, const T *w, T *out,       \
+                       T *res_out, int rows, int n, float eps, int threads) {                \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
+    for (int r = 0; r < rows; r++) {                                                         \
+        const T *xr = x + r * sx, *rr = res ? res + r * sr : NULL;                           \
+        T *hr = res_out + (size_t)r * n, *orow = out + (size_t)r * n;                        \
+        float ss = 0.f;                                                                      \
+        _Pragma("omp simd reduction(+:ss)")                                                  \
+        for (int i = 0; i < n; i++) {                                                        \
+            float h = rr ? ROUND_##SUF(GET_##SUF(xr, i) + GET_##SUF(rr, i)) : GET_##SUF(xr, i); \
+            PUT_##SUF(hr, i, h);                                                             \
+            ss += h * h;                                                                     \
+        }                                                                                    \
+        float inv = 1.f / sqrtf(ss / n + eps);                                               \
+        _Pragma("omp simd")                                                                  \
+        for (int i = 0; i < n; i++)                                                          \
+            PUT_##SUF(orow, i, GET_##SUF(w, i) * ROUND_##SUF(GET_##SUF(hr, i) * inv));       \
+    }                                                                                        \
+}
+
+/* out[r, i] = silu(x[r, i]) * x[r, n + i], silu rounded first (as torch does). */
+#if defined(__AVX512F__)
+static inline __m512 silu512(__m512 a) {
+    __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), _mm512_set1_ps(88.f)));
+    return _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+#define SILU_VEC_f32(g, u, o, i, n)                                                            \
+    for (; i + 16 <= n; i += 16)                                                             \
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu512(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(u + i)));
+#else
+#define SILU_VEC_f32(g, u, o, i, n)
+#endif
+#if defined(HAVE_BF16_VEC)
+static inline __m512 round_bf16_512(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+#define SILU_VEC_bf16(g, u, o, i, n)                                                           \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        __m512 y = _mm512_mul_ps(round_bf16_512(silu512(load16_bf16(g + i))), load16_bf16(u + i)); \
+        _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(y));             \
+    }
+#else
+#define SILU_VEC_bf16(g, u, o, i, n)
+#endif
+#define SILU_MUL(SUF, T)                                                                       \
+void pd_silu_and_mul_##SUF(const T *x, long sx, T *out, int rows, int n, int threads) {      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
+    for (int r = 0; r < rows; r++) {                                                         \
+        const T *g = x + r * sx, *u = g + n;                                                 \
+        T *o = out + (size_t)r * n;                                                          \
+        int i = 0;                                                                           \
+        SILU_VEC_##SUF(g, u, o, i, n)                                                        \
+        for (; i < n; i++) {                                                                 \
+            float a = GET_##SUF(g, i);                                                       \
+            PUT_##SUF(o, i, ROUND_##SUF(a / (1.f + expf(-a))) * GET_##SUF(u, i));           \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+/* Rotate-half rotary embedding of q and k in place, then k and v into the paged cache.
+ * q [T, hq, d] (row stride sq), k and v [T, hkv, d] (row strides sk, sv), cos_sin
+ * [max_pos, d] float32 (cos of the d/2 frequencies, then sin), cache blocks of
+ * [2, bs, hkv, d] at `stride` elements apart; slot < 0: not stored. */
+#define ROTARY_STORE(SUF, T)                                                                   \
+static inline void rotate_##SUF(T *x, const float *cs, int d) {                              \
+    int half = d / 2;                                                                        \
+    for (int i = 0; i < half; i++) {                                                         \
+        float c = ROUND_##SUF(cs[i]), s = ROUND_##SUF(cs[half + i]);                         \
+        float a = GET_##SUF(x, i), b = GET_##SUF(x, half + i);                               \
+        float lo = ROUND_##SUF(ROUND_##SUF(a * c) + ROUND_##SUF(-b * s));                    \
+        float hi = ROUND_##SUF(ROUND_##SUF(b * c) + ROUND_##SUF(a * s));                     \
+        PUT_##SUF(x, i, lo);                                                                 \
+        PUT_##SUF(x, half + i, hi);                                                          \
+    }                                                                                        \
+}                                                                                            \
+void pd_rotary_store_##SUF(T *q, long sq, T *k, long sk, const T *v, long sv,               \
+                           const int64_t *pos, const float *cos_sin, T *cache, size_t stride, \
+                           const int64_t *slots, int tokens, int hq, int hkv, int d, int bs,  \
+                           int threads) {                                                    \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
+    for (int t = 0; t < tokens; t++) {                                                       \
+        const float *cs = cos_sin + (size_t)pos[t] * d;                                      \
+        for (int h = 0; h < hq; h++) rotate_##SUF(q + t * sq + (size_t)h * d, cs, d);        \
+        for (int h = 0; h < hkv; h++) rotate_##SUF(k + t * sk + (size_t)h * d, cs, d);       \
+        if (slots[t] < 0) continue;                                                          \
+        T *dst = cache + (size_t)(slots[t] / bs) * stride + (size_t)(slots[t] % bs) * hkv * d; \
+        memcpy(dst, k + t * sk, (size_t)hkv * d * sizeof(T));                                \
+        memcpy(dst + (size_t)bs * hkv * d, v + t * sv, (size_t)hkv * d * sizeof(T));         \
+    }                                                                                        \
+}
+
+RMS_NORM(f32, float)
+RMS_NORM(bf16, uint16_t)
+SILU_MUL(f32, float)
+SILU_MUL(bf16, uint16_t)
+ROTARY_STORE(f32, float)
+ROTARY_STORE(bf16, uint16_t)

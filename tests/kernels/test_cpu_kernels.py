@@ -55,3 +55,66 @@ def test_cpu_backend_falls_back_without_a_compiler(monkeypatch, tmp_path) -> Non
     assert type(CpuPlatform().backend(compiled_cpu_kernels=False)) is TorchBackend
     if KERNELS is not None:
         assert isinstance(CpuPlatform().backend(), CpuBackend)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype: torch.dtype, with_residual: bool, check_close) -> None:
+    from kernels.reference import rms_norm_ref
+
+    wide = torch.randn(37, 700, dtype=dtype)
+    x = wide[:, :576]  # strided rows, as a view of a wider buffer
+    residual = torch.randn(37, 576, dtype=dtype) if with_residual else None
+    weight = torch.randn(576, dtype=dtype)
+    out, res = KERNELS.rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_res = rms_norm_ref(x.float(), weight.float(), 1e-5, None if residual is None else residual.float())
+    check_close(out, ref_out, dtype, "normed")
+    check_close(res, ref_res, dtype, "residual")
+    if dtype == torch.bfloat16:  # rounds where the reference rounds: bit-equal but for rare sum-order ties
+        same_dtype = rms_norm_ref(x, weight, 1e-5, residual)
+        assert torch.equal(res, same_dtype[1])
+        assert (out != same_dtype[0]).float().mean() < 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_silu_and_mul(dtype: torch.dtype, check_close) -> None:
+    from kernels.reference import silu_and_mul_ref
+
+    x = torch.randn(29, 2 * 1536, dtype=dtype) * 3
+    out = KERNELS.silu_and_mul(x)
+    check_close(out, silu_and_mul_ref(x.float()), dtype)
+    if dtype == torch.bfloat16:
+        assert (out != silu_and_mul_ref(x)).float().mean() < 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotary_store_kv(dtype: torch.dtype, head_dim: int, check_close) -> None:
+    from kernels.reference import build_cos_sin_cache, rotary_ref, store_kv_ref
+
+    tokens, hq, hkv, bs = 23, 6, 2, 16
+    qkv = torch.randn(tokens, hq + 2 * hkv, head_dim, dtype=dtype)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    positions = torch.randint(0, 4000, (tokens,))
+    cos_sin = build_cos_sin_cache(head_dim, 4096, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    slots = torch.randperm(8 * bs)[:tokens]
+    slots[3] = -1  # a padding row: not stored
+    cache = torch.full((3, 8, 2, bs, hkv, head_dim), float("nan"), dtype=dtype)[1]
+    ref_cache = cache.clone()
+    ref_q, ref_k = rotary_ref(q.float(), k.float(), positions, cos_sin)
+    store_kv_ref(ref_k, v.float(), ref_cache, slots)
+    got_q, got_k = KERNELS.rotary_store_kv(q, k, v, positions, cos_sin, cache, slots)
+    assert got_q.data_ptr() == q.data_ptr()  # rotated in place
+    check_close(got_q, ref_q, dtype, "q")
+    check_close(got_k, ref_k, dtype, "k")
+    stored = slots >= 0
+    written = cache.transpose(0, 1).reshape(2, 8 * bs, hkv, head_dim)  # [K/V, slot, hkv, d]
+    expected = ref_cache.transpose(0, 1).reshape(2, 8 * bs, hkv, head_dim)
+    check_close(written[:, slots[stored]], expected[:, slots[stored]].float(), dtype, "cache")
+    untouched = torch.ones(8 * bs, dtype=torch.bool)
+    untouched[slots[stored]] = False
+    assert written[:, untouched].isnan().all()

@@ -1,15 +1,17 @@
 """CPU backend: the torch reference backend with pdserve's compiled CPU kernels where they apply.
 
 Owns: the loaded ``CpuKernels`` (built once, when the platform makes the backend).
-Decode rows of a float32 or bfloat16 cache are attended by the compiled kernel,
-which reads K and V in place through the block tables (no gather); everything else,
-and every case the kernels do not cover, runs the torch code it inherits.
+For float32 and bfloat16 models, decode rows are attended by the compiled kernel,
+which reads K and V in place through the block tables (no gather), and RMSNorm,
+SiLU-and-multiply and rotary-then-store run as single fused passes; every case the
+kernels do not cover runs the torch code it inherits.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels.cpu import CpuKernels
+from services.engine.backends.base import AttentionMetadata
 from services.engine.backends.torch_backend import TorchBackend
 
 
@@ -18,6 +20,27 @@ class CpuBackend(TorchBackend):
 
     def __init__(self, kernels: CpuKernels):
         self.kernels = kernels
+
+    def _rows(self, *xs: torch.Tensor) -> bool:
+        """All 2-D with contiguous rows, of one dtype the kernels take."""
+        first = xs[0].dtype
+        return all(x.dim() == 2 and x.stride(1) == 1 and x.dtype == first for x in xs) and self.kernels.supports(first)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if not self._rows(x, weight.view(1, -1), *(() if residual is None else (residual,))):
+            return super().rms_norm(x, weight, eps, residual)
+        return self.kernels.rms_norm(x, weight, eps, residual)
+
+    def silu_and_mul(self, x):
+        if not self._rows(x):
+            return super().silu_and_mul(x)
+        return self.kernels.silu_and_mul(x)
+
+    def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
+        heads_packed = all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k, v))
+        if not (heads_packed and q.dtype == k.dtype == v.dtype == kv_layer.dtype and self.kernels.supports(q.dtype)):
+            return super().rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta)
+        return self.kernels.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping)
 
     def _decode(self, q, kv_layer, meta, seqs, scale):
         if q.dtype != kv_layer.dtype or not self.kernels.supports(q.dtype):
