@@ -37,25 +37,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "pdserve" / "kernels"
 
 
-def load_cpu_kernels(cache_dir: Path | None = None) -> "CpuKernels | None":
-    """The compiled kernels, building them first if needed; None (logged) without a compiler."""
+def load_cpu_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()) -> "CpuKernels | None":
+    """The compiled kernels, building them first if needed; None (logged) without a compiler.
+
+    ``extra_flags`` go after the default ones (tests build a portable variant with
+    ``-mno-avx512f`` to cover the code paths for CPUs without AVX-512)."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         log.warning("no C compiler found: CPU kernels fall back to pure torch")
         return None
-    target = (cache_dir or default_cache_dir()) / f"cpu_kernels-{_build_key(compiler)}.so"
+    flags = FLAGS + extra_flags
+    target = (cache_dir or default_cache_dir()) / f"cpu_kernels-{_build_key(compiler, flags)}.so"
     try:
         if not target.exists():
-            _build(compiler, target)
+            _build(compiler, flags, target)
         return CpuKernels(ctypes.CDLL(str(target)))
     except (OSError, subprocess.CalledProcessError) as exc:
         log.warning("CPU kernels unavailable (%s): falling back to pure torch", exc)
         return None
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join((compiler, *FLAGS)).encode())
+    h.update(" ".join((compiler, *flags)).encode())
     h.update(subprocess.run([compiler, "--version"], capture_output=True).stdout)
     h.update(_cpu_signature().encode())
     return h.hexdigest()[:16]
@@ -70,12 +74,12 @@ def _cpu_signature() -> str:
     return "|".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -87,10 +91,10 @@ class CpuKernels:
 
     def __init__(self, lib: ctypes.CDLL):
         self._lib = lib
-        lib.pd_decode_scratch_floats.restype = ctypes.c_size_t
-        lib.pd_decode_scratch_floats.argtypes = [_I, _I, _I, _I]
+        lib.pd_attention_scratch_floats.restype = ctypes.c_size_t
+        lib.pd_attention_scratch_floats.argtypes = [_I, _I, _I, _I]
         signatures = {
-            "decode_attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _S, _F, _P, _I],
+            "paged_attention": [_P, _L, _P, _S, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I],
             "rms_norm": [_P, _L, _P, _L, _P, _P, _P, _I, _I, _F, _I],
             "silu_and_mul": [_P, _L, _P, _I, _I, _I],
             "rotary_store": [_P, _L, _P, _L, _P, _L, _P, _P, _P, _S, _P, _I, _I, _I, _I, _I, _I],
@@ -108,28 +112,33 @@ class CpuKernels:
     def supports(dtype: torch.dtype) -> bool:
         return dtype in _TYPES
 
-    def decode_attention(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """One query row per sequence over its paged context, read in place.
+    def paged_attention(self, q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+        """As ``reference.paged_attention_ref``: causal attention of variable-length query
+        chunks, each the last rows of its sequence's context, read in place from the cache.
 
-        q [B, Hq, D]; kv_layer [N, 2, bs, Hkv, D] of q's dtype, each block contiguous (the
-        block dim may be strided); block_tables [B, W] int32; seq_lens [B] int32 (>= 1
-        each). Returns [B, Hq, D] in q's dtype.
+        q [T, Hq, D] (rows may be strided, heads contiguous); kv_layer [N, 2, bs, Hkv, D] of
+        q's dtype, each block contiguous (the block dim may be strided); query_start_loc
+        [B+1], seq_lens [B], block_tables [B, W], all int32. Returns [T, Hq, D].
         """
-        b, hq, d = q.shape
+        t, hq, d = q.shape
         bs, hkv = kv_layer.shape[2], kv_layer.shape[3]
         _require(q.dtype == kv_layer.dtype and q.dtype in _TYPES, f"dtypes {q.dtype}, {kv_layer.dtype}")
         _require(kv_layer.shape[4] == d and hq % hkv == 0, f"shapes q {tuple(q.shape)}, kv {tuple(kv_layer.shape)}")
-        _require(block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32, "int32 tables and lengths")
-        _require(block_tables.shape[0] >= b and seq_lens.shape[0] >= b, "a table row and length per sequence")
+        _require(all(x.dtype == torch.int32 for x in (query_start_loc, seq_lens, block_tables)),
+                 "index dtypes (int32 start locations, lengths and tables)")
+        b = seq_lens.shape[0]
+        _require(query_start_loc.shape[0] == b + 1 and block_tables.shape[0] >= b, "a table row and length per sequence")
         _require(kv_layer.shape[0] == 0 or kv_layer[0].is_contiguous(), "KV layout (a block must be contiguous)")
-        q = q.contiguous()
-        tables, lens = block_tables.contiguous(), seq_lens.contiguous()
-        out = torch.empty_like(q)
+        if q.stride(2) != 1 or q.stride(1) != d:
+            q = q.contiguous()
+        qsl, lens, tables = query_start_loc.contiguous(), seq_lens.contiguous(), block_tables.contiguous()
+        out = torch.empty(t, hq, d, dtype=q.dtype)
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._lib.pd_decode_scratch_floats(hq, hkv, d, bs), dtype=torch.float32)
-        self._fn("decode_attention", q.dtype)(q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-           b, tables.shape[1], hq, hkv, d, bs, kv_layer.stride(0), scale, scratch.data_ptr(), threads)
+        scratch = torch.empty(threads * self._lib.pd_attention_scratch_floats(hq, hkv, d, bs), dtype=torch.float32)
+        self._fn("paged_attention", q.dtype)(
+            q.data_ptr(), q.stride(0), kv_layer.data_ptr(), kv_layer.stride(0), tables.data_ptr(), tables.shape[1],
+            qsl.data_ptr(), lens.data_ptr(), out.data_ptr(), b, hq, hkv, d, bs, scale, scratch.data_ptr(), threads)
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -240,80 +240,229 @@ CHUNK_VEC(chunk_vec_f32, float, scores16_f32, load16_f32)
 CHUNK_VEC(chunk_vec_bf16, uint16_t, scores16_bf16, load16_bf16)
 #endif
 
-/* One sequence, vectorized: blocks in table order, 16 tokens at a time, every KV head.
- * acc[Hq*D], m[Hq], l[Hq] from scratch; output rounded to T. */
-#define DECODE_VEC_TASK(NAME, T, CHUNK, STORE)                                                  \
-static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,             \
-                 int hq, int hkv, int d, int bs, size_t stride, float scale, float *scratch) {             \
-    int group = hq / hkv, tok = hkv * d;                                                     \
-    float *acc = scratch, *m = acc + hq * d, *l = m + hq;                                    \
-    for (int i = 0; i < hq * d; i++) acc[i] = 0.f;                                           \
-    for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                           \
-    for (int j = 0; j * bs < len; j++) {                                                     \
-        int n = len - j * bs < bs ? len - j * bs : bs;                                       \
-        const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;     \
-        if ((j + 1) * bs < len) {                                                            \
-            const char *nk = (const char *)(kv + (size_t)table[j + 1] * stride);       \
+/* A tile of consecutive query rows of one sequence, vectorized: row r attends keys
+ * [0, ctx0 + r). Blocks are walked once for the whole tile (a block stays in cache
+ * while every row that needs it reads it), 16 tokens at a time, every KV head.
+ * Scratch per row: acc[Hq*D], m[Hq], l[Hq]. Output rows are rounded to T. */
+#define ATTN_VEC_TILE(NAME, T, CHUNK, STORE)                                                    \
+static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t *table,      \
+                 int ctx0, int rows, T *out, int hq, int hkv, int d, int bs, float scale,    \
+                 float *scratch) {                                                           \
+    int group = hq / hkv, tok = hkv * d, per = hq * d + 2 * hq, last = ctx0 + rows - 1;       \
+    for (int r = 0; r < rows; r++) {                                                         \
+        float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;              \
+        for (int i = 0; i < hq * d; i++) acc[i] = 0.f;                                       \
+        for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                       \
+    }                                                                                        \
+    for (int j = 0; j * bs < last; j++) {                                                    \
+        const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;           \
+        if ((j + 1) * bs < last) {                                                           \
+            const char *nk = (const char *)(kv + (size_t)table[j + 1] * stride);             \
             for (size_t o = 0; o < (size_t)2 * bs * tok * sizeof(T); o += 64) __builtin_prefetch(nk + o); \
         }                                                                                    \
-        for (int t0 = 0; t0 < n; t0 += 16) {                                                 \
-            int c = n - t0 < 16 ? n - t0 : 16;                                               \
-            for (int h = 0; h < hkv; h++)                                                    \
-                CHUNK(q + (size_t)h * group * d, kb + (size_t)t0 * tok + h * d,              \
-                      vb + (size_t)t0 * tok + h * d, c, tok, group, d, scale,                \
-                      m + h * group, l + h * group, acc + (size_t)h * group * d);           \
+        int first = j * bs + 1 - ctx0 > 0 ? j * bs + 1 - ctx0 : 0;                           \
+        for (int r = first; r < rows; r++) {                                                 \
+            int n = ctx0 + r - j * bs < bs ? ctx0 + r - j * bs : bs;                         \
+            float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;          \
+            for (int t0 = 0; t0 < n; t0 += 16) {                                             \
+                int c = n - t0 < 16 ? n - t0 : 16;                                           \
+                for (int h = 0; h < hkv; h++)                                                \
+                    CHUNK(q + r * sq + (size_t)h * group * d, kb + (size_t)t0 * tok + h * d, \
+                          vb + (size_t)t0 * tok + h * d, c, tok, group, d, scale,            \
+                          m + h * group, l + h * group, acc + (size_t)h * group * d);       \
+            }                                                                                \
         }                                                                                    \
     }                                                                                        \
-    for (int hd = 0; hd < hq; hd++) {                                                        \
-        float inv = 1.f / l[hd], *ah = acc + hd * d;                                         \
-        for (int i = 0; i < d; i++) ah[i] *= inv;                                            \
+    for (int r = 0; r < rows; r++) {                                                         \
+        float *acc = scratch + (size_t)r * per, *l = acc + hq * d + hq;                      \
+        for (int hd = 0; hd < hq; hd++) {                                                    \
+            float inv = 1.f / l[hd], *ah = acc + hd * d;                                     \
+            for (int i = 0; i < d; i++) ah[i] *= inv;                                        \
+        }                                                                                    \
+        STORE(acc, out + (size_t)r * hq * d, hq * d);                                        \
     }                                                                                        \
-    STORE(acc, out, hq * d);                                                                 \
 }
 
-DECODE_VEC_TASK(decode_vec_task_f32, float, chunk_vec_f32, store_f32)
+ATTN_VEC_TILE(attn_vec_tile_f32, float, chunk_vec_f32, store_f32)
 #ifdef HAVE_BF16_VEC
-DECODE_VEC_TASK(decode_vec_task_bf16, uint16_t, chunk_vec_bf16, store_bf16)
+ATTN_VEC_TILE(attn_vec_tile_bf16, uint16_t, chunk_vec_bf16, store_bf16)
+#endif
+
+#ifdef HAVE_BF16_VEC
+/* Prefill tile in bfloat16: both products as dot products of bf16 pairs. Per 16-token
+ * chunk of one KV head, K is transposed once into pairs of head dims per token
+ * (kt[i] = dims 2i, 2i+1 of 16 tokens) and V into pairs of tokens per head dim
+ * (vp[j] = tokens 2j, 2j+1 of each dim), then every row x head of the tile reuses them:
+ * 16 scores cost D/2 instructions and P.V D/2 more. P is rounded to bf16 for P.V, as
+ * torch's attention does for bf16. Scratch per row: acc[Hq*D], m[Hq], l[Hq]; then
+ * kt and vp for one chunk. */
+static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, size_t stride,
+                                const int32_t *table, int ctx0, int rows, uint16_t *out, int hq, int hkv,
+                                int d, int bs, float scale, float *scratch) {
+    int group = hq / hkv, tok = hkv * d, per = hq * d + 2 * hq, last = ctx0 + rows - 1, pairs = d / 2;
+    __m512i *kt = (__m512i *)(((uintptr_t)(scratch + (size_t)rows * per) + 63) & ~(uintptr_t)63);
+    __m512i *vp = kt + pairs;  /* [8 token pairs][d / 16] */
+    __m512i lo_idx, hi_idx;
+    {
+        uint16_t lo[32], hi[32];
+        for (int j = 0; j < 16; j++) { lo[2 * j] = j; lo[2 * j + 1] = 32 + j; hi[2 * j] = 16 + j; hi[2 * j + 1] = 48 + j; }
+        lo_idx = _mm512_loadu_si512(lo);
+        hi_idx = _mm512_loadu_si512(hi);
+    }
+    for (int r = 0; r < rows; r++) {
+        float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;
+        for (int i = 0; i < hq * d; i++) acc[i] = 0.f;
+        for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }
+    }
+    __m512i gather_idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(tok / 2));
+    for (int j = 0; j * bs < last; j++) {
+        const uint16_t *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;
+        int n = last - j * bs < bs ? last - j * bs : bs;
+        for (int t0 = 0; t0 < n; t0 += 16) {
+            int c = n - t0 < 16 ? n - t0 : 16;
+            __mmask16 valid = (__mmask16)((1u << c) - 1u);
+            for (int h = 0; h < hkv; h++) {
+                const uint16_t *k0 = kb + (size_t)t0 * tok + h * d, *v0 = vb + (size_t)t0 * tok + h * d;
+                for (int i = 0; i < pairs; i++)
+                    kt[i] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, gather_idx,
+                                                        (const int *)k0 + i, 4);
+                for (int tp = 0; tp < 8; tp++)
+                    for (int x = 0; x < d; x += 32) {
+                        int ta = 2 * tp, tb = 2 * tp + 1;
+                        __m512i a = ta < c ? _mm512_loadu_si512(v0 + (size_t)ta * tok + x) : _mm512_setzero_si512();
+                        __m512i b = tb < c ? _mm512_loadu_si512(v0 + (size_t)tb * tok + x) : _mm512_setzero_si512();
+                        vp[tp * (d / 16) + x / 16] = _mm512_permutex2var_epi16(a, lo_idx, b);
+                        vp[tp * (d / 16) + x / 16 + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
+                    }
+                int first = j * bs + t0 + 1 - ctx0 > 0 ? j * bs + t0 + 1 - ctx0 : 0;
+                for (int r = first; r < rows; r++) {
+                    int seen = ctx0 + r - (j * bs + t0);  /* keys of this chunk the row attends */
+                    __mmask16 keep = seen >= c ? valid : (__mmask16)((1u << seen) - 1u);
+                    float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;
+                    const uint16_t *qr = q + r * sq + (size_t)h * group * d;
+                    for (int g = 0; g < group; g++) {
+                        int hd = h * group + g;
+                        const int32_t *qd = (const int32_t *)(qr + (size_t)g * d);
+                        __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                        for (int i = 0; i < pairs; i += 4)  /* four chains: dpbf16 latency */
+                            for (int u = 0; u < 4; u++)
+                                part[u] = _mm512_dpbf16_ps(part[u], (__m512bh)_mm512_set1_epi32(qd[i + u]), (__m512bh)kt[i + u]);
+                        __m512 sc = _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]));
+                        sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
+                        float mx = _mm512_reduce_max_ps(sc);
+                        mx = m[hd] > mx ? m[hd] : mx;
+                        __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
+                        float corr = m[hd] == -INFINITY ? 0.f : expf(m[hd] - mx);
+                        l[hd] = l[hd] * corr + _mm512_reduce_add_ps(e);
+                        m[hd] = mx;
+                        int32_t pp[8];
+                        _mm256_storeu_si256((__m256i *)pp, (__m256i)_mm512_cvtneps_pbh(e));
+                        float *ah = acc + (size_t)hd * d;
+                        __m512 cv = _mm512_set1_ps(corr);
+                        for (int x0 = 0; x0 < d; x0 += 64) {  /* four independent accumulators */
+                            __m512 a[4];
+                            for (int u = 0; u < 4; u++) a[u] = _mm512_mul_ps(_mm512_loadu_ps(ah + x0 + 16 * u), cv);
+                            for (int tp = 0; tp < 8; tp++) {
+                                __m512bh pb = (__m512bh)_mm512_set1_epi32(pp[tp]);
+                                for (int u = 0; u < 4; u++)
+                                    a[u] = _mm512_dpbf16_ps(a[u], pb, (__m512bh)vp[tp * (d / 16) + x0 / 16 + u]);
+                            }
+                            for (int u = 0; u < 4; u++) _mm512_storeu_ps(ah + x0 + 16 * u, a[u]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *acc = scratch + (size_t)r * per, *l = acc + hq * d + hq;
+        for (int hd = 0; hd < hq; hd++) {
+            float inv = 1.f / l[hd], *ah = acc + hd * d;
+            for (int i = 0; i < d; i++) ah[i] *= inv;
+        }
+        store_bf16(acc, out + (size_t)r * hq * d, hq * d);
+    }
+}
 #endif
 #endif /* __AVX512F__ */
 
-/* scratch holds threads * pd_decode_scratch_floats(...) floats, one slice per thread. */
-#define DECODE_KERNEL(NAME, TASK, VEC, T)                                                      \
-void NAME(const T *q, const T *kv, const int32_t *tables, const int32_t *lens, T *out,        \
-          int batch, int width, int hq, int hkv, int d, int bs, size_t stride, float scale,                  \
-          float *scratch, int threads) {                                                      \
-    size_t per_thread = pd_decode_scratch_floats(hq, hkv, d, bs);                            \
-    _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")                       \
-    for (int b = 0; b < batch; b++)                                                          \
-        (VEC != NULL && d % 32 == 0 ? VEC : TASK)(                                           \
-             q + (size_t)b * hq * d, kv, tables + (size_t)b * width, lens[b],               \
-             out + (size_t)b * hq * d, hq, hkv, d, bs, stride, scale,                               \
-             scratch + per_thread * (size_t)omp_get_thread_num());                          \
-}
-
-size_t pd_decode_scratch_floats(int hq, int hkv, int d, int bs) {
-    return (size_t)2 * hq * d + 2 * (size_t)bs * hkv * d + (size_t)(hq / hkv) * bs + 2 * (size_t)hq;
-}
-
 DECODE_TASK(decode_task_f32, float, load_f32, store_f32)
 DECODE_TASK(decode_task_bf16, uint16_t, load_bf16, store_bf16)
-typedef void (*decode_task_fn_f32)(const float *, const float *, const int32_t *, int, float *,
-                                   int, int, int, int, size_t, float, float *);
-typedef void (*decode_task_fn_bf16)(const uint16_t *, const uint16_t *, const int32_t *, int, uint16_t *,
-                                    int, int, int, int, size_t, float, float *);
+
+/* The same tile in portable C: one row at a time (the query row is copied to float). */
+#define ATTN_TILE(NAME, T, TASK)                                                                \
+static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t *table,      \
+                 int ctx0, int rows, T *out, int hq, int hkv, int d, int bs, float scale,    \
+                 float *scratch) {                                                           \
+    for (int r = 0; r < rows; r++)                                                           \
+        TASK(q + r * sq, kv, table, ctx0 + r, out + (size_t)r * hq * d, hq, hkv, d, bs, stride, scale, scratch); \
+}
+ATTN_TILE(attn_tile_f32, float, decode_task_f32)
+ATTN_TILE(attn_tile_bf16, uint16_t, decode_task_bf16)
+
+#define TILE_ROWS 32
+#define PAIR_MIN_ROWS 4  /* tiles with fewer rows (decode) do not repay the pair transposes */
+
+size_t pd_attention_scratch_floats(int hq, int hkv, int d, int bs) {
+    size_t portable = (size_t)2 * hq * d + 2 * (size_t)bs * hkv * d + (size_t)(hq / hkv) * bs + 2 * (size_t)hq;
+    size_t tile = (size_t)TILE_ROWS * (hq * d + 2 * hq) + (size_t)(d / 2 + 8 * (d / 16)) * 16 + 16;
+    return portable > tile ? portable : tile;
+}
+
+/* Causal attention of variable-length query chunks over the paged cache: sequence b
+ * owns query rows qsl[b]..qsl[b+1], the last rows of its lens[b]-token context (a
+ * decode step is one row). q rows are `sq` elements apart, heads contiguous; out is
+ * [rows, hq, d]. Work is split in tiles of up to TILE_ROWS rows of one sequence;
+ * scratch holds threads * pd_attention_scratch_floats(...) floats. */
+#define ATTN_KERNEL(SUF, T, VEC, PAIR)                                                         \
+void pd_paged_attention_##SUF(const T *q, long sq, const T *kv, size_t stride, const int32_t *tables, \
+                              int width, const int32_t *qsl, const int32_t *lens, T *out,   \
+                              int batch, int hq, int hkv, int d, int bs, float scale,       \
+                              float *scratch, int threads) {                                 \
+    int ntasks = 0;                                                                          \
+    for (int b = 0; b < batch; b++) ntasks += (qsl[b + 1] - qsl[b] + TILE_ROWS - 1) / TILE_ROWS; \
+    int task_seq[ntasks > 0 ? ntasks : 1], task_row[ntasks > 0 ? ntasks : 1], k = 0;         \
+    for (int b = 0; b < batch; b++)                                                          \
+        for (int r = qsl[b]; r < qsl[b + 1]; r += TILE_ROWS) { task_seq[k] = b; task_row[k++] = r; } \
+    size_t per_thread = pd_attention_scratch_floats(hq, hkv, d, bs);                         \
+    _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")                       \
+    for (int t = 0; t < ntasks; t++) {                                                       \
+        int b = task_seq[t], r0 = task_row[t];                                               \
+        int rows = qsl[b + 1] - r0 < TILE_ROWS ? qsl[b + 1] - r0 : TILE_ROWS;                \
+        int ctx0 = lens[b] - (qsl[b + 1] - r0) + 1;                                          \
+        (PAIR != NULL && d % 64 == 0 && rows >= PAIR_MIN_ROWS ? PAIR                          \
+         : VEC != NULL && d % 32 == 0 ? VEC : attn_tile_##SUF)(                              \
+            q + r0 * sq, sq, kv, stride, tables + (size_t)b * width, ctx0, rows,             \
+            out + (size_t)r0 * hq * d, hq, hkv, d, bs, scale,                                \
+            scratch + per_thread * (size_t)omp_get_thread_num());                           \
+    }                                                                                        \
+}
+
+typedef void (*tile_fn_f32)(const float *, long, const float *, size_t, const int32_t *, int, int, float *,
+                            int, int, int, int, float, float *);
+typedef void (*tile_fn_bf16)(const uint16_t *, long, const uint16_t *, size_t, const int32_t *, int, int,
+                             uint16_t *, int, int, int, int, float, float *);
 #if defined(__AVX512F__)
-static const decode_task_fn_f32 VEC_F32 = decode_vec_task_f32;
+static const tile_fn_f32 VEC_F32 = attn_vec_tile_f32;
 #else
-static const decode_task_fn_f32 VEC_F32 = NULL;
+static const tile_fn_f32 VEC_F32 = NULL;
 #endif
 #ifdef HAVE_BF16_VEC
-static const decode_task_fn_bf16 VEC_BF16 = decode_vec_task_bf16;
+static const tile_fn_bf16 VEC_BF16 = attn_vec_tile_bf16;
 #else
-static const decode_task_fn_bf16 VEC_BF16 = NULL;
+static const tile_fn_bf16 VEC_BF16 = NULL;
 #endif
 
-DECODE_KERNEL(pd_decode_attention_f32, decode_task_f32, VEC_F32, float)
-DECODE_KERNEL(pd_decode_attention_bf16, decode_task_bf16, VEC_BF16, uint16_t)
+#ifdef HAVE_BF16_VEC
+static const tile_fn_bf16 PAIR_BF16 = attn_pair_tile_bf16;
+#else
+static const tile_fn_bf16 PAIR_BF16 = NULL;
+#endif
+static const tile_fn_f32 PAIR_F32 = NULL;
+
+ATTN_KERNEL(f32, float, VEC_F32, PAIR_F32)
+ATTN_KERNEL(bf16, uint16_t, VEC_BF16, PAIR_BF16)
 
 /* ---- Row-wise fused ops. Each rounds to the element type wherever the torch reference
  * (kernels/reference.py) rounds, so bfloat16 results match it to the last bit except

@@ -11,37 +11,52 @@ import pytest
 import torch
 
 from kernels.cpu import load_cpu_kernels
-from tests.kernels.test_attention import make_batch, reference
+from tests.kernels.test_attention import make_batch, reference, scenario
 
 KERNELS = load_cpu_kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler to build the CPU kernels")
 
 
+PORTABLE = load_cpu_kernels(extra_flags=("-mno-avx512f",)) if KERNELS is not None else None
+BUILDS = {"native": KERNELS, "portable": PORTABLE}  # portable: the code for CPUs without AVX-512
+
+
 @needs_kernels
+@pytest.mark.parametrize("build", sorted(BUILDS))
+@pytest.mark.parametrize("name", ["decode", "mixed", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("head_dim", [64, 128, 80])
 @pytest.mark.parametrize("group", [1, 3, 4])
-def test_decode_attention(group: int, head_dim: int, block_size: int, dtype: torch.dtype, check_close) -> None:
-    kv_heads = 2
-    seq_lens = torch.randint(1, 300, (6,)).tolist() + [1, block_size, 2 * block_size + 1, 16, 17]
-    batch = make_batch([1] * len(seq_lens), seq_lens, group * kv_heads, kv_heads, head_dim, block_size,
-                       dtype, torch.device("cpu"), block_major=group % 2 == 1)
+def test_paged_attention(group: int, head_dim: int, block_size: int, dtype: torch.dtype, name: str, build: str,
+                         check_close) -> None:
+    kernels = BUILDS[build]
+    if name == "decode":
+        seq_lens = torch.randint(1, 300, (6,)).tolist() + [1, block_size, 2 * block_size + 1, 16, 17]
+        q_lens = [1] * len(seq_lens)
+        q_lens[2] = 0  # a sequence with nothing scheduled this step
+    else:
+        q_lens, seq_lens = scenario(name, "small", block_size)
+        if name == "prefill":  # longer than one tile of rows, and the tile boundary
+            q_lens, seq_lens = q_lens + [70, 32], seq_lens + [70, 45]
+    batch = make_batch(q_lens, seq_lens, group * 2, 2, head_dim, block_size, dtype, torch.device("cpu"),
+                       block_major=group % 2 == 1)
     scale = head_dim ** -0.5
-    out = KERNELS.decode_attention(batch.q, batch.kv_layer, batch.block_tables, batch.seq_lens, scale)
+    out = kernels.paged_attention(batch.q, batch.kv_layer, batch.query_start_loc, batch.seq_lens,
+                                  batch.block_tables, scale)
     check_close(out, reference(batch, scale), dtype)
 
 
 @needs_kernels
-def test_decode_attention_refuses_what_it_cannot_read() -> None:
-    batch = make_batch([1], [5], 4, 2, 64, 16, torch.float32, torch.device("cpu"))
+def test_paged_attention_refuses_what_it_cannot_read() -> None:
+    b = make_batch([1], [5], 4, 2, 64, 16, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="dtypes"):
-        KERNELS.decode_attention(batch.q.half(), batch.kv_layer.half(), batch.block_tables, batch.seq_lens, 1.0)
+        KERNELS.paged_attention(b.q.half(), b.kv_layer.half(), b.query_start_loc, b.seq_lens, b.block_tables, 1.0)
     with pytest.raises(ValueError, match="int32"):
-        KERNELS.decode_attention(batch.q, batch.kv_layer, batch.block_tables.long(), batch.seq_lens, 1.0)
+        KERNELS.paged_attention(b.q, b.kv_layer, b.query_start_loc, b.seq_lens, b.block_tables.long(), 1.0)
     with pytest.raises(ValueError, match="block must be contiguous"):
-        wide = torch.cat([batch.kv_layer, batch.kv_layer], dim=-1)[..., :64]  # head dim strided
-        KERNELS.decode_attention(batch.q, wide, batch.block_tables, batch.seq_lens, 1.0)
+        wide = torch.cat([b.kv_layer, b.kv_layer], dim=-1)[..., :64]  # head dim strided
+        KERNELS.paged_attention(b.q, wide, b.query_start_loc, b.seq_lens, b.block_tables, 1.0)
 
 
 def test_cpu_backend_falls_back_without_a_compiler(monkeypatch, tmp_path) -> None:
@@ -57,17 +72,18 @@ def test_cpu_backend_falls_back_without_a_compiler(monkeypatch, tmp_path) -> Non
         assert isinstance(CpuPlatform().backend(), CpuBackend)
 
 
+@pytest.mark.parametrize("build", sorted(BUILDS))
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm(dtype: torch.dtype, with_residual: bool, check_close) -> None:
+def test_rms_norm(dtype: torch.dtype, with_residual: bool, build: str, check_close) -> None:
     from kernels.reference import rms_norm_ref
 
     wide = torch.randn(37, 700, dtype=dtype)
     x = wide[:, :576]  # strided rows, as a view of a wider buffer
     residual = torch.randn(37, 576, dtype=dtype) if with_residual else None
     weight = torch.randn(576, dtype=dtype)
-    out, res = KERNELS.rms_norm(x, weight, 1e-5, residual)
+    out, res = BUILDS[build].rms_norm(x, weight, 1e-5, residual)
     ref_out, ref_res = rms_norm_ref(x.float(), weight.float(), 1e-5, None if residual is None else residual.float())
     check_close(out, ref_out, dtype, "normed")
     check_close(res, ref_res, dtype, "residual")
@@ -77,22 +93,24 @@ def test_rms_norm(dtype: torch.dtype, with_residual: bool, check_close) -> None:
         assert (out != same_dtype[0]).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("build", sorted(BUILDS))
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_silu_and_mul(dtype: torch.dtype, check_close) -> None:
+def test_silu_and_mul(dtype: torch.dtype, build: str, check_close) -> None:
     from kernels.reference import silu_and_mul_ref
 
     x = torch.randn(29, 2 * 1536, dtype=dtype) * 3
-    out = KERNELS.silu_and_mul(x)
+    out = BUILDS[build].silu_and_mul(x)
     check_close(out, silu_and_mul_ref(x.float()), dtype)
     if dtype == torch.bfloat16:
         assert (out != silu_and_mul_ref(x)).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("build", sorted(BUILDS))
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_rotary_store_kv(dtype: torch.dtype, head_dim: int, check_close) -> None:
+def test_rotary_store_kv(dtype: torch.dtype, head_dim: int, build: str, check_close) -> None:
     from kernels.reference import build_cos_sin_cache, rotary_ref, store_kv_ref
 
     tokens, hq, hkv, bs = 23, 6, 2, 16
@@ -107,7 +125,7 @@ def test_rotary_store_kv(dtype: torch.dtype, head_dim: int, check_close) -> None
     ref_cache = cache.clone()
     ref_q, ref_k = rotary_ref(q.float(), k.float(), positions, cos_sin)
     store_kv_ref(ref_k, v.float(), ref_cache, slots)
-    got_q, got_k = KERNELS.rotary_store_kv(q, k, v, positions, cos_sin, cache, slots)
+    got_q, got_k = BUILDS[build].rotary_store_kv(q, k, v, positions, cos_sin, cache, slots)
     assert got_q.data_ptr() == q.data_ptr()  # rotated in place
     check_close(got_q, ref_q, dtype, "q")
     check_close(got_k, ref_k, dtype, "k")

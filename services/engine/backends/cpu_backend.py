@@ -1,10 +1,11 @@
 """CPU backend: the torch reference backend with pdserve's compiled CPU kernels where they apply.
 
 Owns: the loaded ``CpuKernels`` (built once, when the platform makes the backend).
-For float32 and bfloat16 models, decode rows are attended by the compiled kernel,
-which reads K and V in place through the block tables (no gather), and RMSNorm,
-SiLU-and-multiply and rotary-then-store run as single fused passes; every case the
-kernels do not cover runs the torch code it inherits.
+For float32 and bfloat16 models, attention (decode rows and prefill chunks of a
+mixed batch, in one call) is the compiled kernel, which reads K and V in place
+through the block tables (no gather), and RMSNorm, SiLU-and-multiply and
+rotary-then-store run as single fused passes; every case the kernels do not cover
+runs the torch code it inherits.
 """
 from __future__ import annotations
 
@@ -42,12 +43,8 @@ class CpuBackend(TorchBackend):
             return super().rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta)
         return self.kernels.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping)
 
-    def _decode(self, q, kv_layer, meta, seqs, scale):
-        if q.dtype != kv_layer.dtype or not self.kernels.supports(q.dtype):
-            return super()._decode(q, kv_layer, meta, seqs, scale)
-        if len(seqs) == meta.num_seqs:
-            tables, lens = meta.block_tables, meta.seq_lens
-        else:
-            rows = torch.tensor(seqs, dtype=torch.long)
-            tables, lens = meta.block_tables.index_select(0, rows), meta.seq_lens.index_select(0, rows)
-        return self.kernels.decode_attention(q, kv_layer, tables, lens, scale)
+    def attention(self, q, k, v, kv_layer, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if q.dtype != kv_layer.dtype or not self.kernels.supports(q.dtype) or q.stride(2) != 1:
+            return super().attention(q, k, v, kv_layer, meta, scale)
+        return self.kernels.paged_attention(q, kv_layer, meta.query_start_loc, meta.seq_lens,
+                                            meta.block_tables, scale)
