@@ -238,6 +238,63 @@ static inline void NAME(const T *q, const T *k, const T *v, int n, int tok, int 
 CHUNK_VEC(chunk_vec_f32, float, scores16_f32, load16_f32)
 #ifdef HAVE_BF16_VEC
 CHUNK_VEC(chunk_vec_bf16, uint16_t, scores16_bf16, load16_bf16)
+
+/* vp[tp][x / 16] = head dims x..x+15 of tokens 2tp and 2tp+1 as bf16 pairs (tokens past
+ * n are zeros, never read): P.V then runs as dot products of bf16 pairs. */
+static inline void pair_values_bf16(const uint16_t *v, int n, int tok, int d, __m512i *vp) {
+    static const uint16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    static const uint16_t hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    __m512i lo_idx = _mm512_loadu_si512(lo), hi_idx = _mm512_loadu_si512(hi);
+    for (int tp = 0; tp < 8; tp++)
+        for (int x = 0; x < d; x += 32) {
+            int ta = 2 * tp, tb = 2 * tp + 1;
+            __m512i a = ta < n ? _mm512_loadu_si512(v + (size_t)ta * tok + x) : _mm512_setzero_si512();
+            __m512i b = tb < n ? _mm512_loadu_si512(v + (size_t)tb * tok + x) : _mm512_setzero_si512();
+            vp[tp * (d / 16) + x / 16] = _mm512_permutex2var_epi16(a, lo_idx, b);
+            vp[tp * (d / 16) + x / 16 + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
+        }
+}
+
+/* chunk_vec_bf16 with P.V as bf16 pair dot products (P rounded to bf16, as torch's
+ * bf16 attention does): V is paired once for the group's heads, the accumulators stay
+ * in registers across the chunk's tokens. d % 64 == 0, d <= 256. */
+static inline void chunk_pair_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int n, int tok,
+                                   int group, int d, float scale, float *m, float *l, float *acc) {
+    __m512i vp[8 * 16];
+    pair_values_bf16(v, n, tok, d, vp);
+    for (int g = 0; g < group; g++) {
+        __m512 s = scores16_bf16(q + (size_t)g * d, k, n, tok, d, scale);
+        float mx = _mm512_reduce_max_ps(s);
+        mx = m[g] > mx ? m[g] : mx;
+        __m512 e = exp512(_mm512_sub_ps(s, _mm512_set1_ps(mx)));
+        e = _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1u), e);
+        float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);
+        l[g] = l[g] * corr + _mm512_reduce_add_ps(e);
+        m[g] = mx;
+        int32_t pp[8];
+        _mm256_storeu_si256((__m256i *)pp, (__m256i)_mm512_cvtneps_pbh(e));
+        float *ag = acc + (size_t)g * d;
+        for (int x0 = 0; x0 < d; x0 += 64) {
+            __m512 a[4];
+            for (int u = 0; u < 4; u++) a[u] = _mm512_mul_ps(_mm512_loadu_ps(ag + x0 + 16 * u), _mm512_set1_ps(corr));
+            for (int tp = 0; 2 * tp < n; tp++) {
+                __m512bh pb = (__m512bh)_mm512_set1_epi32(pp[tp]);
+                for (int u = 0; u < 4; u++)
+                    a[u] = _mm512_dpbf16_ps(a[u], pb, (__m512bh)vp[tp * (d / 16) + x0 / 16 + u]);
+            }
+            for (int u = 0; u < 4; u++) _mm512_storeu_ps(ag + x0 + 16 * u, a[u]);
+        }
+    }
+}
+
+/* bf16 chunks: pair P.V where the head size allows, else the plain vector chunk. */
+static inline void chunk_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int n, int tok,
+                              int group, int d, float scale, float *m, float *l, float *acc) {
+    if (d % 64 == 0 && d <= 256) chunk_pair_bf16(q, k, v, n, tok, group, d, scale, m, l, acc);
+    else chunk_vec_bf16(q, k, v, n, tok, group, d, scale, m, l, acc);
+}
 #endif
 
 /* A tile of consecutive query rows of one sequence, vectorized: row r attends keys
@@ -285,10 +342,43 @@ static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t 
 
 ATTN_VEC_TILE(attn_vec_tile_f32, float, chunk_vec_f32, store_f32)
 #ifdef HAVE_BF16_VEC
-ATTN_VEC_TILE(attn_vec_tile_bf16, uint16_t, chunk_vec_bf16, store_bf16)
+ATTN_VEC_TILE(attn_vec_tile_bf16, uint16_t, chunk_bf16, store_bf16)
 #endif
 
 #ifdef HAVE_BF16_VEC
+/* Four (row, head) pairs against one 16-token chunk (kt, vp as in attn_pair_tile_bf16):
+ * scores, online softmax update, P.V; the four are independent, so their chains overlap. */
+static inline void pair_chunk4(const int32_t *const *qd, const __m512i *kt, const __m512i *vp,
+                               const __mmask16 *keep, int d, float scale, float *const *acc,
+                               float *const *m, float *const *l) {
+    __m512 sc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int i = 0; i < d / 2; i++) {
+        __m512bh k = (__m512bh)kt[i];
+        for (int u = 0; u < 4; u++) sc[u] = _mm512_dpbf16_ps(sc[u], (__m512bh)_mm512_set1_epi32(qd[u][i]), k);
+    }
+    int32_t pp[4][8];
+    float corr[4];
+    for (int u = 0; u < 4; u++) {
+        __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep[u], _mm512_mul_ps(sc[u], _mm512_set1_ps(scale)));
+        float mx = _mm512_reduce_max_ps(s);
+        mx = *m[u] > mx ? *m[u] : mx;
+        __m512 e = _mm512_maskz_mov_ps(keep[u], exp512(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
+        corr[u] = *m[u] == -INFINITY ? 0.f : expf(*m[u] - mx);
+        *l[u] = *l[u] * corr[u] + _mm512_reduce_add_ps(e);
+        *m[u] = mx;
+        _mm256_storeu_si256((__m256i *)pp[u], (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    for (int x = 0; x < d; x += 16) {
+        __m512 a[4];
+        for (int u = 0; u < 4; u++) a[u] = _mm512_mul_ps(_mm512_loadu_ps(acc[u] + x), _mm512_set1_ps(corr[u]));
+        for (int tp = 0; tp < 8; tp++) {
+            __m512bh v = (__m512bh)vp[tp * (d / 16) + x / 16];
+            for (int u = 0; u < 4; u++) a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_set1_epi32(pp[u][tp]), v);
+        }
+        for (int u = 0; u < 4; u++) _mm512_storeu_ps(acc[u] + x, a[u]);
+    }
+}
+
 /* Prefill tile in bfloat16: both products as dot products of bf16 pairs. Per 16-token
  * chunk of one KV head, K is transposed once into pairs of head dims per token
  * (kt[i] = dims 2i, 2i+1 of 16 tokens) and V into pairs of tokens per head dim
@@ -302,6 +392,7 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
     int group = hq / hkv, tok = hkv * d, per = hq * d + 2 * hq, last = ctx0 + rows - 1, pairs = d / 2;
     __m512i *kt = (__m512i *)(((uintptr_t)(scratch + (size_t)rows * per) + 63) & ~(uintptr_t)63);
     __m512i *vp = kt + pairs;  /* [8 token pairs][d / 16] */
+    float *spare = (float *)(vp + 8 * (d / 16));  /* a row's worth for the dropped pairs */
     __m512i lo_idx, hi_idx;
     {
         uint16_t lo[32], hi[32];
@@ -336,41 +427,22 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
                         vp[tp * (d / 16) + x / 16 + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
                     }
                 int first = j * bs + t0 + 1 - ctx0 > 0 ? j * bs + t0 + 1 - ctx0 : 0;
-                for (int r = first; r < rows; r++) {
-                    int seen = ctx0 + r - (j * bs + t0);  /* keys of this chunk the row attends */
-                    __mmask16 keep = seen >= c ? valid : (__mmask16)((1u << seen) - 1u);
-                    float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;
-                    const uint16_t *qr = q + r * sq + (size_t)h * group * d;
-                    for (int g = 0; g < group; g++) {
-                        int hd = h * group + g;
-                        const int32_t *qd = (const int32_t *)(qr + (size_t)g * d);
-                        __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                        for (int i = 0; i < pairs; i += 4)  /* four chains: dpbf16 latency */
-                            for (int u = 0; u < 4; u++)
-                                part[u] = _mm512_dpbf16_ps(part[u], (__m512bh)_mm512_set1_epi32(qd[i + u]), (__m512bh)kt[i + u]);
-                        __m512 sc = _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]));
-                        sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
-                        float mx = _mm512_reduce_max_ps(sc);
-                        mx = m[hd] > mx ? m[hd] : mx;
-                        __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(mx))));
-                        float corr = m[hd] == -INFINITY ? 0.f : expf(m[hd] - mx);
-                        l[hd] = l[hd] * corr + _mm512_reduce_add_ps(e);
-                        m[hd] = mx;
-                        int32_t pp[8];
-                        _mm256_storeu_si256((__m256i *)pp, (__m256i)_mm512_cvtneps_pbh(e));
-                        float *ah = acc + (size_t)hd * d;
-                        __m512 cv = _mm512_set1_ps(corr);
-                        for (int x0 = 0; x0 < d; x0 += 64) {  /* four independent accumulators */
-                            __m512 a[4];
-                            for (int u = 0; u < 4; u++) a[u] = _mm512_mul_ps(_mm512_loadu_ps(ah + x0 + 16 * u), cv);
-                            for (int tp = 0; tp < 8; tp++) {
-                                __m512bh pb = (__m512bh)_mm512_set1_epi32(pp[tp]);
-                                for (int u = 0; u < 4; u++)
-                                    a[u] = _mm512_dpbf16_ps(a[u], pb, (__m512bh)vp[tp * (d / 16) + x0 / 16 + u]);
-                            }
-                            for (int u = 0; u < 4; u++) _mm512_storeu_ps(ah + x0 + 16 * u, a[u]);
-                        }
+                int jobs = (rows - first) * group;  /* (row, head) pairs reading this chunk */
+                for (int k0 = 0; k0 < jobs; k0 += 4) {
+                    const int32_t *qd[4];
+                    float *acc[4], *m[4], *l[4];
+                    __mmask16 keep[4];
+                    for (int u = 0; u < 4; u++) {  /* past the end: repeat the last pair, results dropped */
+                        int k = k0 + u < jobs ? k0 + u : jobs - 1, r = first + k / group, hd = h * group + k % group;
+                        int seen = ctx0 + r - (j * bs + t0);
+                        keep[u] = seen >= c ? valid : (__mmask16)((1u << seen) - 1u);
+                        qd[u] = (const int32_t *)(q + r * sq + (size_t)hd * d);
+                        float *row = k0 + u < jobs ? scratch + (size_t)r * per : spare;
+                        acc[u] = row + (size_t)(k0 + u < jobs ? hd : 0) * d;
+                        m[u] = row + hq * d + (k0 + u < jobs ? hd : 0);
+                        l[u] = m[u] + hq;
                     }
+                    pair_chunk4(qd, kt, vp, keep, d, scale, acc, m, l);
                 }
             }
         }
@@ -406,7 +478,7 @@ ATTN_TILE(attn_tile_bf16, uint16_t, decode_task_bf16)
 
 size_t pd_attention_scratch_floats(int hq, int hkv, int d, int bs) {
     size_t portable = (size_t)2 * hq * d + 2 * (size_t)bs * hkv * d + (size_t)(hq / hkv) * bs + 2 * (size_t)hq;
-    size_t tile = (size_t)TILE_ROWS * (hq * d + 2 * hq) + (size_t)(d / 2 + 8 * (d / 16)) * 16 + 16;
+    size_t tile = (size_t)(TILE_ROWS + 1) * (hq * d + 2 * hq) + (size_t)(d / 2 + 8 * (d / 16)) * 16 + 16;
     return portable > tile ? portable : tile;
 }
 
