@@ -37,6 +37,7 @@ static inline void store_bf16(const float *src, uint16_t *dst, int n) {
 }
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define PREFETCH_BLOCKS 2  /* how far ahead in a block table the next reads are requested */
 
 ALWAYS_INLINE float dot_f32(const float *a, const float *b, int n) {
     float acc = 0.f;
@@ -313,22 +314,27 @@ static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t 
     }                                                                                        \
     for (int j = 0; j * bs < last; j++) {                                                    \
         const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;           \
-        if ((j + 1) * bs < last) {                                                           \
-            const char *nk = (const char *)(kv + (size_t)table[j + 1] * stride);             \
-            for (size_t o = 0; o < (size_t)2 * bs * tok * sizeof(T); o += 64) __builtin_prefetch(nk + o); \
-        }                                                                                    \
+        const char *ahead = (j + PREFETCH_BLOCKS) * bs < last                                  \
+            ? (const char *)(kv + (size_t)table[j + PREFETCH_BLOCKS] * stride) : NULL;         \
+        size_t ahead_bytes = (size_t)2 * bs * tok * sizeof(T), ahead_done = 0;               \
+        int quota = (int)(ahead_bytes / 64 / (hkv * ((bs + 15) / 16))) + 1;                   \
         int first = j * bs + 1 - ctx0 > 0 ? j * bs + 1 - ctx0 : 0;                           \
         for (int r = first; r < rows; r++) {                                                 \
             int n = ctx0 + r - j * bs < bs ? ctx0 + r - j * bs : bs;                         \
             float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;          \
             for (int t0 = 0; t0 < n; t0 += 16) {                                             \
                 int c = n - t0 < 16 ? n - t0 : 16;                                           \
-                for (int h = 0; h < hkv; h++)                                                \
+                for (int h = 0; h < hkv; h++) {                                              \
+                    /* spread over the block's work, not in one burst that fills the queues */  \
+                    for (int x = 0; ahead && x < quota && ahead_done < ahead_bytes; x++, ahead_done += 64) \
+                        __builtin_prefetch(ahead + ahead_done, 0, 2);                         \
                     CHUNK(q + r * sq + (size_t)h * group * d, kb + (size_t)t0 * tok + h * d, \
                           vb + (size_t)t0 * tok + h * d, c, tok, group, d, scale,            \
                           m + h * group, l + h * group, acc + (size_t)h * group * d);       \
+                }                                                                            \
             }                                                                                \
         }                                                                                    \
+        for (; ahead && ahead_done < ahead_bytes; ahead_done += 64) __builtin_prefetch(ahead + ahead_done, 0, 2); \
     }                                                                                        \
     for (int r = 0; r < rows; r++) {                                                         \
         float *acc = scratch + (size_t)r * per, *l = acc + hq * d + hq;                      \
