@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+FLAGS = ("-O3", "-march=native" if _X86 else "-mcpu=native", *(("-mprefer-vector-width=512",) if _X86 else ()),
+         "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 _TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _L, _F, _S = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_size_t
 
