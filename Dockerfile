@@ -44,7 +44,13 @@ RUN pip install --no-cache-dir grpcio-tools \
     && pip uninstall -y grpcio-tools
 
 FROM base AS runtime
+ARG VARIANT
 ENV PATH=/opt/pdserve/bin:$PATH
+# CPU workers compile pdserve's C kernels at start (else they run pure torch).
+# hadolint ignore=DL3008
+RUN if [ "$VARIANT" = cpu ]; then \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=build /opt/pdserve /opt/pdserve
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin pdserve
 USER 10001:10001
