@@ -7,6 +7,7 @@ Prints output tokens/s for both and the ratio.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -28,6 +29,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--torch-only", action="store_true", help="CPU: pure torch, not pdserve's compiled CPU kernels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat pdserve then transformers this many times (noisy hosts); prints the median ratio")
     return p.parse_args(argv)
 
 
@@ -112,13 +115,20 @@ def main(argv: list[str]) -> int:
     prompts = _prompts(args.num_prompts, args.prompt_len, vocab, args.seed)
     print(f"model={args.model} dtype={args.dtype} device={args.device_type} prompts={args.num_prompts}"
           f"x{args.prompt_len} output={args.output_len} threads={torch.get_num_threads()}")
-    t, n = run_pdserve(args, prompts)
-    ours = n / t
-    print(f"pdserve:      {n} output tokens in {t:.2f} s = {ours:.1f} tok/s")
-    if args.skip_hf:
-        return 0
-    t, n = run_hf(args, prompts)
-    theirs = n / t
-    print(f"transformers: {n} output tokens in {t:.2f} s = {theirs:.1f} tok/s")
-    print(f"ratio pdserve / transformers: {ours / theirs:.2f}x")
+    ratios = []
+    for r in range(args.rounds):
+        label = f"[round {r + 1}/{args.rounds}] " if args.rounds > 1 else ""
+        t, n = run_pdserve(args, prompts)
+        ours = n / t
+        print(f"{label}pdserve:      {n} output tokens in {t:.2f} s = {ours:.1f} tok/s", flush=True)
+        if args.skip_hf:
+            continue
+        t, n = run_hf(args, prompts)
+        theirs = n / t
+        print(f"{label}transformers: {n} output tokens in {t:.2f} s = {theirs:.1f} tok/s", flush=True)
+        ratios.append(ours / theirs)
+        print(f"{label}ratio pdserve / transformers: {ours / theirs:.2f}x", flush=True)
+    if len(ratios) > 1:
+        print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
     return 0
