@@ -1,9 +1,12 @@
 /* CPU kernels of pdserve, called through ctypes (kernels/cpu.py compiles this file).
  *
- * Paged decode attention: one query row per sequence, read in place from the paged
- * KV cache (no gather), online softmax in float32. The KV layout of one layer is
+ * Paged attention: variable-length causal query chunks (decode rows and prefill
+ * chunks in one call), K and V read in place through the block tables (no gather),
+ * online softmax in float32. Row-wise fused ops: RMSNorm (+ residual), SiLU-and-mul,
+ * rotary + KV store. The KV layout of one layer is
  * [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0 of dim 1 is K.
- * Element types: float32 ("f32") and bfloat16 ("bf16", stored as uint16).
+ * Element types: float32 ("f32") and bfloat16 ("bf16", stored as uint16). AVX-512
+ * (and AVX512-BF16) code where the compiler targets it, portable C otherwise.
  */
 #include <math.h>
 #include <omp.h>
@@ -107,8 +110,8 @@ static void attend_block_any(const float *qf, const float *kf, const float *vf, 
     else attend_block(qf, kf, vf, n, tok, group, d, bs, s, m, l, acc);
 }
 
-/* One sequence: every query head over the sequence's blocks, one block at a time
- * (K and V of a block converted to float32 once for all heads). Scratch:
+/* One query row (portable C): every query head over the row's `len` keys, one block
+ * at a time (K and V of a block converted to float32 once for all heads). Scratch:
  * qf[Hq*D], acc[Hq*D], kf[bs*Hkv*D], vf[bs*Hkv*D], s[group*bs], m[Hq], l[Hq]. */
 #define DECODE_TASK(NAME, T, LOAD, STORE)                                                      \
 static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,             \
@@ -399,13 +402,6 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
     __m512i *kt = (__m512i *)(((uintptr_t)(scratch + (size_t)rows * per) + 63) & ~(uintptr_t)63);
     __m512i *vp = kt + pairs;  /* [8 token pairs][d / 16] */
     float *spare = (float *)(vp + 8 * (d / 16));  /* a row's worth for the dropped pairs */
-    __m512i lo_idx, hi_idx;
-    {
-        uint16_t lo[32], hi[32];
-        for (int j = 0; j < 16; j++) { lo[2 * j] = j; lo[2 * j + 1] = 32 + j; hi[2 * j] = 16 + j; hi[2 * j + 1] = 48 + j; }
-        lo_idx = _mm512_loadu_si512(lo);
-        hi_idx = _mm512_loadu_si512(hi);
-    }
     for (int r = 0; r < rows; r++) {
         float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;
         for (int i = 0; i < hq * d; i++) acc[i] = 0.f;
@@ -424,28 +420,21 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
                 for (int i = 0; i < pairs; i++)
                     kt[i] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, gather_idx,
                                                         (const int *)k0 + i, 4);
-                for (int tp = 0; tp < 8; tp++)
-                    for (int x = 0; x < d; x += 32) {
-                        int ta = 2 * tp, tb = 2 * tp + 1;
-                        __m512i a = ta < c ? _mm512_loadu_si512(v0 + (size_t)ta * tok + x) : _mm512_setzero_si512();
-                        __m512i b = tb < c ? _mm512_loadu_si512(v0 + (size_t)tb * tok + x) : _mm512_setzero_si512();
-                        vp[tp * (d / 16) + x / 16] = _mm512_permutex2var_epi16(a, lo_idx, b);
-                        vp[tp * (d / 16) + x / 16 + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
-                    }
+                pair_values_bf16(v0, c, tok, d, vp);
                 int first = j * bs + t0 + 1 - ctx0 > 0 ? j * bs + t0 + 1 - ctx0 : 0;
                 int jobs = (rows - first) * group;  /* (row, head) pairs reading this chunk */
-                for (int k0 = 0; k0 < jobs; k0 += 4) {
+                for (int job0 = 0; job0 < jobs; job0 += 4) {
                     const int32_t *qd[4];
                     float *acc[4], *m[4], *l[4];
                     __mmask16 keep[4];
                     for (int u = 0; u < 4; u++) {  /* past the end: repeat the last pair, results dropped */
-                        int k = k0 + u < jobs ? k0 + u : jobs - 1, r = first + k / group, hd = h * group + k % group;
+                        int k = job0 + u < jobs ? job0 + u : jobs - 1, r = first + k / group, hd = h * group + k % group;
                         int seen = ctx0 + r - (j * bs + t0);
                         keep[u] = seen >= c ? valid : (__mmask16)((1u << seen) - 1u);
                         qd[u] = (const int32_t *)(q + r * sq + (size_t)hd * d);
-                        float *row = k0 + u < jobs ? scratch + (size_t)r * per : spare;
-                        acc[u] = row + (size_t)(k0 + u < jobs ? hd : 0) * d;
-                        m[u] = row + hq * d + (k0 + u < jobs ? hd : 0);
+                        float *row = job0 + u < jobs ? scratch + (size_t)r * per : spare;
+                        acc[u] = row + (size_t)(job0 + u < jobs ? hd : 0) * d;
+                        m[u] = row + hq * d + (job0 + u < jobs ? hd : 0);
                         l[u] = m[u] + hq;
                     }
                     pair_chunk4(qd, kt, vp, keep, d, scale, acc, m, l);
