@@ -20,8 +20,11 @@ needs_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler to bui
 
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-PORTABLE = load_cpu_kernels(extra_flags=("-mno-avx512f",)) if KERNELS is not None and X86 else None
-BUILDS = {"native": KERNELS, "portable": PORTABLE}  # portable: the code for x86 CPUs without AVX-512
+# The code paths of other x86 CPUs, built here by switching features off: no AVX-512 at
+# all (portable C), and AVX-512 without its BF16 dot products.
+VARIANTS = {"portable": ("-mno-avx512f",), "no-avx512bf16": ("-mno-avx512bf16",)}
+BUILDS = {"native": KERNELS, **{name: load_cpu_kernels(extra_flags=flags) if KERNELS is not None and X86 else None
+                                for name, flags in VARIANTS.items()}}
 
 
 def built(build: str):
