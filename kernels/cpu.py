@@ -50,8 +50,8 @@ def load_cpu_kernels(cache_dir: Path | None = None, extra_flags: tuple[str, ...]
         log.warning("no C compiler found: CPU kernels fall back to pure torch")
         return None
     flags = FLAGS + extra_flags
-    target = (cache_dir or default_cache_dir()) / f"cpu_kernels-{_build_key(compiler, flags)}.so"
     try:
+        target = (cache_dir or default_cache_dir()) / f"cpu_kernels-{_build_key(compiler, flags)}.so"
         if not target.exists():
             _build(compiler, flags, target)
         return CpuKernels(ctypes.CDLL(str(target)))

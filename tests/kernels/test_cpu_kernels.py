@@ -79,6 +79,9 @@ def test_cpu_backend_falls_back_without_a_compiler(monkeypatch, tmp_path) -> Non
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert type(CpuPlatform().backend()) is TorchBackend
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails to build
+    assert load_cpu_kernels(cache_dir=tmp_path) is None
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
     monkeypatch.delenv("CC")
     assert type(CpuPlatform().backend(compiled_cpu_kernels=False)) is TorchBackend
     if KERNELS is not None:
