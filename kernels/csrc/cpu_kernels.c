@@ -301,6 +301,26 @@ static inline void chunk_bf16(const uint16_t *q, const uint16_t *k, const uint16
 }
 #endif
 
+/* Per-row online-softmax state of a tile, rows `per` floats apart: acc[Hq*D], m[Hq], l[Hq]. */
+static void init_rows(float *scratch, int rows, int per, int hq, int d) {
+    for (int r = 0; r < rows; r++) {
+        float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;
+        for (int i = 0; i < hq * d; i++) acc[i] = 0.f;
+        for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }
+    }
+}
+
+/* acc /= l for every head of every row, in place (the caller stores the rows). */
+static void normalize_rows(float *scratch, int rows, int per, int hq, int d) {
+    for (int r = 0; r < rows; r++) {
+        float *acc = scratch + (size_t)r * per, *l = acc + hq * d + hq;
+        for (int hd = 0; hd < hq; hd++) {
+            float inv = 1.f / l[hd], *ah = acc + hd * d;
+            for (int i = 0; i < d; i++) ah[i] *= inv;
+        }
+    }
+}
+
 /* A tile of consecutive query rows of one sequence, vectorized: row r attends keys
  * [0, ctx0 + r). Blocks are walked once for the whole tile (a block stays in cache
  * while every row that needs it reads it), 16 tokens at a time, every KV head.
@@ -310,11 +330,7 @@ static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t 
                  int ctx0, int rows, T *out, int hq, int hkv, int d, int bs, float scale,    \
                  float *scratch) {                                                           \
     int group = hq / hkv, tok = hkv * d, per = hq * d + 2 * hq, last = ctx0 + rows - 1;       \
-    for (int r = 0; r < rows; r++) {                                                         \
-        float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;              \
-        for (int i = 0; i < hq * d; i++) acc[i] = 0.f;                                       \
-        for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                       \
-    }                                                                                        \
+    init_rows(scratch, rows, per, hq, d);                                                    \
     for (int j = 0; j * bs < last; j++) {                                                    \
         const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;           \
         const char *ahead = (j + PREFETCH_BLOCKS) * bs < last                                  \
@@ -339,14 +355,8 @@ static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t 
         }                                                                                    \
         for (; ahead && ahead_done < ahead_bytes; ahead_done += 64) __builtin_prefetch(ahead + ahead_done, 0, 2); \
     }                                                                                        \
-    for (int r = 0; r < rows; r++) {                                                         \
-        float *acc = scratch + (size_t)r * per, *l = acc + hq * d + hq;                      \
-        for (int hd = 0; hd < hq; hd++) {                                                    \
-            float inv = 1.f / l[hd], *ah = acc + hd * d;                                     \
-            for (int i = 0; i < d; i++) ah[i] *= inv;                                        \
-        }                                                                                    \
-        STORE(acc, out + (size_t)r * hq * d, hq * d);                                        \
-    }                                                                                        \
+    normalize_rows(scratch, rows, per, hq, d);                                               \
+    for (int r = 0; r < rows; r++) STORE(scratch + (size_t)r * per, out + (size_t)r * hq * d, hq * d); \
 }
 
 ATTN_VEC_TILE(attn_vec_tile_f32, float, chunk_vec_f32, store_f32)
@@ -402,11 +412,7 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
     __m512i *kt = (__m512i *)(((uintptr_t)(scratch + (size_t)rows * per) + 63) & ~(uintptr_t)63);
     __m512i *vp = kt + pairs;  /* [8 token pairs][d / 16] */
     float *spare = (float *)(vp + 8 * (d / 16));  /* a row's worth for the dropped pairs */
-    for (int r = 0; r < rows; r++) {
-        float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;
-        for (int i = 0; i < hq * d; i++) acc[i] = 0.f;
-        for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }
-    }
+    init_rows(scratch, rows, per, hq, d);
     __m512i gather_idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32(tok / 2));
     for (int j = 0; j * bs < last; j++) {
@@ -442,14 +448,8 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
             }
         }
     }
-    for (int r = 0; r < rows; r++) {
-        float *acc = scratch + (size_t)r * per, *l = acc + hq * d + hq;
-        for (int hd = 0; hd < hq; hd++) {
-            float inv = 1.f / l[hd], *ah = acc + hd * d;
-            for (int i = 0; i < d; i++) ah[i] *= inv;
-        }
-        store_bf16(acc, out + (size_t)r * hq * d, hq * d);
-    }
+    normalize_rows(scratch, rows, per, hq, d);
+    for (int r = 0; r < rows; r++) store_bf16(scratch + (size_t)r * per, out + (size_t)r * hq * d, hq * d);
 }
 #endif
 #endif /* __AVX512F__ */
