@@ -1,8 +1,9 @@
 """The backend interface and the per-step attention metadata it consumes.
 
 Owns: ``AttentionMetadata`` (built once per step by the model runner, passed down
-explicitly through every layer; never stored globally) and the ``Backend``
-protocol. A backend is stateless apart from what it caches for one step.
+explicitly through every layer; never stored globally), the ``Backend``
+protocol, and ``rotary_then_store`` (the unfused path of ``rotary_store_kv``). A
+backend is stateless apart from what it caches for one step.
 
 KV layout per layer: ``kv_layer[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
 """
@@ -65,3 +66,13 @@ class Backend(Protocol):
         k and v [T, Hkv, D] are this step's fresh keys/values, which a backend may
         use directly for sequences with no cached prefix.
         """
+
+
+def rotary_then_store(be: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      cos_sin: torch.Tensor, kv_layer: torch.Tensor,
+                      meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary_store_kv`` as two ops: the path of backends without a fused one."""
+    q, k = be.rotary(q, k, positions, cos_sin)
+    be.store_kv(k, v, kv_layer, meta)
+    return q, k
+

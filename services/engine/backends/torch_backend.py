@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference as ref
-from services.engine.backends.base import AttentionMetadata
+from services.engine.backends.base import AttentionMetadata, rotary_then_store
 
 
 class TorchBackend:
@@ -33,9 +33,7 @@ class TorchBackend:
         return torch.nn.functional.linear(x, weight, bias)
 
     def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
-        q, k = self.rotary(q, k, positions, cos_sin)
-        self.store_kv(k, v, kv_layer, meta)
-        return q, k
+        return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta)
 
     def attention(self, q, k, v, kv_layer, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)

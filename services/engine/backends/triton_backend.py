@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels import activation, attention, gemv, kv_store, norm, rotary
-from services.engine.backends.base import AttentionMetadata
+from services.engine.backends.base import AttentionMetadata, rotary_then_store
 
 
 class TritonBackend:
@@ -53,9 +53,7 @@ class TritonBackend:
                         cos_sin: torch.Tensor, kv_layer: torch.Tensor,
                         meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-            q, k = self.rotary(q, k, positions, cos_sin)
-            self.store_kv(k, v, kv_layer, meta)
-            return q, k
+            return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta)
         return rotary.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
