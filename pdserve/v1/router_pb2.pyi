@@ -126,9 +126,11 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "num_workers")
+    __slots__ = ("status", "num_workers", "detail")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     status: str
     num_workers: int
-    def __init__(self, status: _Optional[str] = ..., num_workers: _Optional[int] = ...) -> None: ...
+    detail: str
+    def __init__(self, status: _Optional[str] = ..., num_workers: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -19,8 +19,8 @@ from typing import Callable
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
-from services.cluster.keys import KeySpace
-from services.cluster.records import LoadReport, WorkerRecord
+from pdserve.cluster.keys import KeySpace
+from pdserve.cluster.records import LoadReport, WorkerRecord
 
 log = logging.getLogger(__name__)
 PUT, DELETE = 0, 1

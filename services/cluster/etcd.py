@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import grpc
 from etcd3aio import Etcd3Client, EtcdError
 
-from services.cluster.tls import TLSFiles
+from pdserve.cluster.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 

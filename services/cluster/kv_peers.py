@@ -33,8 +33,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from services.cluster.discovery import Discovery
-from services.cluster.records import WorkerRecord
+from pdserve.cluster.discovery import Discovery
+from pdserve.cluster.records import WorkerRecord
 
 log = logging.getLogger(__name__)
 NOTIFY_VERSION = 1

@@ -21,8 +21,8 @@ from typing import Callable
 from etcd3aio import Etcd3Client, EtcdError
 import grpc
 
-from services.cluster.keys import KeySpace
-from services.cluster.records import LoadReport, WorkerRecord
+from pdserve.cluster.keys import KeySpace
+from pdserve.cluster.records import LoadReport, WorkerRecord
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from pdserve.v1 import common_pb2
 
-from services.common.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "seed", "logprobs")

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from services.common.model_source import ModelSource, resolve_model
+from pdserve.common.model_source import ModelSource, resolve_model
 
 
 class TokenizerError(ValueError):
     """The tokenizer could not be loaded or a chat template could not be applied."""
+
+
+class NoTokenizerError(TokenizerError):
+    """The model has no tokenizer by design (random weights): it takes token ids only."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def _cache_dir(source: ModelSource) -> str:
 def tokenizer_dir(source: ModelSource) -> str:
     """A directory with tokenizer.json for this source, converting once if needed."""
     if source.kind == "dummy":
-        raise TokenizerError(f"model {source.name!r} has random weights and no tokenizer; send token ids")
+        raise NoTokenizerError(f"model {source.name!r} has random weights and no tokenizer; send token ids")
     if source.kind == "hf" and os.path.exists(os.path.join(source.path, "tokenizer.json")):
         return source.path
     target = _cache_dir(source)
@@ -160,16 +164,23 @@ def _convert_in_subprocess(source: ModelSource, target: str) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".tmp-")
     try:
-        cmd = [sys.executable, "-m", "services.common.tokenizer", source.kind, source.path, tmp]
+        cmd = [sys.executable, "-m", "pdserve.common.tokenizer", source.kind, source.path, tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise TokenizerError(f"could not convert the tokenizer of {source.name!r}: {proc.stderr.strip()[-800:]}")
+            raise TokenizerError(f"could not convert the tokenizer of {source.name!r} with transformers: "
+                                 f"{_last_line(proc.stderr)}")
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is equivalent
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _last_line(stderr: str) -> str:
+    """The exception line of a Python traceback (the whole traceback is noise in a log line)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"
 
 
 def load_tokenizer(model: str | ModelSource) -> Tokenizer:

@@ -44,10 +44,10 @@ from typing import Any, AsyncIterator
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
-from services.cluster.wire import params_to_proto
-from services.common.sampling_params import SamplingParams
-from services.engine.kv_transfer import KVCompatibilityError, check_compatible
-from services.cluster.tls import TLSFiles, open_channel
+from pdserve.cluster.wire import params_to_proto
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.kv_transfer import KVCompatibilityError, check_compatible
+from pdserve.cluster.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 _CONFIRMED = ("DONE", "ABORTED", "FAILED", "INCOMPATIBLE", "INVALID")
@@ -103,9 +103,9 @@ class _Attempt:
 class DecodeCoordinator:
     def __init__(self, engine: Any, peers: Any, config: DecodeConfig, metrics: Any) -> None:
         self._engine = engine  # AsyncEngine
-        self._peers = peers  # services.cluster.kv_peers.KVPeers
+        self._peers = peers  # pdserve.cluster.kv_peers.KVPeers
         self._config = config
-        self._metrics = metrics  # services.worker.metrics.WorkerMetrics
+        self._metrics = metrics  # pdserve.worker.metrics.WorkerMetrics
         self._layout = peers.agent.layout
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._engine_ids: dict[str, str] = {}  # client request id -> engine request id

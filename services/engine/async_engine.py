@@ -17,11 +17,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from services.common.sampling_params import SamplingParams
-from services.common.tokenizer import Tokenizer, load_tokenizer
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineOutput, LLMEngine
-from services.engine.request import TokenLogprob
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tokenizer import Tokenizer, load_tokenizer
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import EngineOutput, LLMEngine
+from pdserve.engine.request import TokenLogprob
 
 log = logging.getLogger(__name__)
 

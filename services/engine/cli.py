@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.common.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 
 def _parser(name: str) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def main(name: str, argv: list[str]) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-        from services.engine import LLM
+        from pdserve.engine import LLM
 
         llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type)
     except ValueError as exc:

@@ -3,7 +3,7 @@
 Owns: ``EngineConfig`` (mirrors LMDeploy's PytorchEngineConfig: role, tp, dp, ep,
 adapters, device_type, plus cache and scheduler knobs) and the frozen component
 configs derived from it once, at the edge (``CacheConfig``, ``SchedulerConfig``).
-``device_type`` names a platform of ``services.engine.platforms``.
+``device_type`` names a platform of ``pdserve.engine.platforms``.
 Validation raises ``ConfigError`` (a ValueError) with a message naming the field.
 Building from YAML / environment lives here too so every entry point agrees.
 """
@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from services.engine.platforms import platform_names
+from pdserve.engine.platforms import platform_names
 
 ROLES = ("hybrid", "prefill", "decode")
 DEVICE_TYPES = platform_names()

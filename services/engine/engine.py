@@ -27,17 +27,17 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from services.common.model_source import resolve_model
-from services.common.sampling_params import SamplingParams
-from services.engine.config import EngineConfig, SchedulerConfig
-from services.engine.kv_cache import KVCacheManager
-from services.engine.model_runner import DeviceFeed, LayerHook, ModelRunner, RunnerConfig, graph_batch_sizes
-from services.engine.models.loader import DTYPES, load_config, load_model
-from services.engine.models.model_config import ModelConfig
-from services.engine.platforms import get_platform
-from services.engine.request import Request, Status, TokenLogprob
-from services.engine.sampler import PendingSample, Sampler
-from services.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.common.model_source import resolve_model
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.config import EngineConfig, SchedulerConfig
+from pdserve.engine.kv_cache import KVCacheManager
+from pdserve.engine.model_runner import DeviceFeed, LayerHook, ModelRunner, RunnerConfig, graph_batch_sizes
+from pdserve.engine.models.loader import DTYPES, load_config, load_model
+from pdserve.engine.models.model_config import ModelConfig
+from pdserve.engine.platforms import get_platform
+from pdserve.engine.request import Request, Status, TokenLogprob
+from pdserve.engine.sampler import PendingSample, Sampler
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 
 _HELD = 0  # token id standing in for a sampled token the host has not read yet
 

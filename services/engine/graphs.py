@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from services.engine.backends.base import AttentionMetadata, Backend
-from services.engine.models.llama import LlamaForCausalLM
-from services.engine.platforms.base import Graph, Platform
+from pdserve.engine.backends.base import AttentionMetadata, Backend
+from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.platforms.base import Graph, Platform
 
 if TYPE_CHECKING:
-    from services.engine.model_runner import DeviceFeed, HostBatch
+    from pdserve.engine.model_runner import DeviceFeed, HostBatch
 
 
 class DecodeGraphs:

@@ -10,12 +10,12 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from services.common.detokenizer import IncrementalDetokenizer
-from services.common.sampling_params import SamplingParams
-from services.common.tokenizer import Tokenizer, load_tokenizer
-from services.engine.config import EngineConfig
-from services.engine.engine import LLMEngine
-from services.engine.request import TokenLogprob
+from pdserve.common.detokenizer import IncrementalDetokenizer
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tokenizer import Tokenizer, load_tokenizer
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.request import TokenLogprob
 
 Prompt = str | Sequence[int]
 

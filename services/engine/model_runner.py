@@ -22,11 +22,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from services.engine.backends.base import AttentionMetadata, Backend
-from services.engine.graphs import DecodeGraphs
-from services.engine.models.llama import LlamaForCausalLM
-from services.engine.platforms.base import Platform
-from services.engine.scheduler import SchedulerOutput
+from pdserve.engine.backends.base import AttentionMetadata, Backend
+from pdserve.engine.graphs import DecodeGraphs
+from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.platforms.base import Platform
+from pdserve.engine.scheduler import SchedulerOutput
 
 LayerHook = Callable[[int, Any], None]  # (layer, event done once that layer's KV is in the cache)
 

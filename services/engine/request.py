@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.common.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

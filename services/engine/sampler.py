@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from services.engine.request import Request, TokenLogprob
+from pdserve.engine.request import Request, TokenLogprob
 
 _NEG_INF = float("-inf")
 

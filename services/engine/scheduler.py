@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from services.engine.config import SchedulerConfig
-from services.engine.kv_cache import KVCacheManager
-from services.engine.request import Request, Status
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.kv_cache import KVCacheManager
+from pdserve.engine.request import Request, Status
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ does not come up, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
 import threading
+from typing import Mapping
 
-from services.launcher.cluster import ClusterSpec, LocalCluster
+from pdserve.launcher.cluster import ClusterSpec, LocalCluster
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +48,39 @@ def topology(hybrid: int | None, prefill: int | None, decode: int | None) -> tup
     return hybrid or 0, prefill or 0, decode or 0
 
 
-def spec_from_args(args: argparse.Namespace) -> ClusterSpec:
+# A local CPU cluster is a demo, not a server: each worker's KV cache gets at most this much.
+LOCAL_KV_BYTES = 1 << 30
+KV_SETTINGS = ("num_blocks", "cache_memory_fraction", "device_type", "config")
+
+
+def local_worker_args(worker_args: list[str], workers: int, gpus: str, environ: Mapping[str, str],
+                      available: int) -> list[str]:
+    """Worker flags with a KV-cache size for a local CPU cluster, unless the user chose one.
+
+    The engine's own default (half the free memory, capped by max_batch_size x 1024
+    tokens) suits a machine given to one worker; here several workers share the host,
+    so each gets ``min(1 GiB, available / (4 x workers))`` as a fraction of free memory.
+    """
+    chosen = any(a.split("=")[0] == "--" + k.replace("_", "-") for a in worker_args for k in KV_SETTINGS)
+    chosen = chosen or gpus or any(f"PDSERVE_{k.upper()}" in environ for k in KV_SETTINGS)
+    if chosen or available <= 0:
+        return worker_args
+    budget = min(LOCAL_KV_BYTES, available // (4 * workers))
+    return [*worker_args, "--cache-memory-fraction", f"{max(budget / available, 1e-4):.4f}"]
+
+
+def available_memory() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def spec_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ,
+                   available: int | None = None) -> ClusterSpec:
     hybrid, prefill, decode = topology(args.hybrid, args.prefill, args.decode)
+    worker_args = local_worker_args(shlex.split(args.worker_args), hybrid + prefill + decode, args.gpus, environ,
+                                    available_memory() if available is None else available)
     return ClusterSpec(hybrid=hybrid, prefill=prefill, decode=decode, model=args.model,
                        http_port=args.http_port, grpc_port=args.grpc_port, etcd=args.etcd, policy=args.policy,
-                       namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(shlex.split(args.worker_args)),
+                       namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(worker_args),
                        router_args=tuple(shlex.split(args.router_args)),
                        gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()))
 
@@ -80,7 +110,7 @@ def main(name: str, argv: list[str]) -> int:
               "use --num-gpus-per-worker)", file=sys.stderr)
         return 2
     if args.ray:
-        from services.launcher.ray_cluster import run_with_ray  # imports this module: keep it lazy
+        from pdserve.launcher.ray_cluster import run_with_ray  # imports this module: keep it lazy
         return run_with_ray(args, name)
     try:
         spec = spec_from_args(args)

@@ -18,8 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.launcher.etcd_server import EtcdServer, start_etcd
-from services.launcher.processes import Child, ProcessGroup, child_env, free_port, pdserve_command
+from pdserve.launcher.etcd_server import EtcdServer, start_etcd
+from pdserve.launcher.processes import Child, ProcessGroup, child_env, free_port, pdserve_command
 
 
 @dataclass(frozen=True)

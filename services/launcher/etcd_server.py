@@ -16,7 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from services.launcher.processes import Child, ProcessGroup, free_port
+from pdserve.launcher.processes import Child, ProcessGroup, free_port
 
 
 def find_etcd_binary() -> str:

@@ -30,7 +30,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def pdserve_command(*args: str) -> list[str]:
     """Run a pdserve subcommand with this interpreter (no reliance on PATH)."""
-    return [sys.executable, "-m", "services.cli", *args]
+    return [sys.executable, "-m", "pdserve.cli", *args]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from services.launcher.cluster import ClusterSpec, LocalCluster
-from services.launcher.etcd_server import EtcdServer, start_etcd
-from services.launcher.processes import Child, ProcessGroup, child_env
+from pdserve.launcher.cluster import ClusterSpec, LocalCluster
+from pdserve.launcher.etcd_server import EtcdServer, start_etcd
+from pdserve.launcher.processes import Child, ProcessGroup, child_env
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -376,10 +376,10 @@ def run_with_ray(args: argparse.Namespace, name: str = "up") -> int:
 
     Returns the process launcher's exit codes: 0 after a requested stop, 1 when a
     process dies or the cluster does not come up, 2 on bad arguments."""
-    from services.launcher.cli import banner, spec_from_args
+    from pdserve.launcher.cli import banner, spec_from_args
 
     try:
-        spec = spec_from_args(args)
+        spec = spec_from_args(args, available=0)  # Ray nodes size their own caches: no local KV budget
         options = RayOptions(address=args.address, num_gpus_per_worker=args.num_gpus_per_worker)
     except ValueError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)

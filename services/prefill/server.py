@@ -36,9 +36,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from services.cluster.kv_peers import PeerIncompatible, PeerUnavailable, encode_done
-from services.common.sampling_params import SamplingParams
-from services.engine.kv_transfer import (KVCompatibilityError, KVTransferError, TransferHandle, check_compatible,
+from pdserve.cluster.kv_peers import PeerIncompatible, PeerUnavailable, encode_done
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.kv_transfer import (KVCompatibilityError, KVTransferError, TransferHandle, check_compatible,
                                          wait)
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class PrefillServer:
     def __init__(self, engine: Any, peers: Any, config: PrefillConfig,
                  on_result: Callable[[PrefillResult], None] = lambda _: None) -> None:
         self._engine = engine  # AsyncEngine
-        self._peers = peers  # services.cluster.kv_peers.KVPeers
+        self._peers = peers  # pdserve.cluster.kv_peers.KVPeers
         self._agent = peers.agent
         self._config = config
         self._on_result = on_result

@@ -19,19 +19,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
-from services.cluster.discovery import Discovery
-from services.cluster.etcd import connect, retry_until_reachable
-from services.cluster.keys import KeySpace
-from services.router.config import RouterConfig
-from services.router.dispatch import Dispatcher
-from services.router.grpc_server import RouterServicer
-from services.router.http_server import HttpApi
-from services.router.metrics import RouterMetrics
-from services.router.models import ModelCatalog
-from services.router.policies import MostFreeKV, PrefixAware, make_policy
-from services.router.service import RouterCore
-from services.router.worker_pool import RoutingConfig, WorkerPool
-from services.cluster.tls import add_port
+from pdserve.cluster.discovery import Discovery
+from pdserve.cluster.etcd import connect, retry_until_reachable
+from pdserve.cluster.keys import KeySpace
+from pdserve.router.config import RouterConfig
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.grpc_server import RouterServicer
+from pdserve.router.http_server import HttpApi
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.models import ModelCatalog
+from pdserve.router.policies import MostFreeKV, PrefixAware, make_policy
+from pdserve.router.service import RouterCore
+from pdserve.router.worker_pool import RoutingConfig, WorkerPool
+from pdserve.cluster.tls import add_port
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -46,6 +46,7 @@ class RouterProcess:
         self.health: health.aio.HealthServicer | None = None
         self._runner: web.AppRunner | None = None
         self._etcd = None
+        self._tasks: set[asyncio.Task] = set()
         self.grpc_port = 0
         self.http_port = 0
 
@@ -58,7 +59,8 @@ class RouterProcess:
                     "prefill": PrefixAware(c.prefix_blocks, c.overload_margin)}
         pool = WorkerPool(discovery, policies, c.suspect_seconds,
                           RoutingConfig(c.local_prefill_threshold, c.prefill_candidates), tls=c.tls[0])
-        self.core = RouterCore(discovery, ModelCatalog(discovery, self._load_tokenizer), pool,
+        catalog = ModelCatalog(discovery, self._load_tokenizer, self._tokenizer_failed)
+        self.core = RouterCore(discovery, catalog, pool,
                                Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery))
         self.core.catalog.preload()
         await self._start_grpc()
@@ -77,8 +79,18 @@ class RouterProcess:
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC on {self.config.host}:{self.config.grpc_port}")
         await self.grpc_server.start()
-        for name in ("", ROUTER_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        healthy = not self.core.catalog.problems()
+        await self.health.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.SERVING if healthy
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _tokenizer_failed(self, model: str, cause: str) -> None:
+        # grpc.health.v1 for the Router service follows /health (readiness); "" stays SERVING (liveness).
+        if self.health is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.health.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _start_http(self) -> None:
         self._runner = web.AppRunner(HttpApi(self.core).app(), handler_cancellation=True, access_log=None,

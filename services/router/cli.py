@@ -10,8 +10,8 @@ import logging
 import os
 import sys
 
-from services.router.config import POLICIES, RouterConfigError
-from services.cluster.tls import add_tls_flags
+from pdserve.router.config import POLICIES, RouterConfigError
+from pdserve.cluster.tls import add_tls_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,14 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(name: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
-    from services.router.config import RouterConfig
+    from pdserve.router.config import RouterConfig
 
     try:
         config = RouterConfig.build(vars(build_parser().parse_args(argv)), os.environ)
     except RouterConfigError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)
         return 2
-    from services.common.tokenizer import load_tokenizer
-    from services.router.app import serve
+    from pdserve.common.tokenizer import load_tokenizer
+    from pdserve.router.app import serve
 
     return asyncio.run(serve(config, load_tokenizer))

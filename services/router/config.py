@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from services.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
+from pdserve.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 

@@ -22,11 +22,11 @@ from typing import Any, AsyncIterator
 import grpc
 from pdserve.v1 import worker_pb2
 
-from services.cluster.wire import params_to_proto
-from services.common.detokenizer import IncrementalDetokenizer
-from services.router.errors import RequestError, invalid, unavailable
-from services.router.request_types import Delta, GenerationRequest, TokenLogprob, TopToken, Timing, Usage
-from services.router.worker_pool import Route, WorkerHandle, WorkerPool
+from pdserve.cluster.wire import params_to_proto
+from pdserve.common.detokenizer import IncrementalDetokenizer
+from pdserve.router.errors import RequestError, invalid, unavailable
+from pdserve.router.request_types import Delta, GenerationRequest, TokenLogprob, TopToken, Timing, Usage
+from pdserve.router.worker_pool import Route, WorkerHandle, WorkerPool
 
 
 class _Retry(Exception):

@@ -15,10 +15,10 @@ from typing import AsyncIterator
 import grpc
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-from services.cluster.wire import params_values_from_proto
-from services.router.errors import RequestError, invalid
-from services.router.request_types import Delta, Prompt, merge
-from services.router.service import RouterCore
+from pdserve.cluster.wire import params_values_from_proto
+from pdserve.router.errors import RequestError, invalid
+from pdserve.router.request_types import Delta, Prompt, merge
+from pdserve.router.service import RouterCore
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -64,8 +64,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Health(self, request: router_pb2.HealthRequest,
                      context: grpc.aio.ServicerContext) -> router_pb2.HealthResponse:
-        n = len(self._core.discovery.live())
-        return router_pb2.HealthResponse(status="SERVING" if n else "NO_WORKERS", num_workers=n)
+        status, workers, problems = self._core.health()
+        detail = "; ".join(f"model {m!r}: {why}" for m, why in sorted(problems.items()))
+        return router_pb2.HealthResponse(status=status, num_workers=workers, detail=detail)
 
 
 def _prompt(request: router_pb2.GenerateRequest) -> Prompt:

@@ -23,11 +23,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.router.errors import RequestError, invalid
-from services.router.openai_protocol import OpenAIRequest, parse_chat, parse_completion
-from services.router.openai_responses import ResponseBuilder
-from services.router.request_types import merge
-from services.router.service import RouterCore
+from pdserve.router.errors import RequestError, invalid
+from pdserve.router.openai_protocol import OpenAIRequest, parse_chat, parse_completion
+from pdserve.router.openai_responses import ResponseBuilder
+from pdserve.router.request_types import merge
+from pdserve.router.service import RouterCore
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,11 @@ class HttpApi:
         return web.json_response({"object": "list", "data": data})
 
     async def health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "workers": len(self._core.discovery.live())})
+        """Readiness: 200 while every served model can be served, 503 naming each cause otherwise."""
+        status, workers, problems = self._core.health()
+        if problems:
+            return web.json_response({"status": "unhealthy", "workers": workers, "problems": problems}, status=503)
+        return web.json_response({"status": "ok", "workers": workers})
 
     async def metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=self._core.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

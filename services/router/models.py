@@ -3,7 +3,11 @@
 Owns one ``Tokenizer`` per served model, loaded once in a thread (the first load
 may convert a GGUF tokenizer in a subprocess, seconds) as soon as discovery shows
 a worker of that model, so the first request does not pay for it. A model without
-a tokenizer (random ``dummy:`` weights) serves token-id prompts only.
+a tokenizer by design (random ``dummy:`` weights) serves token-id prompts only.
+
+A tokenizer that fails to load is a fault of the deployment, not of the request:
+it is logged once, with its cause, when the load fails; ``problems()`` names it so
+the router reports unhealthy; requests for that model get 503 with the cause.
 """
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from services.cluster.discovery import Discovery
-from services.router.errors import RequestError, invalid, unavailable
+from pdserve.cluster.discovery import Discovery
+from pdserve.common.tokenizer import NoTokenizerError
+from pdserve.router.errors import RequestError, invalid, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +30,13 @@ class ModelLimits:
 
 
 class ModelCatalog:
-    def __init__(self, discovery: Discovery, load_tokenizer: Callable[[str], Any]) -> None:
+    def __init__(self, discovery: Discovery, load_tokenizer: Callable[[str], Any],
+                 on_failure: Callable[[str, str], None] = lambda model, cause: None) -> None:
         self._discovery = discovery
         self._load = load_tokenizer
+        self._on_failure = on_failure
         self._tokenizers: dict[str, asyncio.Task] = {}
+        self._failed: dict[str, str] = {}
         discovery.add_listener(self.preload)
 
     def served(self) -> list[str]:
@@ -59,15 +67,31 @@ class ModelCatalog:
         task = self._tokenizers.get(model) or self._start(model)
         try:
             return await asyncio.shield(task)
-        except ValueError as exc:
-            log.warning("model %r has no usable tokenizer: %s", model, exc)
+        except NoTokenizerError:
             return None
+        except Exception:  # noqa: BLE001 - logged once by _loaded; every request gets the cause
+            raise unavailable(f"the tokenizer of model {model!r} failed to load: {self._failed[model]}",
+                              "tokenizer_failed") from None
+
+    def problems(self) -> dict[str, str]:
+        """Model -> why its tokenizer failed to load (empty when all is well)."""
+        return dict(self._failed)
 
     def _start(self, model: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._load, model))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+        task.add_done_callback(lambda t: self._loaded(model, t))
         self._tokenizers[model] = task
         return task
+
+    def _loaded(self, model: str, task: asyncio.Task) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, NoTokenizerError):
+            log.info("model %r: %s", model, exc)
+        elif exc is not None:
+            self._failed[model] = str(exc) or type(exc).__name__
+            log.error("the tokenizer of model %r failed to load: %s (text prompts get 503; the router reports "
+                      "unhealthy until it is restarted with a usable tokenizer)", model, self._failed[model])
+            self._on_failure(model, self._failed[model])
 
     def preload(self) -> None:
         """Start loading the tokenizer of every served model not loaded yet."""

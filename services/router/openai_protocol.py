@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from services.router.errors import invalid
-from services.router.request_types import Prompt
+from pdserve.router.errors import invalid
+from pdserve.router.request_types import Prompt
 
 _SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k", "min_p",
              "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.router.request_types import Delta, TokenLogprob, Usage
+from pdserve.router.request_types import Delta, TokenLogprob, Usage
 
 
 def usage_json(usage: Usage | None) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from services.cluster.records import LoadReport, WorkerRecord
+from pdserve.cluster.records import LoadReport, WorkerRecord
 
 
 @dataclass(frozen=True)

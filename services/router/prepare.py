@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.sampling_params import SamplingParams
-from services.router.errors import from_value_error, invalid
-from services.router.models import ModelCatalog, ModelLimits
-from services.router.request_types import GenerationRequest, Prompt
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.router.errors import from_value_error, invalid
+from pdserve.router.models import ModelCatalog, ModelLimits
+from pdserve.router.request_types import GenerationRequest, Prompt
 
 
 async def prepare(catalog: ModelCatalog, request_id: str, model: str | None, prompt: Prompt,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

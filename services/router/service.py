@@ -10,14 +10,14 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
-from services.cluster.discovery import Discovery
-from services.cluster.records import WorkerRecord, kv_mismatch
-from services.router.dispatch import Dispatcher
-from services.router.metrics import RouterMetrics
-from services.router.models import ModelCatalog
-from services.router.prepare import prepare
-from services.router.request_types import Delta, GenerationRequest, Prompt
-from services.router.worker_pool import WorkerPool
+from pdserve.cluster.discovery import Discovery
+from pdserve.cluster.records import WorkerRecord, kv_mismatch
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.models import ModelCatalog
+from pdserve.router.prepare import prepare
+from pdserve.router.request_types import Delta, GenerationRequest, Prompt
+from pdserve.router.worker_pool import WorkerPool
 
 
 @dataclass
@@ -34,6 +34,13 @@ class RouterCore:
 
     def dispatch(self, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
         return self.dispatcher.stream(req, tokenizer)
+
+    def health(self) -> tuple[str, int, dict[str, str]]:
+        """(status, live workers, problems): "SERVING", "NO_WORKERS", or "UNHEALTHY" when a
+        served model's tokenizer failed to load (problems names each model and the cause)."""
+        workers, problems = len(self.discovery.live()), self.catalog.problems()
+        status = "UNHEALTHY" if problems else ("SERVING" if workers else "NO_WORKERS")
+        return status, workers, problems
 
     @contextlib.contextmanager
     def tracking(self, api: str) -> Iterator[None]:

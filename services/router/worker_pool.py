@@ -27,10 +27,10 @@ from typing import Iterator, Sequence
 import grpc
 from pdserve.v1 import worker_pb2_grpc
 
-from services.cluster.discovery import Discovery
-from services.cluster.records import WorkerRecord, kv_mismatch
-from services.router.policies import Candidate, Policy, rank_prefill
-from services.cluster.tls import TLSFiles, open_channel
+from pdserve.cluster.discovery import Discovery
+from pdserve.cluster.records import WorkerRecord, kv_mismatch
+from pdserve.router.policies import Candidate, Policy, rank_prefill
+from pdserve.cluster.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 ROLES = ("hybrid", "decode", "prefill")

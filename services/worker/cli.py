@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-from services.engine.config import ConfigError, EngineConfig
-from services.cluster.tls import add_tls_flags
+from pdserve.engine.config import ConfigError, EngineConfig
+from pdserve.cluster.tls import add_tls_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(name: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
-    from services.worker.config import build_worker_config
+    from pdserve.worker.config import build_worker_config
 
     try:
         args = vars(build_parser().parse_args(argv))
@@ -58,7 +58,7 @@ def main(name: str, argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)
         return 2
-    from services.worker.process import load_engine, serve
+    from pdserve.worker.process import load_engine, serve
 
     try:
         engine = load_engine(config)

@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from services.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
-from services.engine.config import ConfigError, EngineConfig, load_yaml
+from pdserve.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
+from pdserve.engine.config import ConfigError, EngineConfig, load_yaml
 
 KV_SEND_MODES = ("auto", "layerwise", "whole")
 

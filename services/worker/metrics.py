@@ -116,7 +116,7 @@ class WorkerMetrics:
             self.labelled(self.kv_bandwidth, direction=direction).observe(nbytes / write_seconds)
 
     def observe_remote_prefill(self, result: Any) -> None:
-        """Prefill side: one answered RemotePrefill (``services.prefill.server.PrefillResult``)."""
+        """Prefill side: one answered RemotePrefill (``pdserve.prefill.server.PrefillResult``)."""
         self.labelled(self.remote_prefills, status=result.status, phase=result.phase or "-").inc()
         if result.status == "DONE":
             self.observe_kv("sent", result.blocks_sent, result.bytes_sent)

@@ -29,17 +29,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
-from services.cluster.discovery import Discovery
-from services.cluster.etcd import connect, retry_until_reachable
-from services.cluster.keys import KeySpace
-from services.cluster.kv_peers import KVPeers
-from services.cluster.records import LoadReport, WorkerRecord
-from services.cluster.registry import Registration
-from services.worker.config import WorkerConfig, resolve_kv_send
-from services.worker.metrics import MetricsServer, WorkerMetrics
-from services.worker.remote_rpc import RemoteRoles
-from services.worker.servicer import Inflight, WorkerServicer
-from services.cluster.tls import add_port
+from pdserve.cluster.discovery import Discovery
+from pdserve.cluster.etcd import connect, retry_until_reachable
+from pdserve.cluster.keys import KeySpace
+from pdserve.cluster.kv_peers import KVPeers
+from pdserve.cluster.records import LoadReport, WorkerRecord
+from pdserve.cluster.registry import Registration
+from pdserve.worker.config import WorkerConfig, resolve_kv_send
+from pdserve.worker.metrics import MetricsServer, WorkerMetrics
+from pdserve.worker.remote_rpc import RemoteRoles
+from pdserve.worker.servicer import Inflight, WorkerServicer
+from pdserve.cluster.tls import add_port
 
 log = logging.getLogger(__name__)
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
@@ -47,7 +47,7 @@ WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 def load_engine(config: WorkerConfig) -> Any:
     """Build the real engine (imports torch; only the worker process does this)."""
-    from services.engine.async_engine import AsyncEngine
+    from pdserve.engine.async_engine import AsyncEngine
 
     return AsyncEngine(config.engine)
 
@@ -56,9 +56,9 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     """The KV agent and the P/D parts this worker's role needs (none without a real KV cache)."""
     if not config.kv_transfer or getattr(getattr(engine, "engine", None), "kv_cache", None) is None:
         return RemoteRoles(debug=config.debug_rpcs)
-    from services.decode.coordinator import DecodeConfig, DecodeCoordinator
-    from services.engine.kv_transfer import NixlKVTransferAgent
-    from services.prefill.server import PrefillConfig, PrefillServer
+    from pdserve.decode.coordinator import DecodeConfig, DecodeCoordinator
+    from pdserve.engine.kv_transfer import NixlKVTransferAgent
+    from pdserve.prefill.server import PrefillConfig, PrefillServer
 
     agent = NixlKVTransferAgent(config.worker_id, engine.engine.kv_cache, config.engine.model)
     peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)

@@ -14,14 +14,14 @@ from typing import Any
 
 from pdserve.v1 import worker_pb2
 
-from services.cluster.wire import params_from_proto
+from pdserve.cluster.wire import params_from_proto
 
 
 @dataclass(frozen=True)
 class RemoteRoles:
-    peers: Any = None  # services.cluster.kv_peers.KVPeers
-    prefill: Any = None  # services.prefill.server.PrefillServer
-    decode: Any = None  # services.decode.coordinator.DecodeCoordinator
+    peers: Any = None  # pdserve.cluster.kv_peers.KVPeers
+    prefill: Any = None  # pdserve.prefill.server.PrefillServer
+    decode: Any = None  # pdserve.decode.coordinator.DecodeCoordinator
     debug: bool = False
     abort_timeout: float = 30.0
 
@@ -41,7 +41,7 @@ class RemoteRoles:
 
 def order_from_proto(msg: worker_pb2.RemotePrefillRequest) -> Any:
     """Raises ValueError on bad sampling parameters or a malformed handshake."""
-    from services.prefill.server import PrefillOrder
+    from pdserve.prefill.server import PrefillOrder
 
     try:
         handshake = json.loads(msg.decode_kv_handshake or "{}")

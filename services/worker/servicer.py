@@ -24,10 +24,10 @@ from typing import Any, AsyncIterator
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
-from services.cluster.wire import logprobs_to_proto, params_from_proto
-from services.decode.coordinator import Origin, PrefillPeer
-from services.worker.metrics import WorkerMetrics
-from services.worker.remote_rpc import RemoteRoles, debug, order_from_proto, result_to_proto
+from pdserve.cluster.wire import logprobs_to_proto, params_from_proto
+from pdserve.decode.coordinator import Origin, PrefillPeer
+from pdserve.worker.metrics import WorkerMetrics
+from pdserve.worker.remote_rpc import RemoteRoles, debug, order_from_proto, result_to_proto
 
 log = logging.getLogger(__name__)
 

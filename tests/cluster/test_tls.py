@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.cluster.tls import TLSConfigError, TLSFiles, add_port, open_channel
+from pdserve.cluster.tls import TLSConfigError, TLSFiles, add_port, open_channel
 
 
 def _openssl(*args: str) -> None:

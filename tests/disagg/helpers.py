@@ -10,7 +10,7 @@ import grpc
 from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.launcher.cluster import LocalCluster
+from pdserve.launcher.cluster import LocalCluster
 from tests.services.clients import live_workers, router_stub, wait_for, worker_stub
 
 TEXT = (
@@ -47,7 +47,7 @@ class Reference:
         self._cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
 
     def tokens(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        from services.common.sampling_params import SamplingParams
+        from pdserve.common.sampling_params import SamplingParams
 
         todo = [p for p in prompts if (tuple(p), max_tokens) not in self._cache]
         if todo:

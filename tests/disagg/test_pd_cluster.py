@@ -18,7 +18,7 @@ import grpc
 import pytest
 from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 
-from services.launcher.cluster import LocalCluster
+from pdserve.launcher.cluster import LocalCluster
 from tests.disagg.helpers import (BLOCK_BYTES, BLOCK_SIZE, GREEDY, LAYERS, Reference, corpus_ids, cpu_seconds, debug,
                                   kv_totals, metric, metrics, prompt, router_generate, stats, tokens_of, wait_quiet,
                                   worker_generate, workers)
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def reference() -> Iterator[Reference]:
-    from services.engine import LLM
+    from pdserve.engine import LLM
 
     yield Reference(LLM(model="smollm2", num_blocks=256))
 

@@ -16,8 +16,8 @@ from typing import Iterator
 import pytest
 import torch
 
-from services.launcher.cluster import ClusterSpec, LocalCluster
-from services.launcher.processes import free_port
+from pdserve.launcher.cluster import ClusterSpec, LocalCluster
+from pdserve.launcher.processes import free_port
 from tests.disagg.helpers import kv_totals, metric, metrics, router_generate, tokens_of, wait_quiet, workers
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900),
@@ -53,7 +53,7 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def offline(prompts: list[list[int]]) -> list[list[int]]:
-    from services.engine import LLM, SamplingParams
+    from pdserve.engine import LLM, SamplingParams
 
     llm = LLM(model=MODEL, dtype="bfloat16", device_type="cuda", num_blocks=1024, max_batch_size=16)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)

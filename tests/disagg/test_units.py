@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from services.cluster.kv_peers import KVPeers, KVPeersConfig, PeerIncompatible, PeerUnavailable, encode_done
-from services.cluster.records import LoadReport, WorkerRecord, kv_mismatch
-from services.engine.kv_transfer.fake import FakeKVRegistry, FakeKVTransferAgent
-from services.launcher.cli import topology
-from services.router.policies import MostFreeKV, PrefixAware, RoundRobin
-from services.router.worker_pool import RoutingConfig, WorkerPool
-from services.worker.config import build_worker_config, resolve_kv_send
+from pdserve.cluster.kv_peers import KVPeers, KVPeersConfig, PeerIncompatible, PeerUnavailable, encode_done
+from pdserve.cluster.records import LoadReport, WorkerRecord, kv_mismatch
+from pdserve.engine.kv_transfer.fake import FakeKVRegistry, FakeKVTransferAgent
+from pdserve.launcher.cli import topology
+from pdserve.router.policies import MostFreeKV, PrefixAware, RoundRobin
+from pdserve.router.worker_pool import RoutingConfig, WorkerPool
+from pdserve.worker.config import build_worker_config, resolve_kv_send
 
 HANDSHAKE = {"protocol_version": 1, "model": "m", "dtype": "float32", "block_size": 16,
              "kv_layout": "layer,block,kv,token,head,dim", "num_layers": 2, "num_kv_heads": 1, "head_dim": 8}

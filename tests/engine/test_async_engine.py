@@ -5,10 +5,10 @@ import asyncio
 
 import pytest
 
-from services.common.sampling_params import SamplingParams
-from services.engine import LLM
-from services.engine.async_engine import AsyncEngine
-from services.engine.config import EngineConfig
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.config import EngineConfig
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from bench.offline import main
+from pdserve.bench.offline import main
 
 
 def test_bench_offline_rounds_print_the_median(tiny_models, capsys) -> None:

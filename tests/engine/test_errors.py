@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from services.common.sampling_params import SamplingParams
-from services.engine import LLM
-from services.engine.config import ConfigError, EngineConfig
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.config import ConfigError, EngineConfig
 
 
 @pytest.fixture(scope="module")

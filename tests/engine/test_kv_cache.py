@@ -1,7 +1,7 @@
 """Block pool and KV cache manager: ref counts, prefix hits, LRU eviction, no leaks."""
 import pytest
 
-from services.engine.kv_cache import BlockPool, KVCacheManager
+from pdserve.engine.kv_cache import BlockPool, KVCacheManager
 
 
 def test_pool_allocate_release_refcounts():

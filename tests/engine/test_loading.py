@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.engine import LLM
-from services.engine.models.loader import load_config
-from services.common.model_source import resolve_model
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.models.loader import load_config
+from pdserve.common.model_source import resolve_model
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 

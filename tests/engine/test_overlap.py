@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.sampling_params import SamplingParams
-from services.engine.config import EngineConfig
-from services.engine.engine import LLMEngine
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
 from tests.engine.conftest import DEVICES, prompt_set
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 from tests.engine.conftest import DEVICES, TINY_CONFIGS, hf_greedy, prompt_set
 
 MAX_NEW = 12
@@ -31,7 +31,7 @@ def _shared_prefix_prompts(base: list[list[int]]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def smol_prompts(smollm2_hf):
-    from services.common.tokenizer import load_tokenizer
+    from pdserve.common.tokenizer import load_tokenizer
 
     tok = load_tokenizer("smollm2")
     texts = ["Hi", "The capital of France is", "Write a short poem about the sea.",

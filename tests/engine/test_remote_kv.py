@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.engine import LLM
-from services.engine.config import EngineConfig
-from services.engine.engine import LLMEngine
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 

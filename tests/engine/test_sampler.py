@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.engine import LLM
-from services.engine.request import Request
-from services.engine.sampler import apply_penalties, filter_logits
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.request import Request
+from pdserve.engine.sampler import apply_penalties, filter_logits
 from tests.engine.conftest import DEVICES
 
 

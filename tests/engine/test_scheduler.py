@@ -1,11 +1,11 @@
 """Scheduler unit tests: token budget, chunking, mixed steps, batch cap, FCFS, preemption (no model)."""
 from __future__ import annotations
 
-from services.common.sampling_params import SamplingParams
-from services.engine.config import SchedulerConfig
-from services.engine.kv_cache import KVCacheManager
-from services.engine.request import Request, Status
-from services.engine.scheduler import Scheduler
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.kv_cache import KVCacheManager
+from pdserve.engine.request import Request, Status
+from pdserve.engine.scheduler import Scheduler
 
 
 def _sched(budget=32, batch=4, blocks=64, bs=4) -> Scheduler:

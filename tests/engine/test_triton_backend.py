@@ -13,12 +13,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from services.common.sampling_params import SamplingParams
-from services.engine import LLM
-from services.engine.backends.triton_backend import TritonBackend
-from services.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
-from services.engine.platforms import get_platform, platform_names
-from services.engine.platforms.cpu import CpuPlatform
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.backends.triton_backend import TritonBackend
+from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
+from pdserve.engine.platforms import get_platform, platform_names
+from pdserve.engine.platforms.cpu import CpuPlatform
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 # With a GPU, Triton compiles for it and cannot take these CPU tensors.

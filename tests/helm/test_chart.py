@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.engine.config import EngineConfig
+from pdserve.engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "pdserve"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul
-from kernels.reference import silu_and_mul_ref
+from pdserve.kernels.activation import silu_and_mul
+from pdserve.kernels.reference import silu_and_mul_ref
 
 SIZES = ["small", pytest.param("large", marks=pytest.mark.gpu)]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.attention import DecodeConfig, paged_attention, paged_decode_attention
-from kernels.reference import paged_attention_ref
+from pdserve.kernels.attention import DecodeConfig, paged_attention, paged_decode_attention
+from pdserve.kernels.reference import paged_attention_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KV_HEADS = {"small": 2, "large": 8}

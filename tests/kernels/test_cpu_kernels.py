@@ -12,7 +12,7 @@ import platform
 import pytest
 import torch
 
-from kernels.cpu import load_cpu_kernels
+from pdserve.kernels.cpu import load_cpu_kernels
 from tests.kernels.test_attention import make_batch, reference, scenario
 
 KERNELS = load_cpu_kernels()
@@ -73,9 +73,9 @@ def test_paged_attention_refuses_what_it_cannot_read() -> None:
 
 
 def test_cpu_backend_falls_back_without_a_compiler(monkeypatch, tmp_path) -> None:
-    from services.engine.backends.cpu_backend import CpuBackend
-    from services.engine.backends.torch_backend import TorchBackend
-    from services.engine.platforms.cpu import CpuPlatform
+    from pdserve.engine.backends.cpu_backend import CpuBackend
+    from pdserve.engine.backends.torch_backend import TorchBackend
+    from pdserve.engine.platforms.cpu import CpuPlatform
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert type(CpuPlatform().backend()) is TorchBackend
@@ -93,7 +93,7 @@ def test_cpu_backend_falls_back_without_a_compiler(monkeypatch, tmp_path) -> Non
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(dtype: torch.dtype, with_residual: bool, build: str, check_close) -> None:
-    from kernels.reference import rms_norm_ref
+    from pdserve.kernels.reference import rms_norm_ref
 
     wide = torch.randn(37, 700, dtype=dtype)
     x = wide[:, :576]  # strided rows, as a view of a wider buffer
@@ -113,7 +113,7 @@ def test_rms_norm(dtype: torch.dtype, with_residual: bool, build: str, check_clo
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_silu_and_mul(dtype: torch.dtype, build: str, check_close) -> None:
-    from kernels.reference import silu_and_mul_ref
+    from pdserve.kernels.reference import silu_and_mul_ref
 
     x = torch.randn(29, 2 * 1536, dtype=dtype) * 3
     out = built(build).silu_and_mul(x)
@@ -127,7 +127,7 @@ def test_silu_and_mul(dtype: torch.dtype, build: str, check_close) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rotary_store_kv(dtype: torch.dtype, head_dim: int, build: str, check_close) -> None:
-    from kernels.reference import build_cos_sin_cache, rotary_ref, store_kv_ref
+    from pdserve.kernels.reference import build_cos_sin_cache, rotary_ref, store_kv_ref
 
     tokens, hq, hkv, bs = 23, 6, 2, 16
     qkv = torch.randn(tokens, hq + 2 * hkv, head_dim, dtype=dtype)

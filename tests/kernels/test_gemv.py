@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gemv import gemv
+from pdserve.kernels.gemv import gemv
 
 SIZES = ["small", pytest.param("large", marks=pytest.mark.gpu)]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_store import store_kv
-from kernels.reference import store_kv_ref
+from pdserve.kernels.kv_store import store_kv
+from pdserve.kernels.reference import store_kv_ref
 
 SIZES = ["small", pytest.param("large", marks=pytest.mark.gpu)]
 

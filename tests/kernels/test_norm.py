@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.norm import rms_norm
-from kernels.reference import rms_norm_ref
+from pdserve.kernels.norm import rms_norm
+from pdserve.kernels.reference import rms_norm_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = ["small", pytest.param("large", marks=pytest.mark.gpu)]

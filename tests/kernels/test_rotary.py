@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kernels import reference
-from kernels.reference import rotary_ref
-from kernels.rotary import build_cos_sin_cache, rotary
+from pdserve.kernels import reference
+from pdserve.kernels.reference import rotary_ref
+from pdserve.kernels.rotary import build_cos_sin_cache, rotary
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
@@ -101,8 +101,8 @@ def test_rotary_store_kv(q_heads: int, kv_heads: int, head_dim: int, dtype: torc
                          device: torch.device, check_close) -> None:
     """One launch = ``rotary`` in place + ``store_kv`` of the rotated k and v; padding slots
     (-1) are rotated but not stored, and no other cache slot is touched."""
-    from kernels.reference import store_kv_ref
-    from kernels.rotary import rotary_store_kv
+    from pdserve.kernels.reference import store_kv_ref
+    from pdserve.kernels.rotary import rotary_store_kv
 
     tokens, blocks, block_size = (21, 6, 16) if size == "small" else (3000, 400, 16)
     cos_sin = build_cos_sin_cache(head_dim, 8192, 500000.0, LLAMA3).to(device)

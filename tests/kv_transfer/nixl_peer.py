@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from services.engine.kv_transfer.base import KVLayout, wait
+from pdserve.engine.kv_transfer.base import KVLayout, wait
 
 
 class RemoteError(Exception):
@@ -55,7 +55,7 @@ def kv_from_bytes(data: bytes, layout: KVLayout) -> torch.Tensor:
 
 class _Worker:
     def __init__(self, spec: PeerSpec) -> None:
-        from services.engine.kv_transfer.nixl_connector import NixlConfig, NixlKVTransferAgent
+        from pdserve.engine.kv_transfer.nixl_connector import NixlConfig, NixlKVTransferAgent
 
         self.kv = make_kv(spec.layout, spec.seed)
         self.agent = NixlKVTransferAgent(spec.name, self.kv, spec.model, NixlConfig(prepped=spec.prepped))

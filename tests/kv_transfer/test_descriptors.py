@@ -4,14 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.engine.kv_transfer.base import (
+from pdserve.engine.kv_transfer.base import (
     PROTOCOL_VERSION,
     KVCompatibilityError,
     KVLayout,
     PeerInfo,
     check_compatible,
 )
-from services.engine.kv_transfer.descriptors import (
+from pdserve.engine.kv_transfer.descriptors import (
     BlockRun,
     KVRegion,
     all_block_descriptors,
@@ -194,7 +194,7 @@ def test_peer_info_round_trip_and_rejections() -> None:
 def test_a_prompt_allocated_on_both_sides_moves_as_one_run() -> None:
     """The pools hand out contiguous runs, so a prompt's KV is one region per layer on
     each side even after other requests came and went (holes in both pools)."""
-    from services.engine.kv_cache import KVCacheManager
+    from pdserve.engine.kv_cache import KVCacheManager
 
     import random
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from services.engine.kv_transfer.base import (
+from pdserve.engine.kv_transfer.base import (
     KVCompatibilityError,
     KVLayout,
     KVTransferError,
@@ -16,7 +16,7 @@ from services.engine.kv_transfer.base import (
     TransferState,
     wait,
 )
-from services.engine.kv_transfer.fake import FakeKVRegistry, FakeKVTransferAgent
+from pdserve.engine.kv_transfer.fake import FakeKVRegistry, FakeKVTransferAgent
 
 LAYOUT = KVLayout(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=1, head_dim=4, dtype="float32")
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from services.engine.kv_transfer.base import KVLayout
+from pdserve.engine.kv_transfer.base import KVLayout
 from tests.kv_transfer.nixl_peer import (
     PeerProcess,
     PeerSpec,

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher.cluster import ClusterSpec
-from services.launcher.processes import free_port, pdserve_command
-from services.launcher.ray_cluster import RayOptions, bundles, plan_processes, remote_overrides, start_ray_cluster
+from pdserve.launcher.cluster import ClusterSpec
+from pdserve.launcher.processes import free_port, pdserve_command
+from pdserve.launcher.ray_cluster import RayOptions, bundles, plan_processes, remote_overrides, start_ray_cluster
 from tests.services.clients import http_json, wait_for
 
 TAG = "PDSERVE_RAY_TEST_RUN"
-NAMES = ("services.cli", "etcd", "raylet", "gcs_server", "ray::")
+NAMES = ("pdserve.cli", "etcd", "raylet", "gcs_server", "ray::")
 WORKER_ARGS = ("--num-blocks", "128")
 
 
@@ -65,8 +65,8 @@ def test_plan_is_the_process_launchers_commands_and_starts_nothing(tmp_path: Pat
 @pytest.mark.timeout(240)
 def test_prefill_and_decode_on_ray_serve_and_stop_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[default]'")
-    from services.common.sampling_params import SamplingParams
-    from services.engine import LLM
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.engine import LLM
 
     llm = LLM(model="smollm2", num_blocks=128)
     ref = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0.0))[0]
@@ -81,7 +81,7 @@ def test_prefill_and_decode_on_ray_serve_and_stop_cleanly(tmp_path: Path, monkey
         workers = cluster.wait_ready(180.0)
         assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
         running = " | ".join(tagged_processes(run_id).values())
-        for part in ("services.cli router", "--role prefill", "--role decode", "etcd", "raylet", "gcs_server"):
+        for part in ("pdserve.cli router", "--role prefill", "--role decode", "etcd", "raylet", "gcs_server"):
             assert part in running, f"{part!r} not among {running}"
         status, body = http_json(f"{cluster.http_url}/v1/completions", {
             "model": "smollm2", "prompt": ref.prompt_token_ids, "max_tokens": 8, "temperature": 0}, timeout=120)

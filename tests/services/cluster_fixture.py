@@ -1,7 +1,7 @@
 """Real multi-process clusters for end-to-end tests: etcd, a router and workers as
 child processes on free loopback ports, always torn down.
 
-``local_cluster(...)`` is a context manager around ``services.launcher.LocalCluster``:
+``local_cluster(...)`` is a context manager around ``pdserve.launcher.LocalCluster``:
 every child runs in its own process group; the ``finally`` stops them (workers
 drain, then router, then etcd) even when the test fails, and the process group
 registry's atexit hook kills anything left if pytest itself is interrupted.
@@ -13,8 +13,8 @@ import os
 import signal
 from typing import Iterator
 
-from services.launcher.cluster import ClusterSpec, LocalCluster
-from services.launcher.processes import Child, free_port
+from pdserve.launcher.cluster import ClusterSpec, LocalCluster
+from pdserve.launcher.processes import Child, free_port
 
 # Small, fixed KV cache per worker so several workers fit on a CI machine.
 TEST_WORKER_ARGS = ("--num-blocks", "256", "--max-batch-size", "16", "--dtype", "float32", "--device-type", "cpu")

@@ -1,4 +1,4 @@
-"""A small stand-in for ``services.engine.async_engine.AsyncEngine`` (unit tests only).
+"""A small stand-in for ``pdserve.engine.async_engine.AsyncEngine`` (unit tests only).
 
 Deterministic: the next token is ``(previous + 1) % vocab`` starting from the last
 prompt token, so greedy output is predictable. Every request holds

@@ -13,20 +13,21 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Coroutine
 
-from services.common.tokenizer import load_tokenizer
-from services.engine.config import EngineConfig
-from services.launcher.etcd_server import EtcdServer, start_etcd
-from services.launcher.processes import ProcessGroup
-from services.router.app import RouterProcess
-from services.router.config import RouterConfig
-from services.worker.config import WorkerConfig
-from services.worker.process import WorkerProcess
+from pdserve.common.tokenizer import load_tokenizer
+from pdserve.engine.config import EngineConfig
+from pdserve.launcher.etcd_server import EtcdServer, start_etcd
+from pdserve.launcher.processes import ProcessGroup
+from pdserve.router.app import RouterProcess
+from pdserve.router.config import RouterConfig
+from pdserve.worker.config import WorkerConfig
+from pdserve.worker.process import WorkerProcess
 from tests.services.fake_engine import FakeEngine
 
 
 @dataclass
 class InProcessCluster:
     policy: str = "least_loaded"
+    model: str = "smollm2"
     group: ProcessGroup = field(default_factory=ProcessGroup)
     etcd: EtcdServer | None = None
     router: RouterProcess | None = None
@@ -50,7 +51,7 @@ class InProcessCluster:
 
     def add_worker(self, **engine_kwargs: Any) -> WorkerProcess:
         engine = FakeEngine(**engine_kwargs)
-        config = WorkerConfig(engine=EngineConfig(model="smollm2"), etcd=self.etcd.url, host="127.0.0.1",
+        config = WorkerConfig(engine=EngineConfig(model=self.model), etcd=self.etcd.url, host="127.0.0.1",
                               advertise_host="127.0.0.1", worker_id=f"fake-{len(self.workers)}", drain_timeout=5.0,
                               lease_ttl=2, load_interval=0.2)
         worker = WorkerProcess(config, engine)

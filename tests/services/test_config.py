@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.config import ConfigError
-from services.router.config import RouterConfig, RouterConfigError
-from services.worker.config import build_worker_config
+from pdserve.engine.config import ConfigError
+from pdserve.router.config import RouterConfig, RouterConfigError
+from pdserve.worker.config import build_worker_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,7 @@ def test_router_config() -> None:
 ])
 def test_cli_bad_config_is_one_line_and_exit_2(argv: list[str], needle: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "services.cli", *argv], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pdserve.cli", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -18,7 +18,7 @@ import openai
 import pytest
 from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 
-from services.launcher.cluster import LocalCluster
+from pdserve.launcher.cluster import LocalCluster
 from tests.services.clients import generate, http_json, live_workers, router_stub, wait_for, worker_stub
 from tests.services.cluster_fixture import kill_hard, local_cluster, worker_for
 
@@ -30,8 +30,8 @@ MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def offline() -> dict[str, Any]:
     """Greedy reference outputs from the offline engine, computed once."""
-    from services.common.sampling_params import SamplingParams
-    from services.engine import LLM
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.engine import LLM
 
     llm = LLM(model="smollm2", num_blocks=128)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.launcher.processes import free_port
+from pdserve.launcher.processes import free_port
 from tests.services.clients import http_json, wait_for
 from tests.services.cluster_fixture import process_gone
 
@@ -31,7 +31,7 @@ def children_of(pid: int) -> list[int]:
 def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     """The default topology: 1 prefill + 1 decode worker."""
     http_port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "services.cli", "up", "--http-port", str(http_port),
+    argv = [sys.executable, "-m", "pdserve.cli", "up", "--http-port", str(http_port),
             "--grpc-port", str(grpc_port), "--log-dir", str(tmp_path), "--worker-args", "--num-blocks 128",
             "--router-args", "--local-prefill-threshold 1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
@@ -70,8 +70,8 @@ def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> Non
 def test_gpus_pin_workers_round_robin() -> None:
     import pytest
 
-    from services.launcher.cli import build_parser, spec_from_args
-    from services.launcher.cluster import ClusterSpec, LocalCluster
+    from pdserve.launcher.cli import build_parser, spec_from_args
+    from pdserve.launcher.cluster import ClusterSpec, LocalCluster
 
     spec = spec_from_args(build_parser().parse_args(["--prefill", "2", "--decode", "1", "--gpus", "0, 1"]))
     assert spec.gpus == ("0", "1") and spec.roles == ["prefill", "prefill", "decode"]
@@ -80,6 +80,22 @@ def test_gpus_pin_workers_round_robin() -> None:
     assert LocalCluster(ClusterSpec()).worker_env(0) is None  # no --gpus: workers see every GPU
     with pytest.raises(ValueError, match="gpus"):
         ClusterSpec(gpus=("0,1",))
-    from services.launcher.cli import main
+    from pdserve.launcher.cli import main
 
     assert main("up", ["--ray", "--gpus", "0"]) == 2  # Ray places workers itself
+
+
+def test_local_cpu_cluster_gets_a_small_kv_budget_unless_the_user_chose_one() -> None:
+    from pdserve.launcher.cli import build_parser, local_worker_args, spec_from_args
+
+    gib = 1 << 30
+    spec = spec_from_args(build_parser().parse_args([]), environ={}, available=16 * gib)
+    assert spec.worker_args == ("--cache-memory-fraction", "0.0625")  # 1 GiB of 16 GiB free, per worker
+    # 2 GiB free, 2 workers: each gets a quarter of its share (256 MiB).
+    assert local_worker_args([], 2, "", {}, 2 * gib) == ["--cache-memory-fraction", "0.1250"]
+    for user in (["--num-blocks", "64"], ["--num-blocks=64"], ["--cache-memory-fraction", "0.3"],
+                 ["--device-type", "cuda"], ["--config", "w.yaml"]):
+        assert local_worker_args(user, 2, "", {}, 16 * gib) == user
+    assert local_worker_args([], 2, "0,1", {}, 16 * gib) == []
+    assert local_worker_args([], 2, "", {"PDSERVE_NUM_BLOCKS": "64"}, 16 * gib) == []
+    assert local_worker_args([], 2, "", {}, 0) == []

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.errors import RequestError
-from services.router.openai_protocol import parse_chat, parse_completion
-from services.router.request_types import Delta, TokenLogprob, TopToken, Usage
-from services.router.openai_responses import ResponseBuilder
+from pdserve.router.errors import RequestError
+from pdserve.router.openai_protocol import parse_chat, parse_completion
+from pdserve.router.request_types import Delta, TokenLogprob, TopToken, Usage
+from pdserve.router.openai_responses import ResponseBuilder
 
 
 def test_completion_fields_map_to_sampling_values() -> None:

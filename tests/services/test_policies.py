@@ -1,8 +1,8 @@
 """Routing policies, on hand-made candidates."""
 from __future__ import annotations
 
-from services.cluster.records import LoadReport, WorkerRecord
-from services.router.policies import Candidate, LeastLoaded, PrefixAware, RoundRobin, block_hashes, make_policy
+from pdserve.cluster.records import LoadReport, WorkerRecord
+from pdserve.router.policies import Candidate, LeastLoaded, PrefixAware, RoundRobin, block_hashes, make_policy
 
 
 def cand(worker_id: str, running: int = 0, waiting: int = 0, inflight: int = 0, free: int = 100) -> Candidate:

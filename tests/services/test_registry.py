@@ -7,13 +7,13 @@ from typing import Any, Callable
 
 import pytest
 
-from services.cluster.discovery import Discovery
-from services.cluster.etcd import connect, parse_endpoints, retry_until_reachable
-from services.cluster.keys import KeySpace
-from services.cluster.records import LoadReport, WorkerRecord
-from services.cluster.registry import Registration
-from services.launcher.etcd_server import start_etcd
-from services.launcher.processes import ProcessGroup
+from pdserve.cluster.discovery import Discovery
+from pdserve.cluster.etcd import connect, parse_endpoints, retry_until_reachable
+from pdserve.cluster.keys import KeySpace
+from pdserve.cluster.records import LoadReport, WorkerRecord
+from pdserve.cluster.registry import Registration
+from pdserve.launcher.etcd_server import start_etcd
+from pdserve.launcher.processes import ProcessGroup
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ["services.router.cli", "services.router.app", "services.router.http_server",
-           "services.router.grpc_server", "services.router.dispatch", "services.router.policies",
-           "services.cluster.discovery", "services.cluster.registry", "services.launcher.cli",
-           "services.common.tokenizer"]
+MODULES = ["pdserve.router.cli", "pdserve.router.app", "pdserve.router.http_server",
+           "pdserve.router.grpc_server", "pdserve.router.dispatch", "pdserve.router.policies",
+           "pdserve.cluster.discovery", "pdserve.cluster.registry", "pdserve.launcher.cli",
+           "pdserve.common.tokenizer"]
 
 
 def test_router_imports_no_torch() -> None:
     code = "\n".join([f"import {m}" for m in MODULES] + [
         "import sys",
-        "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'services.engine')))",
+        "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'pdserve.engine')))",
         "assert not heavy, heavy",
     ])
     env = dict(os.environ, PYTHONPATH=str(ROOT))

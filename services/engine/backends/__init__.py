@@ -3,7 +3,7 @@
 ``base.Backend`` is the interface; ``torch_backend`` is the reference (CPU and any
 device), ``triton_backend`` the CUDA one. ``select_backend`` picks by device type.
 """
-from services.engine.backends.base import AttentionMetadata, Backend
-from services.engine.backends.select import select_backend
+from pdserve.engine.backends.base import AttentionMetadata, Backend
+from pdserve.engine.backends.select import select_backend
 
 __all__ = ["AttentionMetadata", "Backend", "select_backend"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu import CpuKernels
-from services.engine.backends.base import AttentionMetadata
-from services.engine.backends.torch_backend import TorchBackend
+from pdserve.kernels.cpu import CpuKernels
+from pdserve.engine.backends.base import AttentionMetadata
+from pdserve.engine.backends.torch_backend import TorchBackend
 
 
 class CpuBackend(TorchBackend):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import reference as ref
-from services.engine.backends.base import AttentionMetadata, rotary_then_store
+from pdserve.kernels import reference as ref
+from pdserve.engine.backends.base import AttentionMetadata, rotary_then_store
 
 
 class TorchBackend:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import activation, attention, gemv, kv_store, norm, rotary
-from services.engine.backends.base import AttentionMetadata, rotary_then_store
+from pdserve.kernels import activation, attention, gemv, kv_store, norm, rotary
+from pdserve.engine.backends.base import AttentionMetadata, rotary_then_store
 
 
 class TritonBackend:

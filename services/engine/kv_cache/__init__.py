@@ -3,7 +3,7 @@
 The tensors themselves live in ``kv_cache.tensor``; the transfer layer registers
 those regions. Bookkeeping never touches tensors.
 """
-from services.engine.kv_cache.block_pool import BlockPool
-from services.engine.kv_cache.manager import KVCacheManager
+from pdserve.engine.kv_cache.block_pool import BlockPool
+from pdserve.engine.kv_cache.manager import KVCacheManager
 
 __all__ = ["BlockPool", "KVCacheManager"]

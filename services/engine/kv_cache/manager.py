@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.engine.kv_cache.block_pool import BlockPool
+from pdserve.engine.kv_cache.block_pool import BlockPool
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.engine.kv_transfer.base import (
+from pdserve.engine.kv_transfer.base import (
     PROTOCOL_VERSION,
     KVCompatibilityError,
     KVLayout,
@@ -24,7 +24,7 @@ from services.engine.kv_transfer.base import (
     check_compatible,
     wait,
 )
-from services.engine.kv_transfer.descriptors import BlockRun, KVRegion, merge_block_runs
+from pdserve.engine.kv_transfer.descriptors import BlockRun, KVRegion, merge_block_runs
 
 __all__ = [
     "PROTOCOL_VERSION", "BlockRun", "KVCompatibilityError", "KVLayout", "KVRegion", "KVTransferAgent",
@@ -35,7 +35,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("NixlKVTransferAgent", "NixlConfig"):
-        from services.engine.kv_transfer import nixl_connector
+        from pdserve.engine.kv_transfer import nixl_connector
 
         return getattr(nixl_connector, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

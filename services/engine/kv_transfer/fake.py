@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from services.engine.kv_transfer.base import (
+from pdserve.engine.kv_transfer.base import (
     KVLayout,
     KVTransferAgent,
     KVTransferError,
@@ -33,7 +33,7 @@ from services.engine.kv_transfer.base import (
     TransferState,
     check_compatible,
 )
-from services.engine.kv_transfer.descriptors import check_block_ids, checked_layers, merge_block_runs
+from pdserve.engine.kv_transfer.descriptors import check_block_ids, checked_layers, merge_block_runs
 
 
 class FakeKVRegistry:

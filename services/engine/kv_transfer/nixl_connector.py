@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_prepped_dlist_handle, nixl_xfer_handle
 
-from services.engine.kv_transfer.base import (
+from pdserve.engine.kv_transfer.base import (
     KVCompatibilityError,
     KVLayout,
     KVTransferAgent,
@@ -42,7 +42,7 @@ from services.engine.kv_transfer.base import (
     TransferState,
     check_compatible,
 )
-from services.engine.kv_transfer.descriptors import (
+from pdserve.engine.kv_transfer.descriptors import (
     BlockRun,
     KVRegion,
     all_block_descriptors,

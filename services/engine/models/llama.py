@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from kernels.reference import build_cos_sin_cache
-from services.engine.backends.base import AttentionMetadata, Backend
-from services.engine.models.model_config import ModelConfig
+from pdserve.kernels.reference import build_cos_sin_cache
+from pdserve.engine.backends.base import AttentionMetadata, Backend
+from pdserve.engine.models.model_config import ModelConfig
 
 LayerHook = Callable[[int], None]
 

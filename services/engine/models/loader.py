@@ -23,9 +23,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from services.common.model_source import ModelSource
-from services.engine.models import model_config as mc
-from services.engine.models.llama import LlamaForCausalLM
+from pdserve.common.model_source import ModelSource
+from pdserve.engine.models import model_config as mc
+from pdserve.engine.models.llama import LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -12,12 +12,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.engine.platforms.base import Platform
+    from pdserve.engine.platforms.base import Platform
 
 # device_type -> "module:Class"; imported only when that platform is asked for.
 _REGISTRY: dict[str, str] = {
-    "cpu": "services.engine.platforms.cpu:CpuPlatform",
-    "cuda": "services.engine.platforms.cuda:CudaPlatform",
+    "cpu": "pdserve.engine.platforms.cpu:CpuPlatform",
+    "cuda": "pdserve.engine.platforms.cuda:CudaPlatform",
 }
 
 

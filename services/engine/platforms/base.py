@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
-from services.engine.backends.base import Backend
+from pdserve.engine.backends.base import Backend
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from services.engine.backends.base import Backend
+from pdserve.engine.backends.base import Backend
 
 
 class HostEvent:
@@ -63,11 +63,11 @@ class CpuPlatform:
 
     def backend(self, compiled_cpu_kernels: bool = True) -> Backend:
         """pdserve's compiled kernels where a C compiler can build them, else pure torch."""
-        from services.engine.backends.torch_backend import TorchBackend
+        from pdserve.engine.backends.torch_backend import TorchBackend
 
         if compiled_cpu_kernels:
-            from kernels.cpu import load_cpu_kernels
-            from services.engine.backends.cpu_backend import CpuBackend
+            from pdserve.kernels.cpu import load_cpu_kernels
+            from pdserve.engine.backends.cpu_backend import CpuBackend
 
             kernels = load_cpu_kernels()
             if kernels is not None:

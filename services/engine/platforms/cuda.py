@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from services.engine.backends.base import Backend
+from pdserve.engine.backends.base import Backend
 
 
 class CudaPlatform:
@@ -47,7 +47,7 @@ class CudaPlatform:
 
     def backend(self, compiled_cpu_kernels: bool = True) -> Backend:
         try:
-            from services.engine.backends.triton_backend import TritonBackend
+            from pdserve.engine.backends.triton_backend import TritonBackend
         except ImportError as exc:  # triton missing
             raise ValueError(f"device_type='cuda' needs triton: {exc}") from exc
         return TritonBackend()

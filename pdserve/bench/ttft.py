@@ -1,7 +1,7 @@
 """Time to first token: disaggregated 1P1D against one hybrid worker, long prompts.
 
 Owns: the benchmark only. Starts two real clusters side by side (etcd, router,
-workers as processes, ``services.launcher.LocalCluster``): one with a prefill and
+workers as processes, ``pdserve.launcher.LocalCluster``): one with a prefill and
 a decode worker, one with a single hybrid worker. Requests go one at a time,
 alternating between the clusters, so both see the same machine state (an idle
 worker burns no CPU); each prompt is new (random token ids), so no prefix cache
@@ -11,8 +11,8 @@ the median per prompt length and the prefill worker's own split of the 1P1D time
 (queue + compute, transfer tail after the last layer, hand-over until the
 notification), the warm-up excluded.
 
-Run: ``python -m bench.ttft [--lengths 512 1024 2048] [--repeats 3]``; on a GPU
-``python -m bench.ttft --model dummy:llama-3-8b --dtype bfloat16 --device-type cuda
+Run: ``python -m pdserve.bench.ttft [--lengths 512 1024 2048] [--repeats 3]``; on a GPU
+``python -m pdserve.bench.ttft --model dummy:llama-3-8b --dtype bfloat16 --device-type cuda
 --lengths 1024 4096 8192`` (all three workers share the GPU).
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ import grpc
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.launcher.cluster import ClusterSpec, LocalCluster
-from services.launcher.processes import free_port
+from pdserve.launcher.cluster import ClusterSpec, LocalCluster
+from pdserve.launcher.processes import free_port
 
 
 def _ttft(stub: router_pb2_grpc.RouterStub, prompt: list[int]) -> float:
@@ -75,7 +75,7 @@ def _mean_split(before: dict[str, tuple[float, float]], after: dict[str, tuple[f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ttft")
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.ttft")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default="smollm2")

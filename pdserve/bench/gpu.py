@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from bench.offline import _prompts
-from services.common.sampling_params import SamplingParams
+from pdserve.bench.offline import _prompts
+from pdserve.common.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def _prefill_flops_run(engine, n: int, length: int) -> float:
 
 
 def bench_attention_kernel(ceil: Ceilings) -> dict:
-    from bench.kernels import kv_bytes, make_batch, time_decode
+    from pdserve.bench.kernels import kv_bytes, make_batch, time_decode
 
     batch = make_batch([1] * 64, [4096] * 64)
     ms = time_decode(batch, None)
@@ -225,7 +225,7 @@ def bench_offline(llm, args, vocab: int) -> dict:
 
 
 def bench_hf(args, vocab: int) -> dict:
-    from bench.offline import run_hf
+    from pdserve.bench.offline import run_hf
 
     hf_args = argparse.Namespace(model=args.model, dtype=args.dtype, device_type=args.device_type,
                                  hf_batch_size=args.hf_prompts, output_len=args.output_len)
@@ -236,7 +236,7 @@ def bench_hf(args, vocab: int) -> dict:
 
 
 def run_engine_phases(args, vocab: int, ceil: Ceilings) -> dict:
-    from services.engine import LLM
+    from pdserve.engine import LLM
 
     per_seq_blocks = -(-(args.context + args.output_len) // 16)
     llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type,
@@ -277,9 +277,9 @@ def _free_device_memory(device_type: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = _args(argv)
-    from services.common.model_source import resolve_model
-    from services.engine.models.loader import load_config
-    from services.engine.platforms import get_platform
+    from pdserve.common.model_source import resolve_model
+    from pdserve.engine.models.loader import load_config
+    from pdserve.engine.platforms import get_platform
 
     platform = get_platform(args.device_type)
     device = platform.device()

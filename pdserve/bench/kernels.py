@@ -8,7 +8,7 @@ Owns: timing of ``kernels.attention`` on a CUDA device (Llama-3-8B attention sha
 - prefill: fresh prompts and prefix-cached chunks; reports attention TFLOP/s
   (causal pairs only) next to torch's fused SDPA on contiguous tensors.
 
-Run: ``python3 -m bench.kernels [--sweep]``; ``--sweep`` also times launch shapes.
+Run: ``python3 -m pdserve.bench.kernels [--sweep]``; ``--sweep`` also times launch shapes.
 Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels.attention import (DecodeConfig, PrefillConfig, paged_decode_attention,
+from pdserve.kernels.attention import (DecodeConfig, PrefillConfig, paged_decode_attention,
                                paged_prefill_attention)
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time alternative launch shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench.kernels needs a CUDA device")
+        raise SystemExit("pdserve.bench.kernels needs a CUDA device")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     copy_bw = copy_bandwidth()

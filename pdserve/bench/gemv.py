@@ -6,7 +6,7 @@ rows) it times ``F.linear`` with torch's default BLAS library and with cuBLASLt
 measured device-to-device copy. A decode step at batch 1 is these GEMVs plus small
 kernels, so their speed bounds the batch-1 roofline ratio.
 
-Run: ``python3 -m bench.gemv`` (needs CUDA).
+Run: ``python3 -m pdserve.bench.gemv`` (needs CUDA).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _copy_gbs() -> float:
 
 def _triton_sweep(copy: float) -> None:
     """Our GEMV (kernels/gemv.py) per shape at M = 1: the best of a few launch configs."""
-    from kernels.gemv import gemv
+    from pdserve.kernels.gemv import gemv
 
     configs = [(bn, bk, nw, 4) for bn in (4, 8, 16) for bk in (512, 1024) for nw in (4, 8)]
     for name, (n, k) in SHAPES.items():

@@ -14,7 +14,7 @@ as VRAM): by default both processes use the same GPU (``cuda:0``);
 ``--recv-device cuda:1`` puts the receiver on a second GPU. The torch baselines
 then run on the GPU, synchronized around each sample.
 
-Run: ``python -m bench.kv_transfer_bw [--tokens 4096] [--iters 5] [--device cuda]
+Run: ``python -m pdserve.bench.kv_transfer_bw [--tokens 4096] [--iters 5] [--device cuda]
 [--shapes "Llama-3-8B bf16" ...]``.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from services.engine.kv_transfer.base import KVLayout, KVTransferAgent, TransferHandle, TransferState
+from pdserve.engine.kv_transfer.base import KVLayout, KVTransferAgent, TransferHandle, TransferState
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def sync_for(*devices: str) -> Callable[[], None] | None:
 
 
 def receiver(conn: Connection, name: str, layout_fields: dict, model: str) -> None:
-    from services.engine.kv_transfer.nixl_connector import NixlKVTransferAgent
+    from pdserve.engine.kv_transfer.nixl_connector import NixlKVTransferAgent
 
     layout = KVLayout(**layout_fields)
     kv = make_kv(layout, 2)
@@ -142,7 +142,7 @@ def timed(fn: Callable[[], None], iters: int, sync: Callable[[], None] | None = 
 
 def bench_shape(shape: Shape, tokens: int, block_size: int, prepped: bool, iters: int,
                 device: str = "cpu", recv_device: str | None = None) -> list[dict]:
-    from services.engine.kv_transfer.nixl_connector import NixlConfig, NixlKVTransferAgent
+    from pdserve.engine.kv_transfer.nixl_connector import NixlConfig, NixlKVTransferAgent
 
     count = tokens // block_size
     layout = KVLayout(shape.num_layers, 2 * count, block_size, shape.num_kv_heads, shape.head_dim, shape.dtype,

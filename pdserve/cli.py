@@ -9,12 +9,12 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("services.engine.cli", "Generate a completion offline with the engine"),
-    "chat": ("services.engine.cli", "Chat with a model offline (applies the chat template)"),
-    "bench": ("bench.cli", "Benchmarks: `pdserve bench offline`"),
-    "worker": ("services.worker.cli", "Run one worker process (role hybrid|prefill|decode)"),
-    "router": ("services.router.cli", "Run the router (gRPC + OpenAI-compatible HTTP)"),
-    "up": ("services.launcher.cli", "Bring up a local cluster: etcd, router and workers"),
+    "generate": ("pdserve.engine.cli", "Generate a completion offline with the engine"),
+    "chat": ("pdserve.engine.cli", "Chat with a model offline (applies the chat template)"),
+    "bench": ("pdserve.bench.cli", "Benchmarks: `pdserve bench offline`"),
+    "worker": ("pdserve.worker.cli", "Run one worker process (role hybrid|prefill|decode)"),
+    "router": ("pdserve.router.cli", "Run the router (gRPC + OpenAI-compatible HTTP)"),
+    "up": ("pdserve.launcher.cli", "Bring up a local cluster: etcd, router and workers"),
 }
 
 

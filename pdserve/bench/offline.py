@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from services.common.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def run_pdserve(args, prompts) -> tuple[float, int]:
-    from services.engine import LLM
+    from pdserve.engine import LLM
 
     num_blocks = args.num_prompts * -(-(args.prompt_len + args.output_len) // 16) + 64
     llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type, num_blocks=num_blocks,
@@ -82,8 +82,8 @@ def _hf_model(args):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from services.common.model_source import resolve_model
-    from services.engine.models.model_config import PRESETS
+    from pdserve.common.model_source import resolve_model
+    from pdserve.engine.models.model_config import PRESETS
 
     dtype = getattr(torch, args.dtype)
     src = resolve_model(args.model)
@@ -108,8 +108,8 @@ def _sync(device_type: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = _args(argv)
-    from services.common.model_source import resolve_model
-    from services.engine.models.loader import load_config
+    from pdserve.common.model_source import resolve_model
+    from pdserve.engine.models.loader import load_config
 
     vocab = load_config(resolve_model(args.model)).vocab_size
     prompts = _prompts(args.num_prompts, args.prompt_len, vocab, args.seed)
