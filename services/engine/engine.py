@@ -204,6 +204,9 @@ class LLMEngine:
         whose blocks need not be sent), or None if the pool cannot hold it now.
         """
         req = self._new_request(req_id, prompt_token_ids, params)
+        if self.scheduler.blocked_on_kv:  # NOTE: queued requests wait for blocks: do not jump the queue
+            del self.requests[req_id]
+            return None
         cached = self.kv.match_prefix(req_id, req.token_ids)
         if not self.kv.allocate_slots(req_id, req.num_prompt_tokens):
             self.kv.free(req_id)
@@ -227,7 +230,7 @@ class LLMEngine:
             self.scheduler.finish(req, req.finish_reason)
             self.requests.pop(req_id, None)
         else:
-            self.scheduler.add(req)
+            self.scheduler.add(req, front=True)  # NOTE: it holds its blocks; running it frees them
         return EngineOutput(req_id, [first_token], req.finish_reason, req.num_prompt_tokens, req.num_cached_tokens)
 
     def cancel_remote(self, req_id: str) -> bool:

@@ -9,6 +9,14 @@ came from another worker are all the same thing seen through those two numbers.
 Per step: running requests first (FCFS), preempting the newest by recompute when
 the KV pool runs dry; then waiting requests while the token budget, the batch
 size and the pool allow.
+
+NOTE (progress): a waiting request may hold blocks (a prompt whose KV arrived from
+a peer, ``add(front=True)``). When nothing runs and the head of the queue does not
+fit, the blocks of waiting requests behind it are taken (newest first; they
+recompute later), so some request can always run while any request fits the pool
+(``max_model_len`` is capped by the pool, so every accepted request fits alone).
+``blocked_on_kv`` says the head is waiting for blocks, so the engine stops
+reserving blocks for new remote prefills that would jump the queue.
 """
 from __future__ import annotations
 
@@ -48,6 +56,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.blocked_on_kv = False
 
     def add(self, req: Request, front: bool = False) -> None:
         req.status = Status.WAITING
@@ -96,6 +105,7 @@ class Scheduler:
         self.add(req, front=True)
 
     def _admit_waiting(self, budget: int, seqs: list[ScheduledSeq]) -> int:
+        self.blocked_on_kv = False
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             req = self.waiting[0]
             matched_now = not self.kv.has(req.req_id)
@@ -108,6 +118,9 @@ class Scheduler:
                 if matched_now:  # hold nothing while waiting
                     self.kv.free(req.req_id)
                     req.num_computed_tokens = 0
+                if not self.running and self._take_blocks_behind(req):
+                    continue
+                self.blocked_on_kv = True
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
@@ -115,6 +128,17 @@ class Scheduler:
             seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
             budget -= n
         return budget
+
+    def _take_blocks_behind(self, head: Request) -> bool:
+        """Free the blocks of the newest waiting request that holds any (it recomputes
+        later); False when none behind ``head`` holds blocks."""
+        for req in reversed(self.waiting):
+            if req is not head and self.kv.has(req.req_id):
+                self.kv.free(req.req_id)
+                req.num_computed_tokens = 0
+                req.num_preemptions += 1
+                return True
+        return False
 
     def finish(self, req: Request, reason: str, free_kv: bool = True) -> None:
         """Remove a request wherever it is and (unless told not to) free its blocks."""
