@@ -53,7 +53,7 @@ class WorkerGenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., first_token_seconds: _Optional[float] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
 
 class RemotePrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "decode_kv_agent", "decode_kv_handshake", "block_ids", "num_cached_tokens", "decode_kv_incarnation")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "decode_kv_agent", "decode_kv_handshake", "block_ids", "num_cached_tokens", "decode_kv_incarnation", "prefill_worker_id", "issued_at_unix", "grant_signature")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,9 @@ class RemotePrefillRequest(_message.Message):
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_KV_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    GRANT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
@@ -70,7 +73,10 @@ class RemotePrefillRequest(_message.Message):
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_cached_tokens: int
     decode_kv_incarnation: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_kv_agent: _Optional[str] = ..., decode_kv_handshake: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., decode_kv_incarnation: _Optional[str] = ...) -> None: ...
+    prefill_worker_id: str
+    issued_at_unix: float
+    grant_signature: bytes
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_kv_agent: _Optional[str] = ..., decode_kv_handshake: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., decode_kv_incarnation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., issued_at_unix: _Optional[float] = ..., grant_signature: _Optional[bytes] = ...) -> None: ...
 
 class RemotePrefillResponse(_message.Message):
     __slots__ = ("status", "error", "first_token_id", "num_blocks_sent", "num_bytes_sent", "num_cached_tokens", "compute_seconds", "tail_seconds", "transfer_seconds", "write_seconds", "handover_seconds")

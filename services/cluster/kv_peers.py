@@ -95,7 +95,7 @@ class KVPeers:
         self._config = config
         self._loaded: dict[str, str] = {}  # agent name -> base64 metadata loaded
         self.errors: dict[str, str] = {}  # worker id -> why it is not a peer
-        self._waiters: dict[str, asyncio.Future[int]] = {}
+        self._waiters: dict[str, tuple[asyncio.Future[int], str]] = {}  # request id -> (future, sender)
         self._busy = 0
         self._linger_until = 0.0  # loop time until which a finished sender still polls fast
         self._wake = asyncio.Event()
@@ -128,7 +128,7 @@ class KVPeers:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for fut in self._waiters.values():
+        for fut, _ in self._waiters.values():
             if not fut.done():
                 fut.set_exception(PeerUnavailable("the worker's KV transfer agent closed"))
         self.agent.close()
@@ -208,15 +208,16 @@ class KVPeers:
         return self._discovery.records.get(worker_id) if self._discovery is not None else None
 
     # ---- notifications ---------------------------------------------------------
-    def expect(self, request_id: str) -> asyncio.Future[int]:
-        """A future resolved with the first token when ``request_id``'s KV has landed."""
+    def expect(self, request_id: str, sender: str) -> asyncio.Future[int]:
+        """A future resolved with the first token when ``sender`` (a KV agent name) says
+        ``request_id``'s KV has landed; a notification from any other agent is refused."""
         fut = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = fut
+        self._waiters[request_id] = (fut, sender)
         self._wake.set()
         return fut
 
     def forget(self, request_id: str) -> None:
-        fut = self._waiters.pop(request_id, None)
+        fut, _ = self._waiters.pop(request_id, (None, ""))
         if fut is not None and not fut.done():
             fut.cancel()
 
@@ -251,8 +252,13 @@ class KVPeers:
             log.warning("ignoring a malformed KV notification from %s: %r", sender, msg[:80])
             return
         request_id, first = parsed
-        fut = self._waiters.pop(request_id, None)
+        fut, expected = self._waiters.get(request_id, (None, ""))
         if fut is None or fut.done():
             log.info("KV notification for %s from %s arrived after the request moved on", request_id, sender)
             return
+        if sender != expected:
+            log.warning("refusing a KV notification for %s from %s: this worker ordered it from %s",
+                        request_id, sender, expected)
+            return
+        del self._waiters[request_id]
         fut.set_result(first)

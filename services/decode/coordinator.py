@@ -44,6 +44,7 @@ from typing import Any, AsyncIterator
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
+from pdserve.cluster.orders import OrderBook
 from pdserve.cluster.wire import params_to_proto
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.kv_transfer import KVCompatibilityError, check_compatible
@@ -101,8 +102,10 @@ class _Attempt:
 
 
 class DecodeCoordinator:
-    def __init__(self, engine: Any, peers: Any, config: DecodeConfig, metrics: Any) -> None:
+    def __init__(self, engine: Any, peers: Any, config: DecodeConfig, metrics: Any,
+                 orders: OrderBook | None = None) -> None:
         self._engine = engine  # AsyncEngine
+        self._orders = orders or OrderBook()
         self._peers = peers  # pdserve.cluster.kv_peers.KVPeers
         self._config = config
         self._metrics = metrics  # pdserve.worker.metrics.WorkerMetrics
@@ -167,7 +170,7 @@ class DecodeCoordinator:
             return _Attempt(reason="decode_kv_full", stop=True)
         blocks, cached = reserved
         self.reservations += 1
-        landed = self._peers.expect(arid)
+        landed = self._peers.expect(arid, peer.kv_agent)
         call: asyncio.Future | None = None
         settled = False
         try:
@@ -175,7 +178,7 @@ class DecodeCoordinator:
                 return _Attempt(reason="cached", stop=True)  # nothing sent: freed below
             started = time.monotonic()
             call = asyncio.ensure_future(self._stub(peer.grpc_address).RemotePrefill(
-                self._order(arid, prompt, params, blocks, cached), timeout=self._config.remote_prefill_timeout))
+                self._order(arid, prompt, params, blocks, cached, peer), timeout=self._config.remote_prefill_timeout))
             first, reason, settled = await self._await_kv(arid, landed, call)
             if first is not None:
                 self._observe_received(len(blocks) - cached // self._layout.block_size, time.monotonic() - started)
@@ -229,11 +232,15 @@ class DecodeCoordinator:
         return None, f"prefill_{status.lower()}", True
 
     def _order(self, arid: str, prompt: list[int], params: SamplingParams, blocks: list[int],
-               cached: int) -> worker_pb2.RemotePrefillRequest:
-        return worker_pb2.RemotePrefillRequest(
+               cached: int, peer: PrefillPeer) -> worker_pb2.RemotePrefillRequest:
+        """The RemotePrefill request for ``peer``, signed when the cluster has a secret."""
+        order = worker_pb2.RemotePrefillRequest(
             request_id=arid, prompt_token_ids=prompt, params=params_to_proto(params, with_stop_strings=False),
             decode_kv_agent=self._peers.name, decode_kv_handshake=json.dumps(self._peers.handshake),
-            block_ids=blocks, num_cached_tokens=cached, decode_kv_incarnation=self._peers.incarnation)
+            block_ids=blocks, num_cached_tokens=cached, decode_kv_incarnation=self._peers.incarnation,
+            prefill_worker_id=peer.worker_id)
+        self._orders.sign(order)
+        return order
 
     # ---- quarantine --------------------------------------------------------------
     async def _release_when_safe(self, arid: str, peer: PrefillPeer, incarnation: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import tempfile
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.launcher.etcd_server import EtcdServer, start_etcd
-from pdserve.launcher.processes import Child, ProcessGroup, child_env, free_port, pdserve_command
+from pdserve.launcher.processes import Child, ProcessGroup, child_env, pdserve_command
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class LocalCluster:
     workers: list[Child] = field(default_factory=list)
     etcd_url: str = ""
     log_dir: str = ""
+    # One per cluster unless the caller's environment names one (then every worker shares it).
+    secret: str = field(default_factory=lambda: os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_urlsafe(32),
+                        repr=False)
 
     @property
     def http_url(self) -> str:
@@ -90,11 +94,14 @@ class LocalCluster:
 
     def add_worker(self, role: str = "hybrid", *extra: str) -> Child:
         """Start one more worker process (it registers itself in etcd); later flags in
-        ``extra`` override the spec's ``worker_args``."""
+        ``extra`` override the spec's ``worker_args``.
+
+        NOTE: the worker binds ports the OS picks and advertises them in etcd: a port
+        chosen here ahead of time could be taken before the worker (or its restart) binds it."""
         index = len(self.workers)
         argv = pdserve_command("worker", "--role", role, "--model", self.spec.model, "--etcd", self.etcd_url,
                                "--namespace", self.spec.namespace, "--host", "127.0.0.1",
-                               "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+                               "--grpc-port", "0", "--metrics-port", "0",
                                "--drain-timeout", str(self.spec.drain_timeout),
                                "--lease-ttl", str(self.spec.lease_ttl), *self.spec.worker_args, *extra)
         child = Child(f"worker-{index}-{role}", argv, os.path.join(self.log_dir, f"worker-{index}-{role}.log"),
@@ -102,11 +109,14 @@ class LocalCluster:
         self.workers.append(self.group.spawn(child))
         return child
 
-    def worker_env(self, index: int) -> dict[str, str] | None:
-        """The environment of the index-th worker: pinned to one of ``spec.gpus`` when given."""
-        if not self.spec.gpus:
-            return None
-        return child_env({"CUDA_VISIBLE_DEVICES": self.spec.gpus[index % len(self.spec.gpus)]})
+    def worker_env(self, index: int) -> dict[str, str]:
+        """The environment of the index-th worker: the cluster secret (signs P/D orders;
+        in the environment, not on the command line, where ``ps`` shows it), and one of
+        ``spec.gpus`` when given."""
+        extra = {"PDSERVE_CLUSTER_SECRET": self.secret}
+        if self.spec.gpus:
+            extra["CUDA_VISIBLE_DEVICES"] = self.spec.gpus[index % len(self.spec.gpus)]
+        return child_env(extra)
 
     def live_workers(self) -> list[dict]:
         """The router's ``GET /workers``; [] while the router is not answering."""

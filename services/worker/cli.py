@@ -42,9 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-transfer-timeout", dest="kv_transfer_timeout",
                    help="prefill side: seconds to wait for KV writes to finish (default 30)")
     p.add_argument("--debug-rpcs", dest="debug_rpcs", help="true|false: allow the Debug RPC (tests only)")
+    p.add_argument("--cluster-secret-file", dest="cluster_secret_file",
+                   help="file holding the cluster secret (else env PDSERVE_CLUSTER_SECRET); signs P/D orders")
     for f in dataclasses.fields(EngineConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, help=f"engine {f.name} ({f.type})")
     return p
+
+
+def read_secret_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path) as fh:
+            secret = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cluster_secret_file={path!r} cannot be read: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"cluster_secret_file={path!r} is empty")
+    return secret
 
 
 def main(name: str, argv: list[str]) -> int:
@@ -54,6 +69,7 @@ def main(name: str, argv: list[str]) -> int:
     try:
         args = vars(build_parser().parse_args(argv))
         config_path = args.pop("config")
+        args["cluster_secret"] = read_secret_file(args.pop("cluster_secret_file"))
         config = build_worker_config(args, os.environ, config_path)
     except ConfigError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pdserve.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
@@ -40,6 +40,9 @@ class WorkerConfig:
     remote_prefill_timeout: float = 120.0
     kv_transfer_timeout: float = 30.0
     debug_rpcs: bool = False
+    # Shared by the workers of one cluster (env PDSERVE_CLUSTER_SECRET or --cluster-secret-file):
+    # remote-prefill orders are signed with it (pdserve.cluster.orders). Empty: unsigned.
+    cluster_secret: str = field(default="", repr=False)
 
     tls_cert: str = ""
     tls_key: str = ""

@@ -33,6 +33,7 @@ from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.etcd import connect, retry_until_reachable
 from pdserve.cluster.keys import KeySpace
 from pdserve.cluster.kv_peers import KVPeers
+from pdserve.cluster.orders import OrderBook
 from pdserve.cluster.records import LoadReport, WorkerRecord
 from pdserve.cluster.registry import Registration
 from pdserve.worker.config import WorkerConfig, resolve_kv_send
@@ -62,6 +63,10 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
 
     agent = NixlKVTransferAgent(config.worker_id, engine.engine.kv_cache, config.engine.model)
     peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
+    orders = OrderBook(config.cluster_secret, config.worker_id)
+    if not orders.enabled:
+        log.warning("no cluster secret (PDSERVE_CLUSTER_SECRET or --cluster-secret-file): remote-prefill orders "
+                    "are not signed, so anyone who reaches a prefill worker's gRPC port can direct KV writes")
     prefill = decode = None
     if config.role in ("prefill", "hybrid"):
         send = resolve_kv_send(config.kv_send, engine.engine.device.type)
@@ -70,8 +75,8 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     if config.role in ("decode", "hybrid"):
         decode = DecodeCoordinator(engine, peers, DecodeConfig(
             local_prefill_threshold=config.local_prefill_threshold,
-            remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0]), metrics)
-    return RemoteRoles(peers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout)
+            remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0]), metrics, orders)
+    return RemoteRoles(peers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout, orders)
 
 
 def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_port: int,

@@ -24,6 +24,7 @@ class RemoteRoles:
     decode: Any = None  # pdserve.decode.coordinator.DecodeCoordinator
     debug: bool = False
     abort_timeout: float = 30.0
+    orders: Any = None  # pdserve.cluster.orders.OrderBook: checks RemotePrefill orders
 
     def stats(self) -> dict[str, Any]:
         """The disaggregation fields of ``StatsResponse``."""

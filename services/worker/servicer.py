@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
+from pdserve.cluster.orders import OrderRefused
 from pdserve.cluster.wire import logprobs_to_proto, params_from_proto
 from pdserve.decode.coordinator import Origin, PrefillPeer
 from pdserve.worker.metrics import WorkerMetrics
@@ -157,7 +158,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 status=worker_pb2.RemotePrefillResponse.FAILED,
                 error=f"worker {self._worker_id} ({self._role}) does not serve remote prefills")
         try:
+            if self._remote.orders is not None:
+                self._remote.orders.check(request)
             order = order_from_proto(request)
+        except OrderRefused as exc:
+            log.warning("refused a RemotePrefill order %r for KV agent %r from %s: %s", request.request_id[:64],
+                        request.decode_kv_agent[:64], context.peer(), exc)
+            return worker_pb2.RemotePrefillResponse(status=worker_pb2.RemotePrefillResponse.INVALID,
+                                                    error=f"order refused: {exc}")
         except ValueError as exc:
             return worker_pb2.RemotePrefillResponse(status=worker_pb2.RemotePrefillResponse.INVALID, error=str(exc))
         self._inflight.add(key)

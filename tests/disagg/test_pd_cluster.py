@@ -18,6 +18,7 @@ import grpc
 import pytest
 from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 
+from pdserve.cluster.orders import OrderBook
 from pdserve.launcher.cluster import LocalCluster
 from tests.disagg.helpers import (BLOCK_BYTES, BLOCK_SIZE, GREEDY, LAYERS, Reference, corpus_ids, cpu_seconds, debug,
                                   kv_totals, metric, metrics, prompt, router_generate, stats, tokens_of, wait_quiet,
@@ -94,6 +95,42 @@ def test_outputs_match_offline_and_local_and_bytes_match_layout(cluster: LocalCl
     assert metric(m, "pdserve_worker_prefills_total", where="local", reason="short") == 1
     assert metric(m, "pdserve_worker_prefills_total", where="remote") == len(prompts) - 1
     wait_quiet(cluster)
+
+
+HANDSHAKE = {"protocol_version": 1, "model": "smollm2", "dtype": "float32", "block_size": 16,
+             "kv_layout": "layer,block,kv,token,head,dim", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+
+
+def test_forged_kv_writes_are_refused_and_logged(cluster: LocalCluster, reference: Reference,
+                                                  ids: list[int]) -> None:
+    """Everything an order needs is readable from etcd; only the cluster secret makes one valid."""
+    decode, prefill = workers(cluster, "decode")[0], workers(cluster, "prefill")[0]
+    cached = prompt(ids, 200, offset=1700)  # its blocks stay prefix-cached on the decode worker
+    want = tokens_of(router_generate(cluster, cached, MAX_TOKENS))
+    expect_match(reference, [cached], [want], MAX_TOKENS)
+    before = kv_totals(cluster)
+
+    def forged(rid: str, secret: str | None, names: str = prefill["id"]) -> worker_pb2.RemotePrefillRequest:
+        order = worker_pb2.RemotePrefillRequest(
+            request_id=rid, prompt_token_ids=prompt(ids, 200, offset=40), decode_kv_agent=decode["kv_agent"],
+            decode_kv_handshake=json.dumps(HANDSHAKE), block_ids=list(range(13)), num_cached_tokens=0,
+            prefill_worker_id=names)
+        if secret is not None:
+            OrderBook(secret, "attacker").sign(order)
+        return order
+
+    stub = worker_stub(prefill["grpc_address"])
+    # (A replayed order is refused too: tests/disagg/test_orders.py; here no real order is captured.)
+    cases = {"not signed": forged("x1#p0", None), "signature does not match": forged("x2#p0", "guessed"),
+             "names prefill worker": forged("x3#p0", cluster.secret, names="prefill-other")}
+    for why, order in cases.items():
+        answer = stub.RemotePrefill(order, timeout=30)
+        assert answer.status == worker_pb2.RemotePrefillResponse.INVALID and why in answer.error, (why, answer)
+    log = open(worker_for(cluster, prefill["id"]).log_path).read()
+    assert log.count("refused a RemotePrefill order") >= len(cases)
+    wait_quiet(cluster)
+    assert kv_totals(cluster) == before
+    assert tokens_of(router_generate(cluster, cached, MAX_TOKENS)) == want  # its cached blocks are intact
 
 
 def test_idle_workers_burn_no_cpu(cluster: LocalCluster) -> None:
@@ -274,9 +311,12 @@ def test_incompatible_decode_worker_is_refused_clearly(cluster: LocalCluster, re
         handshake = {"protocol_version": 1, "model": "smollm2", "dtype": "float32", "block_size": 16,
                      "kv_layout": "layer,block,kv,token,head,dim", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
         handshake[field] = theirs
-        answer = worker_stub(prefill["grpc_address"]).RemotePrefill(worker_pb2.RemotePrefillRequest(
+        order = worker_pb2.RemotePrefillRequest(
             request_id=f"odd-{field}", prompt_token_ids=p, decode_kv_agent=odd_info["kv_agent"],
-            decode_kv_handshake=json.dumps(handshake), block_ids=[0, 1], num_cached_tokens=0), timeout=10)
+            decode_kv_handshake=json.dumps(handshake), block_ids=[0, 1], num_cached_tokens=0,
+            prefill_worker_id=prefill["id"])
+        OrderBook(cluster.secret, odd_info["id"]).sign(order)  # a cluster member's order: checked for the layout
+        answer = worker_stub(prefill["grpc_address"]).RemotePrefill(order, timeout=10)
         assert answer.status == worker_pb2.RemotePrefillResponse.INCOMPATIBLE
         assert refusal in answer.error
         assert odd.alive and sum(c.alive for c in cluster.workers) == 4

@@ -121,9 +121,17 @@ def test_kv_peers_follow_discovery_refuse_incompatible_and_deliver_notifications
         d_peers = KVPeers(decode, "m", "d", "decode")
         await d_peers.start(FakeDiscovery(_published(prefill, "prefill"), _published(other_decode, "decode")))
         assert decode.peers() == {"p"}  # decode workers do not pair with each other
-        landed = d_peers.expect("r1")
+        landed = d_peers.expect("r1", "p")
         prefill.send_notify("d", encode_done("r1", 42))
         assert await asyncio.wait_for(landed, 2.0) == 42
+        # only the agent the order went to may say the KV landed
+        landed = d_peers.expect("r2", "p")
+        other_decode.add_peer("d", decode.metadata())  # an agent that knows d, but is not the one ordered
+        other_decode.send_notify("d", encode_done("r2", 7))
+        await asyncio.sleep(0.05)
+        assert not landed.done()
+        prefill.send_notify("d", encode_done("r2", 9))
+        assert await asyncio.wait_for(landed, 2.0) == 9
         # a restarted decode worker: same name, new metadata -> replaced; a gone one -> removed
         decode.close()
         restarted = _agent("d", registry)
