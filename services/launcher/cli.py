@@ -1,7 +1,9 @@
 """``pdserve up``: start a local cluster, print how to call it, stop it on Ctrl-C / SIGTERM.
 
-Exit codes: 0 after a requested stop, 1 when a child process dies or the cluster
-does not come up, 2 on bad arguments.
+Once the cluster is up, a worker that exits is restarted with backoff (see
+``supervisor.py``). Exit codes: 0 after a requested stop, 1 when the router or etcd
+dies, a worker keeps failing (``--max-restarts``) or the cluster does not come up,
+2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import threading
 from typing import Mapping
 
 from pdserve.launcher.cluster import ClusterSpec, LocalCluster
+from pdserve.launcher.supervisor import RestartPolicy, Supervisor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-args", default="", help="extra router flags, e.g. \"--local-prefill-threshold 64\"")
     p.add_argument("--gpus", default="", help="comma-separated GPUs; worker i runs on the i-th (round-robin), "
                                               "e.g. \"0,1\" puts a prefill and a decode worker on GPUs 0 and 1")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restart a worker that exits (backoff 1 s, 2 s ... 30 s) at most this many times in a row "
+                        "before stopping everything; 0: never restart (not with --ray)")
     p.add_argument("--ray", action="store_true", help="run the router and workers as Ray actors on a Ray cluster")
     p.add_argument("--address", default="auto", help="with --ray: Ray address (auto, local to start a head, host:port)")
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs per worker (0 on CPU)")
@@ -114,6 +120,7 @@ def main(name: str, argv: list[str]) -> int:
         return run_with_ray(args, name)
     try:
         spec = spec_from_args(args)
+        policy = RestartPolicy(max_restarts=args.max_restarts)
     except ValueError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)
         return 2
@@ -126,11 +133,11 @@ def main(name: str, argv: list[str]) -> int:
         print(f"starting etcd, router and {len(spec.roles)} worker(s); logs in {cluster.log_dir}", flush=True)
         cluster.wait_ready(args.ready_timeout, cancelled=stop.is_set)
         print(banner(cluster), flush=True)
+        supervisor = Supervisor(cluster, policy, stopping=stop.is_set)
         while not stop.wait(0.5):
-            dead = cluster.group.first_dead()
-            if dead is not None:
-                print(f"{dead.name} exited with code {dead.proc.returncode}:\n{cluster.log_tail(dead)}",
-                      file=sys.stderr)
+            fatal = supervisor.poll()
+            if fatal is not None:
+                print(fatal, file=sys.stderr, flush=True)
                 return 1
         return 0
     except (RuntimeError, TimeoutError, OSError) as exc:

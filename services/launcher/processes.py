@@ -52,9 +52,11 @@ class Child:
     env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
     _log: IO | None = field(default=None, repr=False)
+    _reaped: bool = field(default=False, repr=False)  # its group was SIGKILLed after it exited: pgid may be reused
 
     def spawn(self) -> "Child":
         self._log = open(self.log_path, "ab") if self.log_path else None
+        self._reaped = False
         out = self._log if self._log is not None else None
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
                                      stdin=subprocess.DEVNULL, env=self.env or child_env(), start_new_session=True)
@@ -71,7 +73,7 @@ class Child:
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the child's whole process group (no-op once it is gone)."""
-        if self.proc is not None:
+        if self.proc is not None and not self._reaped:
             try:
                 os.killpg(self.proc.pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -96,6 +98,7 @@ class Child:
                 self.wait(5.0)
         # NOTE: the leader may be gone while grandchildren in its group live on.
         self.signal(signal.SIGKILL)
+        self._reaped = self.proc.returncode is not None
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -77,7 +77,9 @@ def test_gpus_pin_workers_round_robin() -> None:
     assert spec.gpus == ("0", "1") and spec.roles == ["prefill", "prefill", "decode"]
     cluster = LocalCluster(spec)
     assert [cluster.worker_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
-    assert LocalCluster(ClusterSpec()).worker_env(0) is None  # no --gpus: workers see every GPU
+    plain = LocalCluster(ClusterSpec()).worker_env(0)
+    assert "CUDA_VISIBLE_DEVICES" not in plain or plain["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert len(plain["PDSERVE_CLUSTER_SECRET"]) >= 32  # no --gpus: workers see every GPU; P/D orders signed
     with pytest.raises(ValueError, match="gpus"):
         ClusterSpec(gpus=("0,1",))
     from pdserve.launcher.cli import main
