@@ -8,13 +8,18 @@ registering and disappears when its lease is revoked or expires) -> ``stop()``.
 NOTE: when etcd is unreachable the last known set is kept and served; the watch
 reconnects by itself, and after any watch failure the task re-reads the whole
 prefix so missed deletes cannot leave ghosts behind.
+NOTE: an etcd that lost its data (restarted with an empty data dir) starts again at
+revision 1 under a new cluster id, and a reconnected watch would wait for revisions
+of the old one. A probe reads etcd's header every ``probe_interval`` seconds; a
+revision that went backwards or another cluster id re-reads the prefix and watches
+from the new revision.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
@@ -29,9 +34,11 @@ PUT, DELETE = 0, 1
 class Discovery:
     """Live workers (``records``) and their latest load (``loads``), by worker id."""
 
-    def __init__(self, client: Etcd3Client, keys: KeySpace) -> None:
+    def __init__(self, client: Etcd3Client, keys: KeySpace, probe_interval: float = 1.0) -> None:
         self._client = client
         self._keys = keys
+        self._probe_interval = probe_interval
+        self._seen = (0, 0)  # (cluster id, revision) of the etcd we read last
         self.records: dict[str, WorkerRecord] = {}
         self.loads: dict[str, LoadReport] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -69,6 +76,7 @@ class Discovery:
             self._apply(kv.key.decode(), kv.value, PUT, records, loads)
         changed = records != self.records
         self.records, self.loads = records, loads
+        self._seen = (response.header.cluster_id, response.header.revision)
         if changed:
             self._notify()
         return response.header.revision
@@ -77,7 +85,7 @@ class Discovery:
         delay = 0.2
         while True:
             try:
-                await self._watch(revision + 1)
+                await _first_of(self._watch(revision + 1), self._probe())
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
                 log.warning("etcd watch failed (%s); serving the last known %d workers", exc, len(self.records))
             except Exception:  # NOTE: the watch must never die, or the view goes stale for good
@@ -96,11 +104,27 @@ class Discovery:
         async for response in stream:
             if response.compact_revision or response.canceled:
                 return  # history is gone or the server dropped us: resync
+            self._seen = (self._seen[0], max(self._seen[1], response.header.revision))
             before = dict(self.records)
             for event in response.events:
                 self._apply(event.kv.key.decode(), event.kv.value, event.type, self.records, self.loads)
             if self.records != before:
                 self._notify()
+
+    async def _probe(self) -> None:
+        """Return once etcd is not the one we watch any more (data lost, another cluster)."""
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                header = (await self._client.kv.get(self._keys.prefix, count_only=True, timeout=2.0)).header
+            except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError):
+                continue  # unreachable: the watch reconnects by itself; keep serving what we know
+            cluster, revision = self._seen
+            if header.cluster_id != cluster or header.revision < revision:
+                log.warning("etcd changed under the watch (cluster %x revision %d, was %x revision %d: restarted "
+                            "without its data?); re-reading every worker", header.cluster_id, header.revision,
+                            cluster, revision)
+                return
 
     def _apply(self, key: str, value: bytes, kind: int, records: dict, loads: dict) -> None:
         parsed = self._keys.parse(key)
@@ -124,3 +148,16 @@ class Discovery:
     def _notify(self) -> None:
         for callback in self._listeners:
             callback()
+
+
+async def _first_of(*coros: Any) -> None:
+    """Run the coroutines until the first one ends; cancel the rest; re-raise its error."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()

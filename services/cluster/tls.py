@@ -8,6 +8,10 @@ files configured uses plaintext, as on a trusted loopback or pod network.
   certificates (mutual TLS).
 - Client: verifies the server against the CA; presents its certificate + key
   when given (for mutual TLS).
+
+It also owns the transport settings every pdserve server and channel share
+(``new_server``, ``open_channel``): keepalive that both ends agree on and a short
+reconnect backoff.
 """
 from __future__ import annotations
 
@@ -90,7 +94,31 @@ def add_port(server: grpc.aio.Server, address: str, tls: TLSFiles) -> int:
     return server.add_insecure_port(address)
 
 
+# Keepalive both ends agree on: a client pings every 10 s, also on a stream that carries
+# nothing for minutes (a request queued for KV blocks), and a server accepts pings that
+# often (gRPC's default answers them with GOAWAY "too_many_pings" after two). A peer
+# that restarted on the same address is dialled again within a second, not after
+# gRPC's default backoff of up to two minutes.
+CLIENT_KEEPALIVE_MS = 10_000
+CLIENT_OPTIONS = (("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 5_000),
+                  ("grpc.http2.max_pings_without_data", 0),  # keep checking the peer on a quiet stream
+                  ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 1_000))
+
+
+def server_options(min_ping_interval_ms: int = CLIENT_KEEPALIVE_MS // 2) -> list[tuple[str, object]]:
+    return [("grpc.so_reuseport", 0), ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_ping_strikes", 0)]
+
+
+def new_server(min_ping_interval_ms: int = CLIENT_KEEPALIVE_MS // 2) -> grpc.aio.Server:
+    """A grpc.aio server of pdserve (workers, router) that tolerates its clients' keepalive."""
+    return grpc.aio.server(options=server_options(min_ping_interval_ms))
+
+
 def open_channel(address: str, tls: TLSFiles, options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
+    """A channel with pdserve's keepalive and reconnect settings; ``options`` override them."""
+    merged = list({k: v for k, v in [*CLIENT_OPTIONS, *(options or [])]}.items())
     if tls.enabled:
-        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
-    return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=merged)
+    return grpc.aio.insecure_channel(address, options=merged)

@@ -5,6 +5,8 @@ Lifecycle: channels are opened lazily on first use and closed when discovery
 reports the worker gone (or at ``close()``). A worker that fails before streaming
 anything is marked suspect for ``suspect_seconds`` (about one lease TTL: a dead
 worker's registration lingers until its lease expires) and skipped by ``pick``.
+A worker that registers again under its id (a restart on the same address) is a new
+peer: its suspect mark and its old channel (which may be in reconnect backoff) go.
 
 Routing one request (``pick_route``): the request goes to a decode worker
 (dedicated decode workers when any is live, else hybrid workers) and names the
@@ -69,7 +71,8 @@ class WorkerPool:
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
         self._inflight: dict[str, int] = {}
         self._suspect_until: dict[str, float] = {}
-        self._retired: dict[str, grpc.aio.Channel] = {}
+        self._retired: dict[str, list[grpc.aio.Channel]] = {}  # closed once their streams end
+        self._known: dict[str, WorkerRecord] = {}
         discovery.add_listener(self._prune)
 
     def inflight(self, worker_id: str) -> int:
@@ -143,25 +146,34 @@ class WorkerPool:
             self._inflight[worker_id] -= 1
             if self._inflight[worker_id] == 0:
                 del self._inflight[worker_id]
-                if worker_id in self._retired:
-                    asyncio.get_running_loop().create_task(self._retired.pop(worker_id).close())
+                for channel in self._retired.pop(worker_id, []):
+                    asyncio.get_running_loop().create_task(channel.close())
 
     def _prune(self) -> None:
         """Close channels of departed workers; NOTE: a draining worker is gone from etcd
         while its streams still finish, so a channel with open streams closes after them."""
-        live = set(self._discovery.records)
-        for worker_id in [w for w in self._channels if w not in live]:
-            _, channel = self._channels.pop(worker_id)
-            if self.inflight(worker_id):
-                self._retired[worker_id] = channel
-            else:
-                asyncio.get_running_loop().create_task(channel.close())
+        records = self._discovery.records
+        live = set(records)
+        renewed = {w for w, r in records.items() if w in self._known and self._known[w] != r}
+        self._known = dict(records)
+        for worker_id in [w for w in self._channels if w not in live or w in renewed]:
+            self._retire(worker_id)
+        for worker_id in renewed:
+            self._suspect_until.pop(worker_id, None)
+            log.info("worker %s registered again: fresh channel, not suspect", worker_id)
         for worker_id in [w for w in self._suspect_until if w not in live]:
             del self._suspect_until[worker_id]
         self._refused_pairs = {p for p in self._refused_pairs if p[0] in live and p[1] in live}
 
+    def _retire(self, worker_id: str) -> None:
+        _, channel = self._channels.pop(worker_id)
+        if self.inflight(worker_id):
+            self._retired.setdefault(worker_id, []).append(channel)
+        else:
+            asyncio.get_running_loop().create_task(channel.close())
+
     async def close(self) -> None:
-        channels = [c for _, c in self._channels.values()] + list(self._retired.values())
+        channels = [c for _, c in self._channels.values()] + [c for cs in self._retired.values() for c in cs]
         self._channels.clear()
         self._retired.clear()
         for channel in channels:

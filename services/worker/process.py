@@ -40,7 +40,7 @@ from pdserve.worker.config import WorkerConfig, resolve_kv_send
 from pdserve.worker.metrics import MetricsServer, WorkerMetrics
 from pdserve.worker.remote_rpc import RemoteRoles
 from pdserve.worker.servicer import Inflight, WorkerServicer
-from pdserve.cluster.tls import add_port
+from pdserve.cluster.tls import add_port, new_server
 
 log = logging.getLogger(__name__)
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
@@ -127,7 +127,7 @@ class WorkerProcess:
         if self.remote.prefill is not None:
             self.remote.prefill.install()
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = new_server()
         servicer = WorkerServicer(self.engine, self.inflight, self.metrics, self.config.worker_id, self.config.role,
                                   self.remote)
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, self.server)

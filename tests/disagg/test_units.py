@@ -171,3 +171,31 @@ def test_kv_send_auto_is_whole_on_cpu_and_layerwise_on_accelerators() -> None:
 ])
 def test_pdserve_up_topology(given: tuple, expected: tuple) -> None:
     assert topology(*given) == expected
+
+
+def test_a_worker_registered_again_gets_a_fresh_channel_and_is_not_suspect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart on the same address: no inherited reconnect backoff, no suspect mark."""
+    import pdserve.router.worker_pool as worker_pool
+
+    opened: list[str] = []
+    real_open = worker_pool.open_channel
+    monkeypatch.setattr(worker_pool, "open_channel", lambda address, *a, **k: opened.append(address) or
+                        real_open(address, *a, **k))
+
+    async def body() -> None:
+        first, other = record("d1", "decode", metadata="djE="), record("d22", "decode")
+        discovery = FakeDiscovery(first, other)
+        pool = WorkerPool(discovery, {"decode": MostFreeKV()}, suspect_seconds=60.0)
+        pool.stub(first)
+        pool.mark_suspect("d1")
+        assert [c.record.id for c in pool.candidates("decode", "m")] == ["d22"]
+        discovery.set(first, other)  # the same records again: nothing changes
+        pool.stub(first)
+        assert len(opened) == 1 and [c.record.id for c in pool.candidates("decode", "m")] == ["d22"]
+        restarted = record("d1", "decode", metadata="djI=")
+        discovery.set(restarted, other)
+        assert [c.record.id for c in pool.candidates("decode", "m")] == ["d1", "d22"]
+        pool.stub(restarted)
+        assert opened == [first.grpc_address, restarted.grpc_address]  # a new channel to the same address
+        await pool.close()
+    asyncio.run(body())

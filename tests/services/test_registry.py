@@ -121,3 +121,34 @@ def test_discovery_keeps_last_known_set_while_etcd_is_down(etcd: Any, tmp_path: 
         await router_client.close()
 
     asyncio.run(body())
+
+
+def test_discovery_follows_an_etcd_that_lost_its_data(etcd: Any, tmp_path: Any) -> None:
+    """Restarted with an empty data dir (the chart's default emptyDir): revisions start again at 1."""
+    server, group = etcd
+
+    async def body() -> None:
+        keys = KeySpace("t4")
+        worker_client, router_client = await connect(server.url), await connect(server.url)
+        discovery = Discovery(router_client, keys, probe_interval=0.2)
+        await discovery.start()
+        old = Registration(worker_client, keys, record("w5"), LoadReport, ttl=5, load_interval=0.05)
+        await old.start()
+        await until(lambda: bool(discovery.live()), 1.0)
+        await asyncio.sleep(1.0)  # ~20 load reports: the old etcd's revision runs ahead of the new one's
+        ports = server.ports
+        await asyncio.to_thread(server.stop, False)  # data dir removed
+        await old.stop()  # its lease died with the data
+        restarted = await asyncio.to_thread(start_etcd, group, str(tmp_path), 20.0, ports)
+        server.child, server.data_dir = restarted.child, restarted.data_dir
+        new = Registration(worker_client, keys, record("w6"), LoadReport, ttl=5, load_interval=1.0)
+        await retry_until_reachable(new.start, 20.0, "restarted etcd")
+        took = await until(lambda: [r.id for r in discovery.live()] == ["w6"], 10.0)
+        assert took < 5.0
+        await new.stop()
+        await until(lambda: not discovery.live(), 5.0)
+        await discovery.stop()
+        await worker_client.close()
+        await router_client.close()
+
+    asyncio.run(body())
