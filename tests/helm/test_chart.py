@@ -273,3 +273,18 @@ def test_bad_values_fail_schema_validation(values: Path):
 def test_inconsistent_values_fail_with_a_clear_message(args, message):
     result = run_helm(*args)
     assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_workers_share_a_generated_cluster_secret():
+    docs = render()
+    secret = objects(docs, "Secret")["pdserve-cluster-secret"]
+    assert len(secret["data"]["cluster-secret"]) >= 48  # base64 of 48 random characters
+    for pool in ("prefill", "decode"):
+        env = {e["name"]: e for e in container(deployment(docs, pool))["env"]}
+        ref = env["PDSERVE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "pdserve-cluster-secret", "key": "cluster-secret"}
+    assert "PDSERVE_CLUSTER_SECRET" not in {e["name"] for e in container(deployment(docs, "router")).get("env", [])}
+    own = render("--set", "clusterSecret.existingSecret=mine", "--set", "clusterSecret.key=k")
+    assert "pdserve-cluster-secret" not in objects(own, "Secret")
+    env = {e["name"]: e for e in container(deployment(own, "decode"))["env"]}
+    assert env["PDSERVE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "k"}

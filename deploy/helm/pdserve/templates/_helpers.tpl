@@ -296,3 +296,8 @@ metrics:
 behavior: {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the workers' shared cluster secret */}}
+{{- define "pdserve.clusterSecretName" -}}
+{{- .Values.clusterSecret.existingSecret | default (printf "%s-cluster-secret" (include "pdserve.fullname" .)) }}
+{{- end }}
