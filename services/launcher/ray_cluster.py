@@ -226,7 +226,7 @@ class RayCluster:
         """An actor per tensor-parallel rank; the one in bundle 0 runs the worker process."""
         resources = {"num_cpus": self.options.cpus_per_worker, "num_gpus": self.options.num_gpus_per_worker}
         actors = [self._actor(ray, _in_bundle(pg, i), resources) for i in range(self.options.tp)]
-        argv, env = list(child.argv), {}
+        argv, env = list(child.argv), {"PDSERVE_CLUSTER_SECRET": self.plan.secret}  # signs P/D orders
         if self.options.tp > 1:  # NOTE: the worker process drives every rank, so it sees every rank's GPUs
             env["CUDA_VISIBLE_DEVICES"] = ",".join(i for a in actors for i in ray.get(a.gpu_ids.remote()))
             argv += ["--tp", str(self.options.tp)]
