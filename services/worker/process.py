@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import signal
-from typing import Any
+from typing import Any, MutableMapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,6 +63,7 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     from pdserve.engine.kv_transfer import NixlKVTransferAgent
     from pdserve.prefill.server import PrefillConfig, PrefillServer
 
+    confine_kv_listener(config.host, os.environ)
     agent = NixlKVTransferAgent(config.worker_id, engine.engine.kv_cache, config.engine.model)
     peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
     orders = OrderBook(config.cluster_secret, config.worker_id)
@@ -77,6 +80,14 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
             local_prefill_threshold=config.local_prefill_threshold,
             remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0]), metrics, orders)
     return RemoteRoles(peers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout, orders)
+
+
+def confine_kv_listener(host: str, environ: MutableMapping[str, str]) -> None:
+    """A worker bound to loopback keeps its KV transfers there too: UCX's TCP transport
+    otherwise listens on every interface. An operator's ``UCX_NET_DEVICES`` wins."""
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback and "UCX_NET_DEVICES" not in environ:
+            environ["UCX_NET_DEVICES"] = "lo"
 
 
 def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_port: int,

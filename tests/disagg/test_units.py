@@ -199,3 +199,16 @@ def test_a_worker_registered_again_gets_a_fresh_channel_and_is_not_suspect(monke
         assert opened == [first.grpc_address, restarted.grpc_address]  # a new channel to the same address
         await pool.close()
     asyncio.run(body())
+
+
+def test_a_loopback_worker_keeps_ucx_on_loopback() -> None:
+    from pdserve.worker.process import confine_kv_listener
+
+    env: dict[str, str] = {}
+    confine_kv_listener("127.0.0.1", env)
+    assert env == {"UCX_NET_DEVICES": "lo"}
+    for host, given in (("0.0.0.0", {}), ("10.1.2.3", {}), ("localhost", {}),
+                        ("127.0.0.1", {"UCX_NET_DEVICES": "eth1"})):
+        env = dict(given)
+        confine_kv_listener(host, env)
+        assert env == given
