@@ -10,7 +10,7 @@ TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 # Where it cannot be reached (a machine that sees only PyPI), PyPI's build is installed instead.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install run test test-full test-gpu test-latest lock proto helm-check bench clean
+.PHONY: install run test chaos test-full test-gpu test-latest lock proto helm-check bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test: install helm-check
 
 helm-check: install
 	bash deploy/helm/check.sh
+
+# The chaos suite's long run (its short version is part of `make test`).
+chaos: install
+	PDSERVE_CHAOS_SECONDS=$${PDSERVE_CHAOS_SECONDS:-600} PDSERVE_CHAOS_STREAMS=$${PDSERVE_CHAOS_STREAMS:-16} \
+	  $(PY) -m pytest -q -s tests/chaos
 
 test-full: install
 	$(PY) -m pytest -q -m "not gpu" tests
