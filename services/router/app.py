@@ -1,9 +1,10 @@
 """The router process: etcd discovery, the gRPC and HTTP servers, and their shutdown.
 
 Lifecycle (``serve``): connect to etcd and read the live workers (retrying until
-``etcd_wait`` seconds pass) -> start the gRPC server (Router service, grpc health,
-reflection) and the HTTP server -> wait for SIGTERM / SIGINT -> stop accepting,
-give open requests a short grace, close worker channels and the etcd client.
+``etcd_wait`` seconds pass) -> start the gRPC server (Router service behind
+``grpc_guard``, grpc health, reflection) and the HTTP server -> wait for SIGTERM /
+SIGINT -> stop accepting, give open requests a short grace, close worker channels
+and the etcd client.
 """
 from __future__ import annotations
 
@@ -17,21 +18,24 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pdserve.v1 import router_pb2, router_pb2_grpc
+from pdserve.v1 import router_pb2
 
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.etcd import connect, retry_until_reachable
 from pdserve.cluster.keys import KeySpace
+from pdserve.router.auth import ApiKey
 from pdserve.router.config import RouterConfig
 from pdserve.router.dispatch import Dispatcher
+from pdserve.router.grpc_guard import add_router_service
 from pdserve.router.grpc_server import RouterServicer
 from pdserve.router.http_server import HttpApi
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.models import ModelCatalog
 from pdserve.router.policies import MostFreeKV, PrefixAware, make_policy
+from pdserve.router.prepare import MaxTokensPolicy
 from pdserve.router.service import RouterCore
 from pdserve.router.worker_pool import RoutingConfig, WorkerPool
-from pdserve.cluster.tls import add_port
+from pdserve.cluster.tls import add_port, new_server
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -60,8 +64,8 @@ class RouterProcess:
         pool = WorkerPool(discovery, policies, c.suspect_seconds,
                           RoutingConfig(c.local_prefill_threshold, c.prefill_candidates), tls=c.tls[0])
         catalog = ModelCatalog(discovery, self._load_tokenizer, self._tokenizer_failed)
-        self.core = RouterCore(discovery, catalog, pool,
-                               Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery))
+        self.core = RouterCore(discovery, catalog, pool, Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery),
+                               MaxTokensPolicy(c.default_max_tokens, c.max_tokens_cap))
         self.core.catalog.preload()
         await self._start_grpc()
         await self._start_http()
@@ -69,9 +73,9 @@ class RouterProcess:
                  self.http_port, c.policy, len(discovery.live()))
 
     async def _start_grpc(self) -> None:
-        self.grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.grpc_server = new_server()
         self.health = health.aio.HealthServicer()
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.core), self.grpc_server)
+        add_router_service(self.grpc_server, RouterServicer(self.core), self._api_key)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.grpc_server)
@@ -93,11 +97,16 @@ class RouterProcess:
             task.add_done_callback(self._tasks.discard)
 
     async def _start_http(self) -> None:
-        self._runner = web.AppRunner(HttpApi(self.core).app(), handler_cancellation=True, access_log=None,
-                                    shutdown_timeout=5.0)
+        api = HttpApi(self.core, self._api_key, self.config.max_body_bytes)
+        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.config.host, self.config.http_port).start()
+        https = self.config.tls[0].https_context()  # NOTE: HTTPS whenever gRPC has a certificate
+        await web.TCPSite(self._runner, self.config.host, self.config.http_port, ssl_context=https).start()
         self.http_port = self._runner.addresses[0][1]
+
+    @property
+    def _api_key(self) -> ApiKey:
+        return ApiKey(self.config.api_key, self.config.metrics_require_key)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self.health is not None:

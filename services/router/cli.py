@@ -35,7 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts shorter than this (tokens) prefill on the decode worker (default 32)")
     p.add_argument("--prefill-candidates", dest="prefill_candidates",
                    help="prefill workers named per request, tried in order by the decode worker (default 2)")
+    _add_request_flags(p)
     return p
+
+
+def _add_request_flags(p: argparse.ArgumentParser) -> None:
+    """Who may call the router and how big a request may be."""
+    p.add_argument("--api-key", dest="api_key",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /workers and gRPC Router calls "
+                        "(prefer the env PDSERVE_ROUTER_API_KEY: flags show in ps)")
+    p.add_argument("--metrics-require-key", dest="metrics_require_key", action="store_true", default=None,
+                   help="also require the API key on /metrics (default: open, like /health)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes",
+                   help="largest HTTP request body; larger ones get 413 (default 8388608 = 8 MiB)")
+    p.add_argument("--default-max-tokens", dest="default_max_tokens",
+                   help="max_tokens of a chat request that sets none (default 4096; 0 = the rest of the context; "
+                        "completions keep OpenAI's 16)")
+    p.add_argument("--max-tokens-cap", dest="max_tokens_cap",
+                   help="largest max_tokens a request may ask for; larger ones get 400 (default 0 = no cap)")
 
 
 def main(name: str, argv: list[str]) -> int:

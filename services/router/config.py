@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from pdserve.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 class RouterConfigError(ValueError):
@@ -31,6 +32,12 @@ class RouterConfig:
     suspect_seconds: float = 10.0
     local_prefill_threshold: int = 32
     prefill_candidates: int = 2
+
+    api_key: str = dataclasses.field(default="", repr=False)  # "" = no authentication
+    metrics_require_key: bool = False
+    max_body_bytes: int = 8 << 20
+    default_max_tokens: int = 4096  # chat requests without max_tokens; 0 = the rest of the context
+    max_tokens_cap: int = 0  # 0 = no cap but the context length
 
     tls_cert: str = ""
     tls_key: str = ""
@@ -57,10 +64,23 @@ class RouterConfig:
                 raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1")
         if self.overload_margin < 0 or self.suspect_seconds < 0:
             raise RouterConfigError("overload_margin and suspect_seconds must be >= 0")
+        self._check_request_limits()
         try:
             tls_from_config(self)
         except TLSConfigError as exc:
             raise RouterConfigError(str(exc)) from None
+
+    def _check_request_limits(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise RouterConfigError(f"max_body_bytes={self.max_body_bytes} is invalid: expected bytes >= 1024")
+        for name in ("default_max_tokens", "max_tokens_cap"):
+            if not 0 <= getattr(self, name) <= 2**31 - 1:
+                raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected tokens in "
+                                        "[0, 2147483647] (0 = no limit but the context length)")
+        if self.metrics_require_key and not self.api_key:
+            raise RouterConfigError("metrics_require_key needs an API key: pass --api-key (or PDSERVE_ROUTER_API_KEY)")
+        if self.api_key != self.api_key.strip() or not self.api_key.isprintable() or not self.api_key.isascii():
+            raise RouterConfigError("api_key is invalid: expected printable ASCII without surrounding spaces")
 
     @property
     def tls(self) -> tuple[TLSFiles, TLSFiles]:
@@ -82,6 +102,10 @@ class RouterConfig:
 def _convert(name: str, kind: str, value: Any) -> Any:
     if not isinstance(value, str) or kind == "str":
         return value
+    if kind == "bool":
+        if value.strip().lower() not in _BOOLS:
+            raise RouterConfigError(f"{name}={value!r} is invalid: expected one of {sorted(_BOOLS)}")
+        return _BOOLS[value.strip().lower()]
     try:
         return int(value) if kind == "int" else float(value)
     except ValueError:

@@ -4,15 +4,26 @@ turn them into responses, so validation code never knows which API it serves.
 """
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-         502: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 500: grpc.StatusCode.INTERNAL, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable_error",
+_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         502: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 500: grpc.StatusCode.INTERNAL,
+         504: grpc.StatusCode.DEADLINE_EXCEEDED}
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable_error",
           502: "worker_error", 500: "internal_error", 504: "timeout_error"}
+
+
+class _Short(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 80, 80, 40
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 8
 
 
 @dataclass
@@ -37,6 +48,11 @@ class RequestError(Exception):
 
 def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> RequestError:
     return RequestError(message, 400, param, code)
+
+
+def shown(value: Any) -> str:
+    """A client's value for an error message: its repr, short (never the whole of a huge or deep value)."""
+    return _Short().repr(value)
 
 
 def unavailable(message: str, code: str = "no_workers") -> RequestError:

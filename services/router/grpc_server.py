@@ -1,13 +1,16 @@
 """The ``pdserve.v1.Router`` gRPC service: Generate (server streaming), ListWorkers, Health.
 
-Lifecycle of a Generate call: validate + tokenize (INVALID_ARGUMENT) -> dispatch
+Lifecycle of a Generate call: (``grpc_guard``: API key, request bytes) -> validate
++ tokenize (INVALID_ARGUMENT; the same rules as HTTP, ``validation``) -> dispatch
 (UNAVAILABLE when no worker) -> stream deltas (``stream=false``: one merged
 message). A client cancel cancels this handler; the dispatcher's ``finally``
-cancels the worker stream, which aborts the request on the worker.
+cancels the worker stream, which aborts the request on the worker. A bug answers
+INTERNAL with its message, never grpc's bare UNKNOWN.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from typing import AsyncIterator
@@ -19,6 +22,9 @@ from pdserve.cluster.wire import params_values_from_proto
 from pdserve.router.errors import RequestError, invalid
 from pdserve.router.request_types import Delta, Prompt, merge
 from pdserve.router.service import RouterCore
+from pdserve.router.validation import check_messages
+
+log = logging.getLogger(__name__)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -49,6 +55,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await context.abort(err.grpc_code, err.message)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Exception as exc:  # a bug must still answer with a status that says so
+            log.exception("request failed")
+            self._core.metrics.observe_error("grpc", "internal")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 
     def _observe(self, delta: Delta) -> None:
         if delta.finish_reason is not None:
@@ -76,7 +86,8 @@ def _prompt(request: router_pb2.GenerateRequest) -> Prompt:
     if which == "chat":
         if not request.chat.messages:
             raise invalid("chat.messages must not be empty", "chat")
-        return Prompt(messages=[{"role": m.role, "content": m.content} for m in request.chat.messages])
+        return Prompt(messages=check_messages([{"role": m.role, "content": m.content}
+                                               for m in request.chat.messages]))
     if which == "token_ids":
         return Prompt(token_ids=list(request.token_ids.ids))
     raise invalid("one of text, chat or token_ids is required", "prompt")

@@ -2,12 +2,15 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or SSE with
 ``stream: true`` ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics``, ``GET /workers``.
+``GET /metrics``, ``GET /workers``, ``GET /openapi.json`` (``openapi``).
 
-Lifecycle of a request: parse + validate (400) -> prepare (tokenize, limits) ->
-dispatch to a worker -> respond. The runner is built with handler cancellation, so
-a client disconnect cancels the handler; the dispatcher's ``finally`` then cancels
-the worker stream, which aborts the request there and frees its KV blocks.
+Lifecycle of a request: API key (401, ``auth``) -> read the body (413 / 400,
+``request_body``) -> parse + validate (400) -> prepare (tokenize, limits) ->
+dispatch to a worker -> respond. Every error, aiohttp's own (404, 405) included,
+is answered in OpenAI's error shape. The runner is built with handler
+cancellation, so a client disconnect cancels the handler; the dispatcher's
+``finally`` then cancels the worker stream, which aborts the request there and
+frees its KV blocks.
 NOTE: for streams, headers are sent only with the first delta, so "no worker"
 and worker-side validation errors are still plain HTTP errors.
 """
@@ -23,9 +26,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pdserve.router.errors import RequestError, invalid
+from pdserve.router.auth import ApiKey, unauthorized
+from pdserve.router.errors import RequestError
 from pdserve.router.openai_protocol import OpenAIRequest, parse_chat, parse_completion
 from pdserve.router.openai_responses import ResponseBuilder
+from pdserve.router.openapi import openapi_document
+from pdserve.router.request_body import read_json
 from pdserve.router.request_types import merge
 from pdserve.router.service import RouterCore
 
@@ -33,18 +39,35 @@ log = logging.getLogger(__name__)
 
 
 class HttpApi:
-    def __init__(self, core: RouterCore) -> None:
+    def __init__(self, core: RouterCore, api_key: ApiKey = ApiKey(), max_body_bytes: int = 8 << 20) -> None:
         self._core = core
+        self._api_key = api_key
+        self._max_body_bytes = max_body_bytes
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=32 << 20)
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._guard])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/workers", self.workers)
+        app.router.add_get("/openapi.json", self.openapi)
         return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The API key on protected paths, and OpenAI's error shape for aiohttp's own errors."""
+        authorization = request.headers.get("Authorization")
+        if self._api_key.protects(_route_path(request)) and not self._api_key.allows(authorization):
+            return _error(unauthorized(authorization), {"WWW-Authenticate": "Bearer"})
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
+            return _error(RequestError(f"{exc.reason}: {request.method} {request.path}", exc.status), headers)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
@@ -55,7 +78,7 @@ class HttpApi:
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         arrival, api = time.monotonic(), f"http_{kind}"
         try:
-            body = await _json_body(request)
+            body = await read_json(request, self._max_body_bytes)
             parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
             prefix = "chatcmpl" if kind == "chat" else "cmpl"
             rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -71,7 +94,7 @@ class HttpApi:
             return web.json_response(builder.full(final))
         except RequestError as err:
             self._core.metrics.observe_error(api, err.code or str(err.status))
-            return web.json_response(err.body(), status=err.status)
+            return _error(err)
         except ConnectionError:
             raise  # the client went away; nothing to answer
         except Exception as exc:  # a bug must still answer in the API's error shape
@@ -122,13 +145,19 @@ class HttpApi:
     async def workers(self, _: web.Request) -> web.Response:
         return web.json_response(self._core.workers_json())
 
+    async def openapi(self, _: web.Request) -> web.Response:
+        return web.json_response(openapi_document(self._core.max_tokens, self._max_body_bytes, self._api_key.enabled,
+                                                  self._api_key.protect_metrics, self._core.catalog.served()))
 
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
+
+def _route_path(request: web.Request) -> str:
+    """The path of the route aiohttp matched (what auth protects), else the request's path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
+def _error(err: RequestError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=headers)
 
 
 async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:

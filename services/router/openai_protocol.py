@@ -6,15 +6,18 @@ Accepted: the OpenAI fields pdserve implements, vLLM-style extras (top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids, include_stop_str_in_output), and
 fields with no effect on generation (user, metadata, store=false, service_tier).
 Fields OpenAI defines but pdserve does not implement are accepted only at their
-default value (e.g. n=1, echo=false, no tools); anything else is a 400.
+default value (e.g. n=1, echo=false, no tools); anything else is a 400. Numeric
+ranges and chat roles are the ones gRPC has too (``validation``); ``prepare``
+checks the sampling values of both APIs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pdserve.router.errors import invalid
+from pdserve.router.errors import invalid, shown
 from pdserve.router.request_types import Prompt
+from pdserve.router.validation import INT_BOUNDS, check_int, check_messages
 
 _SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k", "min_p",
              "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output")
@@ -65,14 +68,14 @@ class OpenAIRequest:
     values: dict[str, Any]  # SamplingParams keyword arguments the client set
     stream: bool
     include_usage: bool
-    default_max_tokens: int | None  # 16 for completions (OpenAI), the rest of the context for chat
+    default_max_tokens: int | None  # 16 for completions (OpenAI); None for chat (the router's --default-max-tokens)
 
 
 def parse_completion(body: Any) -> OpenAIRequest:
     _check_fields(body, _COMPLETION)
     logprobs = body.get("logprobs")
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
-        raise invalid(f"logprobs must be an integer (number of top alternatives), got {logprobs!r}", "logprobs")
+    if logprobs is not None:
+        check_int("logprobs", logprobs, INT_BOUNDS["logprobs"])
     values = _sampling_values(body, body.get("max_tokens"), "max_tokens")
     if logprobs is not None:
         values["logprobs"] = logprobs
@@ -86,7 +89,9 @@ def parse_chat(body: Any) -> OpenAIRequest:
     values = _sampling_values(body, body.get(max_key), max_key)
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
-        raise invalid(f"logprobs must be a boolean, got {logprobs!r}", "logprobs")
+        raise invalid(f"logprobs must be a boolean, got {shown(logprobs)}", "logprobs")
+    if top is not None:
+        check_int("top_logprobs", top, INT_BOUNDS["logprobs"])
     if top is not None and not logprobs:
         raise invalid("top_logprobs requires logprobs=true", "top_logprobs")
     if logprobs:
@@ -100,14 +105,15 @@ def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
         raise invalid("the request body must be a JSON object")
     unknown = sorted(k for k in body if k not in allowed and k not in _ONLY_DEFAULT)
     if unknown:
-        raise invalid(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
+        raise invalid(f"unrecognized request argument(s): {', '.join(shown(k)[1:-1] for k in unknown[:8])}",
+                      shown(unknown[0])[1:-1], "unknown_parameter")
     for name, ok in _ONLY_DEFAULT.items():
         if name in body and not ok(body[name]):
-            raise invalid(f"{name}={body[name]!r} is not supported by pdserve", name, "unsupported_parameter")
+            raise invalid(f"{name}={shown(body[name])} is not supported by pdserve", name, "unsupported_parameter")
     for name, (types, what) in _TYPES.items():
         value = body.get(name)
         if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            raise invalid(f"{name} must be {what}, got {value!r}", name, "invalid_type")
+            raise invalid(f"{name} must be {what}, got {shown(value)}", name, "invalid_type")
     if not body.get("model"):
         raise invalid("model is required", "model", "missing_required_parameter")
 
@@ -115,15 +121,14 @@ def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
 def _sampling_values(body: dict[str, Any], max_tokens: Any, max_key: str) -> dict[str, Any]:
     values = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
     if max_tokens is not None:
-        if max_tokens < 1:
-            raise invalid(f"{max_key} must be >= 1, got {max_tokens}", max_key)
-        values["max_tokens"] = max_tokens
+        values["max_tokens"] = check_int(max_key, max_tokens, INT_BOUNDS["max_tokens"])
     stop = values.get("stop")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
-        raise invalid(f"stop must be a string or a list of strings, got {stop!r}", "stop", "invalid_type")
+        raise invalid(f"stop must be a string or a list of strings, got {shown(stop)}", "stop", "invalid_type")
     ids = values.get("stop_token_ids", [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise invalid(f"stop_token_ids must be a list of integers, got {ids!r}", "stop_token_ids", "invalid_type")
+        raise invalid(f"stop_token_ids must be a list of integers, got {shown(ids)}", "stop_token_ids",
+                      "invalid_type")
     return values
 
 
@@ -134,7 +139,11 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
         raise invalid("stream_options is only allowed with stream=true", "stream_options")
     unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
     if unknown:
-        raise invalid(f"unrecognized stream_options: {', '.join(unknown)}", "stream_options")
+        raise invalid(f"unrecognized stream_options: {shown(unknown)}", "stream_options")
+    for name, value in options.items():
+        if value is not None and not isinstance(value, bool):
+            raise invalid(f"stream_options.{name} must be a boolean, got {shown(value)}", f"stream_options.{name}",
+                          "invalid_type")
     return stream, bool(options.get("include_usage"))
 
 
@@ -160,11 +169,12 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise invalid(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-        if m["role"] not in ("system", "developer", "user", "assistant"):
-            raise invalid(f"messages[{i}].role {m['role']!r} is not supported", f"messages[{i}].role")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"],
-                    "content": _content(m.get("content"), i)})
-    return out
+        unknown = sorted(k for k in m if k not in ("role", "content", "name") and m[k] not in (None, "", [], {}))
+        if unknown:
+            raise invalid(f"messages[{i}] has unsupported field(s): {shown(unknown)}", f"messages[{i}]",
+                          "unsupported_parameter")
+        out.append({"role": m["role"], "content": _content(m.get("content"), i)})
+    return check_messages(out)
 
 
 def _content(content: Any, i: int) -> str:

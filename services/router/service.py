@@ -15,7 +15,7 @@ from pdserve.cluster.records import WorkerRecord, kv_mismatch
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.models import ModelCatalog
-from pdserve.router.prepare import prepare
+from pdserve.router.prepare import MaxTokensPolicy, prepare
 from pdserve.router.request_types import Delta, GenerationRequest, Prompt
 from pdserve.router.worker_pool import WorkerPool
 
@@ -27,10 +27,12 @@ class RouterCore:
     pool: WorkerPool
     dispatcher: Dispatcher
     metrics: RouterMetrics
+    max_tokens: MaxTokensPolicy = MaxTokensPolicy()
 
     async def prepare(self, request_id: str, model: str | None, prompt: Prompt, values: dict[str, Any],
                       arrival: float, default_max_tokens: int | None) -> tuple[GenerationRequest, Any]:
-        return await prepare(self.catalog, request_id, model, prompt, values, arrival, default_max_tokens)
+        return await prepare(self.catalog, request_id, model, prompt, values, arrival, default_max_tokens,
+                             self.max_tokens)
 
     def dispatch(self, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
         return self.dispatcher.stream(req, tokenizer)
