@@ -16,6 +16,7 @@ reconnect backoff.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -60,6 +61,16 @@ class TLSFiles:
         return grpc.ssl_channel_credentials(root_certificates=self._read(self.ca),
                                             private_key=self._read(self.key),
                                             certificate_chain=self._read(self.cert))
+
+    def https_context(self) -> ssl.SSLContext | None:
+        """Server-side TLS for an HTTP API (the router's OpenAI API): the certificate and
+        key, no client certificates (HTTP clients authenticate with the API key); None
+        without a certificate."""
+        if not self.cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        return context
 
     def etcd_conn_args(self) -> dict[str, bytes]:
         """Keyword arguments for ``etcd3aio.Etcd3Client`` (empty when TLS is off)."""

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import tempfile
 import time
 import urllib.request
@@ -69,7 +70,8 @@ class LocalCluster:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.spec.http_port}"
+        scheme = "https" if "--tls-cert" in self.spec.router_args else "http"  # the router serves HTTPS with a cert
+        return f"{scheme}://127.0.0.1:{self.spec.http_port}"
 
     @property
     def grpc_address(self) -> str:
@@ -121,7 +123,9 @@ class LocalCluster:
     def live_workers(self) -> list[dict]:
         """The router's ``GET /workers``; [] while the router is not answering."""
         try:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            # NOTE: our own child on loopback: its certificate names the host clients use, not 127.0.0.1
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                 urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
             with opener.open(f"{self.http_url}/workers", timeout=2.0) as response:
                 return json.loads(response.read())
         except (OSError, ValueError):

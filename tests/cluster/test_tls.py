@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import ssl
 import subprocess
 
 import grpc
@@ -78,8 +80,13 @@ def test_cluster_over_mutual_tls(pki):
     with local_cluster(hybrid=1, worker_args=files("server"), router_args=files("client")) as cluster:
         body = json.dumps({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4,
                            "temperature": 0}).encode()
+        assert cluster.http_url.startswith("https://")  # the router's HTTP API is TLS too
         req = urllib.request.Request(f"{cluster.http_url}/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
+        context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        context.check_hostname = False  # the certificate names localhost; the test dials 127.0.0.1
+        with urllib.request.urlopen(req, timeout=120, context=context) as resp:
             out = json.load(resp)
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP is not served
+            urllib.request.urlopen(cluster.http_url.replace("https://", "http://") + "/health", timeout=10)
         assert out["choices"][0]["finish_reason"] in ("stop", "length")
         assert out["usage"]["completion_tokens"] >= 1
