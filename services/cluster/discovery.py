@@ -12,7 +12,10 @@ NOTE: an etcd that lost its data (restarted with an empty data dir) starts again
 revision 1 under a new cluster id, and a reconnected watch would wait for revisions
 of the old one. A probe reads etcd's header every ``probe_interval`` seconds; a
 revision that went backwards or another cluster id re-reads the prefix and watches
-from the new revision.
+from the new revision. The workers re-register within a few seconds (their leases
+died with the data); until ``grace`` seconds have passed, a worker missing from the
+new etcd is still served (as while etcd is down), then the prefix is read again and
+the ones that did not come back are dropped.
 """
 from __future__ import annotations
 
@@ -34,11 +37,14 @@ PUT, DELETE = 0, 1
 class Discovery:
     """Live workers (``records``) and their latest load (``loads``), by worker id."""
 
-    def __init__(self, client: Etcd3Client, keys: KeySpace, probe_interval: float = 1.0) -> None:
+    def __init__(self, client: Etcd3Client, keys: KeySpace, probe_interval: float = 1.0, grace: float = 15.0) -> None:
         self._client = client
         self._keys = keys
         self._probe_interval = probe_interval
-        self._seen = (0, 0)  # (cluster id, revision) of the etcd we read last
+        self._grace = grace
+        self._seen = (0, 0)  # (cluster id, highest revision) of the etcd we read
+        self._keep_until = 0.0  # loop time: a worker missing from a read is kept until then
+        self._kept: set[str] = set()  # kept that way, not seen in the new etcd yet
         self.records: dict[str, WorkerRecord] = {}
         self.loads: dict[str, LoadReport] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -74,6 +80,11 @@ class Discovery:
         records, loads = {}, {}
         for kv in response.kvs:
             self._apply(kv.key.decode(), kv.value, PUT, records, loads)
+        kept = {}
+        if asyncio.get_running_loop().time() < self._keep_until:
+            kept = {w: r for w, r in self.records.items() if w not in records}
+            records.update(kept)
+        self._kept = set(kept)
         changed = records != self.records
         self.records, self.loads = records, loads
         self._seen = (response.header.cluster_id, response.header.revision)
@@ -104,7 +115,6 @@ class Discovery:
         async for response in stream:
             if response.compact_revision or response.canceled:
                 return  # history is gone or the server dropped us: resync
-            self._seen = (self._seen[0], max(self._seen[1], response.header.revision))
             before = dict(self.records)
             for event in response.events:
                 self._apply(event.kv.key.decode(), event.kv.value, event.type, self.records, self.loads)
@@ -112,9 +122,14 @@ class Discovery:
                 self._notify()
 
     async def _probe(self) -> None:
-        """Return once etcd is not the one we watch any more (data lost, another cluster)."""
+        """Return once etcd is not the one we watch any more (data lost, another cluster),
+        or the grace for workers missing after that is over."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._probe_interval)
+            if self._kept and loop.time() >= self._keep_until:
+                log.info("workers %s did not register again; dropping them", sorted(self._kept))
+                return
             try:
                 header = (await self._client.kv.get(self._keys.prefix, count_only=True, timeout=2.0)).header
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError):
@@ -122,9 +137,11 @@ class Discovery:
             cluster, revision = self._seen
             if header.cluster_id != cluster or header.revision < revision:
                 log.warning("etcd changed under the watch (cluster %x revision %d, was %x revision %d: restarted "
-                            "without its data?); re-reading every worker", header.cluster_id, header.revision,
-                            cluster, revision)
+                            "without its data?); re-reading every worker, keeping the missing ones %.0f s",
+                            header.cluster_id, header.revision, cluster, revision, self._grace)
+                self._keep_until = loop.time() + self._grace
                 return
+            self._seen = (cluster, header.revision)
 
     def _apply(self, key: str, value: bytes, kind: int, records: dict, loads: dict) -> None:
         parsed = self._keys.parse(key)

@@ -147,7 +147,8 @@ def reference() -> Iterator[tuple[list[list[int]], list[list[int]]]]:
     yield prompts, [list(o.token_ids) for o in outs]
 
 
-def _stream(cluster: Cluster, ids: list[int], tally: Tally, want: list[int]) -> None:
+def _stream(cluster: Cluster, ids: list[int], tally: Tally, want: list[int]) -> bool:
+    """One request; whether it succeeded."""
     request = router_pb2.GenerateRequest(
         token_ids=router_pb2.TokenIds(ids=ids), stream=True,
         params=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
@@ -156,8 +157,10 @@ def _stream(cluster: Cluster, ids: list[int], tally: Tally, want: list[int]) -> 
         for response in router_stub(f"127.0.0.1:{cluster.grpc_port}").Generate(request, timeout=DEADLINE):
             got.extend(response.token_ids)
         tally.record(got, want, None)
+        return True
     except grpc.RpcError as error:
         tally.record(got, want, error)
+        return False
 
 
 def _load(cluster: Cluster, prompts: list[list[int]], wants: list[list[int]], tally: Tally,
@@ -165,7 +168,8 @@ def _load(cluster: Cluster, prompts: list[list[int]], wants: list[list[int]], ta
     rng = random.Random(seed)
     while not stop.is_set():
         i = rng.randrange(len(prompts))
-        _stream(cluster, prompts[i], tally, wants[i])
+        if not _stream(cluster, prompts[i], tally, wants[i]):
+            stop.wait(0.2)  # as a client would back off
 
 
 def _faults(cluster: Cluster) -> list[tuple[str, Callable[[], None]]]:

@@ -130,7 +130,7 @@ def test_discovery_follows_an_etcd_that_lost_its_data(etcd: Any, tmp_path: Any) 
     async def body() -> None:
         keys = KeySpace("t4")
         worker_client, router_client = await connect(server.url), await connect(server.url)
-        discovery = Discovery(router_client, keys, probe_interval=0.2)
+        discovery = Discovery(router_client, keys, probe_interval=0.2, grace=3.0)
         await discovery.start()
         old = Registration(worker_client, keys, record("w5"), LoadReport, ttl=5, load_interval=0.05)
         await old.start()
@@ -143,8 +143,10 @@ def test_discovery_follows_an_etcd_that_lost_its_data(etcd: Any, tmp_path: Any) 
         server.child, server.data_dir = restarted.child, restarted.data_dir
         new = Registration(worker_client, keys, record("w6"), LoadReport, ttl=5, load_interval=1.0)
         await retry_until_reachable(new.start, 20.0, "restarted etcd")
+        await until(lambda: "w6" in {r.id for r in discovery.live()}, 5.0)
+        assert "w5" in {r.id for r in discovery.live()}  # kept while it may still register again
         took = await until(lambda: [r.id for r in discovery.live()] == ["w6"], 10.0)
-        assert took < 5.0
+        assert took < 5.0  # dropped once the grace is over
         await new.stop()
         await until(lambda: not discovery.live(), 5.0)
         await discovery.stop()
