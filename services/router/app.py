@@ -65,7 +65,7 @@ class RouterProcess:
                           RoutingConfig(c.local_prefill_threshold, c.prefill_candidates), tls=c.tls[0])
         catalog = ModelCatalog(discovery, self._load_tokenizer, self._tokenizer_failed)
         self.core = RouterCore(discovery, catalog, pool, Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery),
-                               MaxTokensPolicy(c.default_max_tokens, c.max_tokens_cap))
+                               MaxTokensPolicy(c.default_max_tokens, c.max_tokens_cap), c.max_inflight)
         self.core.catalog.preload()
         await self._start_grpc()
         await self._start_http()

@@ -51,6 +51,8 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", dest="default_max_tokens",
                    help="max_tokens of a chat request that sets none (default 4096; 0 = the rest of the context; "
                         "completions keep OpenAI's 16)")
+    p.add_argument("--max-inflight", dest="max_inflight",
+                   help="requests served at once; more get 429 with Retry-After (default 1024; 0 = no bound)")
     p.add_argument("--max-tokens-cap", dest="max_tokens_cap",
                    help="largest max_tokens a request may ask for; larger ones get 400 (default 0 = no cap)")
 

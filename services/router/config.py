@@ -38,6 +38,7 @@ class RouterConfig:
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 4096  # chat requests without max_tokens; 0 = the rest of the context
     max_tokens_cap: int = 0  # 0 = no cap but the context length
+    max_inflight: int = 1024  # requests served at once; more get 429 (0 = no bound)
 
     tls_cert: str = ""
     tls_key: str = ""
@@ -73,6 +74,8 @@ class RouterConfig:
     def _check_request_limits(self) -> None:
         if self.max_body_bytes < 1024:
             raise RouterConfigError(f"max_body_bytes={self.max_body_bytes} is invalid: expected bytes >= 1024")
+        if self.max_inflight < 0:
+            raise RouterConfigError(f"max_inflight={self.max_inflight} is invalid: expected an integer >= 0")
         for name in ("default_max_tokens", "max_tokens_cap"):
             if not 0 <= getattr(self, name) <= 2**31 - 1:
                 raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected tokens in "

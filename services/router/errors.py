@@ -12,10 +12,12 @@ import grpc
 
 _GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         429: grpc.StatusCode.RESOURCE_EXHAUSTED,
          502: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 500: grpc.StatusCode.INTERNAL,
          504: grpc.StatusCode.DEADLINE_EXCEEDED}
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable_error",
           502: "worker_error", 500: "internal_error", 504: "timeout_error"}
 
 

@@ -157,6 +157,8 @@ def _route_path(request: web.Request) -> str:
 
 
 def _error(err: RequestError, headers: dict[str, str] | None = None) -> web.Response:
+    if err.status == 429:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return web.json_response(err.body(), status=err.status, headers=headers)
 
 

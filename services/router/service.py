@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Iterator
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.records import WorkerRecord, kv_mismatch
 from pdserve.router.dispatch import Dispatcher
+from pdserve.router.errors import RequestError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.models import ModelCatalog
 from pdserve.router.prepare import MaxTokensPolicy, prepare
@@ -28,6 +29,8 @@ class RouterCore:
     dispatcher: Dispatcher
     metrics: RouterMetrics
     max_tokens: MaxTokensPolicy = MaxTokensPolicy()
+    max_inflight: int = 0  # 0 = no bound
+    inflight: int = 0
 
     async def prepare(self, request_id: str, model: str | None, prompt: Prompt, values: dict[str, Any],
                       arrival: float, default_max_tokens: int | None) -> tuple[GenerationRequest, Any]:
@@ -46,11 +49,17 @@ class RouterCore:
 
     @contextlib.contextmanager
     def tracking(self, api: str) -> Iterator[None]:
+        """Count one request being served; ``RequestError`` 429 when ``max_inflight`` are."""
+        if self.max_inflight and self.inflight >= self.max_inflight:
+            raise RequestError(f"the router is serving its limit of {self.max_inflight} requests at once; "
+                               f"retry in a moment", 429, None, "too_many_requests")
         gauge = self.metrics.inflight.labels(api)
         gauge.inc()
+        self.inflight += 1
         try:
             yield
         finally:
+            self.inflight -= 1
             gauge.dec()
 
     def workers_json(self) -> list[dict[str, Any]]:

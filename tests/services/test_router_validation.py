@@ -296,3 +296,31 @@ def test_cluster_still_serves_after_bad_input(cluster: InProcessCluster) -> None
     assert status == 200 and reply["usage"]["completion_tokens"] == 2
     (only,) = generate(router_stub(cluster.grpc_address), stream=False, text="x", params={"max_tokens": 2})
     assert len(only.token_ids) == 2
+
+
+# -- bounded admission: 429 with Retry-After ---------------------------------------------------------------------------
+
+def test_requests_over_max_inflight_get_429_with_retry_after(cluster: InProcessCluster) -> None:
+    import threading
+
+    router = start_router(cluster, max_inflight=1)
+    try:
+        stub = router_stub(f"127.0.0.1:{router.grpc_port}")
+        slow = threading.Thread(target=generate, args=(stub,), kwargs={"text": "x", "params": {"max_tokens": 600}})
+        slow.start()
+        wait_for(lambda: router.core.inflight == 1, 10.0, what="the slow request admitted")
+        request = urllib.request.Request(f"http://127.0.0.1:{router.http_port}/v1/completions",
+                                         json.dumps(completion()).encode(), {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10)
+        assert info.value.code == 429 and info.value.headers["Retry-After"] == "1"
+        assert_openai_error(429, json.loads(info.value.read()), 429, "limit of 1 requests")
+        with pytest.raises(grpc.RpcError) as rpc:
+            generate(stub, text="x", params={"max_tokens": 2})
+        assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        slow.join(30)
+        wait_for(lambda: router.core.inflight == 0, 10.0, what="the slow request done")
+        status, reply = post(f"http://127.0.0.1:{router.http_port}/v1/completions", completion())
+        assert status == 200 and reply["usage"]["completion_tokens"] == 2
+    finally:
+        cluster.call(router.stop(1.0))
