@@ -5,6 +5,7 @@ any test module imports ``kernels``: on a machine without CUDA the kernels then
 run on the CPU interpreter.
 """
 import os
+import secrets
 
 
 def _cuda_available() -> bool:
@@ -18,3 +19,8 @@ def _cuda_available() -> bool:
 
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One cluster secret for the session: every cluster a test starts (and its subprocesses)
+# signs P/D orders and authenticates Worker RPCs with it; tests/services/clients.py
+# sends its token on direct worker calls.
+os.environ.setdefault("PDSERVE_CLUSTER_SECRET", "test-" + secrets.token_hex(16))

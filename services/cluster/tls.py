@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.cluster.rpc_auth import client_interceptors, server_interceptors
+
 
 class TLSConfigError(ValueError):
     """A TLS file is missing or only half of a certificate/key pair is given."""
@@ -122,14 +124,18 @@ def server_options(min_ping_interval_ms: int = CLIENT_KEEPALIVE_MS // 2) -> list
             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_ping_strikes", 0)]
 
 
-def new_server(min_ping_interval_ms: int = CLIENT_KEEPALIVE_MS // 2) -> grpc.aio.Server:
-    """A grpc.aio server of pdserve (workers, router) that tolerates its clients' keepalive."""
-    return grpc.aio.server(options=server_options(min_ping_interval_ms))
+def new_server(min_ping_interval_ms: int = CLIENT_KEEPALIVE_MS // 2, token: str = "") -> grpc.aio.Server:
+    """A grpc.aio server of pdserve (workers, router) that tolerates its clients' keepalive;
+    with a cluster ``token``, Worker RPCs require it (``rpc_auth``)."""
+    return grpc.aio.server(options=server_options(min_ping_interval_ms), interceptors=server_interceptors(token))
 
 
-def open_channel(address: str, tls: TLSFiles, options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
-    """A channel with pdserve's keepalive and reconnect settings; ``options`` override them."""
+def open_channel(address: str, tls: TLSFiles, options: list[tuple[str, object]] | None = None,
+                 token: str = "") -> grpc.aio.Channel:
+    """A channel with pdserve's keepalive and reconnect settings (``options`` override them),
+    sending the cluster ``token`` on every call when given."""
     merged = list({k: v for k, v in [*CLIENT_OPTIONS, *(options or [])]}.items())
+    interceptors = client_interceptors(token)
     if tls.enabled:
-        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=merged)
-    return grpc.aio.insecure_channel(address, options=merged)
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=merged, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=merged, interceptors=interceptors)

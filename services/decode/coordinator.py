@@ -38,7 +38,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import grpc
@@ -71,6 +71,7 @@ class DecodeConfig:
     abort_timeout: float = 5.0
     release_retry: float = 1.0
     tls: TLSFiles = TLSFiles()
+    token: str = field(default="", repr=False)  # the cluster's token for Worker RPCs (rpc_auth)
 
     def __post_init__(self) -> None:
         if self.local_prefill_threshold < 0:
@@ -297,7 +298,7 @@ class DecodeCoordinator:
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address, self._config.tls)
+            channel = self._channels[address] = open_channel(address, self._config.tls, token=self._config.token)
         return worker_pb2_grpc.WorkerStub(channel)
 
     async def close(self, timeout: float = 5.0) -> None:

@@ -89,7 +89,8 @@ class LocalCluster:
                                "--host", "127.0.0.1", "--grpc-port", str(self.spec.grpc_port),
                                "--http-port", str(self.spec.http_port), "--policy", self.spec.policy,
                                *self.spec.router_args)
-        self.router = self.group.spawn(Child("router", argv, os.path.join(self.log_dir, "router.log")))
+        self.router = self.group.spawn(Child("router", argv, os.path.join(self.log_dir, "router.log"),
+                                             child_env({"PDSERVE_ROUTER_CLUSTER_SECRET": self.secret})))
         for role in self.spec.roles:
             self.add_worker(role)
         return self

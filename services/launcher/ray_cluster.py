@@ -202,7 +202,8 @@ class RayCluster:
         self.launcher_ip = ray.util.get_node_ip_address()
         self._reserve(ray, len(self.plan.workers))
         this_node = _on_node(ray.get_runtime_context().get_node_id())
-        self.router = self._launch(ray, self._actor(ray, this_node, {"num_cpus": 0}), self.plan.router, {})
+        self.router = self._launch(ray, self._actor(ray, this_node, {"num_cpus": 0}), self.plan.router,
+                                   {"PDSERVE_ROUTER_CLUSTER_SECRET": self.plan.secret})
         for child, pg in zip(self.plan.workers, self._placement_groups):
             self.workers.append(self._host_worker(ray, child, pg))
         return self

@@ -35,6 +35,7 @@ from pdserve.router.policies import MostFreeKV, PrefixAware, make_policy
 from pdserve.router.prepare import MaxTokensPolicy
 from pdserve.router.service import RouterCore
 from pdserve.router.worker_pool import RoutingConfig, WorkerPool
+from pdserve.cluster.rpc_auth import token_for
 from pdserve.cluster.tls import add_port, new_server
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class RouterProcess:
         policies = {"hybrid": make_policy(c.policy, c.prefix_blocks, c.overload_margin), "decode": MostFreeKV(),
                     "prefill": PrefixAware(c.prefix_blocks, c.overload_margin)}
         pool = WorkerPool(discovery, policies, c.suspect_seconds,
-                          RoutingConfig(c.local_prefill_threshold, c.prefill_candidates), tls=c.tls[0])
+                          RoutingConfig(c.local_prefill_threshold, c.prefill_candidates), tls=c.tls[0],
+                          token=token_for(c.cluster_secret))
         catalog = ModelCatalog(discovery, self._load_tokenizer, self._tokenizer_failed)
         self.core = RouterCore(discovery, catalog, pool, Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery),
                                MaxTokensPolicy(c.default_max_tokens, c.max_tokens_cap), c.max_inflight)

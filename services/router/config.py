@@ -34,6 +34,9 @@ class RouterConfig:
     prefill_candidates: int = 2
 
     api_key: str = dataclasses.field(default="", repr=False)  # "" = no authentication
+    # The workers' shared secret (env PDSERVE_ROUTER_CLUSTER_SECRET): the router's calls to
+    # workers carry the token derived from it (pdserve.cluster.rpc_auth). "" = none.
+    cluster_secret: str = dataclasses.field(default="", repr=False)
     metrics_require_key: bool = False
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 4096  # chat requests without max_tokens; 0 = the rest of the context

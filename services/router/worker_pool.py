@@ -61,9 +61,10 @@ class Route:
 
 class WorkerPool:
     def __init__(self, discovery: Discovery, policies: dict[str, Policy], suspect_seconds: float = 10.0,
-                 routing: RoutingConfig = RoutingConfig(), tls: TLSFiles = TLSFiles()) -> None:
+                 routing: RoutingConfig = RoutingConfig(), tls: TLSFiles = TLSFiles(), token: str = "") -> None:
         self._discovery = discovery
         self._tls = tls
+        self._token = token  # the cluster's token for Worker RPCs (pdserve.cluster.rpc_auth)
         self._policies = policies
         self._suspect_seconds = suspect_seconds
         self._routing = routing
@@ -129,7 +130,7 @@ class WorkerPool:
         if channel is None or address != record.grpc_address:
             channel = open_channel(record.grpc_address, self._tls, options=[
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.max_receive_message_length", 64 << 20)])
+                ("grpc.max_receive_message_length", 64 << 20)], token=self._token)
             self._channels[record.id] = (record.grpc_address, channel)
         return worker_pb2_grpc.WorkerStub(channel)
 

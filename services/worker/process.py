@@ -42,6 +42,7 @@ from pdserve.worker.config import WorkerConfig, resolve_kv_send
 from pdserve.worker.metrics import MetricsServer, WorkerMetrics
 from pdserve.worker.remote_rpc import RemoteRoles
 from pdserve.worker.servicer import Inflight, WorkerServicer
+from pdserve.cluster.rpc_auth import token_for
 from pdserve.cluster.tls import add_port, new_server
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     if config.role in ("decode", "hybrid"):
         decode = DecodeCoordinator(engine, peers, DecodeConfig(
             local_prefill_threshold=config.local_prefill_threshold,
-            remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0]), metrics, orders)
+            remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0],
+            token=token_for(config.cluster_secret)), metrics, orders)
     return RemoteRoles(peers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout, orders)
 
 
@@ -138,7 +140,7 @@ class WorkerProcess:
         if self.remote.prefill is not None:
             self.remote.prefill.install()
         self.health = health.aio.HealthServicer()
-        self.server = new_server()
+        self.server = new_server(token=token_for(self.config.cluster_secret))
         servicer = WorkerServicer(self.engine, self.inflight, self.metrics, self.config.worker_id, self.config.role,
                                   self.remote)
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, self.server)

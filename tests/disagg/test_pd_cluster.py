@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 
 from pdserve.cluster.orders import OrderBook
@@ -131,6 +132,27 @@ def test_forged_kv_writes_are_refused_and_logged(cluster: LocalCluster, referenc
     wait_quiet(cluster)
     assert kv_totals(cluster) == before
     assert tokens_of(router_generate(cluster, cached, MAX_TOKENS)) == want  # its cached blocks are intact
+
+
+def test_worker_rpcs_need_the_cluster_token(cluster: LocalCluster) -> None:
+    prefill = workers(cluster, "prefill")[0]
+    for token in ("", "guessed"):
+        with pytest.raises(grpc.RpcError) as info:
+            worker_stub(prefill["grpc_address"], token=token).Stats(worker_pb2.StatsRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            worker_generate_with(prefill["grpc_address"], token)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stats(prefill).kv_peers >= 1  # with the token
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(prefill["grpc_address"]))
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING  # probes need no token
+
+
+def worker_generate_with(address: str, token: str) -> list:
+    request = worker_pb2.WorkerGenerateRequest(request_id="no-token", prompt_token_ids=[1, 2, 3],
+                                               params=common_pb2.SamplingParams(max_tokens=2))
+    return list(worker_stub(address, token=token).Generate(request, timeout=10))
 
 
 def test_idle_workers_burn_no_cpu(cluster: LocalCluster) -> None:

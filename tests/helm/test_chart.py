@@ -283,7 +283,9 @@ def test_workers_share_a_generated_cluster_secret():
         env = {e["name"]: e for e in container(deployment(docs, pool))["env"]}
         ref = env["PDSERVE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "pdserve-cluster-secret", "key": "cluster-secret"}
-    assert "PDSERVE_CLUSTER_SECRET" not in {e["name"] for e in container(deployment(docs, "router")).get("env", [])}
+    router_env = {e["name"]: e for e in container(deployment(docs, "router"))["env"]}
+    assert "PDSERVE_CLUSTER_SECRET" not in router_env  # the router only derives the RPC token from it
+    assert router_env["PDSERVE_ROUTER_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "pdserve-cluster-secret"
     own = render("--set", "clusterSecret.existingSecret=mine", "--set", "clusterSecret.key=k")
     assert "pdserve-cluster-secret" not in objects(own, "Secret")
     env = {e["name"]: e for e in container(deployment(own, "decode"))["env"]}

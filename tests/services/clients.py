@@ -2,7 +2,9 @@
 reading, and gRPC helpers for the router and worker APIs."""
 from __future__ import annotations
 
+import collections
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -10,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 import grpc
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
+
+from pdserve.cluster.rpc_auth import token_for
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -43,8 +47,33 @@ def router_stub(address: str) -> router_pb2_grpc.RouterStub:
     return router_pb2_grpc.RouterStub(grpc.insecure_channel(address))
 
 
-def worker_stub(address: str) -> worker_pb2_grpc.WorkerStub:
-    return worker_pb2_grpc.WorkerStub(grpc.insecure_channel(address))
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
+                                                    "wait_for_ready", "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Sends the cluster's Worker-RPC token, as the router and decode workers do."""
+
+    def __init__(self, token: str) -> None:
+        self._pair = ("authorization", f"Bearer {token}")
+
+    def _details(self, d: Any) -> _Details:
+        return _Details(d.method, d.timeout, [*(d.metadata or ()), self._pair], d.credentials, d.wait_for_ready,
+                        d.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def worker_stub(address: str, token: str | None = None) -> worker_pb2_grpc.WorkerStub:
+    """A Worker stub carrying the test session's cluster token (tests/conftest.py), or ``token``."""
+    token = token_for(os.environ.get("PDSERVE_CLUSTER_SECRET", "")) if token is None else token
+    channel = grpc.insecure_channel(address)
+    return worker_pb2_grpc.WorkerStub(grpc.intercept_channel(channel, _Token(token)) if token else channel)
 
 
 def generate(stub: router_pb2_grpc.RouterStub, stream: bool = True, **fields: Any) -> list[router_pb2.GenerateResponse]:
