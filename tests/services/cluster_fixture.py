@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import time
 from typing import Iterator
 
 from pdserve.launcher.cluster import ClusterSpec, LocalCluster
@@ -54,3 +56,16 @@ def process_gone(pid: int) -> bool:
 def kill_hard(child: Child) -> None:
     child.signal(signal.SIGKILL)
     child.wait(10.0)
+
+
+def kill_launcher(launcher: subprocess.Popen, children: list[int]) -> None:
+    """After a ``pdserve up`` test: SIGKILL the launcher and its children's groups if any is left."""
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+    for pid in children:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.1)

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from typing import Any, Coroutine, Iterator
 
 from pdserve.common.tokenizer import load_tokenizer
 from pdserve.engine.config import EngineConfig
@@ -21,6 +21,7 @@ from pdserve.router.app import RouterProcess
 from pdserve.router.config import RouterConfig
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.process import WorkerProcess
+from tests.services.clients import live_workers, wait_for
 from tests.services.fake_engine import FakeEngine
 
 
@@ -85,3 +86,13 @@ class InProcessCluster:
                 self.etcd.stop()
             self.group.stop_all(2.0)
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def running_cluster(num_workers: int = 1) -> Iterator[InProcessCluster]:
+    """Start a cluster, wait until the router lists its workers, yield it, stop it (module fixtures)."""
+    c = InProcessCluster().start(num_workers=num_workers)
+    try:
+        wait_for(lambda: len(live_workers(c.http_url)) == num_workers, 10.0, what=f"{num_workers} worker(s)")
+        yield c
+    finally:
+        c.stop()

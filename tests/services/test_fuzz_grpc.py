@@ -20,8 +20,8 @@ from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 from pdserve.router.app import RouterProcess
 from pdserve.router.validation import INT32_MAX, INT64_MAX, ROLES
-from tests.services.clients import generate, live_workers, router_stub, wait_for
-from tests.services.inproc import InProcessCluster
+from tests.services.clients import generate, router_stub
+from tests.services.inproc import InProcessCluster, running_cluster
 from tests.services.test_router_validation import start_router
 
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE}
@@ -31,12 +31,7 @@ FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[InProcessCluster]:
-    c = InProcessCluster().start(num_workers=1)
-    try:
-        wait_for(lambda: len(live_workers(c.http_url)) == 1, 10.0, what="one worker")
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(num_workers=1)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from schemathesis.checks import not_a_server_error
 from pdserve.router.app import RouterProcess
 from pdserve.router.openapi import openapi_document
 from pdserve.router.prepare import MaxTokensPolicy
-from tests.services.clients import http_json, live_workers, wait_for
-from tests.services.inproc import InProcessCluster
+from tests.services.clients import http_json
+from tests.services.inproc import InProcessCluster, running_cluster
 from tests.services.test_router_validation import start_router
 
 EXAMPLES = 50
@@ -28,12 +28,7 @@ SETTINGS = {"max_tokens_cap": 8, "default_max_tokens": 4, "max_body_bytes": 1 <<
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[InProcessCluster]:
-    c = InProcessCluster().start(num_workers=1)
-    try:
-        wait_for(lambda: len(live_workers(c.http_url)) == 1, 10.0, what="one worker")
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(num_workers=1)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 from pdserve.common.tokenizer import load_tokenizer
 from tests.services.clients import (blocks_used, chunks, generate, http_json, live_workers, router_stub, sse_events,
                                     wait_for, worker_stub)
-from tests.services.inproc import InProcessCluster
+from tests.services.inproc import InProcessCluster, running_cluster
 
 PROMPT_IDS = [1000]
 EXPECTED_IDS = list(range(1001, 1011))  # FakeEngine: previous token + 1
@@ -25,12 +25,7 @@ EXPECTED_IDS = list(range(1001, 1011))  # FakeEngine: previous token + 1
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[InProcessCluster]:
-    c = InProcessCluster().start(num_workers=2)
-    try:
-        wait_for(lambda: len(live_workers(c.http_url)) == 2, 10.0, what="two workers")
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(num_workers=2)
 
 
 @pytest.fixture(scope="module")

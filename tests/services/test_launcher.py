@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pdserve.launcher.processes import free_port
 from tests.services.clients import http_json, wait_for
-from tests.services.cluster_fixture import process_gone
+from tests.services.cluster_fixture import kill_launcher, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,14 +56,7 @@ def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> Non
         assert launcher.wait(60) == 0
         wait_for(lambda: all(process_gone(pid) for pid in children), 10.0, what="no orphans")
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        for pid in children:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
+        kill_launcher(launcher, children)
 
 
 def test_gpus_pin_workers_round_robin() -> None:

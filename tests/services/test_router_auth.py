@@ -20,8 +20,8 @@ from pdserve.v1 import router_pb2
 from pdserve.router.app import RouterProcess
 from pdserve.router.cli import build_parser
 from pdserve.router.config import RouterConfig, RouterConfigError
-from tests.services.clients import live_workers, router_stub, wait_for
-from tests.services.inproc import InProcessCluster
+from tests.services.clients import router_stub
+from tests.services.inproc import InProcessCluster, running_cluster
 from tests.services.test_router_validation import start_router
 
 KEY = "s3cret-key"
@@ -30,12 +30,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[InProcessCluster]:
-    c = InProcessCluster().start(num_workers=1)
-    try:
-        wait_for(lambda: len(live_workers(c.http_url)) == 1, 10.0, what="one worker")
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(num_workers=1)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from pdserve.router.cli import build_parser
 from pdserve.router.config import RouterConfig, RouterConfigError
 from pdserve.router.prepare import MaxTokensPolicy
 from pdserve.router.validation import FLOAT_BOUNDS, INT_BOUNDS, ROLES
-from tests.services.clients import generate, http_json, live_workers, router_stub, wait_for
-from tests.services.inproc import InProcessCluster
+from tests.services.clients import generate, http_json, router_stub, wait_for
+from tests.services.inproc import InProcessCluster, running_cluster
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -37,12 +37,7 @@ def start_router(cluster: InProcessCluster, **fields: Any) -> RouterProcess:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[InProcessCluster]:
-    c = InProcessCluster().start(num_workers=1)
-    try:
-        wait_for(lambda: len(live_workers(c.http_url)) == 1, 10.0, what="one worker")
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(num_workers=1)
 
 
 @pytest.fixture(scope="module")

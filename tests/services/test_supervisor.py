@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from pdserve.launcher.cluster import ClusterSpec, LocalCluster
 from pdserve.launcher.processes import Child, free_port
 from pdserve.launcher.supervisor import RestartPolicy, Supervisor, describe_exit
 from tests.services.clients import http_json, wait_for
-from tests.services.cluster_fixture import process_gone
+from tests.services.cluster_fixture import kill_launcher, process_gone
 from tests.services.test_launcher import ROOT, children_of
 
 
@@ -157,12 +156,4 @@ def test_pdserve_up_restarts_a_killed_decode_worker_and_stops_cleanly(tmp_path: 
         assert launcher.wait(60) == 0, out_path.read_text()
         wait_for(lambda: all(process_gone(pid) for pid in children), 10.0, what="no orphans")
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait(10)
-        for pid in children:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
+        kill_launcher(launcher, children)
