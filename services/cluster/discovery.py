@@ -80,6 +80,11 @@ class Discovery:
         records, loads = {}, {}
         for kv in response.kvs:
             self._apply(kv.key.decode(), kv.value, PUT, records, loads)
+        if self._lost_data(response.header):  # NOTE: also seen here when the watch failed first
+            log.warning("etcd changed (cluster %x revision %d, was %x revision %d: restarted without its data?); "
+                        "re-read every worker, keeping the missing ones %.0f s", response.header.cluster_id,
+                        response.header.revision, *self._seen, self._grace)
+            self._keep_until = asyncio.get_running_loop().time() + self._grace
         kept = {}
         if asyncio.get_running_loop().time() < self._keep_until:
             kept = {w: r for w, r in self.records.items() if w not in records}
@@ -134,14 +139,14 @@ class Discovery:
                 header = (await self._client.kv.get(self._keys.prefix, count_only=True, timeout=2.0)).header
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError):
                 continue  # unreachable: the watch reconnects by itself; keep serving what we know
-            cluster, revision = self._seen
-            if header.cluster_id != cluster or header.revision < revision:
-                log.warning("etcd changed under the watch (cluster %x revision %d, was %x revision %d: restarted "
-                            "without its data?); re-reading every worker, keeping the missing ones %.0f s",
-                            header.cluster_id, header.revision, cluster, revision, self._grace)
-                self._keep_until = loop.time() + self._grace
-                return
-            self._seen = (cluster, header.revision)
+            if self._lost_data(header):
+                return  # the resync keeps the missing workers for the grace
+            self._seen = (header.cluster_id, header.revision)
+
+    def _lost_data(self, header: Any) -> bool:
+        """Whether etcd's ``header`` shows another etcd than the one read before."""
+        cluster, revision = self._seen
+        return bool(revision) and (header.cluster_id != cluster or header.revision < revision)
 
     def _apply(self, key: str, value: bytes, kind: int, records: dict, loads: dict) -> None:
         parsed = self._keys.parse(key)
