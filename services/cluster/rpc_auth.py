@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 WORKER_METHODS = "/pdserve.v1.Worker/"
 
 
+def bearer_matches(authorization: str | None, token: str) -> bool:
+    """Whether an ``authorization`` value (HTTP header or gRPC metadata) is ``Bearer <token>``,
+    compared in constant time; the scheme is case-insensitive, as in HTTP."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                                               token.encode("utf-8"))
+
+
 def token_for(secret: str) -> str:
     """The bearer token of a cluster secret ("" for none)."""
     return hmac.new(secret.encode(), b"pdserve worker rpc v1", hashlib.sha256).hexdigest() if secret else ""
@@ -32,7 +40,7 @@ class RequireToken(grpc.aio.ServerInterceptor):
     """Refuses Worker calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+        self._token = token
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -40,7 +48,7 @@ class RequireToken(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(WORKER_METHODS):
             return handler
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected.encode()):
+        if isinstance(given, str) and bearer_matches(given, self._token):
             return handler
         log.warning("refused %s: %s cluster token", details.method, "a wrong" if given else "no")
         return _denied(handler)

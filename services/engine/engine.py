@@ -203,10 +203,9 @@ class LLMEngine:
         Returns (block ids covering the prompt, prompt tokens already cached here,
         whose blocks need not be sent), or None if the pool cannot hold it now.
         """
-        req = self._new_request(req_id, prompt_token_ids, params)
         if self.scheduler.blocked_on_kv:  # NOTE: queued requests wait for blocks: do not jump the queue
-            del self.requests[req_id]
             return None
+        req = self._new_request(req_id, prompt_token_ids, params)
         cached = self.kv.match_prefix(req_id, req.token_ids)
         if not self.kv.allocate_slots(req_id, req.num_prompt_tokens):
             self.kv.free(req_id)

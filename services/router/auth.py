@@ -2,14 +2,14 @@
 
 Owns: parsing ``Authorization: Bearer <key>`` (an HTTP header, or the gRPC
 metadata ``authorization``), the constant-time comparison with the configured key
-(``hmac.compare_digest``), which HTTP paths are protected, and the 401 error.
+(``pdserve.cluster.rpc_auth.bearer_matches``), which HTTP paths are protected, and the 401 error.
 With no key configured every request is allowed.
 """
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 
+from pdserve.cluster.rpc_auth import bearer_matches
 from pdserve.router.errors import RequestError
 
 
@@ -24,12 +24,7 @@ class ApiKey:
 
     def allows(self, authorization: str | None) -> bool:
         """Whether an ``Authorization`` value carries the key (always, when no key is set)."""
-        if not self.key:
-            return True
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self.key.encode("utf-8"))
+        return not self.key or bearer_matches(authorization, self.key)
 
     def protects(self, path: str) -> bool:
         """HTTP paths behind the key: the OpenAI API and /workers, and /metrics when asked; never /health."""

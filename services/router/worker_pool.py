@@ -129,7 +129,6 @@ class WorkerPool:
         address, channel = self._channels.get(record.id, ("", None))
         if channel is None or address != record.grpc_address:
             channel = open_channel(record.grpc_address, self._tls, options=[
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                 ("grpc.max_receive_message_length", 64 << 20)], token=self._token)
             self._channels[record.id] = (record.grpc_address, channel)
         return worker_pb2_grpc.WorkerStub(channel)

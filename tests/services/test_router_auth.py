@@ -105,7 +105,7 @@ def test_openai_client_with_and_without_the_key(keyed: RouterProcess) -> None:
 
 
 def test_key_is_compared_in_constant_time(keyed: RouterProcess) -> None:
-    with mock.patch("pdserve.router.auth.hmac.compare_digest", wraps=hmac.compare_digest) as compare:
+    with mock.patch("pdserve.cluster.rpc_auth.hmac.compare_digest", wraps=hmac.compare_digest) as compare:
         assert request(f"{base(keyed)}/v1/models", authorization="Bearer guess")[0] == 401
     compare.assert_called_once_with(b"guess", KEY.encode())
 
