@@ -8,12 +8,13 @@ import argparse
 import sys
 
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.dtypes import MODEL_DTYPES
 
 
 def _parser(name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"pdserve {name}")
     p.add_argument("--model", default="smollm2", help="smollm2, a HF directory, a .gguf file or dummy:<preset>")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--device-type", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -2,7 +2,7 @@
 
 Owns: ``EngineConfig`` (mirrors LMDeploy's PytorchEngineConfig: role, tp, dp, ep,
 adapters, device_type, plus cache and scheduler knobs) and the frozen component
-configs derived from it once, at the edge (``CacheConfig``, ``SchedulerConfig``).
+configs derived from it once, at the edge (``SchedulerConfig``).
 ``device_type`` names a platform of ``pdserve.engine.platforms``.
 Validation raises ``ConfigError`` (a ValueError) with a message naming the field.
 Building from YAML / environment lives here too so every entry point agrees.
@@ -14,11 +14,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pdserve.engine.dtypes import MODEL_DTYPES
 from pdserve.engine.platforms import platform_names
 
 ROLES = ("hybrid", "prefill", "decode")
 DEVICE_TYPES = platform_names()
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = MODEL_DTYPES
 
 
 class ConfigError(ValueError):
@@ -93,13 +94,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    block_size: int
-    num_blocks: int
-    enable_prefix_caching: bool
-
-
-@dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int
     max_prefill_tokens: int
@@ -151,4 +145,4 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["EngineConfig", "CacheConfig", "SchedulerConfig", "ConfigError", "load_yaml", "field"]
+__all__ = ["EngineConfig", "SchedulerConfig", "ConfigError", "load_yaml", "field"]

@@ -32,7 +32,9 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import EngineConfig, SchedulerConfig
 from pdserve.engine.kv_cache import KVCacheManager
 from pdserve.engine.model_runner import DeviceFeed, LayerHook, ModelRunner, RunnerConfig, graph_batch_sizes
-from pdserve.engine.models.loader import DTYPES, load_config, load_model
+from pdserve.engine.dtypes import torch_dtype
+from pdserve.engine.layers import LayerContext
+from pdserve.engine.models.loader import load_config, load_model
 from pdserve.engine.models.model_config import ModelConfig
 from pdserve.engine.platforms import get_platform
 from pdserve.engine.request import Request, Status, TokenLogprob
@@ -93,7 +95,9 @@ class LLMEngine:
         self.model_config: ModelConfig = load_config(self.source)
         self.platform = get_platform(config.device_type)
         self.device = self.platform.device()
-        model = load_model(self.source, self.model_config, config.dtype, self.device, config.seed)
+        model = load_model(self.source, self.model_config, LayerContext(dtype=torch_dtype(config.dtype)),
+                           self.device, config.seed)
+        self._kv_heads = model.kv_heads_per_rank()
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len, num_blocks * config.block_size)
@@ -121,8 +125,8 @@ class LLMEngine:
     # ---- sizing -------------------------------------------------------------
     def block_bytes(self) -> int:
         m = self.model_config
-        item = torch.empty((), dtype=DTYPES[self.config.dtype]).element_size()
-        return m.num_layers * 2 * self.config.block_size * m.num_kv_heads * m.head_dim * item
+        item = torch.empty((), dtype=torch_dtype(self.config.dtype)).element_size()
+        return m.num_layers * 2 * self.config.block_size * self._kv_heads * m.head_dim * item
 
     def _auto_num_blocks(self) -> int:
         free, _ = self.platform.memory_info(self.device)
@@ -133,8 +137,8 @@ class LLMEngine:
 
     def _allocate_cache(self, num_blocks: int) -> torch.Tensor:
         m, c = self.model_config, self.config
-        shape = (m.num_layers, num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim)
-        return torch.zeros(shape, dtype=DTYPES[c.dtype], device=self.device)
+        shape = (m.num_layers, num_blocks, 2, c.block_size, self._kv_heads, m.head_dim)
+        return torch.zeros(shape, dtype=torch_dtype(c.dtype), device=self.device)
 
     # ---- requests -----------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -15,21 +15,19 @@ chosen for that bound. The query offsets are constant (one token per row).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from pdserve.engine.backends.base import AttentionMetadata, Backend
-from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.models.interface import CausalLM
+from pdserve.engine.batch import DeviceFeed, HostBatch
 from pdserve.engine.platforms.base import Graph, Platform
-
-if TYPE_CHECKING:
-    from pdserve.engine.model_runner import DeviceFeed, HostBatch
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, backend: Backend,
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, backend: Backend,
                  platform: Platform, device: torch.device, sizes: tuple[int, ...],
                  block_size: int, max_model_len: int):
         self.model = model
@@ -75,7 +73,7 @@ class DecodeGraphs:
         hidden = self.model(self.tokens[0, :b], self.tokens[1, :b], self.kv_cache, meta, self.backend)
         return self.model.compute_logits(hidden, self.backend)
 
-    def run(self, batch: "HostBatch", num_seqs: int, feed: "DeviceFeed | None" = None,
+    def run(self, batch: HostBatch, num_seqs: int, feed: DeviceFeed | None = None,
             upload: Callable[[np.ndarray], torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [num_seqs, vocab] of a decode step whose host batch is padded to a captured size;
         ``feed`` overwrites input tokens with ones on the device (``upload`` moves its indices)."""

@@ -28,8 +28,9 @@ import json
 import struct
 import time
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Mapping, Sequence
+
+from pdserve.engine.dtypes import ITEMSIZE
 
 PROTOCOL_VERSION = 1
 KV_LAYOUT_NAME = "layer,block,kv,token,head,dim"
@@ -70,9 +71,6 @@ class TransferHandle:
     num_descs: int
 
 
-_ITEMSIZE = MappingProxyType({"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1})
-
-
 @dataclass(frozen=True)
 class KVLayout:
     """Shape of ``kv = empty(num_layers, num_blocks, 2, block_size, heads, head_dim)``.
@@ -94,8 +92,8 @@ class KVLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KVLayout.{name}={value!r} is invalid: expected an integer >= 1")
-        if self.dtype not in _ITEMSIZE:
-            raise ValueError(f"KVLayout.dtype={self.dtype!r} is invalid: expected one of {sorted(_ITEMSIZE)}")
+        if self.dtype not in ITEMSIZE:
+            raise ValueError(f"KVLayout.dtype={self.dtype!r} is invalid: expected one of {sorted(ITEMSIZE)}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"KVLayout.device={self.device!r} is invalid: expected 'cpu' or 'cuda[:N]'")
 
@@ -115,7 +113,7 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
+        return ITEMSIZE[self.dtype]
 
     @property
     def block_bytes(self) -> int:

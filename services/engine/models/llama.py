@@ -1,165 +1,135 @@
 """Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a paged KV cache.
 
-Owns: the module tree and its weights. Parameter names follow Hugging Face's
-checkpoints except for two fusions made at load time (``qkv_proj`` = q;k;v and
-``gate_up_proj`` = gate;up), which ``load_weights`` maps. The forward takes flat
+Owns: the module tree, assembled from ``pdserve.engine.layers`` (so each layer
+holds its rank's slice and does its own collectives), and the map from Hugging
+Face checkpoint names to those layers (q/k/v load into the parts of
+``qkv_proj``, gate/up into the parts of ``gate_up_proj``). The forward takes flat
 token rows of a mixed batch plus ``AttentionMetadata``; it holds no per-request
-state: the KV cache is passed in by the runner.
+state: the KV cache shard is passed in by the runner.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from pdserve.kernels.reference import build_cos_sin_cache
 from pdserve.engine.backends.base import AttentionMetadata, Backend
+from pdserve.engine.layers import (LayerContext, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                   RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding, load_into)
+from pdserve.engine.layers.loading import CheckpointTensor
+from pdserve.engine.models.interface import LayerHook
 from pdserve.engine.models.model_config import ModelConfig
 
-LayerHook = Callable[[int], None]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+# checkpoint projection -> (our merged layer, its part)
+_MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          cfg.qkv_bias, ctx)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, ctx)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ctx) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ctx) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x, positions, cos_sin, kv_layer, meta: AttentionMetadata, be: Backend):
-        qkv = be.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x, be).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = be.rms_norm(q, self.q_norm.weight, self.q_norm.eps)[0]
-            k = be.rms_norm(k, self.k_norm.weight, self.k_norm.eps)[0]
+            q = self.q_norm(q, be)[0]
+            k = self.k_norm(k, be)[0]
         q, k = be.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta)
         o = be.attention(q, k, v, kv_layer, meta, self.scale)
-        return be.linear(o.reshape(-1, self.q_size), self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(o.reshape(-1, self.q_size), be)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, ctx)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, ctx)
 
     def forward(self, x, be: Backend):
-        return be.linear(be.silu_and_mul(be.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
+        return self.down_proj(be.silu_and_mul(self.gate_up_proj(x, be)), be)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, ctx)
+        self.mlp = MLP(cfg, ctx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
     def forward(self, x, residual, positions, cos_sin, kv_layer, meta, be: Backend):
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        h, residual = be.rms_norm(x, ln1.weight, ln1.eps, residual)
+        h, residual = self.input_layernorm(x, be, residual)
         h = self.self_attn(h, positions, cos_sin, kv_layer, meta, be)
-        h, residual = be.rms_norm(h, ln2.weight, ln2.eps, residual)
+        h, residual = self.post_attention_layernorm(h, be, residual)
         return self.mlp(h, be), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        self.model = LlamaModel(cfg, ctx)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, cfg.rope_scaling_dict)
 
-    def init_rope(self, max_pos: int, device: torch.device) -> None:
-        cfg = self.config
-        self.cos_sin = build_cos_sin_cache(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling_dict).to(device)
+    def kv_heads_per_rank(self) -> int:
+        return self.model.layers[0].self_attn.num_kv_heads if self.model.layers else 0
+
+    def prepare(self, device: torch.device) -> None:
+        self.rotary.prepare(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, be: Backend, on_layer_done: LayerHook | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm. kv_cache is [L, N, 2, bs, Hkv, D]."""
         x = self.model.embed_tokens(input_ids)
-        residual = None
+        residual, cos_sin = None, self.rotary.cos_sin
         for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, positions, self.cos_sin, kv_cache[i], meta, be)
+            x, residual = layer(x, residual, positions, cos_sin, kv_cache[i], meta, be)
             if on_layer_done is not None:
                 on_layer_done(i)
-        norm = self.model.norm
-        return be.rms_norm(x, norm.weight, norm.eps, residual)[0]
+        return self.model.norm(x, be, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, be: Backend) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return be.linear(hidden, weight).float()
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.logits(hidden, be)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (hf_name, tensor) pairs in, fusing q/k/v and gate/up; error on any gap."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        """Load (checkpoint name, whole tensor) pairs; an error names any misfit or gap."""
+        load_into(self, self._route(weights), self.config.architecture)
+
+    def _route(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[CheckpointTensor]:
         for name, tensor in weights:
-            target, rows = self._map_name(name)
-            if target is None:
-                continue
-            if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
-            param = params[target]
-            dst = param.data if rows is None else param.data[rows]
-            if tuple(dst.shape) != tuple(tensor.shape):
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(tensor)
-            loaded.add(name)
-        self._check_complete(loaded)
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue  # NOTE: tied: the embedding is the head
+            module, _, param = name.rpartition(".")
+            owner, _, proj = module.rpartition(".")
+            shard = None
+            if proj in _MERGED:
+                merged, shard = _MERGED[proj]
+                module = f"{owner}.{merged}"
+            yield CheckpointTensor(name, module, param, shard, tensor)
 
-    def _map_name(self, name: str) -> tuple[str | None, slice | None]:
-        if "rotary_emb" in name:
-            return None, None
-        if name == "lm_head.weight" and self.lm_head is None:
-            return None, None  # tied: the embedding is the head
-        a = self.model.layers[0].self_attn if self.model.layers else None
-        fused = {
-            "self_attn.q_proj": ("self_attn.qkv_proj", 0, a.q_size if a else 0),
-            "self_attn.k_proj": ("self_attn.qkv_proj", a.q_size if a else 0, a.kv_size if a else 0),
-            "self_attn.v_proj": ("self_attn.qkv_proj", (a.q_size + a.kv_size) if a else 0, a.kv_size if a else 0),
-            "mlp.gate_proj": ("mlp.gate_up_proj", 0, self.config.intermediate_size),
-            "mlp.up_proj": ("mlp.gate_up_proj", self.config.intermediate_size, self.config.intermediate_size),
-        }
-        for part, (fused_name, start, size) in fused.items():
-            if f".{part}." in name:
-                return name.replace(part, fused_name), slice(start, start + size)
-        return name, None
 
-    def _check_complete(self, loaded: set[str]) -> None:
-        expected = set()
-        for name, _ in self.named_parameters():
-            if ".qkv_proj." in name:
-                expected |= {name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")}
-            elif ".gate_up_proj." in name:
-                expected |= {name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")}
-            else:
-                expected.add(name)
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+__all__ = ["LlamaForCausalLM"]

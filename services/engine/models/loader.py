@@ -2,9 +2,11 @@
 
 Owns: reading checkpoints (Hugging Face safetensors directories, sharded or not;
 GGUF files dequantized with the ``gguf`` package; random ``dummy`` weights of a
-preset) into a ``LlamaForCausalLM`` on the requested device and dtype. The
-module is created on the meta device and materialised once, so large models are
-never built twice.
+preset) into the model class the registry names for the architecture, on the
+requested device, built with one rank's ``LayerContext`` (dtype, tp rank and
+size): every layer keeps its own slice of each whole tensor. The module is
+created on the meta device and materialised once, so large models are never
+built twice.
 
 A GGUF file is parsed and dequantized once; the float32 result is kept as
 safetensors in the user cache (keyed by path, size and mtime), so later starts
@@ -12,7 +14,6 @@ of the same model read it directly.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -24,35 +25,40 @@ import numpy as np
 import torch
 
 from pdserve.common.model_source import ModelSource
+from pdserve.engine.layers import LayerContext, init_dummy_weights
 from pdserve.engine.models import model_config as mc
-from pdserve.engine.models.llama import LlamaForCausalLM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from pdserve.engine.models.interface import CausalLM
+from pdserve.engine.models.registry import check_quantization, model_class
 
 
 def load_config(source: ModelSource) -> mc.ModelConfig:
+    """The model's description; UnsupportedModelError for what no model class serves."""
     if source.kind == "dummy":
-        return mc.from_preset(source.preset)
-    if source.kind == "hf":
+        cfg = mc.from_preset(source.preset)
+    elif source.kind == "hf":
         with open(os.path.join(source.path, "config.json")) as fh:
-            return mc.from_hf_config(json.load(fh))
-    return _gguf_cached(source.path)[0]
+            cfg = mc.from_hf_config(json.load(fh))
+    else:
+        cfg = _gguf_cached(source.path)[0]
+    check_quantization(cfg.quantization)
+    return cfg
 
 
-def load_model(source: ModelSource, cfg: mc.ModelConfig, dtype: str, device: torch.device,
-               seed: int = 0) -> LlamaForCausalLM:
+def load_model(source: ModelSource, cfg: mc.ModelConfig, ctx: LayerContext, device: torch.device,
+               seed: int = 0) -> CausalLM:
+    """One rank's model with its slices of the weights, ready to run on ``device``."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    # NOTE: cast on the meta device first, so only the target dtype is ever allocated
-    # (an 8B model in bf16 is 16 GB; materialising float32 first would need 48 GB at peak).
-    model = model.to(DTYPES[dtype]).to_empty(device=device)
+        model = model_class(cfg.architecture)(cfg, ctx)
+    # NOTE: every layer creates its parameters in their final dtype on the meta device, so
+    # only that is ever allocated (an 8B model in bf16 is 16 GB; float32 first would need 48 GB).
+    model = model.to_empty(device=device)
     if source.kind == "dummy":
-        _init_random(model, seed)
+        init_dummy_weights(model, seed, device)
     elif source.kind == "hf":
         model.load_weights(_safetensors_weights(source.path))
     else:
         model.load_weights(_safetensors_weights(_gguf_cached(source.path)[1]))
-    model.init_rope(cfg.max_model_len, device)
+    model.prepare(device)
     return model.eval().requires_grad_(False)
 
 
@@ -70,11 +76,7 @@ def _gguf_cached(path: str) -> tuple[mc.ModelConfig, str]:
     if not os.path.exists(cfg_path):
         _convert_gguf(path, target)
     with open(cfg_path) as fh:
-        raw = json.load(fh)
-    if raw.get("rope_scaling"):
-        raw["rope_scaling"] = tuple(tuple(kv) for kv in raw["rope_scaling"])
-    raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
-    return mc.ModelConfig(**raw), target
+        return mc.ModelConfig.from_json_dict(json.load(fh)), target
 
 
 def _convert_gguf(path: str, target: str) -> None:
@@ -88,25 +90,13 @@ def _convert_gguf(path: str, target: str) -> None:
     try:
         save_file(tensors, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "model_config.json"), "w") as fh:
-            json.dump(dataclasses.asdict(cfg), fh)
+            json.dump(cfg.to_json_dict(), fh)
         try:
             os.rename(tmp, target)
         except OSError:  # another process converted it meanwhile
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@torch.no_grad()
-def _init_random(model: LlamaForCausalLM, seed: int) -> None:
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.normal_(0.0, 0.02, generator=gen)
-        else:
-            p.normal_(0.0, 0.02, generator=gen)
 
 
 def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:

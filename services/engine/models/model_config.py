@@ -1,21 +1,37 @@
 """Architecture description of a decoder model, independent of where weights come from.
 
-Owns: ``ModelConfig`` (frozen) and the parsers that build it from a Hugging Face
-``config.json`` dict, from GGUF metadata, or from a named dummy preset. Every
-supported architecture is a Llama-family decoder; the differences (qkv bias,
-q/k norm, rope scaling, tied embeddings, sliding window) are flags here.
+Owns: ``ModelConfig`` (frozen), its JSON form, and the parsers that build it from
+a Hugging Face ``config.json`` dict, from GGUF metadata, or from a named dummy
+preset. The differences between Llama-family decoders (qkv bias, q/k norm, rope
+scaling, tied embeddings, sliding window) are flags here; so are the fields of
+mixture-of-experts models (expert counts, top-k, sparse layers) and the
+checkpoint's ``quantization_config``. Which architectures and quantizations can
+be served is the model registry's answer (``registry``), not this module's.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from pdserve.engine.models.registry import UnsupportedModelError, check_architecture
 
 
-class UnsupportedModelError(ValueError):
-    """The model's architecture or weight format is not supported."""
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """A checkpoint's ``quantization_config``: its method and the rest as canonical JSON."""
+    method: str
+    raw_json: str = "{}"
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        return json.loads(self.raw_json)
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any]) -> "QuantizationConfig":
+        method = str(raw.get("quant_method") or raw.get("quantization_method") or raw.get("format") or "unknown")
+        return cls(method, json.dumps(raw, sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,30 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # frozen dict items
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # mixture of experts (0 experts: a dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    quantization: QuantizationConfig | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, raw: Mapping[str, Any]) -> "ModelConfig":
+        """The inverse of ``to_json_dict`` (lists back to tuples)."""
+        values = dict(raw)
+        if values.get("rope_scaling"):
+            values["rope_scaling"] = tuple(tuple(kv) for kv in values["rope_scaling"])
+        for name in ("eos_token_ids", "mlp_only_layers"):
+            values[name] = tuple(values.get(name) or ())
+        if values.get("quantization"):
+            values["quantization"] = QuantizationConfig(**values["quantization"])
+        return cls(**values)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -55,12 +95,6 @@ class ModelConfig:
         attn = h * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
         per_layer = attn + 3 * h * i + 2 * h
         return self.num_layers * per_layer + v * h * (1 if self.tie_word_embeddings else 2) + h
-
-
-def check_architecture(arch: str) -> None:
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def _rope_scaling(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
@@ -111,7 +145,22 @@ def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
         rope_scaling=_rope_scaling(cfg),
         sliding_window=int(window) if window else None,
         eos_token_ids=tuple(eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])),
+        **_moe_fields(cfg),
+        quantization=QuantizationConfig.from_hf(cfg["quantization_config"]) if cfg.get("quantization_config") else None,
     )
+
+
+def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Expert counts and routing of Mixtral / Qwen2-MoE / Qwen3-MoE configs (empty for dense ones)."""
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    if not experts:
+        return {}
+    return dict(num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+                moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0),
+                shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+                mlp_only_layers=tuple(int(x) for x in cfg.get("mlp_only_layers") or ()))
 
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -122,8 +171,7 @@ def from_gguf_metadata(meta: Mapping[str, Any], has_output_weight: bool) -> Mode
     arch_key = meta.get("general.architecture", "<missing>")
     if arch_key not in _GGUF_ARCH:
         raise UnsupportedModelError(
-            f"unsupported GGUF architecture {arch_key!r}; supported: {', '.join(_GGUF_ARCH)} "
-            f"({', '.join(SUPPORTED_ARCHITECTURES)})")
+            f"unsupported GGUF architecture {arch_key!r}; supported: {', '.join(_GGUF_ARCH)}")
     p = arch_key + "."
     heads = int(meta[p + "attention.head_count"])
     hidden = int(meta[p + "embedding_length"])

@@ -37,9 +37,6 @@ class Platform(Protocol):
     def synchronize(self, device: torch.device) -> None:
         """Wait until all queued work on the device is done."""
 
-    def new_stream(self, device: torch.device) -> Any:
-        """A stream to queue work on beside the default one (None where there are no streams)."""
-
     def new_event(self, enable_timing: bool = False) -> Any:
         """An event with ``record()``, ``query()`` (True once the work queued before it
         has run), ``synchronize()`` and ``elapsed_time(other)`` (ms)."""

@@ -49,9 +49,6 @@ class CpuPlatform:
     def synchronize(self, device: torch.device) -> None:
         pass
 
-    def new_stream(self, device: torch.device) -> None:
-        return None
-
     def new_event(self, enable_timing: bool = False) -> HostEvent:
         return HostEvent()
 

@@ -30,9 +30,6 @@ class CudaPlatform:
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
-    def new_stream(self, device: torch.device) -> torch.cuda.Stream:
-        return torch.cuda.Stream(device)
-
     def new_event(self, enable_timing: bool = False) -> torch.cuda.Event:
         return torch.cuda.Event(enable_timing=enable_timing)
 

@@ -1,0 +1,50 @@
+"""The model registry and the config fields later model kinds need: MoE counts parse, quantized
+and unknown checkpoints are refused with the method / architecture named, the JSON form round-trips."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdserve.common.model_source import resolve_model
+from pdserve.engine.models import model_config as mc
+from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.models.loader import load_config
+from pdserve.engine.models.registry import UnsupportedModelError, model_class, supported_architectures
+
+QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+                 moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                 decoder_sparse_step=1, mlp_only_layers=[0], num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+
+
+def test_every_registered_architecture_builds_a_model_class():
+    for arch in supported_architectures():
+        assert model_class(arch) is LlamaForCausalLM
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        model_class("GPT2LMHeadModel")
+
+
+def test_moe_fields_parse_and_the_architecture_is_refused_until_it_has_a_model(monkeypatch):
+    from pdserve.engine.models import registry
+
+    with pytest.raises(UnsupportedModelError, match="Qwen3MoeForCausalLM"):
+        mc.from_hf_config(QWEN3_MOE)
+    monkeypatch.setitem(registry._MODELS, "Qwen3MoeForCausalLM", "pdserve.engine.models.llama:LlamaForCausalLM")
+    cfg = mc.from_hf_config(QWEN3_MOE)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 32)
+    assert cfg.norm_topk_prob and cfg.mlp_only_layers == (0,)
+    assert mc.ModelConfig.from_json_dict(json.loads(json.dumps(cfg.to_json_dict()))) == cfg
+
+
+def test_a_quantized_checkpoint_is_refused_naming_its_method(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    with open(f"{src}/config.json") as fh:
+        raw = json.load(fh)
+    raw["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedModelError, match="quantized with 'awq'"):
+        load_config(resolve_model(str(tmp_path)))
+    cfg = mc.from_hf_config(raw)
+    assert cfg.quantization.method == "awq" and cfg.quantization.raw["bits"] == 4
+    assert mc.ModelConfig.from_json_dict(json.loads(json.dumps(cfg.to_json_dict()))) == cfg
