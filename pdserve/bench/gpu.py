@@ -130,7 +130,7 @@ def bench_decode(llm, batch: int, args, vocab: int, ceil: Ceilings, weight_bytes
         engine.step()
         step_ms.append((time.perf_counter() - t0) * 1e3)
     contexts = [engine.requests[r].num_tokens for r in ids]
-    graphs = engine.runner.graphs
+    graphs = engine.executor.rank.runner.graphs
     padded = graphs.padded_size(batch) if graphs is not None else 0
     fwd_ms = _median_ms(graphs.graphs[padded][0].replay, args.device_type) if padded else float("nan")
     if args.profile and padded:
@@ -178,7 +178,7 @@ def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int 
     times = []
     for rep in range(reps):
         ids = _add(engine, f"prefill{rep}", _prompts(n, args.context, vocab, args.seed + 1000 + rep), 1)
-        engine.platform.synchronize(engine.device)
+        engine.synchronize()
         t0 = time.perf_counter()
         outs = engine.step()  # ends with the sampled tokens' fetch
         times.append((time.perf_counter() - t0) * 1e3)
@@ -197,7 +197,7 @@ def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int 
 def _prefill_flops_run(engine, n: int, length: int) -> float:
     """FLOPs the prefill step really does: every layer's matmuls on every token, the LM head on
     the n sampled rows only, and causal attention (QK^T and PV)."""
-    model, m = engine.runner.model, engine.model_config
+    model, m = engine.executor.rank.runner.model, engine.model_config
     layer_params = sum(p.numel() for name, p in model.named_parameters() if name.startswith("model.layers."))
     attention = 4 * m.num_heads * m.head_dim * (length * (length + 1) // 2) * n * m.num_layers
     return 2.0 * layer_params * n * length + 2.0 * m.vocab_size * m.hidden_size * n + attention
@@ -243,7 +243,7 @@ def run_engine_phases(args, vocab: int, ceil: Ceilings) -> dict:
               num_blocks=args.num_prompts * per_seq_blocks + 64, max_batch_size=args.num_prompts,
               max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
               async_scheduling=args.async_scheduling)
-    params, weight_bytes = weight_bytes_read(llm.engine.runner.model)
+    params, weight_bytes = weight_bytes_read(llm.engine.executor.rank.runner.model)
     out = {"params": params, "weight_bytes_read": weight_bytes, "decode": []}
     for b in (int(x) for x in args.decode_batches.split(",")):
         out["decode"].append(bench_decode(llm, b, args, vocab, ceil, weight_bytes))

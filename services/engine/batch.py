@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.engine.plan import PlannedRow
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,9 @@ class HostBatch:
         return len(self.seq_lens)
 
 
-def build_host_batch(out: SchedulerOutput, tables: list[list[int]], block_size: int,
+def build_host_batch(seqs: tuple[PlannedRow, ...], tables: list[list[int]], block_size: int,
                      pad_to: int = 0) -> HostBatch:
     """Vectorised over sequences: the per-token loops run in numpy, not Python."""
-    seqs = out.seqs
     n = len(seqs)
     rows = max(pad_to, n)
     starts = np.fromiter((s.start for s in seqs), np.int64, n)
@@ -66,7 +65,7 @@ def build_host_batch(out: SchedulerOutput, tables: list[list[int]], block_size: 
     qsl = np.zeros(rows + 1, np.int64)
     np.cumsum(counts, out=qsl[1:n + 1])
     qsl[n + 1:] = total + np.arange(1, rows - n + 1)
-    ids = np.fromiter(itertools.chain.from_iterable(s.req.token_ids[s.start:s.start + s.num_new] for s in seqs),
+    ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs),
                       np.int64, total)
     pos = np.arange(total, dtype=np.int64) - np.repeat(qsl[:n] - starts, counts)
     lens = np.fromiter((len(t) for t in tables), np.int64, n)

@@ -1,12 +1,16 @@
-"""The engine: one model, one KV cache, one scheduler; ``step()`` advances every request.
+"""The engine: one scheduler, one block table per request, and the ranks that execute; ``step()``
+advances every request.
 
 Owns: the requests it was given (by id) from ``add_request`` until they finish or
-are aborted, the objects wired once in ``__init__`` (platform, model, cache,
-scheduler, runner with its captured graphs, sampler), and at most one launched
-step whose tokens are not read yet. ``step()`` = schedule -> launch (execute and
-sample on the device) -> complete (read the tokens, update the requests) and
-returns the new tokens of each request that changed. Not thread-safe: one caller
-drives it (the offline ``LLM`` or the asyncio wrapper's step loop).
+are aborted, the objects wired once in ``__init__`` (the executor with its ranks,
+the KV block manager, the scheduler), what the ranks have been told of each
+request (``_blocks_sent``; who departed since the last plan), and at most one
+launched step whose tokens are not read yet. ``step()`` = schedule -> plan (a
+``StepPlan``: plain data) -> launch (the executor runs and samples on the device)
+-> complete (read the tokens, update the requests) and returns the new tokens of
+each request that changed. Every block allocation is the scheduler's (through
+the block manager); the ranks only read block ids from plans. Not thread-safe:
+one caller drives it (the offline ``LLM`` or the asyncio wrapper's step loop).
 
 Overlap (``async_scheduling``, on by default where the device runs behind the
 host): before completing step N, the engine counts N as done, holds a place for
@@ -24,22 +28,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 from pdserve.common.model_source import resolve_model
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import EngineConfig, SchedulerConfig
+from pdserve.engine.executor import InProcessExecutor, RankConfig, RankWorker
 from pdserve.engine.kv_cache import KVCacheManager
-from pdserve.engine.model_runner import DeviceFeed, LayerHook, ModelRunner, RunnerConfig, graph_batch_sizes
-from pdserve.engine.dtypes import torch_dtype
-from pdserve.engine.layers import LayerContext
-from pdserve.engine.models.loader import load_config, load_model
+from pdserve.engine.model_runner import LayerHook
+from pdserve.engine.models.loader import load_config
 from pdserve.engine.models.model_config import ModelConfig
-from pdserve.engine.platforms import get_platform
-from pdserve.engine.request import Request, Status, TokenLogprob
-from pdserve.engine.sampler import PendingSample, Sampler
-from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.plan import NewRequest, PlannedRow, StepPlan
+from pdserve.engine.request import Request, TokenLogprob
+from pdserve.engine.sampler import PendingSample
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 
 _HELD = 0  # token id standing in for a sampled token the host has not read yet
 
@@ -93,28 +95,20 @@ class LLMEngine:
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.source)
-        self.platform = get_platform(config.device_type)
-        self.device = self.platform.device()
-        model = load_model(self.source, self.model_config, LayerContext(dtype=torch_dtype(config.dtype)),
-                           self.device, config.seed)
-        self._kv_heads = model.kv_heads_per_rank()
+        rank = RankWorker(_rank_config(config), self.source, self.model_config)
+        self.executor = InProcessExecutor(rank)
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len, num_blocks * config.block_size)
-        self.kv_cache = self._allocate_cache(num_blocks)
+        self.executor.allocate(num_blocks, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv)
-        graphs = self.platform.supports_graphs and not config.enforce_eager
-        runner_cfg = RunnerConfig(config.block_size, self.max_model_len,
-                                  graph_batch_sizes(config.max_batch_size) if graphs else ())
-        self.runner = ModelRunner(model, self.kv_cache, self.platform.backend(config.compiled_cpu_kernels), self.platform,
-                                  self.device, runner_cfg)
-        self.runner.capture_graphs()
-        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed), self.platform.new_event)
         self.overlap = (config.async_scheduling if config.async_scheduling is not None
-                        else self.platform.asynchronous)
+                        else rank.platform.asynchronous)
         self._launched: _Launched | None = None
+        self._blocks_sent: dict[str, int] = {}  # requests the ranks know -> length of the table sent
+        self._departed: list[str] = []  # requests the ranks may forget (told in the next plan)
         self.requests: dict[str, Request] = {}
         self.remote: dict[str, Request] = {}  # decode side: blocks reserved, KV arriving from a peer
         self.held: dict[str, Request] = {}  # prefill side: finished, blocks kept until the transfer ends
@@ -124,21 +118,26 @@ class LLMEngine:
 
     # ---- sizing -------------------------------------------------------------
     def block_bytes(self) -> int:
-        m = self.model_config
-        item = torch.empty((), dtype=torch_dtype(self.config.dtype)).element_size()
-        return m.num_layers * 2 * self.config.block_size * self._kv_heads * m.head_dim * item
+        return self.executor.block_bytes()
 
     def _auto_num_blocks(self) -> int:
-        free, _ = self.platform.memory_info(self.device)
-        by_memory = int(free * self.config.cache_memory_fraction) // self.block_bytes()
-        per_seq = self.platform.cache_tokens_per_seq
+        by_memory = self.executor.blocks_that_fit(self.config.cache_memory_fraction)
+        per_seq = self.executor.cache_tokens_per_seq
         tokens = self.config.max_batch_size * min(self.model_config.max_model_len, per_seq)
         return max(1, min(by_memory, -(-tokens // self.config.block_size)))
 
-    def _allocate_cache(self, num_blocks: int) -> torch.Tensor:
-        m, c = self.model_config, self.config
-        shape = (m.num_layers, num_blocks, 2, c.block_size, self._kv_heads, m.head_dim)
-        return torch.zeros(shape, dtype=torch_dtype(c.dtype), device=self.device)
+    @property
+    def device(self) -> torch.device:
+        return self.executor.device
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished all queued work."""
+        self.executor.synchronize()
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The KV cache of this process's rank (what an in-process transport registers or tests poke)."""
+        return self.executor.kv_cache
 
     # ---- requests -----------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -155,11 +154,8 @@ class LLMEngine:
 
     def _new_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         self._validate(req_id, prompt_token_ids, params)
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
         req = Request(req_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
-                      max_model_len=self.max_model_len, generator=gen)
+                      max_model_len=self.max_model_len)
         self.requests[req_id] = req
         return req
 
@@ -194,6 +190,7 @@ class LLMEngine:
 
     def _end(self, req: Request, reason: str, free_kv: bool) -> None:
         """Finish a request; blocks a launched step still writes are freed after it."""
+        self._depart(req.req_id)
         in_flight = free_kv and self._launched is not None and req.req_id in self._launched.req_ids
         self.scheduler.finish(req, reason, free_kv=free_kv and not in_flight)
         if in_flight:
@@ -224,11 +221,7 @@ class LLMEngine:
         req = self.remote.pop(req_id)
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.commit_full_blocks(req_id, req.token_ids, req.num_computed_tokens)
-        if req.generator is not None and not req.params.greedy:
-            # NOTE: the peer drew this seed's first noise vector for first_token; skip it here
-            # so a seeded request samples the same tokens as when served by one engine.
-            torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=req.generator)
-        req.append_token(first_token)
+        req.append_token(first_token)  # NOTE: the peer drew its noise: the plan's draws_done skips it
         if req.finish_reason is not None:
             self.scheduler.finish(req, req.finish_reason)
             self.requests.pop(req_id, None)
@@ -260,9 +253,12 @@ class LLMEngine:
         that own them; a prefill that keeps its KV moves to ``held`` for its owner."""
         self._launched = None
         try:
-            self.platform.synchronize(self.device)  # NOTE: nothing queued may write a freed block
+            self.executor.synchronize()  # NOTE: nothing queued may write a freed block
         except Exception:  # the device itself failed: nothing of it runs any more
             pass
+        self.executor.forget_all()
+        self._blocks_sent.clear()
+        self._departed.clear()
         failed = []
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(req, "error", free_kv=not req.hold_kv)
@@ -295,22 +291,56 @@ class LLMEngine:
     def _launch(self, out: SchedulerOutput, previous: _Launched | None) -> _Launched | None:
         """Queue a scheduled step on the device (forward and sampling); None if nothing runs."""
         self.counters.preemptions_total += len(out.preempted)
+        for rid in out.preempted:
+            self._depart(rid)
         if not out.seqs:
             return None
         tables = [self.kv.blocks_of(s.req.req_id) for s in out.seqs]
         hook = self.layer_listener.begin_step(out, tables) if self.layer_listener is not None else None
-        feed = self._feed(out, previous) if previous is not None else None
-        logits = self.runner.execute(out, tables, hook, feed)
+        feed = self._feed(out, previous) if previous is not None else ((), ())
+        plan = self._plan(out, tables, feed, hook is not None)
+        sample = self.executor.execute(plan, hook)
         sampled = [s.req for s in out.seqs if s.samples]
         places = [s.start + s.num_new for s in out.seqs if s.samples]
-        sample = self.sampler.launch(logits, sampled) if sampled else None
         self.counters.steps_total += 1
         self.counters.tokens_computed_total += out.num_tokens
         return _Launched(out, sampled, places, sample, hook is not None)
 
+    def _plan(self, out: SchedulerOutput, tables: list[list[int]], feed: tuple[tuple[int, ...], tuple[int, ...]],
+              watched: bool) -> StepPlan:
+        """The step as plain data: new requests whole, the rest as token and block changes."""
+        finished, self._departed = tuple(self._departed), []
+        rows, new = [], []
+        for seq, table in zip(out.seqs, tables):
+            rid, req = seq.req.req_id, seq.req
+            sent = self._blocks_sent.get(rid)
+            if sent is None or sent > len(table):
+                new.append(self._new_on_ranks(seq, table))
+                added: tuple[int, ...] = ()
+            else:
+                added = tuple(table[sent:])
+            self._blocks_sent[rid] = len(table)
+            rows.append(PlannedRow(rid, seq.start, tuple(req.token_ids[seq.start:seq.start + seq.num_new]),
+                                   seq.samples, added))
+        return StepPlan(tuple(rows), tuple(new), finished, feed[0], feed[1], watched)
+
     @staticmethod
-    def _feed(out: SchedulerOutput, previous: _Launched) -> DeviceFeed | None:
-        """Rows of ``out`` whose input is a token ``previous`` sampled (still on the device)."""
+    def _new_on_ranks(seq: ScheduledSeq, table: list[int]) -> NewRequest:
+        req = seq.req
+        seeded_draws = req.num_output_tokens if req.params.seed is not None and not req.params.greedy else 0
+        return NewRequest(req.req_id, req.params, req.num_prompt_tokens, tuple(req.token_ids[:seq.start]),
+                          tuple(table), seeded_draws)
+
+    def _depart(self, rid: str) -> None:
+        """The ranks may forget ``rid`` (finished, aborted or preempted); told in the next plan."""
+        if self._blocks_sent.pop(rid, None) is not None:
+            self._departed.append(rid)
+
+    @staticmethod
+    def _feed(out: SchedulerOutput, previous: _Launched) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(rows of ``out``, rows of ``previous``'s samples): inputs only the device has."""
+        if previous.sample is None:
+            return (), ()
         row_of = {req.req_id: i for i, req in enumerate(previous.sampled)}
         dst, src, offset = [], [], 0
         for s in out.seqs:
@@ -319,9 +349,7 @@ class LLMEngine:
                 dst.append(offset)
                 src.append(i)
             offset += s.num_new
-        if not dst or previous.sample is None:
-            return None
-        return DeviceFeed(previous.sample.tokens, np.array(dst, np.int64), np.array(src, np.int64))
+        return tuple(dst), tuple(src)
 
     def _may_overlap(self, current: _Launched) -> bool:
         """Whether the next step can be launched before ``current``'s tokens are read."""
@@ -352,7 +380,7 @@ class LLMEngine:
 
     def _complete(self, current: _Launched) -> list[EngineOutput]:
         """Read ``current``'s tokens (waiting for its work only) and update its requests."""
-        result = self.sampler.collect(current.sample) if current.sample is not None else None
+        result = self.executor.collect(current.sample) if current.sample is not None else None
         for req_id in current.free_after:  # NOTE: the device is past this step now
             self.kv.free(req_id)
         for seq in current.out.seqs:
@@ -403,3 +431,9 @@ class LLMEngine:
                 "eos_token_ids": list(self.eos_token_ids), "block_size": self.config.block_size,
                 "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
                 "num_blocks": self.kv.pool.num_blocks}
+
+
+def _rank_config(config: EngineConfig) -> RankConfig:
+    return RankConfig(device_type=config.device_type, dtype=config.dtype, block_size=config.block_size,
+                      max_batch_size=config.max_batch_size, graphs=not config.enforce_eager,
+                      compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed)

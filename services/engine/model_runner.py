@@ -3,8 +3,8 @@
 Owns: the model, the KV cache tensor ``[num_layers, num_blocks, 2, block_size,
 num_kv_heads, head_dim]`` (allocated once by the engine), the backend, and, where
 the platform has graphs, the captured decode-step graphs (``DecodeGraphs``).
-Bookkeeping stays with the scheduler; the runner only turns a ``SchedulerOutput``
-into tensors. Lifecycle: wired in ``__init__``; ``capture_graphs()`` once before the
+Bookkeeping stays with the scheduler; the runner only turns a step plan's rows and
+their block tables into tensors. Lifecycle: wired in ``__init__``; ``capture_graphs()`` once before the
 first step (optional); then ``execute()`` per step.
 
 A step's inputs are built on the host with numpy (``build_host_batch``) and copied
@@ -26,7 +26,7 @@ from pdserve.engine.batch import DeviceFeed, HostBatch, build_host_batch
 from pdserve.engine.graphs import DecodeGraphs
 from pdserve.engine.models.interface import CausalLM
 from pdserve.engine.platforms.base import Platform
-from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.engine.plan import PlannedRow
 
 LayerHook = Callable[[int, Any], None]  # (layer, event done once that layer's KV is in the cache)
 
@@ -94,17 +94,17 @@ class ModelRunner:
         return self._upload(batch.input_ids), self._upload(batch.positions), meta
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_tables: list[list[int]],
+    def execute(self, rows: tuple[PlannedRow, ...], block_tables: list[list[int]],
                 on_layer_done: LayerHook | None = None, feed: DeviceFeed | None = None) -> torch.Tensor:
-        """Logits [S, vocab] (float32) for the sequences that sample this step, in order."""
+        """Logits [S, vocab] (float32) for the rows that sample this step, in order."""
         bs = self.config.block_size
-        padded = self._graph_size(out) if on_layer_done is None else 0
+        padded = self._graph_size(rows) if on_layer_done is None else 0
         if padded:
-            batch = build_host_batch(out, block_tables, bs, pad_to=padded)
-            return self.graphs.run(batch, len(out.seqs), feed, self._upload)
-        batch = build_host_batch(out, block_tables, bs)
-        max_q = max(s.num_new for s in out.seqs)
-        max_seq = max(s.start + s.num_new for s in out.seqs)
+            batch = build_host_batch(rows, block_tables, bs, pad_to=padded)
+            return self.graphs.run(batch, len(rows), feed, self._upload)
+        batch = build_host_batch(rows, block_tables, bs)
+        max_q = max(s.num_new for s in rows)
+        max_seq = max(s.start + s.num_new for s in rows)
         input_ids, positions, meta = self.build_metadata(batch, max_q, max_seq)
         if feed is not None:
             feed.apply(input_ids, self._upload)
@@ -122,11 +122,11 @@ class ModelRunner:
             on_layer_done(layer, event)
         return hook
 
-    def _graph_size(self, out: SchedulerOutput) -> int:
+    def _graph_size(self, rows: tuple[PlannedRow, ...]) -> int:
         """The padded batch size of a captured graph for this step, or 0 to run eagerly.
 
         Graphs hold decode steps only: one new token per sequence, every sequence sampling.
         """
-        if self.graphs is None or not all(s.num_new == 1 and s.samples for s in out.seqs):
+        if self.graphs is None or not all(s.num_new == 1 and s.samples for s in rows):
             return 0
-        return self.graphs.padded_size(len(out.seqs))
+        return self.graphs.padded_size(len(rows))

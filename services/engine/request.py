@@ -1,7 +1,8 @@
 """One request's state inside the engine.
 
 Owns: token ids (prompt, then outputs appended in place), how many of them have
-KV computed, the finish state, and the per-request RNG. Lifecycle:
+KV computed and the finish state (the random generator of a seeded request is
+the sampling rank's: ``executor.rank.RankRequest``). Lifecycle:
 WAITING -> RUNNING -> FINISHED, with RUNNING -> WAITING on preemption
 (recompute: computed tokens drop to 0, outputs are kept). A request whose prompt
 KV is supplied from outside enters WAITING with its prompt already computed.
@@ -11,8 +12,6 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from pdserve.common.sampling_params import SamplingParams
 
@@ -37,7 +36,6 @@ class Request:
     params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int = 1 << 30
-    generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0

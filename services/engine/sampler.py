@@ -14,13 +14,27 @@ same tokens whatever else shares its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
-from pdserve.engine.request import Request, TokenLogprob
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.request import TokenLogprob
 
 _NEG_INF = float("-inf")
+
+
+class SamplingState(Protocol):
+    """What sampling reads of a request (a rank's ``RankRequest``)."""
+    params: SamplingParams
+    generator: torch.Generator | None
+    token_ids: list[int]
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+    @property
+    def num_output_tokens(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -29,7 +43,7 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]
 
 
-def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, reqs: list[SamplingState]) -> torch.Tensor:
     """Repetition (prompt + output, HF rule), presence and frequency (output only, OpenAI rule)."""
     for i, req in enumerate(reqs):
         p = req.params
@@ -68,7 +82,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 @dataclass(frozen=True)
 class PendingSample:
     """Tokens chosen on the device and on their way to the host."""
-    reqs: list[Request]
+    reqs: list[SamplingState]
     tokens: torch.Tensor  # [S] on the device: a later step may read its inputs from here
     host: torch.Tensor  # [S] the host copy, valid once ``ready`` has passed
     ready: Any  # platform event recorded after the copy
@@ -80,11 +94,11 @@ class Sampler:
         self.generator = generator  # for requests without a seed
         self.new_event = new_event
 
-    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
+    def sample(self, logits: torch.Tensor, reqs: list[SamplingState]) -> SampleResult:
         """Tokens (and logprobs) of every row; the token fetch is the only host synchronisation."""
         return self.collect(self.launch(logits, reqs))
 
-    def launch(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
+    def launch(self, logits: torch.Tensor, reqs: list[SamplingState]) -> PendingSample:
         raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_penalties(logits, reqs)
         tokens = logits.argmax(dim=-1)
@@ -107,7 +121,7 @@ class Sampler:
         token_list = pending.host.tolist()
         return SampleResult(token_list, _logprobs(pending.raw_logprobs, token_list, pending.reqs))
 
-    def _sample_random(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, reqs: list[SamplingState]) -> torch.Tensor:
         knobs = _to_device([[r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p] for r in reqs],
                            torch.float32, logits.device)
         temp, top_k, top_p, min_p = knobs.unbind(1)
@@ -117,7 +131,7 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         return (probs / self._noise(probs, reqs)).argmax(dim=-1)
 
-    def _noise(self, probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _noise(self, probs: torch.Tensor, reqs: list[SamplingState]) -> torch.Tensor:
         """Exp(1) noise: a seeded row from its own generator (the same draws whatever the
         batch), every other row from the engine's generator in one call."""
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
@@ -127,7 +141,7 @@ class Sampler:
         return noise
 
 
-def _logprobs(raw: torch.Tensor | None, tokens: list[int], reqs: list[Request]) -> list[TokenLogprob | None]:
+def _logprobs(raw: torch.Tensor | None, tokens: list[int], reqs: list[SamplingState]) -> list[TokenLogprob | None]:
     """One top-k and one gather for the whole batch, then one fetch of each."""
     if raw is None:
         return [None] * len(reqs)

@@ -105,7 +105,7 @@ def test_a_failing_step_fails_its_requests_frees_blocks_and_the_engine_goes_on(t
 
     async def main():
         eng = AsyncEngine(EngineConfig(model=path, num_blocks=64, async_scheduling=overlap))
-        runner = eng.engine.runner
+        runner = eng.engine.executor.rank.runner
         real, calls = runner.execute, []
 
         def flaky(*args, **kwargs):

@@ -80,7 +80,7 @@ def test_tiny_random_parity(kind, device, overlap, tiny_models):
         opts["compiled_cpu_kernels"] = False  # the pure-torch path here; the compiled kernels elsewhere
     llm = LLM(path, num_blocks=256, max_batch_size=8, **opts)
     if opts.get("compiled_cpu_kernels") is False:
-        assert llm.engine.runner.backend.name == "torch"
+        assert llm.engine.executor.rank.runner.backend.name == "torch"
     assert _run(llm, prompts) == ref
     assert (llm.engine.stats()["overlapped_steps_total"] > 0) == llm.engine.overlap
 

@@ -111,7 +111,7 @@ def test_layer_events_mark_the_kv_as_written(device: str) -> None:
     engine.layer_listener = listener
     engine.add_request("r", list(range(100, 900)), SamplingParams(max_tokens=1, ignore_eos=True), hold_kv=True)
     _run_to_end(engine, "r")
-    engine.platform.synchronize(engine.device)
+    engine.synchronize()
     blocks = torch.tensor(engine.kv.blocks_of("r"), device=engine.device)
     assert sorted(listener.snapshots) == list(range(engine.model_config.num_layers))
     for layer, snap in listener.snapshots.items():

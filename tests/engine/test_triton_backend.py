@@ -45,11 +45,11 @@ class ReplayPlatform(CpuPlatform):
 
 
 def _use_runner(llm: LLM, platform, sizes: tuple[int, ...]) -> ModelRunner:
-    e = llm.engine
+    e, rank = llm.engine, llm.engine.executor.rank
     cfg = RunnerConfig(e.config.block_size, e.max_model_len, sizes)
-    e.runner = ModelRunner(e.runner.model, e.kv_cache, TritonBackend(), platform, e.device, cfg)
-    e.runner.capture_graphs()
-    return e.runner
+    rank.runner = ModelRunner(rank.model, e.kv_cache, TritonBackend(), platform, e.device, cfg)
+    rank.runner.capture_graphs()
+    return rank.runner
 
 
 def _prompts() -> list[list[int]]:

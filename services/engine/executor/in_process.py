@@ -1,0 +1,57 @@
+"""The executor of one rank in the engine's own process (tp = 1).
+
+Owns: its ``RankWorker``. Lifecycle follows the rank's: built with the model
+loaded, ``allocate`` once, then ``execute``/``collect`` per step. The engine
+talks to every executor through the same methods, so rank processes (tp > 1)
+slot in behind them without the engine changing.
+"""
+from __future__ import annotations
+
+import torch
+
+from pdserve.engine.executor.rank import RankWorker
+from pdserve.engine.model_runner import LayerHook
+from pdserve.engine.plan import StepPlan
+from pdserve.engine.sampler import PendingSample, SampleResult
+
+
+class InProcessExecutor:
+    def __init__(self, rank: RankWorker):
+        self.rank = rank
+
+    def block_bytes(self) -> int:
+        return self.rank.block_bytes()
+
+    def blocks_that_fit(self, memory_fraction: float) -> int:
+        return self.rank.blocks_that_fit(memory_fraction)
+
+    @property
+    def cache_tokens_per_seq(self) -> int:
+        return self.rank.cache_tokens_per_seq
+
+    def allocate(self, num_blocks: int, max_model_len: int) -> None:
+        self.rank.allocate(num_blocks, max_model_len)
+
+    def execute(self, plan: StepPlan, hook: LayerHook | None = None) -> PendingSample | None:
+        return self.rank.execute(plan, hook)
+
+    def collect(self, pending: PendingSample) -> SampleResult:
+        return self.rank.collect(pending)
+
+    def forget_all(self) -> None:
+        self.rank.forget_all()
+
+    def synchronize(self) -> None:
+        self.rank.synchronize()
+
+    @property
+    def device(self) -> torch.device:
+        return self.rank.device
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """This process's KV-cache shard (what its KV transfer agent registers)."""
+        return self.rank.kv_cache
+
+
+__all__ = ["InProcessExecutor"]

@@ -1,0 +1,162 @@
+"""One rank of the engine: its model slice, its KV-cache shard, its graphs, and the sampler.
+
+Owns: the device it runs on, the model built with this rank's ``LayerContext``,
+the KV cache shard (``[num_layers, num_blocks, 2, block_size, kv_heads_per_rank,
+head_dim]``), the runner with its captured graphs, the sampler, the rank-side
+state of every request it has been sent (``RankRequest``: sampling parameters,
+its generator, the tokens it has seen, its block table) and the device tokens of
+the last step it sampled (inputs of an overlapped next step).
+
+Lifecycle: ``RankWorker(config, ...)`` loads the model -> ``block_bytes`` /
+``blocks_that_fit`` size the cache -> ``allocate(num_blocks, max_model_len)``
+allocates the shard and captures graphs -> ``execute(plan)`` per step (applies
+the plan's request changes, runs the model, launches sampling) and
+``collect(pending)`` (waits for that step's tokens) -> ``forget_all()`` after a
+failed step. Only a rank that samples (rank 0) returns tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pdserve.common.model_source import ModelSource
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.batch import DeviceFeed
+from pdserve.engine.dtypes import torch_dtype
+from pdserve.engine.layers import Communicator, LayerContext, SingleRank
+from pdserve.engine.model_runner import LayerHook, ModelRunner, RunnerConfig, graph_batch_sizes
+from pdserve.engine.models.loader import load_model
+from pdserve.engine.models.model_config import ModelConfig
+from pdserve.engine.plan import NewRequest, StepPlan
+from pdserve.engine.platforms import get_platform
+from pdserve.engine.sampler import PendingSample, SampleResult, Sampler
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """What one rank needs to build itself (derived once from ``EngineConfig``)."""
+    device_type: str
+    dtype: str
+    block_size: int
+    max_batch_size: int
+    graphs: bool  # capture decode graphs where the platform has them
+    compiled_cpu_kernels: bool
+    seed: int
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+@dataclass(eq=False)
+class RankRequest:
+    """A request as a rank knows it: enough to build its rows and to sample for it."""
+    req_id: str
+    params: SamplingParams
+    num_prompt_tokens: int
+    token_ids: list[int]
+    block_ids: list[int]
+    generator: torch.Generator | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+class RankWorker:
+    def __init__(self, config: RankConfig, source: ModelSource, model_config: ModelConfig,
+                 comm: Communicator | None = None):
+        self.config = config
+        self.model_config = model_config
+        self.platform = get_platform(config.device_type)
+        self.device = self.platform.device()
+        ctx = LayerContext(dtype=torch_dtype(config.dtype), tp_rank=config.tp_rank, tp_size=config.tp_size,
+                           comm=comm or SingleRank(), quantization=model_config.quantization)
+        self.model = load_model(source, model_config, ctx, self.device, config.seed)
+        self.kv_heads = self.model.kv_heads_per_rank()
+        self.kv_cache: torch.Tensor | None = None
+        self.runner: ModelRunner | None = None
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed), self.platform.new_event)
+        self.requests: dict[str, RankRequest] = {}
+        self._last_sampled: torch.Tensor | None = None
+
+    # ---- sizing and allocation -------------------------------------------------------
+    def block_bytes(self) -> int:
+        m = self.model_config
+        item = torch.empty((), dtype=torch_dtype(self.config.dtype)).element_size()
+        return m.num_layers * 2 * self.config.block_size * self.kv_heads * m.head_dim * item
+
+    def blocks_that_fit(self, memory_fraction: float) -> int:
+        """KV blocks that ``memory_fraction`` of the device's free memory holds."""
+        free, _ = self.platform.memory_info(self.device)
+        return int(free * memory_fraction) // self.block_bytes()
+
+    @property
+    def cache_tokens_per_seq(self) -> int:
+        return self.platform.cache_tokens_per_seq
+
+    def allocate(self, num_blocks: int, max_model_len: int) -> None:
+        """Allocate the KV-cache shard, wire the runner and capture its graphs."""
+        m, c = self.model_config, self.config
+        shape = (m.num_layers, num_blocks, 2, c.block_size, self.kv_heads, m.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=torch_dtype(c.dtype), device=self.device)
+        graphs = self.platform.supports_graphs and c.graphs
+        runner_cfg = RunnerConfig(c.block_size, max_model_len, graph_batch_sizes(c.max_batch_size) if graphs else ())
+        self.runner = ModelRunner(self.model, self.kv_cache, self.platform.backend(c.compiled_cpu_kernels),
+                                  self.platform, self.device, runner_cfg)
+        self.runner.capture_graphs()
+
+    # ---- steps -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, hook: LayerHook | None = None) -> PendingSample | None:
+        """Run the plan's forward and queue sampling for its sampling rows (None if none sample)."""
+        self._apply(plan)
+        reqs = [self.requests[r.req_id] for r in plan.rows]
+        for row, req in zip(plan.rows, reqs):
+            req.token_ids.extend(row.token_ids)
+            req.block_ids.extend(row.new_block_ids)
+        logits = self.runner.execute(plan.rows, [r.block_ids for r in reqs], hook, self._feed(plan))
+        sampled = [req for row, req in zip(plan.rows, reqs) if row.samples]
+        if not sampled:
+            return None
+        pending = self.sampler.launch(logits, sampled)
+        self._last_sampled = pending.tokens
+        return pending
+
+    def collect(self, pending: PendingSample) -> SampleResult:
+        return self.sampler.collect(pending)
+
+    def forget_all(self) -> None:
+        """After a failed step: no request of it is known any more."""
+        self.requests.clear()
+        self._last_sampled = None
+
+    def synchronize(self) -> None:
+        self.platform.synchronize(self.device)
+
+    def _apply(self, plan: StepPlan) -> None:
+        for rid in plan.finished:
+            self.requests.pop(rid, None)
+        for new in plan.new_requests:
+            self.requests[new.req_id] = self._new_request(new)
+
+    def _new_request(self, new: NewRequest) -> RankRequest:
+        gen = None
+        if new.params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(new.params.seed)
+            for _ in range(new.draws_done):  # NOTE: the same noise stream as when served by one engine
+                torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=gen)
+        return RankRequest(new.req_id, new.params, new.num_prompt_tokens, list(new.prefix_token_ids),
+                           list(new.block_ids), gen)
+
+    def _feed(self, plan: StepPlan) -> DeviceFeed | None:
+        if not plan.feed_dst or self._last_sampled is None:
+            return None
+        return DeviceFeed(self._last_sampled, np.array(plan.feed_dst, np.int64), np.array(plan.feed_src, np.int64))
+
+
+__all__ = ["RankConfig", "RankRequest", "RankWorker"]
