@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # helm-check: lint the pdserve chart, render it with the default values and every
 # examples/*.yaml, validate each manifest offline against the Kubernetes schemas,
-# make sure every bad-values/*.yaml is rejected by the values schema, lint the
+# check that the default in-chart etcd requires client certificates, make sure
+# every bad-values/*.yaml is rejected by the values schema, lint the
 # Dockerfiles, and run tests/helm.
 #
 #   bash deploy/helm/check.sh              # everything
@@ -114,6 +115,12 @@ for values in default deploy/helm/examples/*.yaml; do
     validate "$RENDERED/$name.yaml"
     echo "ok: $name ($(grep -c '^kind:' "$RENDERED/$name.yaml") objects)"
 done
+# The in-chart etcd speaks mutual TLS unless told otherwise.
+grep -q -- '- --client-cert-auth$' "$RENDERED/default.yaml" \
+    || die "the default render runs etcd without --client-cert-auth"
+grep -q -- '- --etcd-cert$' "$RENDERED/default.yaml" \
+    || die "the default render gives the router and workers no etcd client certificate"
+echo "ok: default etcd requires client certificates"
 
 step "bad values are rejected by values.schema.json"
 for values in deploy/helm/bad-values/*.yaml; do

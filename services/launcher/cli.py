@@ -15,6 +15,7 @@ import sys
 import threading
 from typing import Mapping
 
+from pdserve.cluster.tls import TLSFiles
 from pdserve.launcher.cluster import ClusterSpec, LocalCluster
 from pdserve.launcher.supervisor import RestartPolicy, Supervisor
 
@@ -29,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--etcd", default=None, help="use this etcd instead of starting one")
+    p.add_argument("--etcd-plaintext", action="store_true",
+                   help="run the etcd pdserve up starts on plain http with no client authentication (anyone on "
+                        "this host can then read and write the cluster's keys); by default it speaks mutual TLS "
+                        "with throwaway certificates that only the router and workers hold")
+    for part in ("ca", "cert", "key"):
+        p.add_argument(f"--etcd-{part}", default="", help=f"with --etcd https://...: PEM {part} file the router and "
+                                                          "workers use to reach that etcd")
     p.add_argument("--policy", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
     p.add_argument("--namespace", default="default")
     p.add_argument("--log-dir", default=None, help="where child logs go (default: a new temp dir)")
@@ -84,11 +92,16 @@ def spec_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.env
     hybrid, prefill, decode = topology(args.hybrid, args.prefill, args.decode)
     worker_args = local_worker_args(shlex.split(args.worker_args), hybrid + prefill + decode, args.gpus, environ,
                                     available_memory() if available is None else available)
+    if args.etcd and args.etcd_plaintext:
+        raise ValueError("--etcd-plaintext is about the etcd pdserve up starts; with --etcd URL the URL's scheme "
+                         "(and --etcd-ca/--etcd-cert/--etcd-key) decide")
     return ClusterSpec(hybrid=hybrid, prefill=prefill, decode=decode, model=args.model,
                        http_port=args.http_port, grpc_port=args.grpc_port, etcd=args.etcd, policy=args.policy,
                        namespace=args.namespace, log_dir=args.log_dir, worker_args=tuple(worker_args),
                        router_args=tuple(shlex.split(args.router_args)),
-                       gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()))
+                       gpus=tuple(g.strip() for g in args.gpus.split(",") if g.strip()),
+                       etcd_tls=not args.etcd_plaintext,
+                       etcd_client=TLSFiles(args.etcd_cert, args.etcd_key, args.etcd_ca))
 
 
 def banner(cluster: LocalCluster) -> str:
@@ -101,12 +114,20 @@ def banner(cluster: LocalCluster) -> str:
         f"  OpenAI HTTP  {cluster.http_url}/v1",
         f"  gRPC         {cluster.grpc_address}  (pdserve.v1.Router)",
         f"  workers      {cluster.http_url}/workers",
-        f"  etcd         {cluster.etcd_url}",
+        f"  etcd         {cluster.etcd_url}{etcd_note(cluster)}",
         f"  logs         {cluster.log_dir}",
         "try:",
         f"  curl -s {cluster.http_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
         "Ctrl-C stops everything.",
     ])
+
+
+def etcd_note(cluster: LocalCluster) -> str:
+    """How to reach the cluster's etcd by hand (etcdctl), when it needs a client certificate."""
+    tls = cluster.etcd_tls
+    if not tls.cert:
+        return ""
+    return f"  (mutual TLS: etcdctl --cacert {tls.ca} --cert {tls.cert} --key {tls.key})"
 
 
 def main(name: str, argv: list[str]) -> int:

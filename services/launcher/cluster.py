@@ -6,6 +6,14 @@ and the workers, each in its own process group with its log in ``log_dir`` ->
 (failing fast, with the log tail, if a child exits) -> ``stop()`` stops workers
 first (they drain), then the router, then etcd; idempotent, and also run at exit.
 Used by ``pdserve up`` and by the end-to-end test fixtures.
+
+The etcd it starts itself speaks mutual TLS by default: ``start()`` makes a
+throwaway CA and certificates (``certs.py``), etcd accepts only clients with the
+client certificate, and the router and every worker get ``--etcd https://...
+--etcd-ca/--etcd-cert/--etcd-key``; ``restart_etcd()`` keeps them, ``stop()``
+deletes them. ``ClusterSpec(etcd_tls=False)`` (``pdserve up --etcd-plaintext``)
+runs it on plain http instead. An external etcd (``ClusterSpec.etcd``) is reached
+with ``ClusterSpec.etcd_client`` (no TLS files: as its URL says).
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pdserve.cluster.tls import TLSFiles
+from pdserve.launcher.certs import EtcdCerts, create_etcd_certs
 from pdserve.launcher.etcd_server import EtcdServer, start_etcd
 from pdserve.launcher.processes import Child, ProcessGroup, child_env, pdserve_command
 
@@ -41,6 +51,8 @@ class ClusterSpec:
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
     gpus: tuple[str, ...] = ()  # worker i sees only gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES); () = all
+    etcd_tls: bool = True  # the etcd started here: mutual TLS with throwaway certificates; False: plain http
+    etcd_client: TLSFiles = TLSFiles()  # the external etcd's CA and client certificate, when it uses TLS
 
     def __post_init__(self) -> None:
         counts = (self.hybrid, self.prefill, self.decode)
@@ -49,6 +61,9 @@ class ClusterSpec:
                              "expected at least one worker and no negative count")
         if any(not g.strip() or "," in g for g in self.gpus):
             raise ValueError(f"gpus={list(self.gpus)}: expected one GPU index or UUID per entry")
+        if self.etcd_client.enabled and not self.etcd:
+            raise ValueError("etcd TLS files (--etcd-ca/--etcd-cert/--etcd-key) are for an external etcd (--etcd URL); "
+                             "the etcd pdserve up starts makes its own certificates")
 
     @property
     def roles(self) -> list[str]:
@@ -63,6 +78,8 @@ class LocalCluster:
     router: Child | None = None
     workers: list[Child] = field(default_factory=list)
     etcd_url: str = ""
+    etcd_tls: TLSFiles = TLSFiles()  # what the router and workers present to etcd
+    etcd_certs: EtcdCerts | None = None  # made by start() for its own etcd, deleted by stop()
     log_dir: str = ""
     # One per cluster unless the caller's environment names one (then every worker shares it).
     secret: str = field(default_factory=lambda: os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_urlsafe(32),
@@ -81,11 +98,10 @@ class LocalCluster:
         self.log_dir = self.spec.log_dir or tempfile.mkdtemp(prefix="pdserve-logs-")
         os.makedirs(self.log_dir, exist_ok=True)
         if self.spec.etcd:
-            self.etcd_url = self.spec.etcd
+            self.etcd_url, self.etcd_tls = self.spec.etcd, self.spec.etcd_client
         else:
-            self.etcd_server = start_etcd(self.group, self.log_dir)
-            self.etcd_url = self.etcd_server.url
-        argv = pdserve_command("router", "--etcd", self.etcd_url, "--namespace", self.spec.namespace,
+            self._start_etcd()
+        argv = pdserve_command("router", *self.etcd_flags(), "--namespace", self.spec.namespace,
                                "--host", "127.0.0.1", "--grpc-port", str(self.spec.grpc_port),
                                "--http-port", str(self.spec.http_port), "--policy", self.spec.policy,
                                *self.spec.router_args)
@@ -95,6 +111,45 @@ class LocalCluster:
             self.add_worker(role)
         return self
 
+    def _start_etcd(self) -> None:
+        if self.spec.etcd_tls:
+            self.etcd_certs = create_etcd_certs()
+        try:
+            self.etcd_server = start_etcd(self.group, self.log_dir, tls=self.etcd_certs)
+        except BaseException:
+            if self.etcd_certs is not None:  # start() failed: callers need not stop() to remove them
+                self.etcd_certs.remove()
+                self.etcd_certs = None
+            raise
+        self.etcd_url, self.etcd_tls = self.etcd_server.url, self.etcd_server.client_tls
+
+    def etcd_flags(self) -> list[str]:
+        """``--etcd URL`` and, when etcd uses TLS, ``--etcd-ca/--etcd-cert/--etcd-key`` (router and worker flags)."""
+        flags = ["--etcd", self.etcd_url]
+        for flag, path in (("--etcd-ca", self.etcd_tls.ca), ("--etcd-cert", self.etcd_tls.cert),
+                           ("--etcd-key", self.etcd_tls.key)):
+            if path:
+                flags += [flag, path]
+        return flags
+
+    def etcd_access(self) -> tuple[str, TLSFiles]:
+        """What a client of this cluster's etcd needs: ``pdserve.cluster.etcd.connect(*cluster.etcd_access())``."""
+        if not self.etcd_url:
+            raise RuntimeError("the cluster has no etcd yet: start() first")
+        return self.etcd_url, self.etcd_tls
+
+    def restart_etcd(self, keep_data: bool = True) -> EtcdServer:
+        """Stop the etcd this cluster started and start it again on the same ports and
+        data directory (emptied unless ``keep_data``) with the same certificates, so
+        its clients reconnect without a change."""
+        old = self.etcd_server
+        if old is None:
+            raise RuntimeError("restart_etcd: this cluster did not start its etcd (external --etcd, or not started)")
+        old.stop(keep_data=keep_data)
+        self.group.children.remove(old.child)  # NOTE: a stopped child left in the group reads as a crash
+        self.etcd_server = start_etcd(self.group, self.log_dir, ports=old.ports, data_dir=old.data_dir, tls=old.tls)
+        return self.etcd_server
+
     def add_worker(self, role: str = "hybrid", *extra: str) -> Child:
         """Start one more worker process (it registers itself in etcd); later flags in
         ``extra`` override the spec's ``worker_args``.
@@ -102,7 +157,7 @@ class LocalCluster:
         NOTE: the worker binds ports the OS picks and advertises them in etcd: a port
         chosen here ahead of time could be taken before the worker (or its restart) binds it."""
         index = len(self.workers)
-        argv = pdserve_command("worker", "--role", role, "--model", self.spec.model, "--etcd", self.etcd_url,
+        argv = pdserve_command("worker", "--role", role, "--model", self.spec.model, *self.etcd_flags(),
                                "--namespace", self.spec.namespace, "--host", "127.0.0.1",
                                "--grpc-port", "0", "--metrics-port", "0",
                                "--drain-timeout", str(self.spec.drain_timeout),
@@ -173,3 +228,6 @@ class LocalCluster:
         if self.etcd_server is not None:
             self.etcd_server.stop()
             self.etcd_server = None
+        if self.etcd_certs is not None:
+            self.etcd_certs.remove()
+            self.etcd_certs = None

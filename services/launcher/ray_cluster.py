@@ -9,14 +9,15 @@ register in etcd exactly as they do under ``pdserve up``. ``import ray`` happens
 in this module, and only once Ray is asked for.
 
 Lifecycle of a ``RayCluster``: ``start_ray_cluster()`` connects to Ray -> starts etcd
-(or uses ``--etcd``) -> plans the commands with ``LocalCluster`` without spawning
+(or uses ``--etcd``; as under ``pdserve up``, over mutual TLS with throwaway
+certificates unless ``--etcd-plaintext``) -> plans the commands with ``LocalCluster`` without spawning
 anything -> reserves every worker's placement group (failing with the missing
 resources after ``placement_timeout``) -> starts the router actor on this node and a
 worker actor in bundle 0 of each group -> ``wait_ready()`` polls the router's
 ``GET /workers`` until every worker is listed, failing fast with the log tail when a
 process exits -> ``stop()``: workers drain in parallel (SIGTERM, then SIGKILL of the
 group at the deadline), then the router; actors are killed, placement groups removed,
-etcd stopped, and a Ray head this launcher started is shut down. ``stop()`` is
+etcd stopped and its certificates deleted, and a Ray head this launcher started is shut down. ``stop()`` is
 idempotent and also runs at exit.
 
 NOTE: if the launcher itself is SIGKILLed, Ray kills its actors but not the pdserve
@@ -38,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from pdserve.cluster.tls import TLSFiles
+from pdserve.launcher.certs import EtcdCerts, create_etcd_certs
 from pdserve.launcher.cluster import ClusterSpec, LocalCluster
 from pdserve.launcher.etcd_server import EtcdServer, start_etcd
 from pdserve.launcher.processes import Child, ProcessGroup, child_env
@@ -81,9 +84,10 @@ def bundles(options: RayOptions) -> list[dict[str, float]]:
     return [{k: v for k, v in bundle.items() if v > 0} for _ in range(options.tp)]
 
 
-def plan_processes(spec: ClusterSpec, etcd_url: str) -> LocalCluster:
+def plan_processes(spec: ClusterSpec, etcd_url: str, etcd_tls: TLSFiles = TLSFiles()) -> LocalCluster:
     """The process launcher's own router and worker commands (ports, logs, flags), none started."""
-    plan = LocalCluster(dataclasses.replace(spec, etcd=etcd_url), group=_CommandRecorder())  # type: ignore[arg-type]
+    plan = LocalCluster(dataclasses.replace(spec, etcd=etcd_url, etcd_client=etcd_tls),
+                        group=_CommandRecorder())  # type: ignore[arg-type]
     return plan.start()
 
 
@@ -175,6 +179,7 @@ class RayCluster:
     plan: LocalCluster | None = None
     group: ProcessGroup = field(default_factory=ProcessGroup)
     etcd_server: EtcdServer | None = None
+    etcd_certs: EtcdCerts | None = None
     router: HostedProcess | None = None
     workers: list[HostedProcess] = field(default_factory=list)
     launcher_ip: str = ""
@@ -196,9 +201,14 @@ class RayCluster:
         atexit.register(self.stop)
         log_dir = self.spec.log_dir or tempfile.mkdtemp(prefix="pdserve-logs-")
         self.spec = dataclasses.replace(self.spec, log_dir=log_dir)
-        if not self.spec.etcd:
-            self.etcd_server = start_etcd(self.group, log_dir)
-        self.plan = plan_processes(self.spec, self.etcd_server.url if self.etcd_server else self.spec.etcd or "")
+        if self.spec.etcd:
+            self.plan = plan_processes(self.spec, self.spec.etcd, self.spec.etcd_client)
+        else:
+            # NOTE: etcd listens on loopback (_check_etcd_reachable), so every process that reads
+            # the certificate files runs on this node.
+            self.etcd_certs = create_etcd_certs() if self.spec.etcd_tls else None
+            self.etcd_server = start_etcd(self.group, log_dir, tls=self.etcd_certs)
+            self.plan = plan_processes(self.spec, self.etcd_server.url, self.etcd_server.client_tls)
         self.launcher_ip = ray.util.get_node_ip_address()
         self._reserve(ray, len(self.plan.workers))
         this_node = _on_node(ray.get_runtime_context().get_node_id())
@@ -299,6 +309,9 @@ class RayCluster:
         if self.etcd_server is not None:
             self.etcd_server.stop()
             self.etcd_server = None
+        if self.etcd_certs is not None:
+            self.etcd_certs.remove()
+            self.etcd_certs = None
         if self.owns_ray:
             ray.shutdown()
 

@@ -1,7 +1,8 @@
 """Chaos: streaming load on a real 2P2D ``pdserve up`` cluster while its parts are killed.
 
 The cluster is the product's own (``pdserve up`` with its supervisor) on an etcd this
-test owns, so etcd can die and come back with or without its data. Faults, in turn,
+test owns, so etcd can die and come back with or without its data; like the etcd
+``pdserve up`` starts, it speaks mutual TLS, and comes back with the same certificates. Faults, in turn,
 every ``PDSERVE_CHAOS_GAP`` seconds (default 20): SIGKILL a decode worker, stop etcd
 and restart it empty, SIGKILL a prefill worker, SIGTERM (drain) a decode worker,
 SIGKILL etcd and restart it with its data. Then, with the load stopped:
@@ -35,6 +36,7 @@ import grpc
 import pytest
 from pdserve.v1 import common_pb2, router_pb2
 
+from pdserve.launcher.certs import create_etcd_certs
 from pdserve.launcher.etcd_server import EtcdServer, start_etcd
 from pdserve.launcher.processes import ProcessGroup, free_port
 from tests.disagg.helpers import Reference, corpus_ids, prompt, stats
@@ -83,10 +85,13 @@ class Cluster:
     """``pdserve up --prefill 2 --decode 2`` on an etcd of the test's own."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.log_dir, self.group = log_dir, ProcessGroup()
-        self.etcd: EtcdServer = start_etcd(self.group, str(log_dir), data_dir=str(log_dir / "etcd-data"))
+        self.log_dir, self.group, self.certs = log_dir, ProcessGroup(), create_etcd_certs(parent=str(log_dir))
+        self.etcd: EtcdServer = start_etcd(self.group, str(log_dir), data_dir=str(log_dir / "etcd-data"),
+                                           tls=self.certs)
         self.http_port, self.grpc_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "pdserve.cli", "up", "--etcd", self.etcd.url, "--prefill", "2", "--decode", "2",
+        client = self.certs.client
+        argv = [sys.executable, "-m", "pdserve.cli", "up", "--etcd", self.etcd.url, "--etcd-ca", client.ca,
+                "--etcd-cert", client.cert, "--etcd-key", client.key, "--prefill", "2", "--decode", "2",
                 "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--log-dir", str(log_dir),
                 "--max-restarts", "50", "--worker-args", "--num-blocks 256 --max-batch-size 16",
                 "--router-args", "--local-prefill-threshold 16"]
@@ -121,7 +126,7 @@ class Cluster:
             self.etcd.child.wait(10.0)
         else:
             self.etcd.stop(keep_data=False)
-        self.etcd = start_etcd(self.group, str(self.log_dir), ports=ports, data_dir=data_dir)
+        self.etcd = start_etcd(self.group, str(self.log_dir), ports=ports, data_dir=data_dir, tls=self.etcd.tls)
 
     def stop(self) -> None:
         if self.up.poll() is None:
@@ -133,6 +138,7 @@ class Cluster:
         self.out.close()
         self.etcd.stop()
         self.group.stop_all(5.0)
+        self.certs.remove()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ values are rejected.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import subprocess
@@ -95,7 +96,7 @@ def test_each_pool_runs_its_role():
 
 def test_worker_command_line_and_environment():
     c = container(deployment(render(), "decode"))
-    assert flag(c, "--etcd") == "http://pdserve-etcd.test.svc:2379"
+    assert flag(c, "--etcd") == "https://pdserve-etcd.test.svc:2379"
     assert flag(c, "--config") == "/etc/pdserve/worker.yaml"
     assert flag(c, "--model") == "smollm2"
     assert (flag(c, "--host"), flag(c, "--grpc-port"), flag(c, "--metrics-port")) == ("0.0.0.0", "50061", "9090")
@@ -174,8 +175,20 @@ def test_external_etcd_renders_no_statefulset():
     assert not objects(docs, "StatefulSet")
     assert "pdserve-etcd" not in objects(docs, "Service")
     assert "pdserve-etcd" not in objects(docs, "NetworkPolicy")
+    assert not objects(docs, "Secret").keys() & {"pdserve-etcd-server-tls", "pdserve-etcd-client-tls"}
     for name in ("prefill", "decode", "router"):
-        assert flag(container(deployment(docs, name)), "--etcd") == "http://e1:2379,http://e2:2379"
+        c = container(deployment(docs, name))
+        assert flag(c, "--etcd") == "http://e1:2379,http://e2:2379"
+        assert "--etcd-cert" not in c["args"]  # TLS only with a clientSecret of the operator's
+
+
+def test_external_etcd_over_tls_uses_the_operators_client_secret():
+    docs = render("--set", "etcd.external.endpoints={https://e1:2379}", "--set", "etcd.tls.clientSecret=mine")
+    assert not objects(docs, "Secret").keys() & {"pdserve-etcd-server-tls", "pdserve-etcd-client-tls"}
+    for name in ("prefill", "decode", "router"):
+        c = container(deployment(docs, name))
+        assert (flag(c, "--etcd"), flag(c, "--etcd-cert")) == ("https://e1:2379", "/etc/pdserve-tls/etcd/tls.crt")
+        assert {"name": "etcd-tls", "secret": {"secretName": "mine"}} in pod_volumes(deployment(docs, name))
 
 
 def test_three_member_etcd():
@@ -268,7 +281,10 @@ def test_bad_values_fail_schema_validation(values: Path):
     (["--set", "decode.autoscaling.enabled=true", "--set", "decode.autoscaling.minReplicas=5"],
      "must not exceed maxReplicas"),
     (["--set", "weights.source=pvc"], "weights.pvc.claimName is required"),
-    (["--set", "etcd.tls.enabled=true"], "etcd.tls.clientSecret is required"),
+    (["--set", "etcd.tls.serverSecret=theirs"], "go together"),
+    (["--set", "etcd.tls.clientSecret=theirs"], "go together"),
+    (["--set", "etcd.external.endpoints={https://e1:2379}"], "set etcd.tls.clientSecret"),
+    (["--set", "etcd.tls.validityDays=0"], "validityDays"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(args, message):
     result = run_helm(*args)
@@ -290,3 +306,112 @@ def test_workers_share_a_generated_cluster_secret():
     assert "pdserve-cluster-secret" not in objects(own, "Secret")
     env = {e["name"]: e for e in container(deployment(own, "decode"))["env"]}
     assert env["PDSERVE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "k"}
+
+
+def pod_volumes(obj: dict) -> list[dict]:
+    return obj["spec"]["template"]["spec"]["volumes"]
+
+
+def etcd_tls_secrets(docs) -> dict[str, dict[str, bytes]]:
+    """The generated etcd Secrets, decoded: name -> {"ca.crt": PEM, "tls.crt": PEM, "tls.key": PEM}."""
+    secrets = objects(docs, "Secret")
+    return {name: {k: base64.b64decode(v) for k, v in secrets[name]["data"].items()}
+            for name in ("pdserve-etcd-server-tls", "pdserve-etcd-client-tls")}
+
+
+def test_default_etcd_requires_client_certificates():
+    docs = render()
+    sts = objects(docs, "StatefulSet")["pdserve-etcd"]
+    args = container(sts)["args"]
+    assert "--client-cert-auth" in args and "--listen-client-urls=https://0.0.0.0:2379" in args
+    assert "--trusted-ca-file=/etc/etcd-tls/ca.crt" in args
+    assert "--listen-metrics-urls=http://0.0.0.0:2381" in args  # probes: plain http, no client certificate
+    assert container(sts)["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert {"name": "etcd-server-tls", "secret": {"secretName": "pdserve-etcd-server-tls"}} in pod_volumes(sts)
+    for name in ("prefill", "decode", "router"):
+        c = container(deployment(docs, name))
+        assert flag(c, "--etcd").startswith("https://")
+        assert (flag(c, "--etcd-ca"), flag(c, "--etcd-cert"), flag(c, "--etcd-key")) == (
+            "/etc/pdserve-tls/etcd/ca.crt", "/etc/pdserve-tls/etcd/tls.crt", "/etc/pdserve-tls/etcd/tls.key")
+        assert {"name": "etcd-tls", "mountPath": "/etc/pdserve-tls/etcd", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "etcd-tls", "secret": {"secretName": "pdserve-etcd-client-tls"}} in \
+            pod_volumes(deployment(docs, name))
+
+
+def test_generated_etcd_certificates_name_every_member_and_share_one_ca():
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    secrets = etcd_tls_secrets(render("--set", "etcd.replicas=3", "--set", "etcd.persistence.enabled=true"))
+    server, client = secrets["pdserve-etcd-server-tls"], secrets["pdserve-etcd-client-tls"]
+    assert server["ca.crt"] == client["ca.crt"] and b"PRIVATE KEY" in server["tls.key"]
+    ca = x509.load_pem_x509_certificate(server["ca.crt"])
+    server_cert = x509.load_pem_x509_certificate(server["tls.crt"])
+    client_cert = x509.load_pem_x509_certificate(client["tls.crt"])
+    for cert in (server_cert, client_cert):
+        cert.verify_directly_issued_by(ca)
+    names = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"pdserve-etcd.test.svc", "*.pdserve-etcd-headless.test.svc.cluster.local", "localhost"} <= \
+        set(names.get_values_for_type(x509.DNSName))
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    usages = client_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in usages
+    days = render("--set", "etcd.tls.validityDays=30")
+    lifetime = x509.load_pem_x509_certificate(etcd_tls_secrets(days)["pdserve-etcd-client-tls"]["tls.crt"])
+    assert 29 < (lifetime.not_valid_after_utc - lifetime.not_valid_before_utc).days <= 30
+
+
+def test_generated_etcd_certificates_work_with_a_real_etcd(tmp_path: Path):
+    """etcd started with the chart's server Secret serves the client Secret and refuses a client without it."""
+    import asyncio
+
+    from etcd3aio import EtcdError
+
+    from pdserve.cluster.etcd import connect
+    from pdserve.cluster.tls import TLSFiles
+    from pdserve.launcher.certs import EtcdCerts
+    from pdserve.launcher.etcd_server import start_etcd
+    from pdserve.launcher.processes import ProcessGroup
+
+    files = {}
+    for secret, data in etcd_tls_secrets(render()).items():
+        for key, pem in data.items():
+            files[f"{secret}/{key}"] = path = tmp_path / f"{secret}-{key}"
+            path.write_bytes(pem)
+    server, client = "pdserve-etcd-server-tls", "pdserve-etcd-client-tls"
+    certs = EtcdCerts(str(tmp_path), str(files[f"{server}/ca.crt"]), str(files[f"{server}/tls.crt"]),
+                      str(files[f"{server}/tls.key"]), str(files[f"{client}/tls.crt"]), str(files[f"{client}/tls.key"]))
+
+    async def put(url: str, tls: TLSFiles) -> bytes:
+        etcd = await connect(url, tls)
+        try:
+            await etcd.kv.put(b"/chart", b"ok", timeout=5)
+            return (await etcd.kv.get(b"/chart", timeout=5)).kvs[0].value
+        finally:
+            await etcd.close()
+
+    group = ProcessGroup()
+    try:
+        etcd = start_etcd(group, str(tmp_path), tls=certs)  # its health check already presents the client Secret
+        assert asyncio.run(put(etcd.url, certs.client)) == b"ok"
+        with pytest.raises(EtcdError):
+            asyncio.run(put(etcd.url, TLSFiles(ca=certs.ca)))
+        etcd.stop()
+    finally:
+        group.stop_all(2.0)
+
+
+def test_operator_etcd_secrets_replace_the_generated_ones():
+    docs = render("--set", "etcd.tls.serverSecret=srv", "--set", "etcd.tls.clientSecret=cli")
+    assert not objects(docs, "Secret").keys() & {"pdserve-etcd-server-tls", "pdserve-etcd-client-tls"}
+    sts = objects(docs, "StatefulSet")["pdserve-etcd"]
+    assert {"name": "etcd-server-tls", "secret": {"secretName": "srv"}} in pod_volumes(sts)
+    assert {"name": "etcd-tls", "secret": {"secretName": "cli"}} in pod_volumes(deployment(docs, "decode"))
+
+
+def test_etcd_tls_can_be_turned_off():
+    docs = render("--set", "etcd.tls.enabled=false")
+    assert "--client-cert-auth" not in container(objects(docs, "StatefulSet")["pdserve-etcd"])["args"]
+    assert not objects(docs, "Secret").keys() & {"pdserve-etcd-server-tls", "pdserve-etcd-client-tls"}
+    c = container(deployment(docs, "router"))
+    assert flag(c, "--etcd") == "http://pdserve-etcd.test.svc:2379" and "--etcd-ca" not in c["args"]

@@ -80,6 +80,8 @@ def test_prefill_and_decode_on_ray_serve_and_stop_cleanly(tmp_path: Path, monkey
     try:
         workers = cluster.wait_ready(180.0)
         assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
+        assert cluster.plan.etcd_url.startswith("https://") and cluster.etcd_certs is not None  # mutual TLS
+        cert_dir = cluster.etcd_certs.directory
         running = " | ".join(tagged_processes(run_id).values())
         for part in ("pdserve.cli router", "--role prefill", "--role decode", "etcd", "raylet", "gcs_server"):
             assert part in running, f"{part!r} not among {running}"
@@ -95,4 +97,5 @@ def test_prefill_and_decode_on_ray_serve_and_stop_cleanly(tmp_path: Path, monkey
         cluster.stop()
         stop_seconds = time.monotonic() - started
     wait_for(lambda: not tagged_processes(run_id), 15.0, interval=0.2, what="no process left")
+    assert not os.path.exists(cert_dir)  # the throwaway etcd certificates went with the cluster
     assert stop_seconds < 30.0

@@ -1,10 +1,12 @@
 """End to end with real processes and the real engine (smollm2, CPU, float32):
 etcd + router + two hybrid workers on loopback, shared by the tests of this module.
 
-Order matters: the last two tests kill and drain workers (each brings a fresh one up).
+Order matters: two tests near the end kill and drain workers (each brings a fresh one
+up); the last one restarts etcd (mutual TLS, as ``pdserve up`` runs it by default).
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import signal
@@ -16,8 +18,12 @@ from typing import Any, Iterator
 import grpc
 import openai
 import pytest
+from etcd3aio import EtcdError, prefix_range_end
 from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 
+from pdserve.cluster.etcd import connect
+from pdserve.cluster.keys import KeySpace
+from pdserve.cluster.tls import TLSFiles
 from pdserve.launcher.cluster import LocalCluster
 from tests.services.clients import generate, http_json, live_workers, router_stub, wait_for, worker_stub
 from tests.services.cluster_fixture import kill_hard, local_cluster, worker_for
@@ -202,3 +208,46 @@ def test_sigterm_drains_inflight_and_routes_new_work_elsewhere(cluster: LocalClu
     assert rest[-1].finish_reason == "length"
     assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 48
     assert draining.wait(30.0) == 0
+
+
+def registered_workers(cluster: LocalCluster) -> set[str]:
+    """Worker ids as etcd itself holds them, read from the test process with the cluster's client certificate."""
+    keys = KeySpace(cluster.spec.namespace)
+
+    async def read() -> set[str]:
+        client = await connect(*cluster.etcd_access())
+        try:
+            reply = await client.kv.get(keys.workers_prefix, prefix_range_end(keys.workers_prefix), timeout=5)
+        finally:
+            await client.close()
+        return {keys.parse(kv.key.decode())[1] for kv in reply.kvs}
+
+    return asyncio.run(read())
+
+
+def test_etcd_speaks_mutual_tls_and_a_restart_keeps_serving(cluster: LocalCluster) -> None:
+    """The default ``pdserve up`` etcd: https with client certificates only; restarted with its data and
+    the same certificates, the router and workers carry on."""
+    url, tls = cluster.etcd_access()
+    assert url.startswith("https://127.0.0.1:") and tls.cert and tls.key and tls.ca
+    for child in (cluster.router, *cluster.workers):
+        argv = child.argv
+        assert argv[argv.index("--etcd") + 1] == url and argv[argv.index("--etcd-cert") + 1] == tls.cert
+    live = {w["id"] for w in live_workers(cluster.http_url)}
+    assert registered_workers(cluster) == live
+    with pytest.raises(EtcdError):  # the same etcd, without the client certificate
+        asyncio.run(_put_with(url, TLSFiles(ca=tls.ca)))
+    cluster.restart_etcd(keep_data=True)
+    assert cluster.etcd_access() == (url, tls)
+    wait_for(lambda: registered_workers(cluster) == live, 30.0, what="workers still registered after the restart")
+    wait_for(lambda: {w["id"] for w in live_workers(cluster.http_url)} == live, 30.0, what="router still sees them")
+    out = generate(router_stub(cluster.grpc_address), stream=False, text="Hello", params={"max_tokens": 3})[0]
+    assert out.usage.completion_tokens == 3
+
+
+async def _put_with(url: str, tls: TLSFiles) -> None:
+    client = await connect(url, tls)
+    try:
+        await client.kv.put(b"/pdserve/intruder", b"x", timeout=5)
+    finally:
+        await client.close()

@@ -46,6 +46,10 @@ def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> Non
         assert launcher.poll() is None, text
         assert f"http://127.0.0.1:{http_port}/v1" in text and f"127.0.0.1:{grpc_port}" in text and "curl" in text
         assert "1 prefill, 1 decode worker(s)" in text
+        etcd_line = next(line for line in text.splitlines() if line.strip().startswith("etcd "))
+        assert "https://127.0.0.1:" in etcd_line and "mutual TLS" in etcd_line  # the default etcd needs a client cert
+        cert_dir = Path(etcd_line.split("--cacert ", 1)[1].split()[0]).parent
+        assert cert_dir.is_dir()
         children = children_of(launcher.pid)
         assert len(children) == 4  # etcd, router, a prefill and a decode worker
         status, body = http_json(f"http://127.0.0.1:{http_port}/v1/completions",
@@ -55,6 +59,7 @@ def test_pdserve_up_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> Non
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(60) == 0
         wait_for(lambda: all(process_gone(pid) for pid in children), 10.0, what="no orphans")
+        assert not cert_dir.exists()  # the throwaway etcd certificates go with the cluster
     finally:
         kill_launcher(launcher, children)
 

@@ -83,6 +83,27 @@ pdserve.io/role: {{ . }}
 {{- if .Values.etcd.tls.enabled }}https{{ else }}http{{ end }}
 {{- end }}
 
+{{/* "true" when the router and workers present a client certificate to etcd: the
+in-chart etcd with etcd.tls.enabled; an external etcd only when etcd.tls.clientSecret is given. */}}
+{{- define "pdserve.etcdClientTLS" -}}
+{{- $t := .Values.etcd.tls }}
+{{- if and $t.enabled (or (include "pdserve.etcdInChart" .) $t.clientSecret) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the chart makes the in-chart etcd's CA and certificates itself (templates/etcd-certs.yaml). */}}
+{{- define "pdserve.etcdGeneratedCerts" -}}
+{{- $t := .Values.etcd.tls }}
+{{- if and (include "pdserve.etcdInChart" .) $t.enabled (not $t.serverSecret) (not $t.clientSecret) }}true{{ end }}
+{{- end }}
+
+{{- define "pdserve.etcdServerSecretName" -}}
+{{- .Values.etcd.tls.serverSecret | default (printf "%s-etcd-server-tls" (include "pdserve.fullname" .)) }}
+{{- end }}
+
+{{- define "pdserve.etcdClientSecretName" -}}
+{{- .Values.etcd.tls.clientSecret | default (printf "%s-etcd-client-tls" (include "pdserve.fullname" .)) }}
+{{- end }}
+
 {{- define "pdserve.etcdHeadless" -}}
 {{- printf "%s-etcd-headless" (include "pdserve.fullname" .) }}
 {{- end }}
@@ -92,7 +113,11 @@ pdserve.io/role: {{ . }}
 {{- if include "pdserve.etcdInChart" . }}
 {{- printf "%s://%s-etcd.%s.svc:%d" (include "pdserve.etcdScheme" .) (include "pdserve.fullname" .) .Release.Namespace (int .Values.etcd.clientPort) }}
 {{- else }}
-{{- join "," .Values.etcd.external.endpoints }}
+{{- $endpoints := join "," .Values.etcd.external.endpoints }}
+{{- if and (contains "https://" $endpoints) (not (include "pdserve.etcdClientTLS" .)) }}
+{{- fail "etcd.external.endpoints use https: set etcd.tls.clientSecret (a Secret with ca.crt, tls.crt and tls.key) so the router and workers can verify etcd and present a client certificate" }}
+{{- end }}
+{{- $endpoints }}
 {{- end }}
 {{- end }}
 
@@ -146,7 +171,7 @@ pdserve.io/role: {{ . }}
 
 {{/* TLS flags for --etcd and the gRPC server, shared by router and workers. */}}
 {{- define "pdserve.tlsArgs" -}}
-{{- if .Values.etcd.tls.enabled }}
+{{- if include "pdserve.etcdClientTLS" . }}
 - --etcd-ca
 - /etc/pdserve-tls/etcd/ca.crt
 - --etcd-cert
@@ -165,10 +190,10 @@ pdserve.io/role: {{ . }}
 {{- end }}
 
 {{- define "pdserve.tlsVolumes" -}}
-{{- if .Values.etcd.tls.enabled }}
+{{- if include "pdserve.etcdClientTLS" . }}
 - name: etcd-tls
   secret:
-    secretName: {{ required "etcd.tls.clientSecret is required when etcd.tls.enabled" .Values.etcd.tls.clientSecret }}
+    secretName: {{ include "pdserve.etcdClientSecretName" . }}
 {{- end }}
 {{- if .Values.tls.grpc.enabled }}
 - name: grpc-tls
@@ -178,7 +203,7 @@ pdserve.io/role: {{ . }}
 {{- end }}
 
 {{- define "pdserve.tlsMounts" -}}
-{{- if .Values.etcd.tls.enabled }}
+{{- if include "pdserve.etcdClientTLS" . }}
 - name: etcd-tls
   mountPath: /etc/pdserve-tls/etcd
   readOnly: true
