@@ -12,7 +12,7 @@ size, KV layout, protocol version) and ``kv_metadata`` (the agent's connection
 blob, base64). A restarted worker publishes new metadata; a dead one's record
 (and so its metadata) vanishes with its lease. ``kv_mismatch`` is the one
 torch-free comparison of two records' handshakes (the router uses it to refuse
-pairing incompatible workers).
+pairing incompatible workers). Which roles pair at all is ``pdserve.common.roles``.
 """
 from __future__ import annotations
 

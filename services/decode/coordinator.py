@@ -39,14 +39,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
+from pdserve.cluster.kv_peers import KVPeers
 from pdserve.cluster.orders import OrderBook
 from pdserve.cluster.wire import params_to_proto
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.async_engine import AsyncEngine, StreamOutput
+from pdserve.engine.kv_connector import KVTransfers
 from pdserve.engine.kv_transfer import KVCompatibilityError, check_compatible
 from pdserve.cluster.tls import TLSFiles, open_channel
 
@@ -81,6 +84,18 @@ class DecodeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")
 
 
+class DecodeMetrics(Protocol):
+    """What the coordinator records (the worker's metrics implement it)."""
+
+    def count_prefill(self, where: str, reason: str) -> None: ...
+
+    def observe_kv(self, direction: str, blocks: int, nbytes: int) -> None: ...
+
+    def observe_remote_prefill_latency(self, seconds: float) -> None: ...
+
+    def observe_transfer_time(self, direction: str, nbytes: int, seconds: float, write_seconds: float) -> None: ...
+
+
 @dataclass(frozen=True)
 class PrefillPeer:
     worker_id: str
@@ -103,14 +118,15 @@ class _Attempt:
 
 
 class DecodeCoordinator:
-    def __init__(self, engine: Any, peers: Any, config: DecodeConfig, metrics: Any,
-                 orders: OrderBook | None = None) -> None:
-        self._engine = engine  # AsyncEngine
+    def __init__(self, engine: AsyncEngine, peers: KVPeers, transfers: KVTransfers, config: DecodeConfig,
+                 metrics: DecodeMetrics, orders: OrderBook | None = None) -> None:
+        self._engine = engine
         self._orders = orders or OrderBook()
-        self._peers = peers  # pdserve.cluster.kv_peers.KVPeers
+        self._peers = peers
+        self._transfers = transfers
         self._config = config
-        self._metrics = metrics  # pdserve.worker.metrics.WorkerMetrics
-        self._layout = peers.agent.layout
+        self._metrics = metrics
+        self._layout = transfers.agent.layout
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._engine_ids: dict[str, str] = {}  # client request id -> engine request id
         self._background: set[asyncio.Task] = set()
@@ -119,7 +135,7 @@ class DecodeCoordinator:
 
     # ---- the request -----------------------------------------------------------
     async def generate(self, rid: str, prompt: list[int], params: SamplingParams, peers: list[PrefillPeer],
-                       local_reason: str, origin: Origin) -> AsyncIterator[Any]:
+                       local_reason: str, origin: Origin) -> AsyncIterator[StreamOutput]:
         """Stream a request's outputs, prefilled remotely when possible (see the module docstring)."""
         reason = local_reason or "no_prefill_worker"
         if peers and len(prompt) < self._config.local_prefill_threshold:
@@ -171,7 +187,7 @@ class DecodeCoordinator:
             return _Attempt(reason="decode_kv_full", stop=True)
         blocks, cached = reserved
         self.reservations += 1
-        landed = self._peers.expect(arid, peer.kv_agent)
+        landed = self._transfers.expect(arid, peer.kv_agent)
         call: asyncio.Future | None = None
         settled = False
         try:
@@ -185,7 +201,7 @@ class DecodeCoordinator:
                 self._observe_received(len(blocks) - cached // self._layout.block_size, time.monotonic() - started)
             return _Attempt(first=first, reason=reason)
         finally:
-            self._peers.forget(arid)
+            self._transfers.forget(arid)
             if settled:
                 self.reservations -= 1
             else:
@@ -280,7 +296,7 @@ class DecodeCoordinator:
     def _observe_received(self, blocks: int, seconds: float) -> None:
         layout = self._layout
         self._metrics.observe_kv("received", blocks, blocks * layout.num_layers * layout.block_bytes)
-        self._metrics.labelled(self._metrics.remote_prefill_latency).observe(seconds)
+        self._metrics.observe_remote_prefill_latency(seconds)
 
     async def _observe_answer(self, call: asyncio.Future) -> None:
         """The KV landed before the answer; record the answer's timings when it comes."""

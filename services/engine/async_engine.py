@@ -17,10 +17,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+import torch
+
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokenizer import Tokenizer, load_tokenizer
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import EngineOutput, LLMEngine
+from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.request import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -131,11 +134,15 @@ class AsyncEngine:
             pass
         if last is None or last.finish_reason == "abort" or not last.new_token_ids:
             raise RuntimeError(f"prefill of {request_id!r} was aborted")
-        blocks = await self._call(lambda: list(self.engine.kv.blocks_of(request_id)))
+        blocks = await self._call(lambda: self.engine.blocks_of(request_id))
         return last.new_token_ids[-1], blocks, last.num_cached_tokens
 
     def release_held(self, request_id: str) -> None:
         self._submit(lambda: self.engine.release_held(request_id))
+
+    def attach_layer_sender(self, sender: LayerSender) -> None:
+        """The KV connector's worker side that sends each layer as it is written (before ``start``)."""
+        self.engine.attach_layer_sender(sender)
 
     async def call(self, fn: Callable[[LLMEngine], object]):
         """Run ``fn(llm_engine)`` between steps (on the loop's terms) and return its result."""
@@ -158,6 +165,15 @@ class AsyncEngine:
     # ---- introspection ------------------------------------------------------
     def stats(self) -> dict:
         return dict(self._stats)
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """This process's KV-cache shard (what its KV transfer agent registers)."""
+        return self.engine.kv_cache
+
+    @property
+    def device_type(self) -> str:
+        return self.engine.device.type
 
     @property
     def model_info(self) -> dict:

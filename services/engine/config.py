@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pdserve.common.roles import ROLES
 from pdserve.engine.dtypes import MODEL_DTYPES
 from pdserve.engine.platforms import platform_names
 
-ROLES = ("hybrid", "prefill", "decode")
 DEVICE_TYPES = platform_names()
 DTYPES = MODEL_DTYPES
 

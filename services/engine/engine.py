@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
 
 import torch
 
@@ -35,7 +34,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import EngineConfig, SchedulerConfig
 from pdserve.engine.executor import InProcessExecutor, RankConfig, RankWorker
 from pdserve.engine.kv_cache import KVCacheManager
-from pdserve.engine.model_runner import LayerHook
+from pdserve.engine.kv_connector import KVConnectorScheduler, LayerSender
 from pdserve.engine.models.loader import load_config
 from pdserve.engine.models.model_config import ModelConfig
 from pdserve.engine.plan import NewRequest, PlannedRow, StepPlan
@@ -57,14 +56,6 @@ class EngineOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-class LayerListener(Protocol):
-    """Told which sequences a step runs; the hook it returns is then called with
-    (layer, event) as each layer's work is queued: that layer's KV may be read once
-    ``event.query()`` is True (on CPU at once; on a GPU when the device got there)."""
-
-    def begin_step(self, out: SchedulerOutput, tables: list[list[int]]) -> LayerHook | None: ...
-
-
 @dataclass
 class _Launched:
     """A step whose device work is queued and whose tokens are not read yet."""
@@ -72,7 +63,6 @@ class _Launched:
     sampled: list[Request]  # the requests that sample, in the order of their rows
     places: list[int]  # where each sampled token goes in its request's token_ids
     sample: PendingSample | None
-    watched: bool  # a layer listener reads this step's KV
     advanced: bool = False  # requests already count the step as done (places held)
     free_after: list[str] = field(default_factory=list)  # requests whose blocks wait for this step
 
@@ -110,9 +100,7 @@ class LLMEngine:
         self._blocks_sent: dict[str, int] = {}  # requests the ranks know -> length of the table sent
         self._departed: list[str] = []  # requests the ranks may forget (told in the next plan)
         self.requests: dict[str, Request] = {}
-        self.remote: dict[str, Request] = {}  # decode side: blocks reserved, KV arriving from a peer
-        self.held: dict[str, Request] = {}  # prefill side: finished, blocks kept until the transfer ends
-        self.layer_listener: LayerListener | None = None
+        self.connector = KVConnectorScheduler(self.kv)
         self.counters = _Counters()
         self.eos_token_ids = self.model_config.eos_token_ids
 
@@ -129,6 +117,10 @@ class LLMEngine:
     @property
     def device(self) -> torch.device:
         return self.executor.device
+
+    def attach_layer_sender(self, sender: LayerSender) -> None:
+        """The worker side of the KV connector that sends each layer as it is written."""
+        self.executor.attach_layer_sender(sender)
 
     def synchronize(self) -> None:
         """Wait until the device has finished all queued work."""
@@ -180,7 +172,7 @@ class LLMEngine:
         NOTE: a remote reservation is not touched here: a peer may still be writing
         into its blocks. The owner of the transfer calls ``cancel_remote`` once it is over.
         """
-        if req_id in self.remote:
+        if self.connector.is_arriving(req_id):
             return False
         req = self.requests.pop(req_id, None)
         if req is None or req.finished:
@@ -207,20 +199,14 @@ class LLMEngine:
         if self.scheduler.blocked_on_kv:  # NOTE: queued requests wait for blocks: do not jump the queue
             return None
         req = self._new_request(req_id, prompt_token_ids, params)
-        cached = self.kv.match_prefix(req_id, req.token_ids)
-        if not self.kv.allocate_slots(req_id, req.num_prompt_tokens):
-            self.kv.free(req_id)
+        reserved = self.connector.reserve(req)
+        if reserved is None:
             del self.requests[req_id]
-            return None
-        req.num_cached_tokens = cached
-        self.remote[req_id] = req
-        return list(self.kv.blocks_of(req_id)), cached
+        return reserved
 
     def admit_remote(self, req_id: str, first_token: int) -> EngineOutput:
         """Decode side: the prompt's KV has landed; decoding continues after first_token."""
-        req = self.remote.pop(req_id)
-        req.num_computed_tokens = req.num_prompt_tokens
-        self.kv.commit_full_blocks(req_id, req.token_ids, req.num_computed_tokens)
+        req = self.connector.landed(req_id)
         req.append_token(first_token)  # NOTE: the peer drew its noise: the plan's draws_done skips it
         if req.finish_reason is not None:
             self.scheduler.finish(req, req.finish_reason)
@@ -231,7 +217,7 @@ class LLMEngine:
 
     def cancel_remote(self, req_id: str) -> bool:
         """Decode side: drop a reservation whose transfer is over (done, failed or timed out)."""
-        req = self.remote.pop(req_id, None)
+        req = self.connector.cancel(req_id)
         if req is None:
             return False
         self.requests.pop(req_id, None)
@@ -240,17 +226,13 @@ class LLMEngine:
 
     def release_held(self, req_id: str) -> bool:
         """Prefill side: the transfer of a finished request's KV is over; free its blocks."""
-        req = self.held.pop(req_id, None)
-        if req is None:
-            return False
-        self.kv.free(req_id)
-        return True
+        return self.connector.release(req_id)
 
     def fail_all(self) -> list[str]:
         """After a step raised: end every queued and running request ("error") and free
         their blocks; returns their ids. A launched step is dropped unread once the
         device is past it. Remote reservations (not scheduled) stay with the transfers
-        that own them; a prefill that keeps its KV moves to ``held`` for its owner."""
+        that own them; a prefill that keeps its KV stays with the connector for its owner."""
         self._launched = None
         try:
             self.executor.synchronize()  # NOTE: nothing queued may write a freed block
@@ -261,9 +243,7 @@ class LLMEngine:
         self._departed.clear()
         failed = []
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.finish(req, "error", free_kv=not req.hold_kv)
-            if req.hold_kv:
-                self.held[req.req_id] = req  # NOTE: its transfer owner releases it
+            self.scheduler.finish(req, "error", free_kv=self.connector.on_finished(req))
             self.requests.pop(req.req_id, None)
             failed.append(req.req_id)
         return failed
@@ -296,18 +276,16 @@ class LLMEngine:
         if not out.seqs:
             return None
         tables = [self.kv.blocks_of(s.req.req_id) for s in out.seqs]
-        hook = self.layer_listener.begin_step(out, tables) if self.layer_listener is not None else None
         feed = self._feed(out, previous) if previous is not None else ((), ())
-        plan = self._plan(out, tables, feed, hook is not None)
-        sample = self.executor.execute(plan, hook)
+        sample = self.executor.execute(self._plan(out, tables, feed))
         sampled = [s.req for s in out.seqs if s.samples]
         places = [s.start + s.num_new for s in out.seqs if s.samples]
         self.counters.steps_total += 1
         self.counters.tokens_computed_total += out.num_tokens
-        return _Launched(out, sampled, places, sample, hook is not None)
+        return _Launched(out, sampled, places, sample)
 
-    def _plan(self, out: SchedulerOutput, tables: list[list[int]], feed: tuple[tuple[int, ...], tuple[int, ...]],
-              watched: bool) -> StepPlan:
+    def _plan(self, out: SchedulerOutput, tables: list[list[int]],
+              feed: tuple[tuple[int, ...], tuple[int, ...]]) -> StepPlan:
         """The step as plain data: new requests whole, the rest as token and block changes."""
         finished, self._departed = tuple(self._departed), []
         rows, new = [], []
@@ -322,7 +300,7 @@ class LLMEngine:
             self._blocks_sent[rid] = len(table)
             rows.append(PlannedRow(rid, seq.start, tuple(req.token_ids[seq.start:seq.start + seq.num_new]),
                                    seq.samples, added))
-        return StepPlan(tuple(rows), tuple(new), finished, feed[0], feed[1], watched)
+        return StepPlan(tuple(rows), tuple(new), finished, feed[0], feed[1])
 
     @staticmethod
     def _new_on_ranks(seq: ScheduledSeq, table: list[int]) -> NewRequest:
@@ -353,7 +331,7 @@ class LLMEngine:
 
     def _may_overlap(self, current: _Launched) -> bool:
         """Whether the next step can be launched before ``current``'s tokens are read."""
-        if not self.overlap or current.watched or not current.sampled:
+        if not self.overlap or not current.sampled:
             return False
         if len(current.sampled) != len(current.out.seqs) or len(self.scheduler.running) != len(current.sampled):
             return False  # NOTE: only whole decode/last-chunk steps, so the next step cannot preempt
@@ -361,7 +339,7 @@ class LLMEngine:
         for req, place in zip(current.sampled, current.places):
             p = req.params
             if req.hold_kv or p.logprobs is not None or p.penalized:
-                return False  # the host must see the token before the next step samples
+                return False  # the host must see the token first (or a peer is sent this step's KV)
             need += self.kv.blocks_needed(req.req_id, place + 1)
         return need <= self.kv.pool.num_free
 
@@ -402,16 +380,18 @@ class LLMEngine:
                 req.logprobs.append(lp)
             if req.finish_reason is not None:
                 del req.token_ids[place + 1:]  # a place held by the step in flight
-                self._end(req, req.finish_reason, free_kv=not req.hold_kv)
+                self._end(req, req.finish_reason, free_kv=self.connector.on_finished(req))
                 self.requests.pop(req.req_id, None)
-                if req.hold_kv:
-                    self.held[req.req_id] = req
             outputs.append(EngineOutput(req.req_id, [token], req.finish_reason,
                                         req.num_prompt_tokens, max(req.num_cached_tokens, 0),
                                         [lp] if lp is not None else []))
         return outputs
 
     # ---- introspection ------------------------------------------------------
+    def blocks_of(self, req_id: str) -> list[int]:
+        """The block table of a request (a copy)."""
+        return list(self.kv.blocks_of(req_id))
+
     def kv_stats(self) -> dict[str, int]:
         return self.kv.stats()
 

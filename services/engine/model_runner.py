@@ -16,7 +16,7 @@ device memory instead (``DeviceFeed``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,11 +24,11 @@ import torch
 from pdserve.engine.backends.base import AttentionMetadata, Backend
 from pdserve.engine.batch import DeviceFeed, HostBatch, build_host_batch
 from pdserve.engine.graphs import DecodeGraphs
+from pdserve.engine.kv_connector.worker_side import LayerHook
 from pdserve.engine.models.interface import CausalLM
 from pdserve.engine.platforms.base import Platform
 from pdserve.engine.plan import PlannedRow
 
-LayerHook = Callable[[int, Any], None]  # (layer, event done once that layer's KV is in the cache)
 
 
 @dataclass(frozen=True)

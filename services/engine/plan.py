@@ -50,7 +50,6 @@ class StepPlan:
     # input[feed_dst[k]] = previous step's sampled token[feed_src[k]].
     feed_dst: tuple[int, ...] = ()
     feed_src: tuple[int, ...] = ()
-    watched: bool = False  # a layer listener reads this step's KV (no graph replay)
 
     @property
     def num_tokens(self) -> int:

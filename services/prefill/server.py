@@ -1,8 +1,8 @@
 """Prefill side of disaggregation: compute a prompt for a decode worker and WRITE its KV there.
 
 Owns: the remote-prefill jobs of this worker (by request id), the engine's layer
-listener (which posts each layer's writes as soon as that layer's KV exists),
-the tombstones of aborted request ids, and the debug delay.
+sender (the KV connector's worker side: it posts each layer's writes as soon as
+that layer's KV exists), the tombstones of aborted request ids, and the debug delay.
 
 Request state machine (one ``RemotePrefill`` call):
 
@@ -36,10 +36,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pdserve.cluster.kv_peers import PeerIncompatible, PeerUnavailable, encode_done
+from pdserve.cluster.kv_peers import KVPeers, PeerIncompatible, PeerUnavailable
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.kv_connector import KVTransfers, LayerHook
 from pdserve.engine.kv_transfer import (KVCompatibilityError, KVTransferError, TransferHandle, check_compatible,
                                          wait)
+from pdserve.engine.plan import PlannedRow
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +129,12 @@ class _Job:
 class PrefillServer:
     """Serves RemotePrefill / AbortRemotePrefill for one engine and one KV agent."""
 
-    def __init__(self, engine: Any, peers: Any, config: PrefillConfig,
+    def __init__(self, engine: AsyncEngine, peers: KVPeers, transfers: KVTransfers, config: PrefillConfig,
                  on_result: Callable[[PrefillResult], None] = lambda _: None) -> None:
-        self._engine = engine  # AsyncEngine
-        self._peers = peers  # pdserve.cluster.kv_peers.KVPeers
-        self._agent = peers.agent
+        self._engine = engine
+        self._peers = peers
+        self._transfers = transfers
+        self._agent = transfers.agent
         self._config = config
         self._on_result = on_result
         self._block_size = engine.model_info["block_size"]
@@ -143,9 +147,9 @@ class PrefillServer:
         self.debug_delay = 0.0  # seconds between "all layers posted" and the DONE wait (tests)
 
     def install(self) -> None:
-        """Become the engine's layer listener (call once, on the serving loop)."""
+        """Become the engine's layer sender (call once, on the serving loop)."""
         self._loop = asyncio.get_running_loop()
-        self._engine.engine.layer_listener = self
+        self._engine.attach_layer_sender(self)
 
     @property
     def active(self) -> int:
@@ -221,7 +225,7 @@ class PrefillServer:
     async def _run(self, job: _Job) -> PrefillResult:
         rid = job.order.request_id
         try:
-            with self._peers.busy():
+            with self._transfers.busy():
                 return await self._compute_and_send(job)
         except (KVTransferError, RuntimeError, ValueError, TimeoutError) as exc:
             why = str(exc) or type(exc).__name__
@@ -252,7 +256,7 @@ class PrefillServer:
         await wait(self._agent, job.handles, self._config.transfer_timeout)
         # NOTE: on CPU a post copies, so writes are often DONE when the post returns
         done = job.last_post_end if done_when_posted else time.monotonic()
-        self._agent.send_notify(order.decode_agent, encode_done(order.request_id, first))
+        self._transfers.notify_done(order.decode_agent, order.request_id, first)
         job.phase = "done"
         return self._result(job, first, cached_here, done)
 
@@ -292,15 +296,15 @@ class PrefillServer:
         except KVTransferError:
             return True
 
-    # ---- the layer listener (engine step thread) ---------------------------------
-    def begin_step(self, out: Any, tables: list[list[int]]) -> Callable[[int, Any], None] | None:
-        """Called by the engine before a step; returns the per-layer hook or None."""
+    # ---- the layer sender (engine step thread) -----------------------------------
+    def begin_step(self, rows: tuple[PlannedRow, ...], tables: list[list[int]]) -> LayerHook | None:
+        """Called by the rank before a step; returns the per-layer hook or None."""
         if not self._jobs:
             return None
         batch: list[tuple[_Job, list[int]]] = []
-        for seq, table in zip(out.seqs, tables):
-            job = self._jobs.get(seq.req.req_id)
-            if job is not None and seq.samples:  # this step completes the prompt
+        for row, table in zip(rows, tables):
+            job = self._jobs.get(row.req_id)
+            if job is not None and row.samples:  # this step completes the prompt
                 batch.append((job, list(table[job.skip:job.num_blocks])))
         if not batch:
             return None

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.records import WorkerRecord, kv_mismatch
+from pdserve.common.roles import kv_pair
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RequestError
 from pdserve.router.metrics import RouterMetrics
@@ -72,14 +73,11 @@ class RouterCore:
                 for r in live]
 
 
-_PD_PAIRS = ({"decode", "prefill"}, {"decode", "hybrid"}, {"hybrid", "prefill"})
-
-
 def _kv_problems(record: WorkerRecord, live: list[WorkerRecord]) -> list[str]:
     """Why ``record`` refuses to pair with each P/D peer of the same model, if any."""
     out = []
     for other in live:
-        if other.id != record.id and other.model == record.model and {record.role, other.role} in _PD_PAIRS:
+        if other.id != record.id and other.model == record.model and kv_pair(record.role, other.role):
             problem = kv_mismatch(record, other)
             if problem is not None:
                 out.append(problem)

@@ -31,11 +31,11 @@ from pdserve.v1 import worker_pb2_grpc
 
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.records import WorkerRecord, kv_mismatch
+from pdserve.common.roles import prefills_for
 from pdserve.router.policies import Candidate, Policy, rank_prefill
 from pdserve.cluster.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
-ROLES = ("hybrid", "decode", "prefill")
 
 
 @dataclass
@@ -106,7 +106,7 @@ class WorkerPool:
         return Route(handle, prefill, reason)
 
     def _prefill_for(self, decode: WorkerRecord, tokens: Sequence[int], model: str) -> tuple[list[WorkerRecord], str]:
-        roles = ("prefill", "hybrid") if decode.role == "decode" else ("prefill",)
+        roles = [role for role in ("prefill", "hybrid") if prefills_for(role, decode.role)]
         pool = [c for role in roles for c in self.candidates(role, model, exclude=(decode.id,))]
         if not pool:
             return [], "no_prefill_worker"

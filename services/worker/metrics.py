@@ -115,6 +115,10 @@ class WorkerMetrics:
         if write_seconds > 0:
             self.labelled(self.kv_bandwidth, direction=direction).observe(nbytes / write_seconds)
 
+    def observe_remote_prefill_latency(self, seconds: float) -> None:
+        """Decode side: one RemotePrefill call, from sending it to the KV having landed."""
+        self.labelled(self.remote_prefill_latency).observe(seconds)
+
     def observe_remote_prefill(self, result: Any) -> None:
         """Prefill side: one answered RemotePrefill (``pdserve.prefill.server.PrefillResult``)."""
         self.labelled(self.remote_prefills, status=result.status, phase=result.phase or "-").inc()

@@ -58,30 +58,32 @@ def load_engine(config: WorkerConfig) -> Any:
 
 def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics) -> RemoteRoles:
     """The KV agent and the P/D parts this worker's role needs (none without a real KV cache)."""
-    if not config.kv_transfer or getattr(getattr(engine, "engine", None), "kv_cache", None) is None:
+    if not config.kv_transfer or getattr(engine, "kv_cache", None) is None:
         return RemoteRoles(debug=config.debug_rpcs)
     from pdserve.decode.coordinator import DecodeConfig, DecodeCoordinator
+    from pdserve.engine.kv_connector import KVTransfers
     from pdserve.engine.kv_transfer import NixlKVTransferAgent
     from pdserve.prefill.server import PrefillConfig, PrefillServer
 
     confine_kv_listener(config.host, os.environ)
-    agent = NixlKVTransferAgent(config.worker_id, engine.engine.kv_cache, config.engine.model)
+    agent = NixlKVTransferAgent(config.worker_id, engine.kv_cache, config.engine.model)
     peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
+    transfers = KVTransfers(agent)
     orders = OrderBook(config.cluster_secret, config.worker_id)
     if not orders.enabled:
         log.warning("no cluster secret (PDSERVE_CLUSTER_SECRET or --cluster-secret-file): remote-prefill orders "
                     "are not signed, so anyone who reaches a prefill worker's gRPC port can direct KV writes")
     prefill = decode = None
     if config.role in ("prefill", "hybrid"):
-        send = resolve_kv_send(config.kv_send, engine.engine.device.type)
-        prefill = PrefillServer(engine, peers, PrefillConfig(transfer_timeout=config.kv_transfer_timeout, send=send),
+        send = resolve_kv_send(config.kv_send, engine.device_type)
+        prefill = PrefillServer(engine, peers, transfers, PrefillConfig(transfer_timeout=config.kv_transfer_timeout, send=send),
                                 metrics.observe_remote_prefill)
     if config.role in ("decode", "hybrid"):
-        decode = DecodeCoordinator(engine, peers, DecodeConfig(
+        decode = DecodeCoordinator(engine, peers, transfers, DecodeConfig(
             local_prefill_threshold=config.local_prefill_threshold,
             remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0],
             token=token_for(config.cluster_secret)), metrics, orders)
-    return RemoteRoles(peers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout, orders)
+    return RemoteRoles(peers, transfers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout, orders)
 
 
 def confine_kv_listener(host: str, environ: MutableMapping[str, str]) -> None:
@@ -137,6 +139,8 @@ class WorkerProcess:
     async def start(self) -> None:
         await self.engine.start()
         self.remote = build_remote_roles(self.config, self.engine, self.metrics)
+        if self.remote.transfers is not None:
+            await self.remote.transfers.start()
         if self.remote.prefill is not None:
             self.remote.prefill.install()
         self.health = health.aio.HealthServicer()
@@ -162,7 +166,7 @@ class WorkerProcess:
         if self.remote.peers is not None:
             self.discovery = Discovery(self._etcd, keys)
             await retry_until_reachable(self.discovery.start, 30.0, f"etcd at {self.config.etcd}")
-            await self.remote.peers.start(self.discovery)
+            self.remote.peers.start(self.discovery)
         self._tasks.append(asyncio.create_task(self._sample_engine(), name="sample-engine"))
         log.info("worker %s (%s, %s) serving gRPC on %s, metrics on %s", record.id, record.role, record.model,
                  record.grpc_address, record.metrics_url)
@@ -212,9 +216,9 @@ class WorkerProcess:
         if self.discovery is not None:
             await self.discovery.stop()
             self.discovery = None
-        if self.remote.peers is not None:
-            await self.remote.peers.close()
-            self.remote = RemoteRoles()
+        if self.remote.transfers is not None:
+            await self.remote.transfers.close()
+        self.remote = RemoteRoles()
 
     async def _sample_engine(self) -> None:
         while True:

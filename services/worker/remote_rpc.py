@@ -1,8 +1,8 @@
 """The worker's disaggregation parts and their wire conversions, for the servicer.
 
 Owns no lifecycle: ``RemoteRoles`` bundles what ``process`` built for this
-worker's role (the KV peers, the prefill server of a prefill/hybrid worker, the
-decode coordinator of a decode/hybrid worker); the functions convert between
+worker's role (the KV peers, the KV connector's transfers, the prefill server of
+a prefill/hybrid worker, the decode coordinator of a decode/hybrid worker); the functions convert between
 ``pdserve.v1`` messages and the prefill server's Python values and run the
 debug hooks.
 """
@@ -20,6 +20,7 @@ from pdserve.cluster.wire import params_from_proto
 @dataclass(frozen=True)
 class RemoteRoles:
     peers: Any = None  # pdserve.cluster.kv_peers.KVPeers
+    transfers: Any = None  # pdserve.engine.kv_connector.KVTransfers
     prefill: Any = None  # pdserve.prefill.server.PrefillServer
     decode: Any = None  # pdserve.decode.coordinator.DecodeCoordinator
     debug: bool = False
@@ -30,7 +31,7 @@ class RemoteRoles:
         """The disaggregation fields of ``StatsResponse``."""
         out: dict[str, Any] = {}
         if self.peers is not None:
-            out["kv_peers"] = len(self.peers.agent.peers())
+            out["kv_peers"] = self.peers.peer_count()
             out["kv_peer_errors"] = sorted(self.peers.errors.values())
         if self.decode is not None:
             out.update(prefills_local=self.decode.counts["local"], prefills_remote=self.decode.counts["remote"],

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from pdserve.cluster.kv_peers import KVPeers, KVPeersConfig, PeerIncompatible, PeerUnavailable, encode_done
+from pdserve.cluster.kv_peers import KVPeers, PeerIncompatible, PeerUnavailable
+from pdserve.engine.kv_connector import KVTransfers, ProgressConfig, encode_done
 from pdserve.cluster.records import LoadReport, WorkerRecord, kv_mismatch
 from pdserve.engine.kv_transfer.fake import FakeKVRegistry, FakeKVTransferAgent
 from pdserve.launcher.cli import topology
@@ -103,15 +104,15 @@ def _published(agent: FakeKVTransferAgent, role: str) -> WorkerRecord:
                         kv_metadata=base64.b64encode(agent.metadata()).decode())
 
 
-def test_kv_peers_follow_discovery_refuse_incompatible_and_deliver_notifications() -> None:
+def test_kv_peers_follow_discovery_refuse_incompatible_and_transfers_deliver_notifications() -> None:
     async def body() -> None:
         registry = FakeKVRegistry()
         decode, prefill, odd = _agent("d", registry), _agent("p", registry), _agent("o", registry, block_size=32)
         other_decode = _agent("d2", registry)
         discovery = FakeDiscovery(_published(decode, "decode"), _published(prefill, "prefill"),
                                   _published(odd, "decode"), _published(other_decode, "decode"))
-        peers = KVPeers(prefill, "m", "p", "prefill", KVPeersConfig(busy_poll=0.001, idle_poll=0.01))
-        await peers.start(discovery)
+        peers = KVPeers(prefill, "m", "p", "prefill")
+        peers.start(discovery)
         assert prefill.peers() == {"d", "d2"}  # never itself, never the incompatible one
         assert "block_size: local 16 != remote 32" in peers.errors["o"]
         with pytest.raises(PeerIncompatible):
@@ -119,13 +120,15 @@ def test_kv_peers_follow_discovery_refuse_incompatible_and_deliver_notifications
         with pytest.raises(PeerUnavailable):
             await peers.wait_peer("nobody", 0.05)
         d_peers = KVPeers(decode, "m", "d", "decode")
-        await d_peers.start(FakeDiscovery(_published(prefill, "prefill"), _published(other_decode, "decode")))
+        d_peers.start(FakeDiscovery(_published(prefill, "prefill"), _published(other_decode, "decode")))
         assert decode.peers() == {"p"}  # decode workers do not pair with each other
-        landed = d_peers.expect("r1", "p")
+        d_transfers = KVTransfers(decode, ProgressConfig(busy_poll=0.001, idle_poll=0.01))
+        await d_transfers.start()
+        landed = d_transfers.expect("r1", "p")
         prefill.send_notify("d", encode_done("r1", 42))
         assert await asyncio.wait_for(landed, 2.0) == 42
         # only the agent the order went to may say the KV landed
-        landed = d_peers.expect("r2", "p")
+        landed = d_transfers.expect("r2", "p")
         other_decode.add_peer("d", decode.metadata())  # an agent that knows d, but is not the one ordered
         other_decode.send_notify("d", encode_done("r2", 7))
         await asyncio.sleep(0.05)
@@ -140,8 +143,10 @@ def test_kv_peers_follow_discovery_refuse_incompatible_and_deliver_notifications
         h = prefill.write_blocks("d", [0], [1])
         await asyncio.sleep(0.05)
         assert prefill.poll(h).name == "DONE"
-        await peers.close()
-        await d_peers.close()
+        waiting = d_transfers.expect("r3", "p")
+        await d_transfers.close()  # fails what still waits, closes the agent
+        assert isinstance(waiting.exception(), Exception)
+        prefill.close()
     asyncio.run(body())
 
 

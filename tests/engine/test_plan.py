@@ -23,7 +23,7 @@ class _Recorder:
         self.sent_new: dict[str, int] = {}
         self.plans = 0
 
-    def __call__(self, plan: StepPlan, hook=None):
+    def __call__(self, plan: StepPlan):
         assert pickle.loads(pickle.dumps(plan)) == plan
         for rid in plan.finished:
             self.tokens.pop(rid, None)
@@ -39,7 +39,7 @@ class _Recorder:
             assert self.tables[row.req_id] == self.engine.kv.blocks_of(row.req_id)
             assert self.tokens[row.req_id] == req.token_ids[:row.start + row.num_new]
         self.plans += 1
-        return self.real(plan, hook)
+        return self.real(plan)
 
 
 def _run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], _Recorder]:

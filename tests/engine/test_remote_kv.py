@@ -29,7 +29,7 @@ def _disaggregated(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int],
     d.kv_cache[:, d_blocks[cached // bs:]] = float("nan")  # poison: every needed block must be sent
     p.add_request(rid, prompt, params.replace(max_tokens=1), hold_kv=True)
     first = _run_to_end(p, rid)
-    assert len(first) == 1 and rid in p.held
+    assert len(first) == 1 and p.connector.is_sending(rid)
     p_blocks = p.kv.blocks_of(rid)
     n = len(d_blocks)
     d.kv_cache[:, d_blocks[cached // bs:]] = p.kv_cache[:, p_blocks[cached // bs:n]]
@@ -86,7 +86,7 @@ class _SnapshotListener:
         self.snapshots: dict[int, torch.Tensor] = {}
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
 
-    def begin_step(self, out, tables):
+    def begin_step(self, rows, tables):
         blocks = torch.tensor(tables[0], device=self.engine.device)
 
         def hook(layer: int, written) -> None:
@@ -108,7 +108,7 @@ def test_layer_events_mark_the_kv_as_written(device: str) -> None:
     engine = LLMEngine(EngineConfig(model="dummy:smollm2-135m", dtype="float32", device_type=device, num_blocks=64,
                                     max_prefill_tokens=1024))
     listener = _SnapshotListener(engine)
-    engine.layer_listener = listener
+    engine.attach_layer_sender(listener)
     engine.add_request("r", list(range(100, 900)), SamplingParams(max_tokens=1, ignore_eos=True), hold_kv=True)
     _run_to_end(engine, "r")
     engine.synchronize()

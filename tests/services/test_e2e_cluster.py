@@ -170,7 +170,7 @@ def test_bad_grpc_inputs_and_cluster_keeps_serving(cluster: LocalCluster) -> Non
 
 def test_hybrid_workers_stay_aggregated_and_debug_rpcs_are_off(cluster: LocalCluster) -> None:
     stats = worker_stats(cluster)
-    assert all(s.kv_peers == 1 and not s.kv_peer_errors for s in stats)  # NIXL peers of each other
+    assert all(s.kv_peers == 0 and not s.kv_peer_errors for s in stats)  # two hybrids never pair (common/roles.py)
     assert all(s.prefills_remote == 0 for s in stats) and sum(s.prefills_local for s in stats) > 0  # aggregated
     with pytest.raises(grpc.RpcError) as info:
         worker_stub(live_workers(cluster.http_url)[0]["grpc_address"]).Debug(worker_pb2.DebugRequest(), timeout=5)

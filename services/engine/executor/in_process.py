@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.engine.executor.rank import RankWorker
-from pdserve.engine.model_runner import LayerHook
+from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.plan import StepPlan
 from pdserve.engine.sampler import PendingSample, SampleResult
 
@@ -32,8 +32,11 @@ class InProcessExecutor:
     def allocate(self, num_blocks: int, max_model_len: int) -> None:
         self.rank.allocate(num_blocks, max_model_len)
 
-    def execute(self, plan: StepPlan, hook: LayerHook | None = None) -> PendingSample | None:
-        return self.rank.execute(plan, hook)
+    def execute(self, plan: StepPlan) -> PendingSample | None:
+        return self.rank.execute(plan)
+
+    def attach_layer_sender(self, sender: LayerSender) -> None:
+        self.rank.layer_sender = sender
 
     def collect(self, pending: PendingSample) -> SampleResult:
         return self.rank.collect(pending)

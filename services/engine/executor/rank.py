@@ -10,7 +10,8 @@ the last step it sampled (inputs of an overlapped next step).
 Lifecycle: ``RankWorker(config, ...)`` loads the model -> ``block_bytes`` /
 ``blocks_that_fit`` size the cache -> ``allocate(num_blocks, max_model_len)``
 allocates the shard and captures graphs -> ``execute(plan)`` per step (applies
-the plan's request changes, runs the model, launches sampling) and
+the plan's request changes, tells the KV connector's layer sender which rows
+run, runs the model, launches sampling) and
 ``collect(pending)`` (waits for that step's tokens) -> ``forget_all()`` after a
 failed step. Only a rank that samples (rank 0) returns tokens.
 """
@@ -25,8 +26,9 @@ from pdserve.common.model_source import ModelSource
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.batch import DeviceFeed
 from pdserve.engine.dtypes import torch_dtype
+from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.layers import Communicator, LayerContext, SingleRank
-from pdserve.engine.model_runner import LayerHook, ModelRunner, RunnerConfig, graph_batch_sizes
+from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from pdserve.engine.models.loader import load_model
 from pdserve.engine.models.model_config import ModelConfig
 from pdserve.engine.plan import NewRequest, StepPlan
@@ -82,6 +84,7 @@ class RankWorker:
         self.runner: ModelRunner | None = None
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed), self.platform.new_event)
         self.requests: dict[str, RankRequest] = {}
+        self.layer_sender: LayerSender | None = None
         self._last_sampled: torch.Tensor | None = None
 
     # ---- sizing and allocation -------------------------------------------------------
@@ -112,14 +115,16 @@ class RankWorker:
 
     # ---- steps -------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, hook: LayerHook | None = None) -> PendingSample | None:
+    def execute(self, plan: StepPlan) -> PendingSample | None:
         """Run the plan's forward and queue sampling for its sampling rows (None if none sample)."""
         self._apply(plan)
         reqs = [self.requests[r.req_id] for r in plan.rows]
         for row, req in zip(plan.rows, reqs):
             req.token_ids.extend(row.token_ids)
             req.block_ids.extend(row.new_block_ids)
-        logits = self.runner.execute(plan.rows, [r.block_ids for r in reqs], hook, self._feed(plan))
+        tables = [r.block_ids for r in reqs]
+        hook = self.layer_sender.begin_step(plan.rows, tables) if self.layer_sender is not None else None
+        logits = self.runner.execute(plan.rows, tables, hook, self._feed(plan))
         sampled = [req for row, req in zip(plan.rows, reqs) if row.samples]
         if not sampled:
             return None
