@@ -79,7 +79,7 @@ class EngineConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown engine config keys {unknown}; known keys: {sorted(known)}")
-        kwargs = {k: _coerce(known[k], v) for k, v in values.items() if v is not None}
+        kwargs = {k: coerce_field(known[k], v) for k, v in values.items() if v is not None}
         return cls(**kwargs)
 
     @classmethod
@@ -105,8 +105,10 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Turn strings from env/CLI into the field's type."""
+def coerce_field(f: dataclasses.Field, value: Any) -> Any:
+    """Turn a string from env/CLI into the field's type (bool, int, float, tuple; None-able
+    ones take "none"/"auto"); other values are returned unchanged. The one such rule of
+    every pdserve config built from flags, environment and YAML."""
     if not isinstance(value, str):
         if f.name == "adapters" and isinstance(value, (list, tuple)):
             return tuple(value)
@@ -145,4 +147,4 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["EngineConfig", "SchedulerConfig", "ConfigError", "load_yaml", "field"]
+__all__ = ["EngineConfig", "SchedulerConfig", "ConfigError", "coerce_field", "load_yaml", "field"]

@@ -17,7 +17,8 @@ host): before completing step N, the engine counts N as done, holds a place for
 each sampled token and launches step N+1, whose inputs for those places come from
 the device (``DeviceFeed``); the host's bookkeeping of N then runs while the
 device computes N+1. Requests whose tokens the host must see before sampling
-again (penalties, logprobs, a KV hand-off, a layer listener) run without overlap.
+again (penalties, logprobs, a KV hand-off whose layers are sent as written) run
+without overlap.
 A request that ends at N also computes one wasted row in N+1, and its blocks
 are freed once N+1 is done (``free_after``), so no later owner of a block meets a
 write of the step in flight.

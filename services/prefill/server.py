@@ -9,7 +9,7 @@ Request state machine (one ``RemotePrefill`` call):
     ACCEPTED ---(tombstoned / draining / bad request / incompatible)--> answered, nothing held
        |  peer loaded, job registered
     COMPUTING   engine.prefill_held(); in the step that completes the prompt, the
-       |        layer listener posts layer l's writes right after layer l is computed
+       |        layer sender posts layer l's writes right after layer l is computed
     SENDING     every layer posted; wait until all writes are DONE (timeout)
        |        then send_notify(decode, {rid, first token})
     DONE
@@ -137,7 +137,7 @@ class PrefillServer:
         self._agent = transfers.agent
         self._config = config
         self._on_result = on_result
-        self._block_size = engine.model_info["block_size"]
+        self._block_size = self._agent.layout.block_size
         self._num_layers = self._agent.layout.num_layers
         self._jobs: dict[str, _Job] = {}
         self._tasks: dict[str, asyncio.Task] = {}

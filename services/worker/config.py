@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pdserve.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
-from pdserve.engine.config import ConfigError, EngineConfig, load_yaml
+from pdserve.engine.config import ConfigError, EngineConfig, coerce_field, load_yaml
 
 KV_SEND_MODES = ("auto", "layerwise", "whole")
 
@@ -105,7 +105,8 @@ def build_worker_config(flags: Mapping[str, Any], environ: Mapping[str, str],
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(WORKER_KEYS + ENGINE_KEYS)}")
     engine = EngineConfig.from_mapping({k: v for k, v in merged.items() if k in ENGINE_KEYS})
-    worker = {k: _coerce(k, v) for k, v in merged.items() if k in WORKER_KEYS}
+    fields = {f.name: f for f in dataclasses.fields(WorkerConfig)}
+    worker = {k: coerce_field(fields[k], v) for k, v in merged.items() if k in WORKER_KEYS}
     config = WorkerConfig(engine=engine, **worker)
     return _resolve_identity(config)
 
@@ -125,23 +126,6 @@ def _env_values(environ: Mapping[str, str], prefix: str = "PDSERVE_") -> dict[st
         if f"{prefix}{key.upper()}" in environ:
             out[key] = environ[f"{prefix}{key.upper()}"]
     return out
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Strings from env / flags -> the field's type (int or float); others unchanged."""
-    kind = next(f.type for f in dataclasses.fields(WorkerConfig) if f.name == name)
-    if not isinstance(value, str) or kind == "str":
-        return value
-    if kind == "bool":
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}={value!r} is invalid: expected true or false")
-    try:
-        return int(value) if kind == "int" else float(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is invalid: expected {kind}") from None
 
 
 def _resolve_identity(config: WorkerConfig) -> WorkerConfig:

@@ -10,22 +10,29 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.v1 import worker_pb2
 
 from pdserve.cluster.wire import params_from_proto
 
+if TYPE_CHECKING:  # NOTE: only for types: the servicer must import without torch
+    from pdserve.cluster.kv_peers import KVPeers
+    from pdserve.cluster.orders import OrderBook
+    from pdserve.decode.coordinator import DecodeCoordinator
+    from pdserve.engine.kv_connector import KVTransfers
+    from pdserve.prefill.server import PrefillServer
+
 
 @dataclass(frozen=True)
 class RemoteRoles:
-    peers: Any = None  # pdserve.cluster.kv_peers.KVPeers
-    transfers: Any = None  # pdserve.engine.kv_connector.KVTransfers
-    prefill: Any = None  # pdserve.prefill.server.PrefillServer
-    decode: Any = None  # pdserve.decode.coordinator.DecodeCoordinator
+    peers: "KVPeers | None" = None
+    transfers: "KVTransfers | None" = None
+    prefill: "PrefillServer | None" = None
+    decode: "DecodeCoordinator | None" = None
     debug: bool = False
     abort_timeout: float = 30.0
-    orders: Any = None  # pdserve.cluster.orders.OrderBook: checks RemotePrefill orders
+    orders: "OrderBook | None" = None  # checks RemotePrefill orders
 
     def stats(self) -> dict[str, Any]:
         """The disaggregation fields of ``StatsResponse``."""

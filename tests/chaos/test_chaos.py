@@ -39,7 +39,7 @@ from pdserve.v1 import common_pb2, router_pb2
 from pdserve.launcher.certs import create_etcd_certs
 from pdserve.launcher.etcd_server import EtcdServer, start_etcd
 from pdserve.launcher.processes import ProcessGroup, free_port
-from tests.disagg.helpers import Reference, corpus_ids, prompt, stats
+from tests.disagg.helpers import corpus_ids, prompt, stats
 from tests.services.clients import http_json, live_workers, router_stub, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator

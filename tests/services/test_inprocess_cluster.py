@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.v1 import common_pb2, router_pb2, worker_pb2
 
 from pdserve.common.tokenizer import load_tokenizer
-from tests.services.clients import (blocks_used, chunks, generate, http_json, live_workers, router_stub, sse_events,
-                                    wait_for, worker_stub)
+from tests.services.clients import (blocks_used, generate, http_json, live_workers, router_stub, wait_for,
+                                    worker_stub)
 from tests.services.inproc import InProcessCluster, running_cluster
 
 PROMPT_IDS = [1000]
