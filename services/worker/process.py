@@ -66,7 +66,7 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     from pdserve.prefill.server import PrefillConfig, PrefillServer
 
     confine_kv_listener(config.host, os.environ)
-    agent = NixlKVTransferAgent(config.worker_id, engine.kv_cache, config.engine.model)
+    agent = NixlKVTransferAgent(config.worker_id, engine.kv_cache, config.engine.model, tp_size=config.engine.tp)
     peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
     transfers = KVTransfers(agent)
     orders = OrderBook(config.cluster_secret, config.worker_id)

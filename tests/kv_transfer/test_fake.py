@@ -110,3 +110,12 @@ def test_compatibility_and_misuse_errors() -> None:
         a.write_blocks("B", [0], [0], layers=range(3))
     with pytest.raises(KVTransferError, match="already live"):
         make_agent("B", registry, 4)
+
+
+def test_handshake_names_a_tp_split_that_differs():
+    from dataclasses import replace
+
+    from pdserve.engine.kv_transfer.base import KVCompatibilityError, check_compatible
+
+    with pytest.raises(KVCompatibilityError, match="tp_size: local 1 != remote 2"):
+        check_compatible(LAYOUT.handshake("m"), replace(LAYOUT, tp_size=2).handshake("m"))

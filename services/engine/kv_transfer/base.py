@@ -86,9 +86,10 @@ class KVLayout:
     head_dim: int
     dtype: str
     device: str = "cpu"
+    tp_size: int = 1  # ranks the worker's KV heads are split over; this tensor is one rank's shard
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim", "tp_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KVLayout.{name}={value!r} is invalid: expected an integer >= 1")
@@ -98,14 +99,15 @@ class KVLayout:
             raise ValueError(f"KVLayout.device={self.device!r} is invalid: expected 'cpu' or 'cuda[:N]'")
 
     @classmethod
-    def for_tensor(cls, kv: Any) -> "KVLayout":
-        """The layout of an existing KV tensor (anything with shape/dtype/device)."""
+    def for_tensor(cls, kv: Any, tp_size: int = 1) -> "KVLayout":
+        """The layout of an existing KV tensor (anything with shape/dtype/device), one
+        rank's shard of a worker split over ``tp_size`` ranks."""
         if len(kv.shape) != 6 or kv.shape[2] != 2:
             raise ValueError(f"KV tensor shape {tuple(kv.shape)} is not "
                              "(num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim)")
         layers, blocks, _, block_size, heads, head_dim = (int(d) for d in kv.shape)
         dtype = str(kv.dtype).removeprefix("torch.")
-        return cls(layers, blocks, block_size, heads, head_dim, dtype, str(kv.device))
+        return cls(layers, blocks, block_size, heads, head_dim, dtype, str(kv.device), tp_size)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -139,6 +141,7 @@ class KVLayout:
             "num_layers": self.num_layers,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
+            "tp_size": self.tp_size,
         }
 
     def compat_key(self, model: str) -> str:

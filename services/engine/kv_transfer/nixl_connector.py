@@ -104,8 +104,9 @@ class NixlKVTransferAgent(KVTransferAgent):
     receiver so that its transport accepts incoming data (TCP) and notifications.
     """
 
-    def __init__(self, name: str, kv: torch.Tensor, model: str, config: NixlConfig = NixlConfig()) -> None:
-        self._layout = _checked_layout(kv)
+    def __init__(self, name: str, kv: torch.Tensor, model: str, config: NixlConfig = NixlConfig(),
+                 tp_size: int = 1) -> None:
+        self._layout = _checked_layout(kv, tp_size)
         self._kv = kv  # NOTE: keeps the registered memory alive as long as the agent
         self._config = config
         self._handshake = self._layout.handshake(model)
@@ -379,10 +380,10 @@ class NixlKVTransferAgent(KVTransferAgent):
             raise KVTransferError(f"KV agent {self.name!r} is closed")
 
 
-def _checked_layout(kv: torch.Tensor) -> KVLayout:
+def _checked_layout(kv: torch.Tensor, tp_size: int) -> KVLayout:
     if not kv.is_contiguous():
         raise ValueError("the KV tensor must be contiguous: it is registered as one region")
-    return KVLayout.for_tensor(kv)
+    return KVLayout.for_tensor(kv, tp_size)
 
 
 def _mem_type(kv: torch.Tensor) -> tuple[str, int]:
