@@ -23,6 +23,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokenizer import Tokenizer, load_tokenizer
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import EngineOutput, LLMEngine
+from pdserve.engine.executor import RankFailure
 from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.request import TokenLogprob
 
@@ -56,6 +57,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._stats = self.engine.stats()
         self._tokenizer: Tokenizer | None = None
+        self.broken = asyncio.Event()  # set when a rank died: this engine serves nothing any more
 
     # ---- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -72,11 +74,14 @@ class AsyncEngine:
             except asyncio.CancelledError:
                 pass
         self._pool.shutdown(wait=True)
+        self.engine.close()
 
     # ---- requests -----------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[StreamOutput]:
         """Stream a request's tokens; closing the iterator early aborts it (blocks freed)."""
+        if self.broken.is_set():
+            raise RuntimeError("the engine is broken (a rank process died); this worker is stopping")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream()
@@ -201,6 +206,10 @@ class AsyncEngine:
                 continue
             try:
                 outputs = await loop.run_in_executor(self._pool, self.engine.step)
+            except RankFailure as exc:  # NOTE: the group is gone: fail everything, let the owner stop
+                self._fail_running(exc)
+                self.broken.set()
+                return
             except Exception as exc:  # NOTE: one failed step must not wedge every stream
                 self._fail_running(exc)
                 continue

@@ -55,8 +55,13 @@ class EngineConfig:
         for name in ("tp", "dp", "ep", "block_size", "max_batch_size", "max_prefill_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        if self.tp != 1 or self.dp != 1 or self.ep != 1:
-            raise ConfigError(f"tp={self.tp}, dp={self.dp}, ep={self.ep}: only tp=dp=ep=1 is supported in this version")
+        if self.dp != 1 or self.ep != 1:
+            raise ConfigError(f"dp={self.dp}, ep={self.ep}: only dp=ep=1 is supported in this version")
+        if self.tp > 1 and self.device_type != "cpu":
+            raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
+        if self.tp > 1 and self.role != "hybrid":
+            raise ConfigError(f"tp={self.tp} with role={self.role!r}: a tensor-parallel worker cannot send or "
+                              "receive KV yet; use role hybrid")
         if self.adapters:
             raise ConfigError(f"adapters={list(self.adapters)}: LoRA adapters are not supported in this version")
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")

@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.common.model_source import resolve_model
+from pdserve.common.model_source import ModelSource, resolve_model
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import EngineConfig, SchedulerConfig
-from pdserve.engine.executor import InProcessExecutor, RankConfig, RankWorker
+from pdserve.engine.executor import Executor, InProcessExecutor, MultiprocExecutor, RankConfig, RankWorker
 from pdserve.engine.kv_cache import KVCacheManager
 from pdserve.engine.kv_connector import KVConnectorScheduler, LayerSender
+from pdserve.engine.layers.linear import check_head_split
 from pdserve.engine.models.loader import load_config
 from pdserve.engine.models.model_config import ModelConfig
 from pdserve.engine.plan import NewRequest, PlannedRow, StepPlan
@@ -86,8 +87,7 @@ class LLMEngine:
         self.config = config
         self.source = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.source)
-        rank = RankWorker(_rank_config(config), self.source, self.model_config)
-        self.executor = InProcessExecutor(rank)
+        self.executor = _executor(config, self.source, self.model_config)
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len, num_blocks * config.block_size)
@@ -95,8 +95,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv)
-        self.overlap = (config.async_scheduling if config.async_scheduling is not None
-                        else rank.platform.asynchronous)
+        self.overlap = config.tp == 1 and (config.async_scheduling if config.async_scheduling is not None
+                                           else self.executor.supports_overlap)
         self._launched: _Launched | None = None
         self._blocks_sent: dict[str, int] = {}  # requests the ranks know -> length of the table sent
         self._departed: list[str] = []  # requests the ranks may forget (told in the next plan)
@@ -122,6 +122,10 @@ class LLMEngine:
     def attach_layer_sender(self, sender: LayerSender) -> None:
         """The worker side of the KV connector that sends each layer as it is written."""
         self.executor.attach_layer_sender(sender)
+
+    def close(self) -> None:
+        """Stop the rank processes, if any (idempotent)."""
+        self.executor.close()
 
     def synchronize(self) -> None:
         """Wait until the device has finished all queued work."""
@@ -412,6 +416,14 @@ class LLMEngine:
                 "eos_token_ids": list(self.eos_token_ids), "block_size": self.config.block_size,
                 "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
                 "num_blocks": self.kv.pool.num_blocks}
+
+
+def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> Executor:
+    """One rank in this process for tp = 1; a process per rank otherwise."""
+    if config.tp == 1:
+        return InProcessExecutor(RankWorker(_rank_config(config), source, model_config))
+    check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)  # NOTE: before any rank starts
+    return MultiprocExecutor(_rank_config(config), source, model_config, config.tp)
 
 
 def _rank_config(config: EngineConfig) -> RankConfig:

@@ -242,6 +242,14 @@ async def serve(config: WorkerConfig, engine: Any) -> int:
     except BaseException:
         await worker.close()
         raise
-    await stop.wait()
+    broken = getattr(engine, "broken", None)
+    waits = [asyncio.ensure_future(stop.wait())] + ([asyncio.ensure_future(broken.wait())] if broken else [])
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waits:
+        waiter.cancel()
+    if broken is not None and broken.is_set():
+        log.error("a rank of this worker's engine died: stopping the worker (its launcher restarts it)")
+        await worker.close()
+        return 1
     await worker.drain()
     return 0

@@ -27,7 +27,7 @@ def test_precedence_yaml_env_flags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, needle", [
     ({"role": "sideways", "etcd": "http://x:1"}, "role="),
-    ({"tp": "2", "etcd": "http://x:1"}, "tp=2"),
+    ({"tp": "2", "role": "decode", "etcd": "http://x:1"}, "tp=2"),
     ({"model": "", "etcd": "http://x:1"}, "model="),
     ({}, "etcd is missing"),
     ({"etcd": "http://x:1", "grpc_port": "99999"}, "grpc_port="),
@@ -54,7 +54,7 @@ def test_router_config() -> None:
 
 @pytest.mark.parametrize("argv, needle", [
     (["worker", "--role", "sideways", "--etcd", "http://127.0.0.1:1"], "role="),
-    (["worker", "--tp", "2", "--etcd", "http://127.0.0.1:1"], "tp=2"),
+    (["worker", "--tp", "2", "--role", "decode", "--etcd", "http://127.0.0.1:1"], "tp=2"),
     (["worker", "--role", "hybrid"], "etcd is missing"),
     (["worker", "--bogus-flag", "1", "--etcd", "http://127.0.0.1:1"], "--bogus-flag"),
     (["router", "--policy", "random", "--etcd", "http://127.0.0.1:1"], "policy="),

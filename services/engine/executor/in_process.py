@@ -36,7 +36,14 @@ class InProcessExecutor:
         return self.rank.execute(plan)
 
     def attach_layer_sender(self, sender: LayerSender) -> None:
-        self.rank.layer_sender = sender
+        self.rank.attach_layer_sender(sender)
+
+    @property
+    def supports_overlap(self) -> bool:
+        return self.rank.platform.asynchronous
+
+    def close(self) -> None:
+        """Nothing to stop: the rank lives in this process."""
 
     def collect(self, pending: PendingSample) -> SampleResult:
         return self.rank.collect(pending)

@@ -48,6 +48,7 @@ class RankConfig:
     seed: int
     tp_rank: int = 0
     tp_size: int = 1
+    samples: bool = True  # the rank that samples (rank 0); the others only run the forward
 
 
 @dataclass(eq=False)
@@ -126,7 +127,7 @@ class RankWorker:
         hook = self.layer_sender.begin_step(plan.rows, tables) if self.layer_sender is not None else None
         logits = self.runner.execute(plan.rows, tables, hook, self._feed(plan))
         sampled = [req for row, req in zip(plan.rows, reqs) if row.samples]
-        if not sampled:
+        if not sampled or not self.config.samples:
             return None
         pending = self.sampler.launch(logits, sampled)
         self._last_sampled = pending.tokens
@@ -134,6 +135,9 @@ class RankWorker:
 
     def collect(self, pending: PendingSample) -> SampleResult:
         return self.sampler.collect(pending)
+
+    def attach_layer_sender(self, sender: LayerSender) -> None:
+        self.layer_sender = sender
 
     def forget_all(self) -> None:
         """After a failed step: no request of it is known any more."""

@@ -175,6 +175,14 @@ class MergedColumnParallelLinear(LinearBase):
         return tensor.narrow(dim, self.ctx.tp_rank * n, n)
 
 
+def check_head_split(num_heads: int, num_kv_heads: int, tp: int) -> None:
+    """ValueError unless heads split evenly over ``tp`` ranks and KV heads either split
+    evenly or are replicated (``tp`` a multiple of them)."""
+    divide(num_heads, tp, "attention heads")
+    if num_kv_heads % tp and tp % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} cannot be split over or replicated across tp={tp}")
+
+
 class QKVParallelLinear(LinearBase):
     """q;k;v projections split by heads. With fewer KV heads than ranks, each KV head
     is held by ``tp / num_kv_heads`` consecutive ranks."""
@@ -182,8 +190,7 @@ class QKVParallelLinear(LinearBase):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  ctx: LayerContext, method: LinearMethod | None = None):
         tp = ctx.tp_size
-        if num_kv_heads % tp and tp % num_kv_heads:
-            raise ValueError(f"num_kv_heads={num_kv_heads} cannot be split over or replicated across tp={tp}")
+        check_head_split(num_heads, num_kv_heads, tp)
         self.head_dim = head_dim
         self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
         self.num_heads = divide(num_heads, tp, "attention heads")
@@ -244,5 +251,5 @@ class RowParallelLinear(LinearBase):
         return y if self.bias is None else y + self.bias
 
 
-__all__ = ["ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
+__all__ = ["check_head_split", "ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
            "QKVParallelLinear", "ReplicatedLinear", "RowParallelLinear", "UnquantizedLinearMethod"]

@@ -1,0 +1,241 @@
+"""The executor of a tensor-parallel group: one process per rank, torch.distributed between them.
+
+Owns: the rank processes (spawned at start, each with its end of a pipe), the
+port their process group meets on, and their shutdown. Every rank builds a
+``RankWorker`` with its ``LayerContext`` (its slice of every layer, its shard of
+the KV cache) and a ``ProcessGroupComm`` (gloo on CPU); rank 0 samples.
+
+Lifecycle: ``MultiprocExecutor(...)`` spawns the ranks and waits until each has
+loaded its model -> ``allocate`` -> per step ``execute(plan)`` sends the plan to
+every rank and ``collect`` returns rank 0's sampled tokens -> ``close()`` (also
+run when the executor is collected or the interpreter exits) stops every rank.
+
+NOTE: any rank that exits or stops answering fails the executor: the pending call
+raises ``RankFailure`` within ``timeout`` seconds, and every later call raises it
+at once; the engine fails its requests and the worker process exits as a whole.
+A rank whose parent dies sees its pipe close and exits.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import weakref
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pdserve.common.model_source import ModelSource
+from pdserve.engine.executor.rank import RankConfig
+from pdserve.engine.models.model_config import ModelConfig
+from pdserve.engine.plan import StepPlan
+from pdserve.engine.sampler import SampleResult
+
+
+class RankFailure(RuntimeError):
+    """A rank process died or stopped answering: the tensor-parallel group is broken."""
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """A plan the ranks are executing; rank 0's answer carries its sampled tokens."""
+    samples: bool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelSource,
+               model_config: ModelConfig, conn: Connection) -> None:
+    """A rank process: join the group, build the rank, then serve calls until told to stop."""
+    import torch
+    import torch.distributed as dist
+
+    from pdserve.engine.executor.collectives import ProcessGroupComm
+    from pdserve.engine.executor.rank import RankWorker
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+    try:
+        worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config,
+                            ProcessGroupComm())
+        conn.send(("ready", None))
+        while True:
+            try:
+                method, args = conn.recv()
+            except EOFError:
+                return  # the engine's process is gone
+            if method == "stop":
+                return
+            conn.send(("ok", _call(worker, method, args)))
+    except Exception as exc:  # NOTE: reported to the engine, which fails the group
+        try:
+            conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _call(worker: Any, method: str, args: tuple) -> Any:
+    if method == "execute":
+        pending = worker.execute(*args)
+        return worker.collect(pending) if pending is not None else None
+    attr = getattr(worker, method)
+    return attr(*args) if callable(attr) else attr
+
+
+class MultiprocExecutor:
+    def __init__(self, config: RankConfig, source: ModelSource, model_config: ModelConfig, tp: int,
+                 timeout: float = 600.0):
+        if config.device_type != "cpu":
+            raise ValueError(f"tp={tp} on device_type={config.device_type!r} is not built yet; tp > 1 runs on cpu")
+        self._timeout = timeout
+        self._failed: str | None = None
+        ctx = mp.get_context("spawn")
+        port, self._conns, self._procs = _free_port(), [], []
+        for rank in range(tp):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_rank_main, args=(rank, tp, port, config, source, model_config, child),
+                               name=f"pdserve-rank{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
+        self._launched: _Launched | None = None
+        for rank in range(tp):
+            self._receive(rank)  # "ready"
+
+    # ---- the executor interface ------------------------------------------------------------
+    def block_bytes(self) -> int:
+        return self._all("block_bytes")
+
+    def blocks_that_fit(self, memory_fraction: float) -> int:
+        return min(self._each("blocks_that_fit", memory_fraction))
+
+    @property
+    def cache_tokens_per_seq(self) -> int:
+        return self._all("cache_tokens_per_seq")
+
+    def allocate(self, num_blocks: int, max_model_len: int) -> None:
+        self._each("allocate", num_blocks, max_model_len)
+
+    def execute(self, plan: StepPlan) -> _Launched | None:
+        self._send_all("execute", plan)
+        if not any(r.samples for r in plan.rows):
+            self._gather()
+            return None
+        self._launched = _Launched(True)
+        return self._launched
+
+    def collect(self, pending: _Launched) -> SampleResult:
+        self._launched = None
+        return self._gather()[0]
+
+    def forget_all(self) -> None:
+        if self._failed is None:
+            self._each("forget_all")
+
+    def synchronize(self) -> None:
+        if self._failed is None:
+            self._each("synchronize")
+
+    def attach_layer_sender(self, sender: Any) -> None:
+        raise ValueError("sending KV layer by layer from a tensor-parallel worker is not built yet")
+
+    @property
+    def kv_cache(self) -> None:
+        return None  # NOTE: each rank holds its shard in its own process
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        return torch.device("cpu")
+
+    @property
+    def supports_overlap(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # ---- pipes -----------------------------------------------------------------------------
+    def _all(self, method: str, *args: Any) -> Any:
+        """Call every rank; they must agree (rank 0's answer)."""
+        return self._each(method, *args)[0]
+
+    def _each(self, method: str, *args: Any) -> list[Any]:
+        self._send_all(method, *args)
+        return self._gather()
+
+    def _send_all(self, method: str, *args: Any) -> None:
+        self._check()
+        if self._launched is not None:  # NOTE: a step launched and never collected (it failed): drain it
+            self._launched = None
+            self._gather()
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send((method, args))
+            except OSError as exc:
+                proc = self._procs[rank]
+                proc.join(1.0)
+                self._fail(f"rank {rank} exited with code {proc.exitcode}" if proc.exitcode is not None
+                           else f"rank {rank} is gone ({exc})")
+
+    def _gather(self) -> list[Any]:
+        return [self._receive(rank) for rank in range(len(self._conns))]
+
+    def _receive(self, rank: int) -> Any:
+        conn, proc, deadline = self._conns[rank], self._procs[rank], time.monotonic() + self._timeout
+        while not conn.poll(0.05):
+            if not proc.is_alive():
+                self._fail(f"rank {rank} exited with code {proc.exitcode}")
+            if time.monotonic() > deadline:
+                self._fail(f"rank {rank} did not answer within {self._timeout:.0f} s")
+        try:
+            status, value = conn.recv()
+        except (EOFError, OSError):
+            self._fail(f"rank {rank} exited with code {proc.exitcode}")
+        if status == "error":
+            self._fail(value)
+        return value
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise RankFailure(self._failed)
+
+    def _fail(self, why: str) -> None:
+        self._failed = self._failed or why
+        self._finalizer()
+        raise RankFailure(f"tensor-parallel group failed: {self._failed}")
+
+
+def _stop(conns: list[Connection], procs: list[mp.Process]) -> None:
+    """Stop every rank: ask, then terminate, then kill; never leave one behind."""
+    for conn in conns:
+        try:
+            conn.send(("stop", ()))
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5.0
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+    for conn in conns:
+        conn.close()
+
+
+__all__ = ["MultiprocExecutor", "RankFailure"]

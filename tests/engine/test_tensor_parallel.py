@@ -1,0 +1,93 @@
+"""Tensor parallelism on the CPU: two real rank processes over gloo give the tokens one rank gives
+and Hugging Face gives (float32, greedy), through chunked prefill, prefix hits and preemption;
+a dead rank fails the engine with a clear error and leaves no process behind."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.config import ConfigError, EngineConfig
+from pdserve.engine.executor import RankFailure
+from tests.engine.conftest import hf_greedy, prompt_set
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_tp2_matches_hf_and_tp1(tiny_models, kind):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models[kind]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    prompts = prompt_set(hf.config.vocab_size, seed=3, lengths=(1, 5, 17, 40, 100))
+    expected = hf_greedy(hf, prompts, GREEDY.max_tokens)
+    llm = LLM(path, tp=2, num_blocks=64, max_prefill_tokens=48)
+    try:
+        got = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+        again = [o.token_ids for o in llm.generate(prompts[2:4], GREEDY)]  # prefix-cache hits
+    finally:
+        llm.engine.close()
+    assert got == expected
+    assert again == expected[2:4]
+
+
+def test_tp2_under_preemption(tiny_models):
+    path = tiny_models["llama"]
+    prompts = [list(range(20 + i, 60 + i)) for i in range(6)]
+    expected = [o.token_ids for o in LLM(path, num_blocks=128).generate(prompts, GREEDY)]
+    llm = LLM(path, tp=2, num_blocks=20, block_size=8)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+        assert llm.engine.stats()["preemptions_total"] > 0
+    finally:
+        llm.engine.close()
+
+
+def test_a_dead_rank_fails_the_engine_and_no_rank_is_left(tiny_models):
+    llm = LLM(tiny_models["llama"], tp=2, num_blocks=32)
+    procs = list(llm.engine.executor._procs)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    with pytest.raises(RankFailure, match="rank 1 exited"):
+        llm.generate([[5, 6, 7]], GREEDY)
+    with pytest.raises(RankFailure):
+        llm.generate([[5, 6, 7]], GREEDY)
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_tp_combinations_not_built_yet_are_refused(tiny_models):
+    with pytest.raises(ConfigError, match="tp=2 with role='prefill'"):
+        EngineConfig(tp=2, role="prefill")
+    with pytest.raises(ConfigError, match="tp=2 with device_type='cuda'"):
+        EngineConfig(tp=2, device_type="cuda")
+    with pytest.raises(ValueError, match="attention heads=4 cannot be split evenly over tp=3"):
+        LLM(tiny_models["llama"], tp=3)  # refused before any rank process starts
+
+
+def test_async_engine_fails_its_streams_and_reports_broken_when_a_rank_dies(tiny_models):
+    import asyncio
+
+    from pdserve.engine.async_engine import AsyncEngine
+
+    async def main():
+        eng = AsyncEngine(EngineConfig(model=tiny_models["llama"], tp=2, num_blocks=32))
+        await eng.start()
+        procs = list(eng.engine.executor._procs)
+        try:
+            stream = eng.generate("r", [5, 6, 7], SamplingParams(max_tokens=10_000, ignore_eos=True))
+            await stream.__anext__()
+            os.kill(procs[1].pid, signal.SIGKILL)
+            with pytest.raises(RuntimeError, match="tensor-parallel group failed"):
+                async for _ in stream:
+                    pass
+            await asyncio.wait_for(eng.broken.wait(), 10)
+            with pytest.raises(RuntimeError, match="broken"):
+                async for _ in eng.generate("s", [5], GREEDY):
+                    pass
+        finally:
+            await eng.stop()
+        assert not any(p.is_alive() for p in procs)
+    asyncio.run(main())
