@@ -171,3 +171,20 @@ def test_two_gloo_ranks_compute_what_one_rank_does(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for a, b in zip(got, expected):
             assert torch.allclose(a, b, atol=1e-5), (rank, (a - b).abs().max())
+
+
+def test_a_checkpoint_slice_reads_only_what_the_rank_keeps(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pdserve.engine.layers.loading import CheckpointSlice
+
+    whole = torch.randn(6, 8)
+    save_file({"w": whole}, str(tmp_path / "m.safetensors"))
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as fh:
+        part = CheckpointSlice(fh.get_slice("w")).narrow(0, 2, 3).narrow(1, 4, 4)
+        assert part.shape == (3, 4) and torch.equal(part.read(), whole[2:5, 4:8])
+        ranks = _ranks(2, lambda c: RowParallelLinear(8, 6, False, c))
+        for layer in ranks:
+            layer.load_weight("weight", CheckpointSlice(fh.get_slice("w")))
+    assert torch.equal(torch.cat([r.weight for r in ranks], dim=1), whole)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from pdserve.engine.backends.base import Backend
 from pdserve.engine.layers.context import LayerContext
-from pdserve.engine.layers.loading import Shard, WeightSpec
+from pdserve.engine.layers.loading import Shard, WeightSpec, read
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -50,7 +50,7 @@ class VocabParallelEmbedding(nn.Module):
         if tuple(tensor.shape) != (self.vocab_size, self.hidden_size):
             raise ValueError(f"shape {tuple(tensor.shape)}, expected {(self.vocab_size, self.hidden_size)}")
         n = self.end - self.start
-        self.weight.data[:n].copy_(tensor[self.start:self.end])
+        self.weight.data[:n].copy_(read(tensor.narrow(0, self.start, n)))
         self.weight.data[n:].zero_()
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from pdserve.engine.backends.base import Backend
 from pdserve.engine.layers.context import LayerContext, divide
-from pdserve.engine.layers.loading import Shard, WeightSpec
+from pdserve.engine.layers.loading import Shard, WeightSpec, read
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class LinearBase(nn.Module):
             src = self.source_slice(dims.output_dim, True, shard, src)
         if dims.input_dim is not None:
             src = self.source_slice(dims.input_dim, False, shard, src)
-        dst.copy_(src)
+        dst.copy_(read(src))
 
 
 class ReplicatedLinear(LinearBase):

@@ -2,8 +2,9 @@
 
 Owns: ``WeightSpec`` (one loadable tensor of a layer: which parameter, which part
 of a merged parameter, the whole checkpoint tensor's shape, how dummy weights
-fill it), ``load_into`` (route checkpoint tensors to their layers, then check
-that nothing was left out) and ``init_dummy_weights``. Every layer with weights
+fill it), ``CheckpointSlice`` (a checkpoint tensor not read yet: a rank narrows
+it to its part and reads only that), ``load_into`` (route checkpoint tensors to
+their layers, then check that nothing was left out) and ``init_dummy_weights``. Every layer with weights
 has ``weight_specs()`` and ``load_weight(param, tensor, shard)``, and slices the
 whole tensor for its own rank, so a checkpoint, a GGUF file and dummy weights all
 go through the same per-rank path.
@@ -11,7 +12,7 @@ go through the same per-rank path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Iterator, Protocol
+from typing import Any, Hashable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +28,32 @@ class WeightSpec:
     init: str = "normal"  # dummy weights: "normal" (std 0.02) or "ones"
 
 
+class CheckpointSlice:
+    """A tensor of an open safetensors file, read only when ``read()`` is called and then
+    only the part ``narrow`` kept (so each rank reads its slice, not the whole tensor)."""
+
+    def __init__(self, source: Any, shape: tuple[int, ...] | None = None,
+                 index: tuple[slice, ...] | None = None):
+        self._source = source  # safetensors' PySafeSlice
+        self.shape = tuple(shape if shape is not None else source.get_shape())
+        self._index = index if index is not None else tuple(slice(0, n) for n in self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> "CheckpointSlice":
+        dim %= len(self.shape)
+        base = self._index[dim].start
+        index = self._index[:dim] + (slice(base + start, base + start + length),) + self._index[dim + 1:]
+        shape = self.shape[:dim] + (length,) + self.shape[dim + 1:]
+        return CheckpointSlice(self._source, shape, index)
+
+    def read(self) -> torch.Tensor:
+        return self._source[self._index]
+
+
+def read(tensor: "torch.Tensor | CheckpointSlice") -> torch.Tensor:
+    """The values of a tensor or of a checkpoint slice (read from the file now)."""
+    return tensor.read() if isinstance(tensor, CheckpointSlice) else tensor
+
+
 @dataclass(frozen=True)
 class CheckpointTensor:
     """One checkpoint tensor routed to a layer: ``module`` path, its ``param`` and ``shard``."""
@@ -34,7 +61,7 @@ class CheckpointTensor:
     module: str
     param: str
     shard: Shard
-    tensor: torch.Tensor
+    tensor: "torch.Tensor | CheckpointSlice"
 
 
 class Loadable(Protocol):

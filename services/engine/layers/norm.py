@@ -10,7 +10,7 @@ from torch import nn
 
 from pdserve.engine.backends.base import Backend
 from pdserve.engine.layers.context import LayerContext
-from pdserve.engine.layers.loading import Shard, WeightSpec
+from pdserve.engine.layers.loading import Shard, WeightSpec, read
 
 
 class RMSNorm(nn.Module):
@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm has no tensor {param!r} (part {shard!r})")
         if tuple(tensor.shape) != tuple(self.weight.shape):
             raise ValueError(f"shape {tuple(tensor.shape)}, expected {tuple(self.weight.shape)}")
-        self.weight.data.copy_(tensor)
+        self.weight.data.copy_(read(tensor))
 
 
 __all__ = ["RMSNorm"]

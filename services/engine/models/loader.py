@@ -26,6 +26,7 @@ import torch
 
 from pdserve.common.model_source import ModelSource
 from pdserve.engine.layers import LayerContext, init_dummy_weights
+from pdserve.engine.layers.loading import CheckpointSlice
 from pdserve.engine.models import model_config as mc
 from pdserve.engine.models.interface import CausalLM
 from pdserve.engine.models.registry import check_quantization, model_class
@@ -99,7 +100,7 @@ def _convert_gguf(path: str, target: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(directory: str) -> Iterator[tuple[str, CheckpointSlice]]:
     from safetensors import safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -113,7 +114,7 @@ def _safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
     for name in files:
         with safe_open(os.path.join(directory, name), framework="pt") as fh:
             for key in fh.keys():
-                yield key, fh.get_tensor(key)
+                yield key, CheckpointSlice(fh.get_slice(key))  # NOTE: read by the layer, its part only
 
 
 def _gguf_reader(path: str):
