@@ -98,6 +98,7 @@ class LLMEngine:
         self.overlap = config.tp == 1 and (config.async_scheduling if config.async_scheduling is not None
                                            else self.executor.supports_overlap)
         self._launched: _Launched | None = None
+        self._completing: _Launched | None = None  # the step ``step()`` is reading (kept for ``fail_all``)
         self._blocks_sent: dict[str, int] = {}  # requests the ranks know -> length of the table sent
         self._departed: list[str] = []  # requests the ranks may forget (told in the next plan)
         self.requests: dict[str, Request] = {}
@@ -238,11 +239,14 @@ class LLMEngine:
         their blocks; returns their ids. A launched step is dropped unread once the
         device is past it. Remote reservations (not scheduled) stay with the transfers
         that own them; a prefill that keeps its KV stays with the connector for its owner."""
-        self._launched = None
+        dropped = [s for s in (self._completing, self._launched) if s is not None]
+        self._completing = self._launched = None
         try:
             self.executor.synchronize()  # NOTE: nothing queued may write a freed block
         except Exception:  # the device itself failed: nothing of it runs any more
             pass
+        for req_id in (rid for step in dropped for rid in step.free_after):
+            self.kv.free(req_id)  # NOTE: ended while a dropped step ran; their blocks waited for it
         self.executor.forget_all()
         self._blocks_sent.clear()
         self._departed.clear()
@@ -265,11 +269,13 @@ class LLMEngine:
             current = self._launch(self.scheduler.schedule(), None)
             if current is None:
                 return []
+        self._completing = current
         if self._may_overlap(current):
             ending = self._advance(current)
             self._launched = self._launch(self.scheduler.schedule(ending), current)
             self.counters.overlapped_steps_total += self._launched is not None
         outputs = self._complete(current)
+        self._completing = None
         self.counters.last_step_seconds = time.perf_counter() - t0
         return outputs
 

@@ -97,3 +97,22 @@ def test_blocks_of_a_request_ending_in_flight_wait_for_the_step(tiny_models):
     while engine.has_unfinished():
         engine.step()
     assert engine.kv_stats()["used"] == 0
+
+
+def test_a_failed_overlapped_step_frees_the_blocks_of_requests_that_ended_during_it(tiny_models):
+    """A request aborted while its step is in flight keeps its blocks until that step is done;
+    if reading that step fails, ``fail_all`` must still free them."""
+    engine = LLMEngine(EngineConfig(model=tiny_models["llama"], num_blocks=64, async_scheduling=True))
+    for rid in ("a", "b"):
+        engine.add_request(rid, [5, 6, 7], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    engine.step()  # the next step is already launched (overlap)
+    assert engine.counters.overlapped_steps_total > 0
+    assert engine.abort("b")  # its blocks now wait for the step in flight
+
+    def broken(pending):
+        raise RuntimeError("simulated device failure")
+    engine.executor.collect = broken
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    assert sorted(engine.fail_all()) == ["a"]
+    assert engine.kv_stats()["used"] == 0
