@@ -55,8 +55,8 @@ class EngineConfig:
         for name in ("tp", "dp", "ep", "block_size", "max_batch_size", "max_prefill_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        if self.dp != 1 or self.ep != 1:
-            raise ConfigError(f"dp={self.dp}, ep={self.ep}: only dp=ep=1 is supported in this version")
+        if self.ep != 1:
+            raise ConfigError(f"ep={self.ep}: only ep=1 is supported in this version (no MoE models yet)")
         if self.tp > 1 and self.device_type != "cpu":
             raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
         if self.tp > 1 and self.role != "hybrid":

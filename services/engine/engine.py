@@ -426,6 +426,9 @@ class LLMEngine:
 
 def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> Executor:
     """One rank in this process for tp = 1; a process per rank otherwise."""
+    if config.dp != 1:
+        raise ValueError(f"dp={config.dp}: one engine is one data-parallel replica; run replicas as workers "
+                         "(pdserve worker --dp N starts N of them)")
     if config.tp == 1:
         return InProcessExecutor(RankWorker(_rank_config(config), source, model_config))
     check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)  # NOTE: before any rank starts

@@ -74,6 +74,10 @@ def main(name: str, argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)
         return 2
+    if config.engine.dp > 1:
+        from pdserve.worker.replicas import run_replicas
+
+        return run_replicas(argv, config, os.environ, args.get("worker_id") or os.environ.get("PDSERVE_WORKER_ID"))
     from pdserve.worker.process import load_engine, serve
 
     try:

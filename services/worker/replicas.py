@@ -1,0 +1,90 @@
+"""Data parallelism of one ``pdserve worker``: ``dp`` replicas, each a worker of its own.
+
+Owns: the replica processes of a ``--dp N`` worker and their shutdown. Each replica
+runs the same command with ``--dp 1``: its own engine, scheduler and KV cache
+(with its own ``tp`` ranks), its own gRPC server and its own etcd registration, so
+the router balances over them like over any workers. Fixed ports and an explicit
+worker id get the replica index added; on CUDA replica i sees GPUs
+``[i * tp, (i + 1) * tp)`` of the visible ones.
+
+Lifecycle: ``run_replicas`` starts every replica, forwards SIGTERM/SIGINT to them
+(each drains), and returns once all have exited. If one exits on its own, the
+others are stopped too and the exit code is the failed replica's: the worker
+fails as a whole and its launcher (``pdserve up``, Kubernetes) restarts it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Mapping
+
+from pdserve.worker.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+def replica_argv(argv: list[str], index: int, config: WorkerConfig, worker_id: str | None) -> list[str]:
+    """``argv`` for replica ``index``: the same flags, dp 1, distinct ports and id."""
+    out = [*argv, "--dp", "1"]
+    if config.grpc_port:
+        out += ["--grpc-port", str(config.grpc_port + index)]
+    if config.metrics_port:
+        out += ["--metrics-port", str(config.metrics_port + index)]
+    if worker_id:
+        out += ["--worker-id", f"{worker_id}-dp{index}"]
+    return out
+
+
+def replica_env(environ: Mapping[str, str], index: int, config: WorkerConfig) -> dict[str, str]:
+    env = dict(environ)
+    if config.engine.device_type == "cuda":
+        tp = config.engine.tp
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(config.engine.dp * tp)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp:(index + 1) * tp])
+    return env
+
+
+def run_replicas(argv: list[str], config: WorkerConfig, environ: Mapping[str, str],
+                 worker_id: str | None, poll: float = 0.2) -> int:
+    """Run ``config.engine.dp`` replicas until they exit; returns the worker's exit code."""
+    procs = [subprocess.Popen([sys.executable, "-m", "pdserve", "worker", *replica_argv(argv, i, config, worker_id)],
+                              env=replica_env(environ, i, config)) for i in range(config.engine.dp)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while all(p.poll() is None for p in procs):
+        time.sleep(poll)
+    first = next(p for p in procs if p.poll() is not None)
+    if not stopping:
+        log.error("replica %d exited with code %s: stopping the other replicas", procs.index(first), first.returncode)
+        _stop(procs, config.drain_timeout + 5.0)
+    for proc in procs:
+        proc.wait()
+    return 0 if stopping and all(p.returncode == 0 for p in procs) else (first.returncode or 1)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+__all__ = ["replica_argv", "replica_env", "run_replicas"]

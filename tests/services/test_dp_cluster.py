@@ -1,0 +1,50 @@
+"""Data parallelism: `pdserve worker --dp 2` runs two replicas, each its own engine, gRPC server
+and etcd registration; the router serves through both; when one replica dies the worker stops
+the other and exits non-zero, leaving no replica behind. One engine refuses dp itself."""
+from __future__ import annotations
+
+import signal
+
+import psutil
+import pytest
+
+from pdserve.engine import LLM
+from pdserve.worker.config import build_worker_config
+from pdserve.worker.replicas import replica_argv, replica_env
+from tests.services.cluster_fixture import local_cluster
+from tests.services.clients import http_json, live_workers, wait_for
+
+
+def test_replicas_get_their_own_ports_ids_and_gpus():
+    config = build_worker_config({"etcd": "http://x:1", "grpc_port": "7000", "metrics_port": "9000", "dp": "2",
+                                  "tp": "1", "device_type": "cuda"}, {}, None)
+    argv = ["--dp", "2", "--grpc-port", "7000"]
+    assert replica_argv(argv, 1, config, "w") == argv + ["--dp", "1", "--grpc-port", "7001", "--metrics-port",
+                                                         "9001", "--worker-id", "w-dp1"]
+    assert replica_env({"CUDA_VISIBLE_DEVICES": "4,5"}, 1, config)["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+def test_one_engine_refuses_dp():
+    with pytest.raises(ValueError, match="dp=2: one engine is one data-parallel replica"):
+        LLM("dummy:smollm2-135m", dp=2)
+
+
+def test_dp2_worker_serves_through_two_replicas_and_fails_as_a_whole(tmp_path):
+    with local_cluster(hybrid=1, log_dir=str(tmp_path), worker_args=("--dp", "2")) as cluster:
+        def both() -> list[dict] | None:
+            workers = live_workers(cluster.http_url)
+            return workers if len(workers) == 2 else None
+        workers = wait_for(both, 120.0, what="both replicas to register")
+        assert len({w["grpc_address"] for w in workers}) == 2
+        for _ in range(4):
+            status, body = http_json(f"{cluster.http_url}/v1/completions",
+                                     {"model": "smollm2", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+            assert status == 200, body
+        parent = cluster.workers[0]
+        replicas = psutil.Process(parent.pid).children()
+        assert len(replicas) == 2
+        replicas[0].send_signal(signal.SIGKILL)
+        wait_for(lambda: parent.proc.poll() is not None, 60.0, what="the worker to exit")
+        assert parent.proc.returncode != 0
+        wait_for(lambda: not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in replicas), 15.0,
+                 what="every replica to be gone")
