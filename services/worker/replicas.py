@@ -15,7 +15,6 @@ fails as a whole and its launcher (``pdserve up``, Kubernetes) restarts it.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
