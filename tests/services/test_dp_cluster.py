@@ -4,15 +4,17 @@ the other and exits non-zero, leaving no replica behind. One engine refuses dp i
 from __future__ import annotations
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from pdserve.v1 import worker_pb2
 
 from pdserve.engine import LLM
 from pdserve.worker.config import build_worker_config
 from pdserve.worker.replicas import replica_argv, replica_env
 from tests.services.cluster_fixture import local_cluster
-from tests.services.clients import http_json, live_workers, wait_for
+from tests.services.clients import http_json, live_workers, wait_for, worker_stub
 
 
 def test_replicas_get_their_own_ports_ids_and_gpus():
@@ -36,10 +38,16 @@ def test_dp2_worker_serves_through_two_replicas_and_fails_as_a_whole(tmp_path):
             return workers if len(workers) == 2 else None
         workers = wait_for(both, 120.0, what="both replicas to register")
         assert len({w["grpc_address"] for w in workers}) == 2
-        for _ in range(4):
-            status, body = http_json(f"{cluster.http_url}/v1/completions",
-                                     {"model": "smollm2", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
-            assert status == 200, body
+
+        def complete(i: int) -> tuple[int, dict]:
+            return http_json(f"{cluster.http_url}/v1/completions",
+                             {"model": "smollm2", "prompt": f"Hello {i}", "max_tokens": 16, "temperature": 0})
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(complete, range(8)))
+        assert all(status == 200 for status, _ in answers), answers
+
+        stats = [worker_stub(w["grpc_address"]).Stats(worker_pb2.StatsRequest(), timeout=5) for w in workers]
+        assert all(s.prefills_local > 0 for s in stats), stats  # both replicas served
         parent = cluster.workers[0]
         replicas = psutil.Process(parent.pid).children()
         assert len(replicas) == 2
