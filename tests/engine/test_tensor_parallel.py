@@ -91,3 +91,14 @@ def test_async_engine_fails_its_streams_and_reports_broken_when_a_rank_dies(tiny
             await eng.stop()
         assert not any(p.is_alive() for p in procs)
     asyncio.run(main())
+
+
+def test_ranks_on_one_host_share_the_cache_memory_fraction(tiny_models):
+    one = LLM(tiny_models["llama"], cache_memory_fraction=0.01, max_batch_size=4096, max_model_len=2048)
+    two = LLM(tiny_models["llama"], tp=2, cache_memory_fraction=0.01, max_batch_size=4096, max_model_len=2048)
+    try:
+        per_rank = two.engine.block_bytes() * two.kv_stats()["total"]
+        whole = one.engine.block_bytes() * one.kv_stats()["total"]
+        assert per_rank * 2 <= whole * 1.1  # both ranks together hold what one rank would
+    finally:
+        two.engine.close()

@@ -117,7 +117,8 @@ class MultiprocExecutor:
         return self._all("block_bytes")
 
     def blocks_that_fit(self, memory_fraction: float) -> int:
-        return min(self._each("blocks_that_fit", memory_fraction))
+        # NOTE: the ranks share this host's memory (cpu): each may take its share of the fraction
+        return min(self._each("blocks_that_fit", memory_fraction / len(self._procs)))
 
     @property
     def cache_tokens_per_seq(self) -> int:
