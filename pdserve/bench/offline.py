@@ -29,6 +29,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--torch-only", action="store_true", help="CPU: pure torch, not pdserve's compiled CPU kernels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat pdserve then transformers this many times (noisy hosts); prints the median ratio")
     return p.parse_args(argv)
@@ -45,14 +46,17 @@ def run_pdserve(args, prompts) -> tuple[float, int]:
     num_blocks = args.num_prompts * -(-(args.prompt_len + args.output_len) // 16) + 64
     llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type, num_blocks=num_blocks,
               max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-              compiled_cpu_kernels=not args.torch_only)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
-    _sync(args.device_type)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    _sync(args.device_type)
-    elapsed = time.perf_counter() - t0
+              compiled_cpu_kernels=not args.torch_only, tp=args.tp)
+    try:
+        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+        _sync(args.device_type)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        _sync(args.device_type)
+        elapsed = time.perf_counter() - t0
+    finally:
+        llm.engine.close()  # NOTE: stops the rank processes of tp > 1
     return elapsed, sum(len(o.token_ids) for o in outs)
 
 
