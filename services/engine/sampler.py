@@ -29,12 +29,7 @@ class SamplingState(Protocol):
     params: SamplingParams
     generator: torch.Generator | None
     token_ids: list[int]
-
-    @property
-    def output_token_ids(self) -> list[int]: ...
-
-    @property
-    def num_output_tokens(self) -> int: ...
+    num_prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -51,8 +46,9 @@ def apply_penalties(logits: torch.Tensor, reqs: list[SamplingState]) -> torch.Te
             seen = _to_device(sorted(set(req.token_ids)), torch.long, logits.device)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
-            out = _to_device(req.output_token_ids, torch.long, logits.device)
+        outputs = req.token_ids[req.num_prompt_tokens:]
+        if (p.presence_penalty or p.frequency_penalty) and outputs:
+            out = _to_device(outputs, torch.long, logits.device)
             counts = torch.zeros(logits.shape[1], device=logits.device).index_add_(
                 0, out, torch.ones(len(out), device=logits.device))
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -37,10 +37,8 @@ class RankFailure(RuntimeError):
     """A rank process died or stopped answering: the tensor-parallel group is broken."""
 
 
-@dataclass(frozen=True)
 class _Launched:
-    """A plan the ranks are executing; rank 0's answer carries its sampled tokens."""
-    samples: bool
+    """A plan the ranks are executing whose rank 0 answer carries sampled tokens."""
 
 
 def _free_port() -> int:
@@ -132,7 +130,7 @@ class MultiprocExecutor:
         if not any(r.samples for r in plan.rows):
             self._gather()
             return None
-        self._launched = _Launched(True)
+        self._launched = _Launched()
         return self._launched
 
     def collect(self, pending: _Launched) -> SampleResult:

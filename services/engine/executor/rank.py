@@ -61,14 +61,6 @@ class RankRequest:
     block_ids: list[int]
     generator: torch.Generator | None = None
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
 
 class RankWorker:
     def __init__(self, config: RankConfig, source: ModelSource, model_config: ModelConfig,

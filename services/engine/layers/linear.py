@@ -98,23 +98,24 @@ class LinearBase(nn.Module):
         return dst
 
     def weight_specs(self) -> tuple[WeightSpec, ...]:
-        specs = []
-        for name, dims in self.dims.items():
-            for shard in self.shards():
-                shape = list(getattr(self, name).shape)
-                out_full, in_full = self.full_sizes(shard)
-                if dims.output_dim is not None:
-                    shape[dims.output_dim] = out_full
-                if dims.input_dim is not None:
-                    shape[dims.input_dim] = in_full
-                specs.append(WeightSpec(name, shard, tuple(shape)))
-        return tuple(specs)
+        return tuple(WeightSpec(name, shard, self._full_shape(name, shard))
+                     for name in self.dims for shard in self.shards())
+
+    def _full_shape(self, name: str, shard: Shard) -> tuple[int, ...]:
+        """The whole checkpoint tensor of ``name`` (part ``shard``), before any rank's slicing."""
+        dims, shape = self.dims[name], list(getattr(self, name).shape)
+        out_full, in_full = self.full_sizes(shard)
+        if dims.output_dim is not None:
+            shape[dims.output_dim] = out_full
+        if dims.input_dim is not None:
+            shape[dims.input_dim] = in_full
+        return tuple(shape)
 
     def load_weight(self, param: str, tensor: torch.Tensor, shard: Shard = None) -> None:
         if param not in self.dims or shard not in self.shards():
             raise ValueError(f"{type(self).__name__} has no tensor {param!r} (part {shard!r})")
         dims = self.dims[param]
-        expected = next(s.full_shape for s in self.weight_specs() if s.param == param and s.shard == shard)
+        expected = self._full_shape(param, shard)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"shape {tuple(tensor.shape)}, expected {expected}")
         dst = self.target_slice(getattr(self, param).data, dims.output_dim, shard)
