@@ -1,7 +1,8 @@
 """A worker's KV transfer peers, kept in sync with etcd.
 
 Owns: the peers loaded into the worker's KV transfer agent (kept equal to the
-live workers of a pairing role that discovery shows), the errors of refused
+live workers of a pairing role that discovery shows; a tensor-parallel peer is
+one agent per rank), the errors of refused
 peers (the compatibility handshake) and the worker's KV identity (agent name,
 handshake, metadata) as published in its record. The agent itself
 (``KVTransferAgent`` over the engine's KV-cache shard) is built by the worker
@@ -28,6 +29,7 @@ from typing import Any
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.records import WorkerRecord
 from pdserve.common.roles import kv_pair
+from pdserve.common.kv_compat import rank_agent_name
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,11 @@ class KVPeers:
         self._worker_id = worker_id
         self._role = role
         self._loaded: dict[str, str] = {}  # agent name -> base64 metadata loaded
+        self._ranks: dict[str, int] = {}  # agent name -> how many rank agents it has
         self.errors: dict[str, str] = {}  # worker id -> why it is not a peer
         self._discovery: Discovery | None = None
         self.metadata_b64 = base64.b64encode(agent.metadata()).decode()
+        self._rank_metadata = [base64.b64encode(m).decode() for m in agent.rank_metadata()]
 
     @property
     def name(self) -> str:
@@ -63,7 +67,8 @@ class KVPeers:
 
     def identity(self) -> dict[str, Any]:
         """The fields this worker publishes in its record."""
-        return {"kv_agent": self.name, "kv_handshake": self.handshake, "kv_metadata": self.metadata_b64}
+        return {"kv_agent": self.name, "kv_handshake": self.handshake, "kv_metadata": self.metadata_b64,
+                "kv_ranks": self._rank_metadata}
 
     @property
     def incarnation(self) -> str:
@@ -97,20 +102,27 @@ class KVPeers:
             log.info("KV peer %s re-registered (restart?): replacing its metadata", name)
             self._drop(name)
         try:
-            self.agent.add_peer(name, base64.b64decode(record.kv_metadata))
+            for rank, metadata in enumerate([record.kv_metadata, *record.kv_ranks]):
+                self.agent.add_peer(rank_agent_name(name, rank), base64.b64decode(metadata))
         except Exception as exc:  # KVCompatibilityError names the fields; others the cause
             if self.errors.get(record.id) is None:
                 log.warning("refusing KV peer %s (%s): %s", record.id, record.role, exc)
             self.errors[record.id] = f"worker {record.id}: {exc}"
+            self._forget_ranks(name, 1 + len(record.kv_ranks))
             return
         self._loaded[name] = record.kv_metadata
+        self._ranks[name] = 1 + len(record.kv_ranks)
         self.errors.pop(record.id, None)
         log.info("KV peer %s (%s) added", name, record.role)
 
     def _drop(self, name: str) -> None:
         self._loaded.pop(name, None)
-        self.agent.remove_peer(name)  # fails its in-flight writes, forgets its metadata
+        self._forget_ranks(name, self._ranks.pop(name, 1))
         log.info("KV peer %s removed", name)
+
+    def _forget_ranks(self, name: str, ranks: int) -> None:
+        for rank in range(ranks):
+            self.agent.remove_peer(rank_agent_name(name, rank))  # fails its in-flight writes, forgets its metadata
 
     def reload(self, name: str) -> None:
         """Drop a peer (failing its in-flight writes) and load it again from discovery."""

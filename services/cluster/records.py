@@ -9,8 +9,11 @@ A worker that can exchange KV blocks also publishes, in its record and so under
 its lease, its KV transfer identity: ``kv_agent`` (the NIXL agent name peers
 address), ``kv_handshake`` (what two peers must agree on: model, dtype, block
 size, KV layout, protocol version) and ``kv_metadata`` (the agent's connection
-blob, base64). A restarted worker publishes new metadata; a dead one's record
-(and so its metadata) vanishes with its lease. ``kv_mismatch`` is the one
+blob, base64; a tensor-parallel worker adds ``kv_ranks``, one blob per further
+rank, whose agents are named by ``pdserve.common.kv_compat.rank_agent_name``).
+Workers of different tp pair: the transfer maps KV-head ranges. A restarted
+worker publishes new metadata; a dead one's record (and so its metadata)
+vanishes with its lease. ``kv_mismatch`` is the one
 torch-free comparison of two records' handshakes (the router uses it to refuse
 pairing incompatible workers). Which roles pair at all is ``pdserve.common.roles``.
 """
@@ -21,6 +24,8 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from pdserve.common.kv_compat import handshake_diffs
 
 PROTOCOL_VERSION = "pdserve.v1"
 
@@ -41,7 +46,8 @@ class WorkerRecord:
     version: str = PROTOCOL_VERSION
     kv_agent: str = ""
     kv_handshake: dict[str, Any] = field(default_factory=dict)
-    kv_metadata: str = ""  # base64 of the agent's metadata bytes
+    kv_metadata: str = ""  # base64 of the agent's metadata bytes (rank 0's for a tensor-parallel worker)
+    kv_ranks: list[str] = field(default_factory=list)  # base64 metadata of ranks 1.. (tp > 1)
 
     @property
     def can_transfer_kv(self) -> bool:
@@ -94,9 +100,7 @@ def kv_mismatch(a: WorkerRecord, b: WorkerRecord) -> str | None:
     if not a.can_transfer_kv or not b.can_transfer_kv:
         missing = [r.id for r in (a, b) if not r.can_transfer_kv]
         return f"{a.id} and {b.id} cannot exchange KV: {missing} publish no KV transfer agent"
-    fields = list(a.kv_handshake) + [k for k in b.kv_handshake if k not in a.kv_handshake]
-    diffs = [f"{k}: {a.kv_handshake.get(k)!r} != {b.kv_handshake.get(k)!r}"
-             for k in fields if a.kv_handshake.get(k) != b.kv_handshake.get(k)]
+    diffs = [f"{k}: {x!r} != {y!r}" for k, x, y in handshake_diffs(a.kv_handshake, b.kv_handshake)]
     if not diffs:
         return None
     return f"{a.id} and {b.id} cannot exchange KV: " + "; ".join(diffs)

@@ -42,6 +42,7 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.kv_connector import KVTransfers, LayerHook
 from pdserve.engine.kv_transfer import (KVCompatibilityError, KVTransferError, TransferHandle, check_compatible,
                                          wait)
+from pdserve.engine.kv_transfer.heads import write_to_worker
 from pdserve.engine.plan import PlannedRow
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class _Job:
     last_post_end: float = 0.0
     last_layer: float = 0.0
     post_seconds: float = 0.0
+    bytes_sent: int = 0
 
     @property
     def remote(self) -> list[int]:
@@ -261,10 +263,8 @@ class PrefillServer:
         return self._result(job, first, cached_here, done)
 
     def _result(self, job: _Job, first: int, cached_here: int, done: float) -> PrefillResult:
-        sent = job.num_blocks - job.skip
-        nbytes = sent * job.num_layers * self._agent.layout.block_bytes
         return PrefillResult(
-            "DONE", first_token=first, blocks_sent=sent, bytes_sent=nbytes,
+            "DONE", first_token=first, blocks_sent=job.num_blocks - job.skip, bytes_sent=job.bytes_sent,
             num_cached_tokens=cached_here, compute_seconds=job.last_layer - job.accepted,
             tail_seconds=max(0.0, done - job.last_layer), transfer_seconds=done - job.first_post,
             write_seconds=job.post_seconds + max(0.0, done - job.last_post_end),
@@ -342,7 +342,9 @@ class PrefillServer:
         start = time.monotonic()
         job.first_post = job.first_post or start
         try:
-            job.handles.append(self._agent.write_blocks(job.order.decode_agent, local, job.remote, layers=layers))
+            posted = write_to_worker(self._agent, job.order.decode_agent, local, job.remote, layers)
+            job.handles.extend(posted)
+            job.bytes_sent += sum(h.num_bytes for h in posted)
         except (KVTransferError, ValueError) as exc:
             job.error = str(exc)
             job.posted.set()

@@ -112,10 +112,36 @@ def test_compatibility_and_misuse_errors() -> None:
         make_agent("B", registry, 4)
 
 
-def test_handshake_names_a_tp_split_that_differs():
-    from dataclasses import replace
+def test_handshake_lets_the_tp_split_differ_but_not_the_model_heads():
+    from pdserve.engine.kv_transfer.base import KVCompatibilityError, KVLayout, check_compatible
 
-    from pdserve.engine.kv_transfer.base import KVCompatibilityError, check_compatible
+    four = KVLayout(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=4, head_dim=4, dtype="float32")
+    half = KVLayout(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=4, dtype="float32",
+                    tp_size=2, tp_rank=1, total_kv_heads=4)
+    check_compatible(four.handshake("m"), half.handshake("m"))  # tp 1 vs 2 of the same 4 heads: fine
+    assert four.compat_key("m") == half.compat_key("m")
+    with pytest.raises(ValueError, match="holds 4 of 8"):  # rank 0 of 8 heads over 2 ranks holds 4, not 2
+        KVLayout(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=4, dtype="float32",
+                 tp_size=2, tp_rank=0, total_kv_heads=8)
+    with pytest.raises(KVCompatibilityError, match="num_kv_heads: local 4 != remote 2"):
+        check_compatible(four.handshake("m"), KVLayout(2, 8, 4, 2, 4, "float32").handshake("m"))
 
-    with pytest.raises(KVCompatibilityError, match="tp_size: local 1 != remote 2"):
-        check_compatible(LAYOUT.handshake("m"), replace(LAYOUT, tp_size=2).handshake("m"))
+
+def test_fake_moves_head_ranges_between_tp_layouts():
+    """tp=1 (4 heads) -> tp=2 (2 heads each): each destination rank gets its heads."""
+    from pdserve.engine.kv_transfer.heads import write_to_worker
+
+    registry = FakeKVRegistry()
+    src = torch.randn(2, 8, 2, 4, 4, 4)
+    a = FakeKVTransferAgent("P", src, "m", registry)
+    d0 = FakeKVTransferAgent("D", torch.zeros(2, 8, 2, 4, 2, 4), "m", registry, tp_size=2, tp_rank=0, total_kv_heads=4)
+    d1 = FakeKVTransferAgent("D.r1", torch.zeros(2, 8, 2, 4, 2, 4), "m", registry, tp_size=2, tp_rank=1,
+                             total_kv_heads=4)
+    for peer in (d0, d1):
+        a.add_peer(peer.name, peer.metadata())
+    handles = write_to_worker(a, "D", [1, 2], [5, 6])
+    assert [h.peer for h in handles] == ["D", "D.r1"]
+    assert sum(h.num_bytes for h in handles) == 2 * 2 * a.layout.block_bytes
+    a.progress()
+    assert torch.equal(d0.kv[:, 5:7], src[:, 1:3, :, :, 0:2])
+    assert torch.equal(d1.kv[:, 5:7], src[:, 1:3, :, :, 2:4])

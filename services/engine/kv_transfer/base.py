@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from pdserve.common.kv_compat import SPLIT_FIELDS, handshake_diffs
 from pdserve.engine.dtypes import ITEMSIZE
 
 PROTOCOL_VERSION = 1
@@ -76,7 +77,9 @@ class KVLayout:
     """Shape of ``kv = empty(num_layers, num_blocks, 2, block_size, heads, head_dim)``.
 
     (layer l, block b) is one contiguous chunk of ``block_bytes`` at byte offset
-    ``(l * num_blocks + b) * block_bytes``; dim 2 holds K then V.
+    ``(l * num_blocks + b) * block_bytes``; dim 2 holds K then V. The tensor is
+    rank ``tp_rank``'s shard of a worker whose ``total_kv_heads`` are split over
+    (or replicated across) ``tp_size`` ranks; ``num_kv_heads`` is the shard's.
     """
 
     num_layers: int
@@ -86,10 +89,15 @@ class KVLayout:
     head_dim: int
     dtype: str
     device: str = "cpu"
-    tp_size: int = 1  # ranks the worker's KV heads are split over; this tensor is one rank's shard
+    tp_size: int = 1
+    tp_rank: int = 0
+    total_kv_heads: int = 0  # 0: the shard holds every head (tp_size 1)
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim", "tp_size"):
+        if self.total_kv_heads == 0:
+            object.__setattr__(self, "total_kv_heads", self.num_kv_heads * self.tp_size)
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim", "tp_size",
+                     "total_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KVLayout.{name}={value!r} is invalid: expected an integer >= 1")
@@ -97,17 +105,37 @@ class KVLayout:
             raise ValueError(f"KVLayout.dtype={self.dtype!r} is invalid: expected one of {sorted(ITEMSIZE)}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"KVLayout.device={self.device!r} is invalid: expected 'cpu' or 'cuda[:N]'")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"KVLayout.tp_rank={self.tp_rank} is invalid: expected 0 <= tp_rank < {self.tp_size}")
+        expected = len(shard_heads(self.total_kv_heads, self.tp_size, self.tp_rank))
+        if self.num_kv_heads != expected:
+            raise ValueError(f"KVLayout.num_kv_heads={self.num_kv_heads}: rank {self.tp_rank} of tp={self.tp_size} "
+                             f"holds {expected} of {self.total_kv_heads} KV heads")
 
     @classmethod
-    def for_tensor(cls, kv: Any, tp_size: int = 1) -> "KVLayout":
-        """The layout of an existing KV tensor (anything with shape/dtype/device), one
-        rank's shard of a worker split over ``tp_size`` ranks."""
+    def for_tensor(cls, kv: Any, tp_size: int = 1, tp_rank: int = 0, total_kv_heads: int = 0) -> "KVLayout":
+        """The layout of an existing KV tensor (anything with shape/dtype/device), rank
+        ``tp_rank``'s shard of a worker split over ``tp_size`` ranks."""
         if len(kv.shape) != 6 or kv.shape[2] != 2:
             raise ValueError(f"KV tensor shape {tuple(kv.shape)} is not "
                              "(num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim)")
         layers, blocks, _, block_size, heads, head_dim = (int(d) for d in kv.shape)
         dtype = str(kv.dtype).removeprefix("torch.")
-        return cls(layers, blocks, block_size, heads, head_dim, dtype, str(kv.device), tp_size)
+        return cls(layers, blocks, block_size, heads, head_dim, dtype, str(kv.device), tp_size, tp_rank,
+                   total_kv_heads)
+
+    @classmethod
+    def of_peer(cls, info: "PeerInfo") -> "KVLayout":
+        """A peer's shard layout, from what it published."""
+        h = info.handshake
+        return cls(int(h["num_layers"]), info.num_blocks, int(h["block_size"]),
+                   len(shard_heads(int(h["num_kv_heads"]), int(h["tp_size"]), info.tp_rank)), int(h["head_dim"]),
+                   str(h["dtype"]), "cpu", int(h["tp_size"]), info.tp_rank, int(h["num_kv_heads"]))
+
+    @property
+    def heads(self) -> range:
+        """The model's KV heads this shard holds."""
+        return shard_heads(self.total_kv_heads, self.tp_size, self.tp_rank)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -118,9 +146,14 @@ class KVLayout:
         return ITEMSIZE[self.dtype]
 
     @property
+    def head_bytes(self) -> int:
+        """Bytes of one head of one token (K or V)."""
+        return self.head_dim * self.itemsize
+
+    @property
     def block_bytes(self) -> int:
         """Bytes of one (layer, block): K and V for ``block_size`` tokens."""
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
+        return 2 * self.block_size * self.num_kv_heads * self.head_bytes
 
     @property
     def layer_stride_bytes(self) -> int:
@@ -131,7 +164,8 @@ class KVLayout:
         return self.num_layers * self.layer_stride_bytes
 
     def handshake(self, model: str) -> dict[str, Any]:
-        """What two peers must agree on; ``num_blocks`` and device may differ."""
+        """What two peers must agree on (``num_blocks``, device and the head split
+        ``tp_size`` may differ); ``num_kv_heads`` is the model's, not the shard's."""
         return {
             "protocol_version": PROTOCOL_VERSION,
             "model": model,
@@ -139,25 +173,35 @@ class KVLayout:
             "block_size": self.block_size,
             "kv_layout": KV_LAYOUT_NAME,
             "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
+            "num_kv_heads": self.total_kv_heads,
             "head_dim": self.head_dim,
             "tp_size": self.tp_size,
         }
 
     def compat_key(self, model: str) -> str:
-        """A short stable hash of ``handshake(model)``: equal keys exchange blocks."""
-        canonical = json.dumps(self.handshake(model), sort_keys=True, separators=(",", ":"))
+        """A short stable hash of the fields of ``handshake(model)`` that must agree."""
+        shared = {k: v for k, v in self.handshake(model).items() if k not in SPLIT_FIELDS}
+        canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def shard_heads(total: int, tp: int, rank: int) -> range:
+    """The KV heads rank ``rank`` of ``tp`` holds: an even split, or (fewer heads than
+    ranks) one head shared by ``tp // total`` consecutive ranks."""
+    if total >= tp:
+        per = total // tp
+        return range(rank * per, (rank + 1) * per)
+    first = rank // (tp // total)
+    return range(first, first + 1)
+
+
 def check_compatible(local: Mapping[str, Any], remote: Mapping[str, Any]) -> None:
-    """Raise ``KVCompatibilityError`` naming every field where the handshakes differ.
+    """Raise ``KVCompatibilityError`` naming every field where the handshakes differ
+    (the head split, ``tp_size``, may differ: transfers map head ranges).
 
     Example message: ``block_size: local 16 != remote 32``.
     """
-    fields = list(local) + [k for k in remote if k not in local]
-    diffs = [f"{k}: local {local.get(k)!r} != remote {remote.get(k)!r}"
-             for k in fields if local.get(k) != remote.get(k)]
+    diffs = [f"{k}: local {a!r} != remote {b!r}" for k, a, b in handshake_diffs(local, remote)]
     if diffs:
         raise KVCompatibilityError("incompatible KV peer: " + "; ".join(diffs))
 
@@ -175,12 +219,13 @@ class PeerInfo:
     device_id: int
     base_addr: int
     transport: bytes
+    tp_rank: int = 0
 
     def encode(self) -> bytes:
         header = json.dumps({
             "name": self.name, "handshake": dict(self.handshake), "num_blocks": self.num_blocks,
             "block_bytes": self.block_bytes, "mem_type": self.mem_type, "device_id": self.device_id,
-            "base_addr": self.base_addr,
+            "base_addr": self.base_addr, "tp_rank": self.tp_rank,
         }, sort_keys=True).encode()
         return _HEADER.pack(_MAGIC, PROTOCOL_VERSION, len(header)) + header + self.transport
 
@@ -246,6 +291,14 @@ class KVTransferAgent(abc.ABC):
         """Names of the peers currently loaded."""
 
     @abc.abstractmethod
+    def peer_layout(self, peer_name: str) -> KVLayout:
+        """A loaded peer's shard layout (its tp, rank and heads included)."""
+
+    def rank_metadata(self) -> list[bytes]:
+        """Metadata of the agents of this worker's further ranks (tp > 1), in rank order."""
+        return []
+
+    @abc.abstractmethod
     def write_blocks(
         self,
         peer_name: str,
@@ -253,6 +306,7 @@ class KVTransferAgent(abc.ABC):
         remote_block_ids: Sequence[int],
         layers: range | None = None,
         notify: bytes | None = None,
+        heads: Any = None,
     ) -> TransferHandle:
         """Start writing our blocks into the peer's blocks; returns at once.
 
@@ -264,6 +318,8 @@ class KVTransferAgent(abc.ABC):
                 soon as layer ``l`` is computed overlaps transfer with compute.
             notify: delivered to the peer's ``get_notifications()`` after every byte
                 of THIS transfer has landed (it says nothing about other transfers).
+            heads: a ``heads.HeadCopy`` (peers of another tp): only those KV heads
+                of each block, at their offsets in either shard. None: whole blocks.
 
         Returns:
             A handle to ``poll`` and, once finished, ``release``.

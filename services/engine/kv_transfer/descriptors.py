@@ -12,7 +12,9 @@ Lifecycle of one transfer's descriptors:
   3. ``run_descriptors`` turns the runs into one (addr, len, dev) row per run per
      layer, for ``initialize_xfer``-style transports; ``run_indices`` expands them
      into per-(layer, block) indices for transports that pre-register one
-     descriptor per (layer, block) and merge adjacent entries themselves.
+     descriptor per (layer, block) and merge adjacent entries themselves;
+     ``head_descriptors`` gives one row per token row for a head range that is
+     not a whole shard (peers of different tp, ``heads.py``).
 
 The KV tensor is ``[num_layers, num_blocks, 2, block_size, heads, head_dim]``, so
 (layer l, block b) starts at ``((l * num_blocks) + b) * block_bytes`` and a run of
@@ -101,6 +103,32 @@ def run_descriptors(runs: Sequence[BlockRun], region: KVRegion, layers: range, s
     lens = np.broadcast_to(lengths * np.uint64(region.block_bytes), addrs.shape)
     devs = np.full(addrs.shape, region.device_id, dtype=np.uint64)
     return np.stack([addrs.ravel(), lens.ravel(), devs.ravel()], axis=1)
+
+
+def head_descriptors(runs: Sequence[BlockRun], region: KVRegion, layers: range, side: Side, row_heads: int,
+                     first: int, count: int, head_bytes: int) -> np.ndarray:
+    """One (addr, len, device_id) row per (layer, block, K/V, token) for ``count`` heads
+    from head ``first`` of a shard whose token rows hold ``row_heads`` heads.
+
+    A head range that is not the whole shard is strided in the token-major block
+    layout, so each token row is its own region.
+
+    Returns:
+        ``uint64`` array of shape ``(len(layers) * sum(run.length) * rows_per_block, 3)``.
+    """
+    row_bytes = row_heads * head_bytes
+    rows = region.block_bytes // row_bytes  # 2 * block_size
+    starts, lengths = _side_arrays(runs, side)
+    blocks = np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in zip(starts, lengths)]
+                            or [np.zeros(0, np.uint64)])
+    layer_ids = np.asarray(layers, dtype=np.uint64)[:, None]
+    block_addrs = np.uint64(region.base_addr) + (layer_ids * np.uint64(region.num_blocks) + blocks[None, :]) \
+        * np.uint64(region.block_bytes)
+    inner = np.arange(rows, dtype=np.uint64) * np.uint64(row_bytes) + np.uint64(first * head_bytes)
+    addrs = (block_addrs[:, :, None] + inner[None, None, :]).ravel()
+    lens = np.full(addrs.shape, count * head_bytes, dtype=np.uint64)
+    devs = np.full(addrs.shape, region.device_id, dtype=np.uint64)
+    return np.stack([addrs, lens, devs], axis=1)
 
 
 def run_indices(runs: Sequence[BlockRun], num_blocks: int, layers: range, side: Side) -> np.ndarray:

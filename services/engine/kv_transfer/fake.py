@@ -34,6 +34,7 @@ from pdserve.engine.kv_transfer.base import (
     check_compatible,
 )
 from pdserve.engine.kv_transfer.descriptors import check_block_ids, checked_layers, merge_block_runs
+from pdserve.engine.kv_transfer.heads import HeadCopy, is_whole
 
 
 class FakeKVRegistry:
@@ -67,15 +68,17 @@ class _FakeXfer:
     notify: bytes | None
     state: TransferState
     fail: bool
+    heads: HeadCopy | None = None
 
 
 class FakeKVTransferAgent(KVTransferAgent):
     """Copies KV blocks between tensors of agents in the same ``FakeKVRegistry``."""
 
-    def __init__(self, name: str, kv: torch.Tensor, model: str, registry: FakeKVRegistry) -> None:
+    def __init__(self, name: str, kv: torch.Tensor, model: str, registry: FakeKVRegistry, tp_size: int = 1,
+                 tp_rank: int = 0, total_kv_heads: int = 0) -> None:
         self._name = name
         self._kv = kv
-        self._layout = KVLayout.for_tensor(kv)
+        self._layout = KVLayout.for_tensor(kv, tp_size, tp_rank, total_kv_heads)
         self._handshake = self._layout.handshake(model)
         self._registry = registry
         self.incarnation = uuid.uuid4().hex.encode()
@@ -121,7 +124,7 @@ class FakeKVTransferAgent(KVTransferAgent):
 
     def metadata(self) -> bytes:
         return PeerInfo(self._name, self._handshake, self._layout.num_blocks, self._layout.block_bytes,
-                        "FAKE", 0, 0, self.incarnation).encode()
+                        "FAKE", 0, 0, self.incarnation, self._layout.tp_rank).encode()
 
     def add_peer(self, peer_name: str, metadata: bytes) -> None:
         self._check_open()
@@ -144,6 +147,9 @@ class FakeKVTransferAgent(KVTransferAgent):
     def peers(self) -> frozenset[str]:
         return frozenset(self._peers)
 
+    def peer_layout(self, peer_name: str) -> KVLayout:
+        return KVLayout.of_peer(self._peer_info(peer_name))
+
     def write_blocks(
         self,
         peer_name: str,
@@ -151,6 +157,7 @@ class FakeKVTransferAgent(KVTransferAgent):
         remote_block_ids: Sequence[int],
         layers: range | None = None,
         notify: bytes | None = None,
+        heads: HeadCopy | None = None,
     ) -> TransferHandle:
         self._check_open()
         info = self._peer_info(peer_name)
@@ -160,11 +167,16 @@ class FakeKVTransferAgent(KVTransferAgent):
         check_block_ids(runs, self._layout.num_blocks, "local")
         check_block_ids(runs, info.num_blocks, "remote")
         count = len(local_block_ids) * len(layers)
-        handle = TransferHandle(next(self._ids), peer_name, count * self._layout.block_bytes, len(runs) * len(layers))
+        if heads is not None and is_whole(heads, self._layout, KVLayout.of_peer(info)):
+            heads = None
+        share = 1.0 if heads is None else heads.count / self._layout.num_kv_heads
+        handle = TransferHandle(next(self._ids), peer_name, int(count * self._layout.block_bytes * share),
+                                len(runs) * len(layers))
         fail, self._fail_budget = self._fail_budget > 0, max(0, self._fail_budget - 1)
         self._xfers[handle.xfer_id] = _FakeXfer(
             handle, info.transport, torch.as_tensor(list(local_block_ids), dtype=torch.long),
-            torch.as_tensor(list(remote_block_ids), dtype=torch.long), layers, notify, TransferState.PENDING, fail)
+            torch.as_tensor(list(remote_block_ids), dtype=torch.long), layers, notify, TransferState.PENDING, fail,
+            heads)
         return handle
 
     def poll(self, handle: TransferHandle) -> TransferState:
@@ -213,7 +225,12 @@ class FakeKVTransferAgent(KVTransferAgent):
         layers = torch.as_tensor(list(xfer.layers), dtype=torch.long)
         if layers.numel() and xfer.local_ids.numel():
             src = self._kv[layers][:, xfer.local_ids]
-            peer.kv[layers[:, None], xfer.remote_ids[None, :]] = src.to(peer.kv.device)
+            h = xfer.heads
+            if h is None:
+                peer.kv[layers[:, None], xfer.remote_ids[None, :]] = src.to(peer.kv.device)
+            else:
+                part = src[..., h.src_first:h.src_first + h.count, :].to(peer.kv.device)
+                peer.kv[layers[:, None], xfer.remote_ids[None, :], ..., h.dst_first:h.dst_first + h.count, :] = part
         if xfer.notify is not None:
             peer.deliver(self._name, xfer.notify)
         return TransferState.DONE

@@ -9,7 +9,8 @@ Lifecycle:
   tensor once and, in prepared mode, prepares one local descriptor per
   (layer, block). ``add_peer`` checks the handshake, loads the peer's NIXL
   metadata and prepares its per-(layer, block) list. ``write_blocks`` merges the
-  block ids into runs (``descriptors.py``) and posts one NIXL WRITE. ``progress``
+  block ids into runs (``descriptors.py``) and posts one NIXL WRITE (for a
+  peer of another tp, some heads of each token row: one descriptor per row). ``progress``
   polls every unfinished write and drains notifications. ``remove_peer`` fails
   that peer's writes, releases their handles and its list, then invalidates its
   metadata (so a restarted peer can be added again under the same name).
@@ -42,12 +43,14 @@ from pdserve.engine.kv_transfer.base import (
     TransferState,
     check_compatible,
 )
+from pdserve.engine.kv_transfer.heads import HeadCopy, is_whole
 from pdserve.engine.kv_transfer.descriptors import (
     BlockRun,
     KVRegion,
     all_block_descriptors,
     check_block_ids,
     checked_layers,
+    head_descriptors,
     merge_block_runs,
     run_descriptors,
     run_indices,
@@ -105,8 +108,8 @@ class NixlKVTransferAgent(KVTransferAgent):
     """
 
     def __init__(self, name: str, kv: torch.Tensor, model: str, config: NixlConfig = NixlConfig(),
-                 tp_size: int = 1) -> None:
-        self._layout = _checked_layout(kv, tp_size)
+                 tp_size: int = 1, tp_rank: int = 0, total_kv_heads: int = 0) -> None:
+        self._layout = _checked_layout(kv, tp_size, tp_rank, total_kv_heads)
         self._kv = kv  # NOTE: keeps the registered memory alive as long as the agent
         self._config = config
         self._handshake = self._layout.handshake(model)
@@ -138,7 +141,7 @@ class NixlKVTransferAgent(KVTransferAgent):
             name=self.name, handshake=self._handshake, num_blocks=self._layout.num_blocks,
             block_bytes=self._layout.block_bytes, mem_type=self._mem_type,
             device_id=self._region.device_id, base_addr=self._region.base_addr,
-            transport=self._nixl.get_agent_metadata(),
+            transport=self._nixl.get_agent_metadata(), tp_rank=self._layout.tp_rank,
         ).encode()
 
     def add_peer(self, peer_name: str, metadata: bytes) -> None:
@@ -149,8 +152,9 @@ class NixlKVTransferAgent(KVTransferAgent):
         if peer_name == self.name:
             raise KVTransferError(f"KV agent {peer_name!r} cannot add itself as a peer")
         check_compatible(self._handshake, info.handshake)
-        if info.block_bytes != self._layout.block_bytes:
-            raise KVCompatibilityError(f"block_bytes: local {self._layout.block_bytes} != remote {info.block_bytes}")
+        expected = KVLayout.of_peer(info).block_bytes
+        if info.block_bytes != expected:
+            raise KVCompatibilityError(f"block_bytes: remote publishes {info.block_bytes}, its layout gives {expected}")
         old = self._peers.get(peer_name)
         if old is not None and old.metadata == metadata:
             return
@@ -184,6 +188,9 @@ class NixlKVTransferAgent(KVTransferAgent):
     def peers(self) -> frozenset[str]:
         return frozenset(self._peers)
 
+    def peer_layout(self, peer_name: str) -> KVLayout:
+        return KVLayout.of_peer(self._peer(peer_name).info)
+
     # ---- transfers ----------------------------------------------------------
 
     def write_blocks(
@@ -193,6 +200,7 @@ class NixlKVTransferAgent(KVTransferAgent):
         remote_block_ids: Sequence[int],
         layers: range | None = None,
         notify: bytes | None = None,
+        heads: HeadCopy | None = None,
     ) -> TransferHandle:
         self._check_open()
         peer = self._peer(peer_name)
@@ -200,15 +208,24 @@ class NixlKVTransferAgent(KVTransferAgent):
         runs = merge_block_runs(local_block_ids, remote_block_ids)
         check_block_ids(runs, self._layout.num_blocks, "local")
         check_block_ids(runs, peer.region.num_blocks, "remote")
+        if heads is not None and is_whole(heads, self._layout, KVLayout.of_peer(peer.info)):
+            heads = None
         num_blocks = sum(run.length for run in runs) * len(layers)
-        handle = TransferHandle(next(self._ids), peer_name, num_blocks * self._layout.block_bytes,
-                                len(runs) * len(layers))
+        if heads is None:
+            nbytes, ndescs = num_blocks * self._layout.block_bytes, len(runs) * len(layers)
+        else:
+            rows = 2 * self._layout.block_size
+            nbytes, ndescs = num_blocks * rows * heads.count * self._layout.head_bytes, num_blocks * rows
+        handle = TransferHandle(next(self._ids), peer_name, nbytes, ndescs)
         if num_blocks == 0:
             if notify is not None:
                 self.send_notify(peer_name, notify)
             self._xfers[handle.xfer_id] = _Xfer(handle, None, TransferState.DONE)
             return handle
-        xfer = self._create_xfer(peer, runs, layers, notify or b"")
+        if heads is None:
+            xfer = self._create_xfer(peer, runs, layers, notify or b"")
+        else:
+            xfer = self._create_head_xfer(peer, runs, layers, heads, notify or b"")
         # NOTE: on CPU, UCX moves DRAM between local processes with cma
         # (process_vm_writev), which copies inside the post call: the write is
         # often DONE on return and the call takes as long as the copy. Send layer
@@ -326,6 +343,22 @@ class NixlKVTransferAgent(KVTransferAgent):
         except Exception as exc:
             raise KVTransferError(f"creating a KV write to {peer.info.name!r} failed: {exc}") from exc
 
+    def _create_head_xfer(self, peer: _Peer, runs: Sequence[BlockRun], layers: range, heads: HeadCopy,
+                          notify: bytes) -> nixl_xfer_handle:
+        """A write of some heads of each token row (peers of another tp): one descriptor per row."""
+        theirs = KVLayout.of_peer(peer.info)
+        hb = self._layout.head_bytes
+        local = head_descriptors(runs, self._region, layers, "local", self._layout.num_kv_heads, heads.src_first,
+                                 heads.count, hb)
+        remote = head_descriptors(runs, peer.region, layers, "remote", theirs.num_kv_heads, heads.dst_first,
+                                  heads.count, hb)
+        try:
+            return self._nixl.initialize_xfer("WRITE", self._nixl.get_xfer_descs(local, self._mem_type),
+                                              self._nixl.get_xfer_descs(remote, peer.info.mem_type), peer.info.name,
+                                              notify, backends=[self._config.backend])
+        except Exception as exc:
+            raise KVTransferError(f"creating a KV head write to {peer.info.name!r} failed: {exc}") from exc
+
     def _post(self, xfer: nixl_xfer_handle, peer_name: str) -> TransferState:
         try:
             status = self._nixl.transfer(xfer)
@@ -380,10 +413,10 @@ class NixlKVTransferAgent(KVTransferAgent):
             raise KVTransferError(f"KV agent {self.name!r} is closed")
 
 
-def _checked_layout(kv: torch.Tensor, tp_size: int) -> KVLayout:
+def _checked_layout(kv: torch.Tensor, tp_size: int, tp_rank: int, total_kv_heads: int) -> KVLayout:
     if not kv.is_contiguous():
         raise ValueError("the KV tensor must be contiguous: it is registered as one region")
-    return KVLayout.for_tensor(kv, tp_size)
+    return KVLayout.for_tensor(kv, tp_size, tp_rank, total_kv_heads)
 
 
 def _mem_type(kv: torch.Tensor) -> tuple[str, int]:
