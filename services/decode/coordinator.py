@@ -295,7 +295,8 @@ class DecodeCoordinator:
 
     def _observe_received(self, blocks: int, seconds: float) -> None:
         layout = self._layout
-        self._metrics.observe_kv("received", blocks, blocks * layout.num_layers * layout.block_bytes)
+        nbytes = blocks * layout.num_layers * layout.block_bytes * layout.tp_size  # every rank's shard
+        self._metrics.observe_kv("received", blocks, nbytes)
         self._metrics.observe_remote_prefill_latency(seconds)
 
     async def _observe_answer(self, call: asyncio.Future) -> None:

@@ -25,6 +25,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import EngineOutput, LLMEngine
 from pdserve.engine.executor import RankFailure
 from pdserve.engine.kv_connector import LayerSender
+from pdserve.engine.plan import KVSendOrder
 from pdserve.engine.request import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -123,17 +124,18 @@ class AsyncEngine:
         """Decode side: free a reservation once no peer can write into it any more."""
         return await self._call(lambda: self.engine.cancel_remote(request_id))
 
-    async def prefill_held(self, request_id: str, prompt_token_ids: list[int],
-                           params: SamplingParams) -> tuple[int, list[int], int]:
+    async def prefill_held(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                           kv_send: KVSendOrder | None = None) -> tuple[int, list[int], int]:
         """Prefill side: compute the prompt, sample one token, keep the blocks.
 
         Returns (first token, block ids, prompt tokens that were prefix-cache hits).
         The blocks stay allocated until ``release_held``, which the caller must call
         in every case (also after an error or a cancellation; it is idempotent).
+        With ``kv_send`` the ranks send the KV themselves (a tensor-parallel engine).
         """
         stream = self._streams[request_id] = _Stream()
         one = params.replace(max_tokens=1)
-        self._submit(lambda: self._add(request_id, list(prompt_token_ids), one, hold_kv=True))
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), one, hold_kv=True, kv_send=kv_send))
         last = None
         async for last in self._drain(request_id, stream):
             pass
@@ -172,9 +174,13 @@ class AsyncEngine:
         return dict(self._stats)
 
     @property
-    def kv_cache(self) -> torch.Tensor:
+    def kv_cache(self) -> torch.Tensor | None:
         """This process's KV-cache shard (what its KV transfer agent registers)."""
         return self.engine.kv_cache
+
+    def kv_links(self) -> list:
+        """Each rank process's KV pipe (``rank_agents.RankAgents``); empty for one in-process rank."""
+        return self.engine.kv_links()
 
     @property
     def device_type(self) -> str:
@@ -223,12 +229,13 @@ class AsyncEngine:
         if commands:
             self._stats = self.engine.stats()
 
-    def _add(self, rid: str, ids: list[int], params: SamplingParams, hold_kv: bool = False) -> None:
+    def _add(self, rid: str, ids: list[int], params: SamplingParams, hold_kv: bool = False,
+             kv_send: KVSendOrder | None = None) -> None:
         stream = self._streams.get(rid)
         if stream is None:
             return  # the caller went away before the request was admitted
         try:
-            self.engine.add_request(rid, ids, params, hold_kv=hold_kv)
+            self.engine.add_request(rid, ids, params, hold_kv=hold_kv, kv_send=kv_send)
         except ValueError as exc:
             stream.queue.put_nowait(exc)
 

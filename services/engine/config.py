@@ -59,9 +59,6 @@ class EngineConfig:
             raise ConfigError(f"ep={self.ep}: only ep=1 is supported in this version (no MoE models yet)")
         if self.tp > 1 and self.device_type != "cpu":
             raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
-        if self.tp > 1 and self.role != "hybrid":
-            raise ConfigError(f"tp={self.tp} with role={self.role!r}: a tensor-parallel worker cannot send or "
-                              "receive KV yet; use role hybrid")
         if self.adapters:
             raise ConfigError(f"adapters={list(self.adapters)}: LoRA adapters are not supported in this version")
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")

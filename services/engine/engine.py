@@ -39,7 +39,7 @@ from pdserve.engine.kv_connector import KVConnectorScheduler, LayerSender
 from pdserve.engine.layers.linear import check_head_split
 from pdserve.engine.models.loader import load_config
 from pdserve.engine.models.model_config import ModelConfig
-from pdserve.engine.plan import NewRequest, PlannedRow, StepPlan
+from pdserve.engine.plan import KVSendOrder, NewRequest, PlannedRow, StepPlan
 from pdserve.engine.request import Request, TokenLogprob
 from pdserve.engine.sampler import PendingSample
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -133,13 +133,18 @@ class LLMEngine:
         self.executor.synchronize()
 
     @property
-    def kv_cache(self) -> torch.Tensor:
-        """The KV cache of this process's rank (what an in-process transport registers or tests poke)."""
+    def kv_cache(self) -> torch.Tensor | None:
+        """The KV cache of this process's rank (what an in-process transport registers or tests poke);
+        None when the ranks run in their own processes (see ``kv_links``)."""
         return self.executor.kv_cache
+
+    def kv_links(self) -> list:
+        """Each rank process's KV command/event pipe (empty when the one rank is in this process)."""
+        return self.executor.kv_links()
 
     # ---- requests -----------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    hold_kv: bool = False) -> Request:
+                    hold_kv: bool = False, kv_send: KVSendOrder | None = None) -> Request:
         """Validate and queue a request; ValueError with a clear message on bad input.
 
         With hold_kv the request's blocks outlive its end (until ``release_held``), so
@@ -147,6 +152,7 @@ class LLMEngine:
         """
         req = self._new_request(req_id, prompt_token_ids, params)
         req.hold_kv = hold_kv
+        req.kv_send = kv_send
         self.scheduler.add(req)
         return req
 
@@ -318,7 +324,7 @@ class LLMEngine:
         req = seq.req
         seeded_draws = req.num_output_tokens if req.params.seed is not None and not req.params.greedy else 0
         return NewRequest(req.req_id, req.params, req.num_prompt_tokens, tuple(req.token_ids[:seq.start]),
-                          tuple(table), seeded_draws)
+                          tuple(table), seeded_draws, req.kv_send)
 
     def _depart(self, rid: str) -> None:
         """The ranks may forget ``rid`` (finished, aborted or preempted); told in the next plan."""

@@ -18,6 +18,20 @@ from pdserve.common.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
+class KVSendOrder:
+    """Where a held prompt's KV goes (prefill side of a KV transfer, when the ranks send).
+
+    Each rank writes its heads of blocks ``[skip, len(block_ids))`` of the prompt into
+    the matching blocks of worker ``peer``'s ranks, in the step that completes the
+    prompt: layer by layer as each is written (``layerwise``) or all after the last.
+    """
+    peer: str
+    block_ids: tuple[int, ...]  # the peer's blocks for the whole prompt
+    skip: int  # leading blocks the peer already has
+    layerwise: bool = True
+
+
+@dataclass(frozen=True)
 class NewRequest:
     req_id: str
     params: SamplingParams
@@ -25,6 +39,7 @@ class NewRequest:
     prefix_token_ids: tuple[int, ...]  # tokens before its first row (a prefix-cache hit, or KV from a peer)
     block_ids: tuple[int, ...]  # its whole block table so far
     draws_done: int = 0  # noise draws its seeded generator made before (on a peer, or before a preemption)
+    kv_send: KVSendOrder | None = None
 
 
 @dataclass(frozen=True)
@@ -56,4 +71,4 @@ class StepPlan:
         return sum(r.num_new for r in self.rows)
 
 
-__all__ = ["NewRequest", "PlannedRow", "StepPlan"]
+__all__ = ["KVSendOrder", "NewRequest", "PlannedRow", "StepPlan"]

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.plan import KVSendOrder
 
 
 class Status(enum.Enum):
@@ -45,6 +46,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     hold_kv: bool = False  # keep blocks after finishing (prefill side of a KV transfer)
+    kv_send: KVSendOrder | None = None  # the ranks send its KV to a peer (tensor-parallel prefill)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -40,10 +40,11 @@ from pdserve.cluster.kv_peers import KVPeers, PeerIncompatible, PeerUnavailable
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.kv_connector import KVTransfers, LayerHook
+from pdserve.engine.kv_connector.rank_agents import RankAgents
 from pdserve.engine.kv_transfer import (KVCompatibilityError, KVTransferError, TransferHandle, check_compatible,
                                          wait)
 from pdserve.engine.kv_transfer.heads import write_to_worker
-from pdserve.engine.plan import PlannedRow
+from pdserve.engine.plan import KVSendOrder, PlannedRow
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class _Job:
     last_layer: float = 0.0
     post_seconds: float = 0.0
     bytes_sent: int = 0
+    handles_over: bool = False  # (ranks) every rank reported the end of its writes
 
     @property
     def remote(self) -> list[int]:
@@ -139,6 +141,7 @@ class PrefillServer:
         self._agent = transfers.agent
         self._config = config
         self._on_result = on_result
+        self._ranked = isinstance(self._agent, RankAgents)  # a tensor-parallel engine: its ranks send
         self._block_size = self._agent.layout.block_size
         self._num_layers = self._agent.layout.num_layers
         self._jobs: dict[str, _Job] = {}
@@ -151,7 +154,8 @@ class PrefillServer:
     def install(self) -> None:
         """Become the engine's layer sender (call once, on the serving loop)."""
         self._loop = asyncio.get_running_loop()
-        self._engine.attach_layer_sender(self)
+        if not self._ranked:
+            self._engine.attach_layer_sender(self)
 
     @property
     def active(self) -> int:
@@ -240,6 +244,8 @@ class PrefillServer:
             self._tasks.pop(rid, None)
 
     async def _compute_and_send(self, job: _Job) -> PrefillResult:
+        if self._ranked:
+            return await self._compute_in_ranks(job)
         order = job.order
         job.phase = "computing"
         first, local_blocks, cached_here = await self._engine.prefill_held(order.request_id, order.prompt, order.params)
@@ -262,6 +268,28 @@ class PrefillServer:
         job.phase = "done"
         return self._result(job, first, cached_here, done)
 
+    async def _compute_in_ranks(self, job: _Job) -> PrefillResult:
+        """The ranks post their own writes as they compute (the order rides in the step
+        plan); wait for every rank's report, then notify the decode worker."""
+        order, agent = job.order, self._agent
+        send = KVSendOrder(order.decode_agent, tuple(order.block_ids[:job.num_blocks]), job.skip,
+                           self._config.send == "layerwise")
+        reports = agent.track(order.request_id)
+        job.phase = "computing"
+        first, _, cached_here = await self._engine.prefill_held(order.request_id, order.prompt, order.params, send)
+        job.last_layer = job.first_post = time.monotonic()
+        job.phase = "sending"
+        ends = await asyncio.wait_for(asyncio.shield(reports), self._config.transfer_timeout)
+        job.handles_over = True
+        failed = [f"rank {r}: {e.error}" for r, e in enumerate(ends) if e.status != "DONE"]
+        if failed:
+            raise KVTransferError("; ".join(failed))
+        job.bytes_sent = sum(e.nbytes for e in ends)
+        done = job.last_post_end = time.monotonic()
+        self._transfers.notify_done(order.decode_agent, order.request_id, first)
+        job.phase = "done"
+        return self._result(job, first, cached_here, done)
+
     def _result(self, job: _Job, first: int, cached_here: int, done: float) -> PrefillResult:
         return PrefillResult(
             "DONE", first_token=first, blocks_sent=job.num_blocks - job.skip, bytes_sent=job.bytes_sent,
@@ -277,6 +305,8 @@ class PrefillServer:
         the transport (and is loaded again from discovery): after this returns no
         write of the job can land.
         """
+        if self._ranked:
+            return await self._quiesce_ranks(job)
         deadline = time.monotonic() + self._config.transfer_timeout
         while not all(self._finished(h) for h in job.handles):
             if time.monotonic() >= deadline:
@@ -290,6 +320,21 @@ class PrefillServer:
             self._agent.release(handle)
         job.handles.clear()
 
+    async def _quiesce_ranks(self, job: _Job) -> None:
+        """Every rank stops posting the job's writes and reports once none is in flight."""
+        rid, agent = job.order.request_id, self._agent
+        try:
+            if not job.handles_over:
+                reports = agent.track(rid)
+                agent.cancel(rid)
+                await asyncio.wait_for(reports, self._config.transfer_timeout)
+        except (asyncio.TimeoutError, KVTransferError) as exc:
+            log.error("writes of %s may still be in flight (%s): dropping KV peer %s to fail them", rid,
+                      exc or "timeout", job.order.decode_agent)
+            self._peers.reload(job.order.decode_agent)
+        finally:
+            agent.untrack(rid)
+
     def _finished(self, handle: TransferHandle) -> bool:
         try:
             return self._agent.poll(handle).finished
@@ -297,8 +342,10 @@ class PrefillServer:
             return True
 
     # ---- the layer sender (engine step thread) -----------------------------------
-    def begin_step(self, rows: tuple[PlannedRow, ...], tables: list[list[int]]) -> LayerHook | None:
-        """Called by the rank before a step; returns the per-layer hook or None."""
+    def begin_step(self, rows: tuple[PlannedRow, ...], tables: list[list[int]],
+                   orders: list[KVSendOrder | None]) -> LayerHook | None:
+        """Called by the rank before a step; returns the per-layer hook or None (the
+        jobs are this server's own: ``orders`` are for ranks that send themselves)."""
         if not self._jobs:
             return None
         batch: list[tuple[_Job, list[int]]] = []

@@ -53,20 +53,22 @@ def load_engine(config: WorkerConfig) -> Any:
     """Build the real engine (imports torch; only the worker process does this)."""
     from pdserve.engine.async_engine import AsyncEngine
 
+    if config.kv_transfer:
+        confine_kv_listener(config.host, os.environ)  # NOTE: before rank processes inherit the environment
     return AsyncEngine(config.engine)
 
 
 def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics) -> RemoteRoles:
     """The KV agent and the P/D parts this worker's role needs (none without a real KV cache)."""
-    if not config.kv_transfer or getattr(engine, "kv_cache", None) is None:
+    links = engine.kv_links()
+    if not config.kv_transfer or (engine.kv_cache is None and not links):
         return RemoteRoles(debug=config.debug_rpcs)
     from pdserve.decode.coordinator import DecodeConfig, DecodeCoordinator
     from pdserve.engine.kv_connector import KVTransfers
-    from pdserve.engine.kv_transfer import NixlKVTransferAgent
     from pdserve.prefill.server import PrefillConfig, PrefillServer
 
     confine_kv_listener(config.host, os.environ)
-    agent = NixlKVTransferAgent(config.worker_id, engine.kv_cache, config.engine.model, tp_size=config.engine.tp)
+    agent = kv_agent(config, engine, links)
     peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
     transfers = KVTransfers(agent)
     orders = OrderBook(config.cluster_secret, config.worker_id)
@@ -84,6 +86,17 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
             remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0],
             token=token_for(config.cluster_secret)), metrics, orders)
     return RemoteRoles(peers, transfers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout, orders)
+
+
+def kv_agent(config: WorkerConfig, engine: Any, links: list) -> Any:
+    """One agent over the engine's KV cache (one rank), or the ranks' agents (tp > 1)."""
+    if links:
+        from pdserve.engine.kv_connector.rank_agents import RankAgents
+
+        return RankAgents(links, config.worker_id, config.engine.model)
+    from pdserve.engine.kv_transfer import NixlKVTransferAgent
+
+    return NixlKVTransferAgent(config.worker_id, engine.kv_cache, config.engine.model)
 
 
 def confine_kv_listener(host: str, environ: MutableMapping[str, str]) -> None:

@@ -86,7 +86,7 @@ class _SnapshotListener:
         self.snapshots: dict[int, torch.Tensor] = {}
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
 
-    def begin_step(self, rows, tables):
+    def begin_step(self, rows, tables, orders):
         blocks = torch.tensor(tables[0], device=self.engine.device)
 
         def hook(layer: int, written) -> None:

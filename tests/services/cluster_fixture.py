@@ -25,9 +25,11 @@ TEST_WORKER_ARGS = ("--num-blocks", "256", "--max-batch-size", "16", "--dtype", 
 @contextlib.contextmanager
 def local_cluster(hybrid: int = 2, policy: str = "least_loaded", lease_ttl: int = 3, drain_timeout: float = 20.0,
                   log_dir: str | None = None, ready_timeout: float = 240.0, prefill: int = 0, decode: int = 0,
-                  worker_args: tuple[str, ...] = (), router_args: tuple[str, ...] = ()) -> Iterator[LocalCluster]:
+                  worker_args: tuple[str, ...] = (), router_args: tuple[str, ...] = (),
+                  model: str = "smollm2") -> Iterator[LocalCluster]:
     """``worker_args`` are appended to ``TEST_WORKER_ARGS`` (later flags win)."""
-    spec = ClusterSpec(hybrid=hybrid, prefill=prefill, decode=decode, http_port=free_port(), grpc_port=free_port(),
+    spec = ClusterSpec(hybrid=hybrid, prefill=prefill, decode=decode, model=model, http_port=free_port(),
+                       grpc_port=free_port(),
                        policy=policy, lease_ttl=lease_ttl, drain_timeout=drain_timeout, log_dir=log_dir,
                        worker_args=TEST_WORKER_ARGS + tuple(worker_args), router_args=tuple(router_args))
     cluster = LocalCluster(spec)

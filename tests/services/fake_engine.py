@@ -36,6 +36,11 @@ class FakeEngine:
         self.steps = 0
         self.started = False
 
+    kv_cache = None  # no KV to transfer
+
+    def kv_links(self) -> list:
+        return []
+
     async def start(self) -> None:
         self.started = True
 

@@ -37,6 +37,9 @@ class Executor(Protocol):
 
     def attach_layer_sender(self, sender: LayerSender) -> None: ...
 
+    def kv_links(self) -> list[Any]:
+        """Each rank process's KV command/event pipe; empty when the rank runs in this process."""
+
     @property
     def supports_overlap(self) -> bool:
         """Whether a step may be launched before the previous one's tokens are read."""

@@ -63,5 +63,8 @@ class InProcessExecutor:
         """This process's KV-cache shard (what its KV transfer agent registers)."""
         return self.rank.kv_cache
 
+    def kv_links(self) -> list:
+        return []  # NOTE: the worker builds its agent over ``kv_cache`` itself
+
 
 __all__ = ["InProcessExecutor"]

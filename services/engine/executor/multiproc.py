@@ -1,7 +1,9 @@
 """The executor of a tensor-parallel group: one process per rank, torch.distributed between them.
 
-Owns: the rank processes (spawned at start, each with its end of a pipe), the
-port their process group meets on, and their shutdown. Every rank builds a
+Owns: the rank processes (spawned at start, each with the child ends of two
+pipes: the engine's calls, and the KV connector's commands and events, which a
+rank serves between calls), the port their process group meets on, and their
+shutdown. Every rank builds a
 ``RankWorker`` with its ``LayerContext`` (its slice of every layer, its shard of
 the KV cache) and a ``ProcessGroupComm`` (gloo on CPU); rank 0 samples.
 
@@ -23,7 +25,7 @@ import socket
 import time
 import weakref
 from dataclasses import replace
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from pdserve.common.model_source import ModelSource
@@ -48,7 +50,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelSource,
-               model_config: ModelConfig, conn: Connection) -> None:
+               model_config: ModelConfig, conn: Connection, kv_conn: Connection) -> None:
     """A rank process: join the group, build the rank, then serve calls until told to stop."""
     import torch
     import torch.distributed as dist
@@ -62,14 +64,7 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
         worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config,
                             ProcessGroupComm())
         conn.send(("ready", None))
-        while True:
-            try:
-                method, args = conn.recv()
-            except EOFError:
-                return  # the engine's process is gone
-            if method == "stop":
-                return
-            conn.send(("ok", _call(worker, method, args)))
+        _serve(worker, conn, kv_conn)
     except Exception as exc:  # NOTE: reported to the engine, which fails the group
         try:
             conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
@@ -78,6 +73,46 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _serve(worker: Any, conn: Connection, kv_conn: Connection) -> None:
+    """Answer the engine's calls; between them run the KV commands and forward the KV
+    endpoint's events (polling it on a short timer while it has work or peers)."""
+    endpoint = None
+    while True:
+        pace = None if endpoint is None else 0.001 if endpoint.busy else 0.005 if endpoint.has_peers else 0.1
+        ready = wait([conn, kv_conn], pace)
+        try:
+            while kv_conn.poll():
+                endpoint = _kv_command(worker, endpoint, kv_conn, kv_conn.recv())
+            if conn in ready:
+                method, args = conn.recv()
+                if method == "stop":
+                    return
+                conn.send(("ok", _call(worker, method, args)))
+        except EOFError:
+            return  # the engine's process is gone
+        if endpoint is not None:
+            for event in endpoint.poll():
+                kv_conn.send(event)
+
+
+def _kv_command(worker: Any, endpoint: Any, kv_conn: Connection, command: tuple) -> Any:
+    """Apply one command of the worker's KV connector; returns the endpoint after it."""
+    if command[0] == "open":
+        try:
+            endpoint = worker.open_kv_endpoint(*command[1:])
+            kv_conn.send(("opened", endpoint.agent.metadata()))
+        except Exception as exc:  # NOTE: reported; the worker refuses to serve P/D
+            kv_conn.send(("open_error", f"{type(exc).__name__}: {exc}"))
+    elif command[0] == "close":
+        if endpoint is not None:
+            worker.attach_layer_sender(None)
+            endpoint.close()
+        endpoint = None
+    elif endpoint is not None:
+        endpoint.handle(command)
+    return endpoint
 
 
 def _call(worker: Any, method: str, args: tuple) -> Any:
@@ -96,16 +131,20 @@ class MultiprocExecutor:
         self._timeout = timeout
         self._failed: str | None = None
         ctx = mp.get_context("spawn")
-        port, self._conns, self._procs = _free_port(), [], []
+        port, self._conns, self._kv_conns, self._procs = _free_port(), [], [], []
         for rank in range(tp):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, args=(rank, tp, port, config, source, model_config, child),
+            kv_parent, kv_child = ctx.Pipe()
+            proc = ctx.Process(target=_rank_main,
+                               args=(rank, tp, port, config, source, model_config, child, kv_child),
                                name=f"pdserve-rank{rank}", daemon=True)
             proc.start()
             child.close()
+            kv_child.close()
             self._conns.append(parent)
+            self._kv_conns.append(kv_parent)
             self._procs.append(proc)
-        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
+        self._finalizer = weakref.finalize(self, _stop, self._conns + self._kv_conns, self._procs)
         self._launched: _Launched | None = None
         for rank in range(tp):
             self._receive(rank)  # "ready"
@@ -146,11 +185,15 @@ class MultiprocExecutor:
             self._each("synchronize")
 
     def attach_layer_sender(self, sender: Any) -> None:
-        raise ValueError("sending KV layer by layer from a tensor-parallel worker is not built yet")
+        raise ValueError("a tensor-parallel engine's ranks send KV themselves (kv_links)")
 
     @property
     def kv_cache(self) -> None:
         return None  # NOTE: each rank holds its shard in its own process
+
+    def kv_links(self) -> list[Connection]:
+        """Each rank's KV command/event pipe, in rank order (for ``rank_agents.RankAgents``)."""
+        return list(self._kv_conns)
 
     @property
     def device(self) -> Any:

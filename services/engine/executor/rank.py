@@ -26,12 +26,14 @@ from pdserve.common.model_source import ModelSource
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.batch import DeviceFeed
 from pdserve.engine.dtypes import torch_dtype
+from pdserve.common.kv_compat import rank_agent_name
 from pdserve.engine.kv_connector import LayerSender
+from pdserve.engine.kv_connector.rank_side import RankKVEndpoint
 from pdserve.engine.layers import Communicator, LayerContext, SingleRank
 from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from pdserve.engine.models.loader import load_model
 from pdserve.engine.models.model_config import ModelConfig
-from pdserve.engine.plan import NewRequest, StepPlan
+from pdserve.engine.plan import KVSendOrder, NewRequest, StepPlan
 from pdserve.engine.platforms import get_platform
 from pdserve.engine.sampler import PendingSample, SampleResult, Sampler
 
@@ -60,6 +62,7 @@ class RankRequest:
     token_ids: list[int]
     block_ids: list[int]
     generator: torch.Generator | None = None
+    kv_send: KVSendOrder | None = None
 
 
 class RankWorker:
@@ -116,7 +119,9 @@ class RankWorker:
             req.token_ids.extend(row.token_ids)
             req.block_ids.extend(row.new_block_ids)
         tables = [r.block_ids for r in reqs]
-        hook = self.layer_sender.begin_step(plan.rows, tables) if self.layer_sender is not None else None
+        hook = None
+        if self.layer_sender is not None:
+            hook = self.layer_sender.begin_step(plan.rows, tables, [r.kv_send for r in reqs])
         logits = self.runner.execute(plan.rows, tables, hook, self._feed(plan))
         sampled = [req for row, req in zip(plan.rows, reqs) if row.samples]
         if not sampled or not self.config.samples:
@@ -128,8 +133,19 @@ class RankWorker:
     def collect(self, pending: PendingSample) -> SampleResult:
         return self.sampler.collect(pending)
 
-    def attach_layer_sender(self, sender: LayerSender) -> None:
+    def attach_layer_sender(self, sender: LayerSender | None) -> None:
         self.layer_sender = sender
+
+    def open_kv_endpoint(self, worker_name: str, model: str) -> RankKVEndpoint:
+        """Register this rank's KV shard with a transfer agent; the endpoint sends its KV."""
+        from pdserve.engine.kv_transfer import NixlKVTransferAgent
+
+        c = self.config
+        agent = NixlKVTransferAgent(rank_agent_name(worker_name, c.tp_rank), self.kv_cache, model, tp_size=c.tp_size,
+                                    tp_rank=c.tp_rank, total_kv_heads=self.model_config.num_kv_heads)
+        endpoint = RankKVEndpoint(agent)
+        self.attach_layer_sender(endpoint)
+        return endpoint
 
     def forget_all(self) -> None:
         """After a failed step: no request of it is known any more."""
@@ -152,7 +168,7 @@ class RankWorker:
             for _ in range(new.draws_done):  # NOTE: the same noise stream as when served by one engine
                 torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=gen)
         return RankRequest(new.req_id, new.params, new.num_prompt_tokens, list(new.prefix_token_ids),
-                           list(new.block_ids), gen)
+                           list(new.block_ids), gen, new.kv_send)
 
     def _feed(self, plan: StepPlan) -> DeviceFeed | None:
         if not plan.feed_dst or self._last_sampled is None:
