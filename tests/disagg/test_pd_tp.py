@@ -1,8 +1,9 @@
 """P/D between workers of different tensor parallelism, end to end: real etcd, router,
 workers and rank processes, real NIXL transfers on loopback.
 
-A tiny random Llama (4 heads, 2 KV heads) is served by a prefill and a decode worker with
-tp=1 and another pair with tp=2 (one KV head per rank). Each prefill -> decode pair is
+A tiny random Llama (4 heads, 2 KV heads: one per rank at tp=2) and a tiny Qwen2 (1 KV
+head: replicated on both ranks at tp=2) are each served by a prefill and a decode worker
+with tp=1 and another pair with tp=2. Each prefill -> decode pair is
 driven directly: tp=2 -> tp=1 (two ranks each write one head into every token row), tp=1 ->
 tp=2 (one agent writes each head into the rank that holds it) and tp=2 -> tp=2 (rank to
 rank, whole blocks). Every output is token-identical to the offline one-rank engine, the
@@ -24,25 +25,28 @@ from tests.services.clients import wait_for
 pytestmark = pytest.mark.timeout(600)
 
 MAX_TOKENS = 8
-LAYERS, BLOCK_SIZE = 2, 16
-BLOCK_BYTES = 2 * BLOCK_SIZE * 2 * 16 * 4  # K and V of one (layer, block): 2 KV heads x head_dim 16, float32
+LAYERS, BLOCK_SIZE, HEAD_BYTES = 2, 16, 16 * 4  # head_dim 16, float32
+KV_HEADS = {"llama": 2, "qwen2": 1}
 PAIRS = [(2, 1), (1, 2), (2, 2)]  # (prefill tp, decode tp)
 # distinct per pair: a prompt seen before would be a prefix-cache hit on its decode worker
 PROMPTS = {pair: [list(range(100 + 500 * i, 140 + 500 * i)), list(range(3000 + 500 * i, 3077 + 500 * i))]
            for i, pair in enumerate(PAIRS)}
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    return make_tiny_model("llama", str(tmp_path_factory.mktemp("tiny")))
+def sent_bytes(kind: str, prompt_len: int, decode_tp: int) -> int:
+    """Every decode rank receives its shard of each block: replicated heads once per replica."""
+    shard_heads = max(1, KV_HEADS[kind] // decode_tp)
+    return math.ceil(prompt_len / BLOCK_SIZE) * LAYERS * 2 * BLOCK_SIZE * HEAD_BYTES * shard_heads * decode_tp
 
 
-def test_prefill_and_decode_of_different_tp_exchange_kv(tiny_llama, tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prefill_and_decode_of_different_tp_exchange_kv(kind, tmp_path):
+    model = make_tiny_model(kind, str(tmp_path))
     every = [p for pair in PAIRS for p in PROMPTS[pair]]
-    outputs = LLM(tiny_llama, num_blocks=64).generate(every, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+    outputs = LLM(model, num_blocks=64).generate(every, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                                             ignore_eos=True))
     expected = {tuple(p): list(o.token_ids) for p, o in zip(every, outputs)}
-    with local_cluster(hybrid=0, prefill=1, decode=1, model=tiny_llama, log_dir=str(tmp_path)) as cluster:
+    with local_cluster(hybrid=0, prefill=1, decode=1, model=model, log_dir=str(tmp_path / "logs")) as cluster:
         cluster.add_worker("prefill", "--tp", "2")
         cluster.add_worker("decode", "--tp", "2")
         cluster.wait_ready(240.0, count=4)
@@ -60,5 +64,5 @@ def test_prefill_and_decode_of_different_tp_exchange_kv(tiny_llama, tmp_path):
                 assert tokens_of(out) == want, f"prefill tp={src} -> decode tp={dst}, {len(prompt)} tokens"
                 assert next(r for r in out if r.token_ids).prefill_worker_id == prefill["id"]
                 sent = metric(metrics(prefill), "pdserve_kv_transfer_bytes_total", direction="sent") - before
-                assert sent == math.ceil(len(prompt) / BLOCK_SIZE) * LAYERS * BLOCK_BYTES, (src, dst)
+                assert sent == sent_bytes(kind, len(prompt), dst), (src, dst)
         wait_quiet(cluster)
