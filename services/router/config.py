@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pdserve.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
+from pdserve.cluster.access import ClusterAccess
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -19,9 +19,10 @@ class RouterConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    etcd: str
-    namespace: str = "default"
+class RouterConfig(ClusterAccess):
+    """The router's settings; the connection ones (etcd, namespace, cluster secret, TLS)
+    are ``ClusterAccess``'s. The cluster secret comes from PDSERVE_ROUTER_CLUSTER_SECRET."""
+
     host: str = "0.0.0.0"
     grpc_port: int = 50051
     http_port: int = 8000
@@ -34,29 +35,16 @@ class RouterConfig:
     prefill_candidates: int = 2
 
     api_key: str = dataclasses.field(default="", repr=False)  # "" = no authentication
-    # The workers' shared secret (env PDSERVE_ROUTER_CLUSTER_SECRET): the router's calls to
-    # workers carry the token derived from it (pdserve.cluster.rpc_auth). "" = none.
-    cluster_secret: str = dataclasses.field(default="", repr=False)
     metrics_require_key: bool = False
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 4096  # chat requests without max_tokens; 0 = the rest of the context
     max_tokens_cap: int = 0  # 0 = no cap but the context length
     max_inflight: int = 1024  # requests served at once; more get 429 (0 = no bound)
 
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    etcd_cert: str = ""
-    etcd_key: str = ""
-    etcd_ca: str = ""
-
     def __post_init__(self) -> None:
-        if not self.etcd:
-            raise RouterConfigError("etcd is missing: pass --etcd http://host:port (or PDSERVE_ROUTER_ETCD)")
+        self.check_access(RouterConfigError, "PDSERVE_ROUTER_")
         if self.policy not in POLICIES:
             raise RouterConfigError(f"policy={self.policy!r} is invalid: expected one of {POLICIES}")
-        if not self.namespace or "/" in self.namespace:
-            raise RouterConfigError(f"namespace={self.namespace!r} is invalid: expected a name without '/'")
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise RouterConfigError(f"{name}={getattr(self, name)} is invalid: expected a port in [0, 65535]")
@@ -69,10 +57,6 @@ class RouterConfig:
         if self.overload_margin < 0 or self.suspect_seconds < 0:
             raise RouterConfigError("overload_margin and suspect_seconds must be >= 0")
         self._check_request_limits()
-        try:
-            tls_from_config(self)
-        except TLSConfigError as exc:
-            raise RouterConfigError(str(exc)) from None
 
     def _check_request_limits(self) -> None:
         if self.max_body_bytes < 1024:
@@ -87,11 +71,6 @@ class RouterConfig:
             raise RouterConfigError("metrics_require_key needs an API key: pass --api-key (or PDSERVE_ROUTER_API_KEY)")
         if self.api_key != self.api_key.strip() or not self.api_key.isprintable() or not self.api_key.isascii():
             raise RouterConfigError("api_key is invalid: expected printable ASCII without surrounding spaces")
-
-    @property
-    def tls(self) -> tuple[TLSFiles, TLSFiles]:
-        """(gRPC TLS, etcd TLS); plaintext when no files are configured."""
-        return tls_from_config(self)
 
     @classmethod
     def build(cls, flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str = "PDSERVE_ROUTER_") -> "RouterConfig":

@@ -11,20 +11,22 @@ import dataclasses
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pdserve.cluster.tls import TLSConfigError, TLSFiles, tls_from_config
+from pdserve.cluster.access import ClusterAccess
 from pdserve.engine.config import ConfigError, EngineConfig, coerce_field, load_yaml
 
 KV_SEND_MODES = ("auto", "layerwise", "whole")
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(ClusterAccess):
+    """The worker's settings around its engine's; the connection ones (etcd, namespace,
+    cluster secret, TLS) are ``ClusterAccess``'s. The cluster secret comes from
+    PDSERVE_CLUSTER_SECRET or --cluster-secret-file."""
+
     engine: EngineConfig
-    etcd: str = ""
-    namespace: str = "default"
     host: str = "0.0.0.0"
     grpc_port: int = 0
     metrics_port: int = 0
@@ -40,26 +42,9 @@ class WorkerConfig:
     remote_prefill_timeout: float = 120.0
     kv_transfer_timeout: float = 30.0
     debug_rpcs: bool = False
-    # Shared by the workers of one cluster (env PDSERVE_CLUSTER_SECRET or --cluster-secret-file):
-    # remote-prefill orders are signed with it (pdserve.cluster.orders). Empty: unsigned.
-    cluster_secret: str = field(default="", repr=False)
-
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    etcd_cert: str = ""
-    etcd_key: str = ""
-    etcd_ca: str = ""
 
     def __post_init__(self) -> None:
-        if not self.etcd:
-            raise ConfigError("etcd is missing: pass --etcd http://host:port (or PDSERVE_ETCD)")
-        try:
-            tls_from_config(self)
-        except TLSConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        if not self.namespace or "/" in self.namespace:
-            raise ConfigError(f"namespace={self.namespace!r} is invalid: expected a name without '/'")
+        self.check_access(ConfigError, "PDSERVE_")
         for name in ("grpc_port", "metrics_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 65535:
@@ -82,12 +67,6 @@ class WorkerConfig:
     @property
     def role(self) -> str:
         return self.engine.role
-
-    @property
-    def tls(self) -> tuple[TLSFiles, TLSFiles]:
-        """(gRPC TLS, etcd TLS); plaintext when no files are configured."""
-        return tls_from_config(self)
-
 
 WORKER_KEYS = tuple(f.name for f in dataclasses.fields(WorkerConfig) if f.name != "engine")
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))

@@ -27,7 +27,7 @@ def test_precedence_yaml_env_flags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, needle", [
     ({"role": "sideways", "etcd": "http://x:1"}, "role="),
-    ({"tp": "2", "role": "decode", "etcd": "http://x:1"}, "tp=2"),
+    ({"tp": "2", "device_type": "cuda", "etcd": "http://x:1"}, "tp=2"),
     ({"model": "", "etcd": "http://x:1"}, "model="),
     ({}, "etcd is missing"),
     ({"etcd": "http://x:1", "grpc_port": "99999"}, "grpc_port="),
@@ -54,7 +54,7 @@ def test_router_config() -> None:
 
 @pytest.mark.parametrize("argv, needle", [
     (["worker", "--role", "sideways", "--etcd", "http://127.0.0.1:1"], "role="),
-    (["worker", "--tp", "2", "--role", "decode", "--etcd", "http://127.0.0.1:1"], "tp=2"),
+    (["worker", "--tp", "2", "--device-type", "cuda", "--etcd", "http://127.0.0.1:1"], "tp=2"),
     (["worker", "--role", "hybrid"], "etcd is missing"),
     (["worker", "--bogus-flag", "1", "--etcd", "http://127.0.0.1:1"], "--bogus-flag"),
     (["router", "--policy", "random", "--etcd", "http://127.0.0.1:1"], "policy="),
@@ -66,3 +66,21 @@ def test_cli_bad_config_is_one_line_and_exit_2(argv: list[str], needle: str) -> 
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith(f"pdserve {argv[0]}: error:"), proc.stderr
+
+
+def test_router_and_worker_share_one_declaration_of_the_connection_settings() -> None:
+    import dataclasses
+
+    from pdserve.cluster.access import ClusterAccess
+    from pdserve.router.config import RouterConfig, RouterConfigError
+
+    shared = {f.name for f in dataclasses.fields(ClusterAccess)}
+    assert {"etcd", "namespace", "cluster_secret", "etcd_ca", "tls_cert"} <= shared
+    assert issubclass(RouterConfig, ClusterAccess)
+    bad = {"etcd": "http://x:1", "namespace": "a/b", "etcd_cert": "c.pem"}
+    with pytest.raises(RouterConfigError) as router_error:
+        RouterConfig(**bad)
+    with pytest.raises(ConfigError) as worker_error:
+        build_worker_config(bad, {})
+    assert str(router_error.value) == str(worker_error.value) == \
+        "namespace='a/b' is invalid: expected a name without '/'"
