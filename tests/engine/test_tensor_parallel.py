@@ -101,3 +101,27 @@ def test_ranks_on_one_host_share_the_cache_memory_fraction(tiny_models):
         assert per_rank * 2 <= whole * 1.1  # both ranks together hold what one rank would
     finally:
         two.engine.close()
+
+
+BF16_TOLERANCE = 0.35  # nats: bf16 rounding alone (one rank) moves these logprobs by up to ~0.25
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tp2_bfloat16_logprobs_are_close_to_float32(tiny_models, kind):
+    """bfloat16 is not token-exact (tp changes the order of the sums); its logprobs stay within
+    BF16_TOLERANCE of the float32 ones, as one rank's bfloat16 logprobs do."""
+    from tests.engine.conftest import prompt_set
+
+    prompts = prompt_set(49152, seed=5, lengths=(3, 17, 40, 100))
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    runs = {}
+    for tp, dtype in ((1, "float32"), (1, "bfloat16"), (2, "bfloat16")):
+        llm = LLM(tiny_models[kind], tp=tp, dtype=dtype, num_blocks=64)
+        try:
+            runs[(tp, dtype)] = [dict(o.logprobs[0].top) for o in llm.generate(prompts, params)]
+        finally:
+            llm.engine.close()
+    for run in ((1, "bfloat16"), (2, "bfloat16")):
+        worst = max(abs(lp - got[tok]) for want, got in zip(runs[(1, "float32")], runs[run])
+                    for tok, lp in want.items() if tok in got)
+        assert worst <= BF16_TOLERANCE, (run, worst)
