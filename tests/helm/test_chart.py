@@ -159,6 +159,19 @@ def test_gpu_and_rdma_resources_only_when_asked():
     assert "nvidia.com/gpu" not in str(container(deployment(docs, "prefill"))["resources"])
 
 
+def test_cuda_pools_get_tp_times_dp_gpus_per_pod():
+    docs = render("--set", "engine.device_type=cuda", "--set", "decode.engine.tp=2", "--set", "decode.engine.dp=2",
+                  "--set", "prefill.engine.tp=4")
+    for role, gpus in (("prefill", 4), ("decode", 4)):
+        res = container(deployment(docs, role))["resources"]
+        assert res["requests"]["nvidia.com/gpu"] == gpus and res["limits"]["nvidia.com/gpu"] == gpus, role
+    docs = render("--set", "engine.device_type=cuda")
+    assert container(deployment(docs, "decode"))["resources"]["limits"]["nvidia.com/gpu"] == 1
+    result = run_helm("--set", "engine.device_type=cuda", "--set", "decode.engine.tp=2",
+                      "--set", "decode.resources.limits.nvidia\\.com/gpu=1")
+    assert result.returncode != 0 and "engine tp=2 x dp=1 needs 2 GPUs per pod" in result.stderr, result.stderr
+
+
 def test_hpa_only_when_enabled():
     docs = render("--set", "decode.autoscaling.enabled=true", "--set", "decode.autoscaling.maxReplicas=9")
     hpas = objects(docs, "HorizontalPodAutoscaler")

@@ -326,3 +326,27 @@ behavior: {{- toYaml . | nindent 2 }}
 {{- define "pdserve.clusterSecretName" -}}
 {{- .Values.clusterSecret.existingSecret | default (printf "%s-cluster-secret" (include "pdserve.fullname" .)) }}
 {{- end }}
+
+{{/*
+A worker pool's container resources. A CUDA pool's pods get tp x dp GPUs (a worker runs
+dp replicas of tp ranks, one GPU each), in requests and limits; a pool that names a
+different GPU count is refused at render time.
+*/}}
+{{- define "pdserve.workerResources" -}}
+{{- $res := deepCopy (default (dict) .pool.resources) }}
+{{- if eq (toString .engine.device_type) "cuda" }}
+{{- $want := mul (int .engine.tp) (int .engine.dp) }}
+{{- $limits := default (dict) $res.limits }}
+{{- $requests := default (dict) $res.requests }}
+{{- range $given := list (index $limits "nvidia.com/gpu") (index $requests "nvidia.com/gpu") }}
+{{- if and $given (ne (int $given) (int $want)) }}
+{{- fail (printf "%s: resources name nvidia.com/gpu=%d, but engine tp=%d x dp=%d needs %d GPUs per pod (leave it out: the chart sets it)" $.role (int $given) (int $.engine.tp) (int $.engine.dp) (int $want)) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $limits "nvidia.com/gpu" $want }}
+{{- $_ := set $requests "nvidia.com/gpu" $want }}
+{{- $_ := set $res "limits" $limits }}
+{{- $_ := set $res "requests" $requests }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
