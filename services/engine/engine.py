@@ -419,7 +419,8 @@ class LLMEngine:
                 "kv_blocks_free": kv["free"], "kv_blocks_used": kv["used"], "kv_blocks_cached": kv["cached"],
                 "kv_blocks_total": kv["total"], "tokens_computed_total": c.tokens_computed_total,
                 "steps_total": c.steps_total, "preemptions_total": c.preemptions_total,
-                "overlapped_steps_total": c.overlapped_steps_total, "last_step_seconds": c.last_step_seconds}
+                "overlapped_steps_total": c.overlapped_steps_total, "last_step_seconds": c.last_step_seconds,
+                "rank_seconds": self.executor.rank_seconds()}
 
     def model_info(self) -> dict:
         m = self.model_config

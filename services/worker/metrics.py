@@ -44,6 +44,24 @@ class _EngineCollector(Collector):
         steps = CounterMetricFamily("pdserve_worker_engine_steps", "Engine steps executed", labels=names)
         steps.add_metric(values, s["steps_total"])
         yield steps
+        yield from _rank_families(s.get("rank_seconds", ()), names, values)
+
+
+def _rank_families(ranks: Any, names: list[str], values: list[str]) -> Iterator:
+    """Per-rank step and collective seconds (tensor-parallel workers); the collectives'
+    share of a rank's time is the ratio of their rates."""
+    if not ranks:
+        return
+    step = CounterMetricFamily("pdserve_worker_rank_step_seconds", "Seconds each rank spent in engine steps",
+                               labels=names + ["rank"])
+    comm = CounterMetricFamily("pdserve_worker_rank_collective_seconds",
+                               "Seconds each rank spent in tensor-parallel collectives (part of its step seconds)",
+                               labels=names + ["rank"])
+    for rank, (step_s, comm_s) in enumerate(ranks):
+        step.add_metric(values + [str(rank)], step_s)
+        comm.add_metric(values + [str(rank)], comm_s)
+    yield step
+    yield comm
 
 
 def _gauge(name: str, doc: str, names: list[str], values: list[str], value: float) -> GaugeMetricFamily:

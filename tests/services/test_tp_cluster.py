@@ -1,6 +1,7 @@
 """A tensor-parallel worker end to end: `pdserve worker --tp 3` (smollm2 has 9 heads and 3 KV
 heads) behind etcd and the router, with three real rank processes over gloo. Its completions
-are token-identical to the offline engine with one rank; when a rank dies the worker exits as a
+are token-identical to the offline engine with one rank, its /metrics show each rank's step
+and collective seconds; when a rank dies the worker exits as a
 whole, leaves the router's list and leaves no rank process behind."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import psutil
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
+from tests.disagg.helpers import metric, metrics
 from tests.services.cluster_fixture import local_cluster
 from tests.services.clients import http_json, live_workers, wait_for
 
@@ -28,6 +30,11 @@ def test_tp3_worker_serves_like_one_rank_and_fails_as_a_whole(tmp_path):
                 "ignore_eos": True})
             assert status == 200, body
             assert body["choices"][0]["text"] == text and body["usage"]["completion_tokens"] == MAX_TOKENS
+        samples = metrics(worker)  # per-rank step seconds, and the part of them inside collectives
+        for rank in ("0", "1", "2"):
+            step = metric(samples, "pdserve_worker_rank_step_seconds_total", rank=rank)
+            comm = metric(samples, "pdserve_worker_rank_collective_seconds_total", rank=rank)
+            assert 0 < comm < step, (rank, comm, step)
         child = cluster.workers[0]
         ranks = psutil.Process(child.pid).children(recursive=True)
         assert len(ranks) >= 3

@@ -40,6 +40,9 @@ class Executor(Protocol):
     def kv_links(self) -> list[Any]:
         """Each rank process's KV command/event pipe; empty when the rank runs in this process."""
 
+    def rank_seconds(self) -> list[tuple[float, float]]:
+        """Per rank process: (seconds in steps, of which in collectives); empty for one in-process rank."""
+
     @property
     def supports_overlap(self) -> bool:
         """Whether a step may be launched before the previous one's tokens are read."""

@@ -1,12 +1,15 @@
 """Collectives of one tensor-parallel group over a torch.distributed process group.
 
 Owns: ``ProcessGroupComm``, the ``Communicator`` layers use when a group has more
-than one rank (gloo on CPU, NCCL on CUDA). The process group itself is created
+than one rank (gloo on CPU, NCCL on CUDA), and the host seconds spent in its
+collectives (``seconds``, for the per-rank metrics; gloo's calls block until done). The process group itself is created
 and destroyed by whoever starts the rank processes; this object only uses it.
 """
 from __future__ import annotations
 
 from typing import Any
+
+import time
 
 import torch
 import torch.distributed as dist
@@ -16,14 +19,19 @@ class ProcessGroupComm:
     def __init__(self, group: Any = None):
         self.group = group
         self.size = dist.get_world_size(group)
+        self.seconds = 0.0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         dist.all_reduce(x, group=self.group)
+        self.seconds += time.perf_counter() - start
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        start = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
+        self.seconds += time.perf_counter() - start
         return torch.cat(parts, dim=dim)
 
 

@@ -66,5 +66,8 @@ class InProcessExecutor:
     def kv_links(self) -> list:
         return []  # NOTE: the worker builds its agent over ``kv_cache`` itself
 
+    def rank_seconds(self) -> list[tuple[float, float]]:
+        return []  # NOTE: one rank, no collectives: the engine's step time says it all
+
 
 __all__ = ["InProcessExecutor"]

@@ -24,7 +24,7 @@ import os
 import socket
 import time
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -41,6 +41,13 @@ class RankFailure(RuntimeError):
 
 class _Launched:
     """A plan the ranks are executing whose rank 0 answer carries sampled tokens."""
+
+
+@dataclass(frozen=True)
+class RankTiming:
+    """One rank's share of one step: wall seconds, and those inside collectives."""
+    step: float
+    collective: float
 
 
 def _free_port() -> int:
@@ -61,10 +68,10 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
     try:
-        worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config,
-                            ProcessGroupComm())
+        comm = ProcessGroupComm()
+        worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config, comm)
         conn.send(("ready", None))
-        _serve(worker, conn, kv_conn)
+        _serve(worker, comm, conn, kv_conn)
     except Exception as exc:  # NOTE: reported to the engine, which fails the group
         try:
             conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
@@ -75,9 +82,10 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
             dist.destroy_process_group()
 
 
-def _serve(worker: Any, conn: Connection, kv_conn: Connection) -> None:
-    """Answer the engine's calls; between them run the KV commands and forward the KV
-    endpoint's events (polling it on a short timer while it has work or peers)."""
+def _serve(worker: Any, comm: Any, conn: Connection, kv_conn: Connection) -> None:
+    """Answer the engine's calls (a step's answer carries the rank's step and collective
+    seconds); between them run the KV commands and forward the KV endpoint's events
+    (polling it on a short timer while it has work or peers)."""
     endpoint = None
     while True:
         pace = None if endpoint is None else 0.001 if endpoint.busy else 0.005 if endpoint.has_peers else 0.1
@@ -89,7 +97,7 @@ def _serve(worker: Any, conn: Connection, kv_conn: Connection) -> None:
                 method, args = conn.recv()
                 if method == "stop":
                     return
-                conn.send(("ok", _call(worker, method, args)))
+                conn.send(("ok", _call(worker, comm, method, args)))
         except EOFError:
             return  # the engine's process is gone
         if endpoint is not None:
@@ -115,10 +123,12 @@ def _kv_command(worker: Any, endpoint: Any, kv_conn: Connection, command: tuple)
     return endpoint
 
 
-def _call(worker: Any, method: str, args: tuple) -> Any:
+def _call(worker: Any, comm: Any, method: str, args: tuple) -> Any:
     if method == "execute":
+        start, in_comm = time.perf_counter(), comm.seconds
         pending = worker.execute(*args)
-        return worker.collect(pending) if pending is not None else None
+        result = worker.collect(pending) if pending is not None else None
+        return result, RankTiming(time.perf_counter() - start, comm.seconds - in_comm)
     attr = getattr(worker, method)
     return attr(*args) if callable(attr) else attr
 
@@ -146,6 +156,7 @@ class MultiprocExecutor:
             self._procs.append(proc)
         self._finalizer = weakref.finalize(self, _stop, self._conns + self._kv_conns, self._procs)
         self._launched: _Launched | None = None
+        self._timings = [RankTiming(0.0, 0.0)] * tp
         for rank in range(tp):
             self._receive(rank)  # "ready"
 
@@ -167,14 +178,18 @@ class MultiprocExecutor:
     def execute(self, plan: StepPlan) -> _Launched | None:
         self._send_all("execute", plan)
         if not any(r.samples for r in plan.rows):
-            self._gather()
+            self._gather_step()
             return None
         self._launched = _Launched()
         return self._launched
 
     def collect(self, pending: _Launched) -> SampleResult:
         self._launched = None
-        return self._gather()[0]
+        return self._gather_step()[0]
+
+    def rank_seconds(self) -> list[tuple[float, float]]:
+        """Per rank: (seconds in steps, of which in collectives) since the start."""
+        return [(t.step, t.collective) for t in self._timings]
 
     def forget_all(self) -> None:
         if self._failed is None:
@@ -221,7 +236,7 @@ class MultiprocExecutor:
         self._check()
         if self._launched is not None:  # NOTE: a step launched and never collected (it failed): drain it
             self._launched = None
-            self._gather()
+            self._gather_step()
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send((method, args))
@@ -233,6 +248,12 @@ class MultiprocExecutor:
 
     def _gather(self) -> list[Any]:
         return [self._receive(rank) for rank in range(len(self._conns))]
+
+    def _gather_step(self) -> list[Any]:
+        answers = self._gather()
+        self._timings = [RankTiming(total.step + t.step, total.collective + t.collective)
+                         for total, (_, t) in zip(self._timings, answers)]
+        return [value for value, _ in answers]
 
     def _receive(self, rank: int) -> Any:
         conn, proc, deadline = self._conns[rank], self._procs[rank], time.monotonic() + self._timeout
