@@ -65,12 +65,14 @@ def read_secret_file(path: str | None) -> str | None:
 def main(name: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     from pdserve.worker.config import build_worker_config
+    from pdserve.worker.replicas import check_ranks_fit
 
     try:
         args = vars(build_parser().parse_args(argv))
         config_path = args.pop("config")
         args["cluster_secret"] = read_secret_file(args.pop("cluster_secret_file"))
         config = build_worker_config(args, os.environ, config_path)
+        check_ranks_fit(config, os.environ, os.cpu_count() or 1)
     except ConfigError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Mapping
 
+from pdserve.engine.config import ConfigError
 from pdserve.worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,48 @@ def replica_argv(argv: list[str], index: int, config: WorkerConfig, worker_id: s
     return out
 
 
-def replica_env(environ: Mapping[str, str], index: int, config: WorkerConfig) -> dict[str, str]:
+def replica_env(environ: Mapping[str, str], index: int, config: WorkerConfig,
+                devices: list[str] | None = None) -> dict[str, str]:
+    """The environment of replica ``index``: on CUDA, its ``tp`` of the visible GPUs."""
     env = dict(environ)
     if config.engine.device_type == "cuda":
         tp = config.engine.tp
-        visible = environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(config.engine.dp * tp)]
+        devices = devices if devices is not None else visible_gpus(environ)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp:(index + 1) * tp])
     return env
+
+
+def visible_gpus(environ: Mapping[str, str]) -> list[str]:
+    """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES``, else every one torch sees."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def check_ranks_fit(config: WorkerConfig, environ: Mapping[str, str], cores: int) -> None:
+    """dp x tp ranks need as many visible GPUs (ConfigError naming the values). On CPU
+    more ranks than cores still run (slower; the rank processes share the cores), so a
+    warning says so."""
+    tp, dp = config.engine.tp, config.engine.dp
+    if config.engine.device_type == "cuda":
+        gpus = visible_gpus(environ)
+        if tp * dp > len(gpus):
+            raise ConfigError(f"dp={dp} x tp={tp} = {tp * dp} ranks need {tp * dp} GPUs, but {len(gpus)} are visible "
+                              f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    elif tp * dp > cores:
+        log.warning("dp=%d x tp=%d = %d rank processes on %d cores: they share the cores and run slower", dp, tp,
+                    tp * dp, cores)
 
 
 def run_replicas(argv: list[str], config: WorkerConfig, environ: Mapping[str, str],
                  worker_id: str | None, poll: float = 0.2) -> int:
     """Run ``config.engine.dp`` replicas until they exit; returns the worker's exit code."""
+    devices = visible_gpus(environ) if config.engine.device_type == "cuda" else []
     procs = [subprocess.Popen([sys.executable, "-m", "pdserve", "worker", *replica_argv(argv, i, config, worker_id)],
-                              env=replica_env(environ, i, config)) for i in range(config.engine.dp)]
+                              env=replica_env(environ, i, config, devices)) for i in range(config.engine.dp)]
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -86,4 +114,4 @@ def _stop(procs: list[subprocess.Popen], grace: float) -> None:
             proc.kill()
 
 
-__all__ = ["replica_argv", "replica_env", "run_replicas"]
+__all__ = ["check_ranks_fit", "replica_argv", "replica_env", "run_replicas", "visible_gpus"]

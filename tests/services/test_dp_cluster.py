@@ -12,7 +12,8 @@ from pdserve.v1 import worker_pb2
 
 from pdserve.engine import LLM
 from pdserve.worker.config import build_worker_config
-from pdserve.worker.replicas import replica_argv, replica_env
+from pdserve.engine.config import ConfigError
+from pdserve.worker.replicas import check_ranks_fit, replica_argv, replica_env
 from tests.services.cluster_fixture import local_cluster
 from tests.services.clients import http_json, live_workers, wait_for, worker_stub
 
@@ -24,6 +25,17 @@ def test_replicas_get_their_own_ports_ids_and_gpus():
     assert replica_argv(argv, 1, config, "w") == argv + ["--dp", "1", "--grpc-port", "7001", "--metrics-port",
                                                          "9001", "--worker-id", "w-dp1"]
     assert replica_env({"CUDA_VISIBLE_DEVICES": "4,5"}, 1, config)["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+def test_ranks_must_fit_the_visible_gpus(caplog):
+    cuda = build_worker_config({"etcd": "http://x:1", "dp": "2", "device_type": "cuda"}, {}, None)
+    check_ranks_fit(cuda, {"CUDA_VISIBLE_DEVICES": "0,1"}, cores=2)
+    with pytest.raises(ConfigError, match=r"dp=2 x tp=1 = 2 ranks need 2 GPUs, but 1 are visible "
+                                          r"\(CUDA_VISIBLE_DEVICES=3\)"):
+        check_ranks_fit(cuda, {"CUDA_VISIBLE_DEVICES": "3"}, cores=64)
+    cpu = build_worker_config({"etcd": "http://x:1", "tp": "3"}, {}, None)
+    check_ranks_fit(cpu, {}, cores=2)  # runs, the rank processes share the cores
+    assert "3 rank processes on 2 cores" in caplog.text
 
 
 def test_one_engine_refuses_dp():
