@@ -167,3 +167,35 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, vf).transpose(0, 1).to(q.dtype)
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """The experts of a sparse MLP, summed over each token's top-k routing.
+
+    out[t] = sum_k topk_weights[t, k] * (silu(x[t] @ w13[e, :I].T) * (x[t] @ w13[e, I:].T)) @ w2[e].T
+    with e = topk_ids[t, k]; x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I],
+    topk_weights [T, K], topk_ids [T, K] (a token never has the same expert twice).
+    Computed in float32 (or x's dtype if wider); the SiLU-and-mul intermediate is rounded
+    to x.dtype before the down projection, the weighted sum over k once at the end.
+
+    Returns: [T, H] in x.dtype.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    inter = w13.shape[1] // 2
+    acc = torch.zeros((x.shape[0], w2.shape[1]), dtype=compute, device=x.device)
+    experts = topk_ids.reshape(-1).long()
+    order = torch.argsort(experts, stable=True)
+    counts = torch.bincount(experts, minlength=w13.shape[0]).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        start += count
+        tokens = pairs // topk_ids.shape[1]
+        h = x[tokens].to(compute) @ w13[e].to(compute).T
+        act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)
+        y = act.to(compute) @ w2[e].to(compute).T
+        acc.index_add_(0, tokens, y * topk_weights.reshape(-1)[pairs, None].to(compute))
+    return acc.to(x.dtype)

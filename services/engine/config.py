@@ -55,8 +55,9 @@ class EngineConfig:
         for name in ("tp", "dp", "ep", "block_size", "max_batch_size", "max_prefill_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        if self.ep != 1:
-            raise ConfigError(f"ep={self.ep}: only ep=1 is supported in this version (no MoE models yet)")
+        if self.ep not in (1, self.tp):
+            raise ConfigError(f"ep={self.ep} with tp={self.tp}: ep must be 1 or equal tp (the worker's ranks share "
+                              "its MoE layers; ep across dp replicas is not supported yet)")
         if self.tp > 1 and self.device_type != "cpu":
             raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
         if self.adapters:

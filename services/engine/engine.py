@@ -439,10 +439,19 @@ def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConf
     if config.tp == 1:
         return InProcessExecutor(RankWorker(_rank_config(config), source, model_config))
     check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)  # NOTE: before any rank starts
+    check_expert_split(model_config, config.ep)
     return MultiprocExecutor(_rank_config(config), source, model_config, config.tp)
+
+
+def check_expert_split(model_config: ModelConfig, ep: int) -> None:
+    """ValueError unless ``ep`` ranks can split the model's experts."""
+    if ep > 1 and not model_config.num_experts:
+        raise ValueError(f"ep={ep} needs a mixture-of-experts model; {model_config.architecture} has no experts")
+    if ep > 1 and model_config.num_experts % ep:
+        raise ValueError(f"ep={ep} must divide the number of experts ({model_config.num_experts})")
 
 
 def _rank_config(config: EngineConfig) -> RankConfig:
     return RankConfig(device_type=config.device_type, dtype=config.dtype, block_size=config.block_size,
                       max_batch_size=config.max_batch_size, graphs=not config.enforce_eager,
-                      compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed)
+                      compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed, ep_size=config.ep)

@@ -34,6 +34,21 @@ TINY_CONFIGS = {
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64,
                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=2048, sliding_window=None, tie_word_embeddings=False),
+    # mixture of experts: top-2 of 8 renormalised; a shared expert, a dense layer, top-4 not renormalised;
+    # q/k norm, top-4 of 16 renormalised
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=64,
+                    intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048, sliding_window=None,
+                    tie_word_embeddings=False),
+    "qwen2_moe": dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], hidden_size=64,
+                      intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                      num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False,
+                      max_position_embeddings=2048, tie_word_embeddings=True, use_sliding_window=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
+                      intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
+                      norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False),
 }
 
 

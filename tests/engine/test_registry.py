@@ -19,22 +19,23 @@ QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=100, hidden_s
 
 
 def test_every_registered_architecture_builds_a_model_class():
+    from pdserve.engine.models.moe import MoeForCausalLM
+
     for arch in supported_architectures():
-        assert model_class(arch) is LlamaForCausalLM
+        assert model_class(arch) is (MoeForCausalLM if "Mixtral" in arch or "Moe" in arch else LlamaForCausalLM)
     with pytest.raises(UnsupportedModelError, match="unsupported architecture 'GPT2LMHeadModel'"):
         model_class("GPT2LMHeadModel")
 
 
-def test_moe_fields_parse_and_the_architecture_is_refused_until_it_has_a_model(monkeypatch):
-    from pdserve.engine.models import registry
-
-    with pytest.raises(UnsupportedModelError, match="Qwen3MoeForCausalLM"):
-        mc.from_hf_config(QWEN3_MOE)
-    monkeypatch.setitem(registry._MODELS, "Qwen3MoeForCausalLM", "pdserve.engine.models.llama:LlamaForCausalLM")
+def test_moe_fields_parse():
     cfg = mc.from_hf_config(QWEN3_MOE)
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 32)
-    assert cfg.norm_topk_prob and cfg.mlp_only_layers == (0,)
+    assert cfg.norm_topk_prob and cfg.mlp_only_layers == (0,) and cfg.qk_norm
+    assert [cfg.is_sparse_layer(i) for i in range(2)] == [False, True]
     assert mc.ModelConfig.from_json_dict(json.loads(json.dumps(cfg.to_json_dict()))) == cfg
+    mixtral = mc.from_preset("mixtral-8x7b")
+    assert mixtral.norm_topk_prob and all(mixtral.is_sparse_layer(i) for i in range(mixtral.num_layers))
+    assert round(mixtral.num_params() / 1e9, 1) == 46.7  # every expert counted
 
 
 def test_a_quantized_checkpoint_is_refused_naming_its_method(tiny_models, tmp_path):

@@ -17,7 +17,7 @@ from tests.engine.conftest import hf_greedy, prompt_set
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_tp2_matches_hf_and_tp1(tiny_models, kind):
     from transformers import AutoModelForCausalLM
 
@@ -33,6 +33,31 @@ def test_tp2_matches_hf_and_tp1(tiny_models, kind):
         llm.engine.close()
     assert got == expected
     assert again == expected[2:4]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_expert_parallel_ep2_matches_hf(tiny_models, kind):
+    """ep=2 (= tp): each rank holds half of the experts, whole; attention stays tp-split."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models[kind]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    prompts = prompt_set(hf.config.vocab_size, seed=11, lengths=(1, 9, 33, 70))
+    expected = hf_greedy(hf, prompts, GREEDY.max_tokens)
+    llm = LLM(path, tp=2, ep=2, num_blocks=64, max_prefill_tokens=40)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+        assert [o.token_ids for o in llm.generate(prompts[2:], GREEDY)] == expected[2:]  # prefix-cache hits
+        assert llm.engine.stats()["kv_blocks_used"] == 0
+    finally:
+        llm.engine.close()
+
+
+def test_expert_parallel_config_errors(tiny_models):
+    with pytest.raises(ConfigError, match="ep=2 with tp=1: ep must be 1 or equal tp"):
+        EngineConfig(ep=2)
+    with pytest.raises(ValueError, match="ep=2 needs a mixture-of-experts model; LlamaForCausalLM has no experts"):
+        LLM(tiny_models["llama"], tp=2, ep=2)
 
 
 def test_tp2_under_preemption(tiny_models):

@@ -54,6 +54,11 @@ class Backend(Protocol):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T (+ bias)`` for an nn.Linear weight [N, K]."""
 
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts of a sparse MLP: ``sum_k w[t, k] * down_e(silu(gate_e(x)) * up_e(x))``,
+        ``e = topk_ids[t, k]``; w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]."""
+
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin: torch.Tensor, kv_layer: torch.Tensor,
                         meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,9 @@ class TorchBackend:
     def linear(self, x, weight, bias=None):
         return torch.nn.functional.linear(x, weight, bias)
 
+    def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
+        return ref.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+
     def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
         return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta)
 

@@ -50,6 +50,7 @@ class RankConfig:
     seed: int
     tp_rank: int = 0
     tp_size: int = 1
+    ep_size: int = 1  # 1, or tp_size: the ranks split the experts of MoE layers
     samples: bool = True  # the rank that samples (rank 0); the others only run the forward
 
 
@@ -73,7 +74,8 @@ class RankWorker:
         self.platform = get_platform(config.device_type)
         self.device = self.platform.device()
         ctx = LayerContext(dtype=torch_dtype(config.dtype), tp_rank=config.tp_rank, tp_size=config.tp_size,
-                           comm=comm or SingleRank(), quantization=model_config.quantization)
+                           comm=comm or SingleRank(), quantization=model_config.quantization,
+                           ep_size=config.ep_size)
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
         self.kv_heads = self.model.kv_heads_per_rank()
         self.kv_cache: torch.Tensor | None = None

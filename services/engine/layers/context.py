@@ -43,6 +43,9 @@ class LayerContext:
         tp_rank, tp_size: this rank's place in its tensor-parallel group.
         comm: the group's collectives (``SingleRank`` for tp_size 1).
         quantization: the checkpoint's ``quantization_config`` (None: unquantized).
+        ep_size: 1, or tp_size: the group's ranks then split the experts of MoE layers
+            among them (expert parallelism; rank r holds the r-th share) instead of
+            splitting every expert's intermediate size.
     """
 
     dtype: torch.dtype = torch.float32
@@ -50,10 +53,14 @@ class LayerContext:
     tp_size: int = 1
     comm: Communicator = field(default_factory=SingleRank, compare=False)
     quantization: Any = None
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank={self.tp_rank} is outside a group of tp_size={self.tp_size}")
+        if self.ep_size not in (1, self.tp_size):
+            raise ValueError(f"ep={self.ep_size} must be 1 or equal tp={self.tp_size}: the ranks of one worker "
+                             "share its MoE layers")
 
 
 def divide(total: int, parts: int, what: str) -> int:

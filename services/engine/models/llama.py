@@ -9,7 +9,7 @@ state: the KV cache shard is passed in by the runner.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -53,9 +53,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, size: int | None = None):
         super().__init__()
-        size = cfg.intermediate_size
+        size = size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, ctx)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, ctx)
 
@@ -64,10 +64,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, mlp: nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg, ctx)
-        self.mlp = MLP(cfg, ctx)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
@@ -79,10 +79,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, mlp: Callable[[int], nn.Module]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, mlp(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
 
@@ -90,9 +90,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, ctx)
+        self.model = LlamaModel(cfg, ctx, lambda index: self.build_mlp(cfg, ctx, index))
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, cfg.rope_scaling_dict)
+
+    def build_mlp(self, cfg: ModelConfig, ctx: LayerContext, index: int) -> nn.Module:
+        """The MLP of decoder layer ``index`` (mixture-of-experts models override it)."""
+        return MLP(cfg, ctx)
 
     def kv_heads_per_rank(self) -> int:
         return self.model.layers[0].self_attn.num_kv_heads if self.model.layers else 0
@@ -123,13 +127,17 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue  # NOTE: tied: the embedding is the head
-            module, _, param = name.rpartition(".")
-            owner, _, proj = module.rpartition(".")
-            shard = None
-            if proj in _MERGED:
-                merged, shard = _MERGED[proj]
-                module = f"{owner}.{merged}"
-            yield CheckpointTensor(name, module, param, shard, tensor)
+            yield self.route_tensor(name, tensor)
+
+    def route_tensor(self, name: str, tensor: torch.Tensor) -> CheckpointTensor:
+        """Where one checkpoint tensor goes (mixture-of-experts models add the experts' names)."""
+        module, _, param = name.rpartition(".")
+        owner, _, proj = module.rpartition(".")
+        shard = None
+        if proj in _MERGED:
+            merged, shard = _MERGED[proj]
+            module = f"{owner}.{merged}"
+        return CheckpointTensor(name, module, param, shard, tensor)
 
 
 __all__ = ["LlamaForCausalLM"]

@@ -91,10 +91,23 @@ class ModelConfig:
         return self.max_position_embeddings
 
     def num_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        """Every weight (all experts of a mixture-of-experts model, not only the active ones)."""
+        h, v = self.hidden_size, self.vocab_size
         attn = h * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * h * i + 2 * h
-        return self.num_layers * per_layer + v * h * (1 if self.tie_word_embeddings else 2) + h
+        mlps = sum(self._mlp_params(i) for i in range(self.num_layers))
+        return self.num_layers * (attn + 2 * h) + mlps + v * h * (1 if self.tie_word_embeddings else 2) + h
+
+    def is_sparse_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index`` has experts (Qwen2-MoE's rule; every layer of Mixtral)."""
+        return (self.num_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
+
+    def _mlp_params(self, index: int) -> int:
+        h = self.hidden_size
+        if not self.is_sparse_layer(index):
+            return 3 * h * self.intermediate_size
+        shared = 3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0
+        return self.num_experts * (3 * h * self.moe_intermediate_size + h) + shared
 
 
 def _rope_scaling(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
@@ -124,7 +137,7 @@ def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     eos = cfg.get("eos_token_id")
-    is_qwen2 = arch == "Qwen2ForCausalLM"
+    is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
     window = cfg.get("sliding_window") if (arch == "MistralForCausalLM" or cfg.get("use_sliding_window")) else None
     return ModelConfig(
         architecture=arch,
@@ -141,24 +154,25 @@ def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=is_qwen2 or bool(cfg.get("attention_bias", False)),
         o_bias=(not is_qwen2) and bool(cfg.get("attention_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         rope_scaling=_rope_scaling(cfg),
         sliding_window=int(window) if window else None,
         eos_token_ids=tuple(eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])),
-        **_moe_fields(cfg),
+        **_moe_fields(cfg, arch),
         quantization=QuantizationConfig.from_hf(cfg["quantization_config"]) if cfg.get("quantization_config") else None,
     )
 
 
-def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Expert counts and routing of Mixtral / Qwen2-MoE / Qwen3-MoE configs (empty for dense ones)."""
+def _moe_fields(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """Expert counts and routing of Mixtral / Qwen2-MoE / Qwen3-MoE configs (empty for dense ones).
+    Mixtral always renormalises its top-k weights (its config has no flag for it)."""
     experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
     if not experts:
         return {}
     return dict(num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
                 moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0),
                 shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                norm_topk_prob=arch == "MixtralForCausalLM" or bool(cfg.get("norm_topk_prob", False)),
                 decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
                 mlp_only_layers=tuple(int(x) for x in cfg.get("mlp_only_layers") or ()))
 
@@ -216,6 +230,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=2),
+    # mixture of experts (shapes of the published configs)
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0,
+                         max_position_embeddings=32768, num_local_experts=8, num_experts_per_tok=2,
+                         eos_token_id=2),
+    "qwen1.5-moe-a2.7b": dict(architectures=["Qwen2MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+                              intermediate_size=5632, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+                              decoder_sparse_step=1, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                              max_position_embeddings=8192, eos_token_id=151643),
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, rms_norm_eps=1e-6,
+                          rope_theta=1000000.0, max_position_embeddings=40960, eos_token_id=151645),
 }
 
 

@@ -21,6 +21,9 @@ _MODELS: dict[str, str] = {
     "MistralForCausalLM": "pdserve.engine.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "pdserve.engine.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "pdserve.engine.models.llama:LlamaForCausalLM",
+    "MixtralForCausalLM": "pdserve.engine.models.moe:MoeForCausalLM",
+    "Qwen2MoeForCausalLM": "pdserve.engine.models.moe:MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "pdserve.engine.models.moe:MoeForCausalLM",
 }
 _QUANTIZATIONS: tuple[str, ...] = ()  # quantization methods with a linear method
 

@@ -1,0 +1,108 @@
+"""The experts of one sparse (mixture-of-experts) MLP, and how tokens are routed to them.
+
+Owns: ``FusedMoE``, the experts' weights stacked per layer (``w13 [E, 2I, H]``: each
+expert's gate rows then its up rows; ``w2 [E, H, I]``), their loaders (one checkpoint
+tensor per expert and projection, sliced for this rank), and ``route``, the top-k
+routing of the router's logits (softmax in float32, top-k, renormalised where the
+model says so). With tp each rank holds every expert's slice of the intermediate
+size ``I``: gate_up is column-split, down row-split, and the partial sums are
+all-reduced, as a dense MLP's are. With ep (= tp) each rank holds whole experts, a
+``E / ep`` share; every rank has every token (attention's output is all-reduced),
+so each computes the (token, expert) pairs of its own experts and the all-reduce
+combines them. The grouped expert computation is the backend's
+``fused_moe`` (Triton on CUDA, the torch reference elsewhere).
+
+Lifecycle: built from a ``LayerContext``; weights loaded once; then only ``forward``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdserve.engine.backends.base import Backend
+from pdserve.engine.layers.context import LayerContext, divide
+from pdserve.engine.layers.loading import CheckpointSlice, Shard, WeightSpec, read
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights float32 [T, K], expert ids [T, K]) of the router's logits [T, E]."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
+                 ctx: LayerContext):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={top_k} must be in [1, num_experts={num_experts}]")
+        self.ctx = ctx
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        ep = ctx.ep_size
+        if ep > 1 and num_experts % ep:
+            raise ValueError(f"ep={ep} must divide the number of experts ({num_experts})")
+        self.local_experts = num_experts // ep
+        self.first_expert = ctx.tp_rank * self.local_experts if ep > 1 else 0
+        self.inter = intermediate_size if ep > 1 else divide(intermediate_size, ctx.tp_size,
+                                                             "expert intermediate size")
+        self.w13 = nn.Parameter(torch.empty(self.local_experts, 2 * self.inter, hidden_size, dtype=ctx.dtype),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.local_experts, hidden_size, self.inter, dtype=ctx.dtype),
+                               requires_grad=False)
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor, be: Backend) -> torch.Tensor:
+        weights, ids = route(router_logits, self.top_k, self.renormalize)
+        if self.ctx.ep_size > 1:
+            out = self._own_experts(x, weights, ids, be)
+        else:
+            out = be.fused_moe(x, self.w13, self.w2, weights, ids)
+        return self.ctx.comm.all_reduce(out) if self.ctx.tp_size > 1 else out
+
+    def _own_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, be: Backend) -> torch.Tensor:
+        """This rank's experts' share: its (token, expert) pairs, one pair per row.
+
+        NOTE: ``nonzero`` waits for the device; expert parallelism runs on CPU ranks for now."""
+        local = ids - self.first_expert
+        token, k = ((local >= 0) & (local < self.local_experts)).nonzero(as_tuple=True)
+        out = torch.zeros_like(x)
+        if token.numel():
+            part = be.fused_moe(x[token], self.w13, self.w2, weights[token, k][:, None], local[token, k][:, None])
+            out.index_add_(0, token, part)
+        return out
+
+    # ---- loading ---------------------------------------------------------------------------
+    def weight_specs(self) -> tuple[WeightSpec, ...]:
+        h, i = self.hidden_size, self.intermediate_size
+        specs = []
+        for e in range(self.num_experts):
+            specs += [WeightSpec("w13", (e, 0), (i, h)), WeightSpec("w13", (e, 1), (i, h)),
+                      WeightSpec("w2", (e, None), (h, i))]
+        return tuple(specs)
+
+    def load_weight(self, param: str, tensor: "torch.Tensor | CheckpointSlice", shard: Shard = None) -> None:
+        """``w13`` part (expert, 0 gate | 1 up) [I, H] or ``w2`` part (expert, None) [H, I]."""
+        if param not in ("w13", "w2") or not isinstance(shard, tuple) or not 0 <= shard[0] < self.num_experts:
+            raise ValueError(f"FusedMoE has no tensor {param!r} (part {shard!r})")
+        expert, part = shard
+        h, i = self.hidden_size, self.intermediate_size
+        expected = (i, h) if param == "w13" else (h, i)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"shape {tuple(tensor.shape)}, expected {expected}")
+        expert -= self.first_expert
+        if not 0 <= expert < self.local_experts:
+            return  # NOTE: another rank's expert (expert parallelism)
+        start = 0 if self.ctx.ep_size > 1 else self.ctx.tp_rank * self.inter
+        if param == "w13":
+            if part not in (0, 1):
+                raise ValueError(f"FusedMoE w13 part {part!r}: expected 0 (gate) or 1 (up)")
+            self.w13.data[expert, part * self.inter:(part + 1) * self.inter].copy_(read(tensor.narrow(0, start,
+                                                                                                   self.inter)))
+        else:
+            self.w2.data[expert].copy_(read(tensor.narrow(1, start, self.inter)))
+
+
+__all__ = ["FusedMoE", "route"]
