@@ -2,8 +2,9 @@
 workers and rank processes, real NIXL transfers on loopback.
 
 A tiny random Llama (4 heads, 2 KV heads: one per rank at tp=2) and a tiny Qwen2 (1 KV
-head: replicated on both ranks at tp=2) are each served by a prefill and a decode worker
-with tp=1 and another pair with tp=2. Each prefill -> decode pair is
+head: replicated on both ranks at tp=2) and a tiny Mixtral (mixture of experts: the KV
+layout is its attention's) are each served by a prefill and a decode worker with tp=1
+and another pair with tp=2. Each prefill -> decode pair is
 driven directly: tp=2 -> tp=1 (two ranks each write one head into every token row), tp=1 ->
 tp=2 (one agent writes each head into the rank that holds it) and tp=2 -> tp=2 (rank to
 rank, whole blocks). Every output is token-identical to the offline one-rank engine, the
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.timeout(600)
 
 MAX_TOKENS = 8
 LAYERS, BLOCK_SIZE, HEAD_BYTES = 2, 16, 16 * 4  # head_dim 16, float32
-KV_HEADS = {"llama": 2, "qwen2": 1}
+KV_HEADS = {"llama": 2, "qwen2": 1, "mixtral": 2}
 PAIRS = [(2, 1), (1, 2), (2, 2)]  # (prefill tp, decode tp)
 # distinct per pair: a prompt seen before would be a prefix-cache hit on its decode worker
 PROMPTS = {pair: [list(range(100 + 500 * i, 140 + 500 * i)), list(range(3000 + 500 * i, 3077 + 500 * i))]
@@ -39,7 +40,7 @@ def sent_bytes(kind: str, prompt_len: int, decode_tp: int) -> int:
     return math.ceil(prompt_len / BLOCK_SIZE) * LAYERS * 2 * BLOCK_SIZE * HEAD_BYTES * shard_heads * decode_tp
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
 def test_prefill_and_decode_of_different_tp_exchange_kv(kind, tmp_path):
     model = make_tiny_model(kind, str(tmp_path))
     every = [p for pair in PAIRS for p in PROMPTS[pair]]
