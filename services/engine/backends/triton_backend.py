@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels import activation, attention, gemv, kv_store, norm, rotary
+from pdserve.kernels import activation, attention, gemv, kv_store, moe, norm, rotary
 from pdserve.engine.backends.base import AttentionMetadata, rotary_then_store
 
 
@@ -44,6 +44,10 @@ class TritonBackend:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return activation.silu_and_mul(x)
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+        return moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata) -> None:

@@ -1,0 +1,356 @@
+"""Mixture of experts: Triton grouped GEMMs for the experts of a sparse (MoE) MLP.
+
+Owns: ``fused_moe`` (gate_up, SiLU-and-mul, down, routing weights and the sum over
+the top-k) and ``align_pairs``, the routing plan it runs on. Stateless; every call
+allocates its scratch. Numerics follow ``reference.fused_moe_ref``: float32
+accumulation, the SiLU-and-mul intermediate rounded once to x's dtype, routing
+weights applied and the K contributions summed in float32, one final rounding.
+
+Five launches (four for T*K <= 64), none of which waits for the host, so a call can be
+captured in a CUDA graph:
+
+- ``_count_kernel`` / ``_place_kernel`` (``align_pairs``): the T*K (token, k) pairs
+  sorted by expert, each expert's group padded to whole ``block_m`` row blocks.
+- ``_gate_up_kernel``: per (row block, column tile), the block's gathered x rows @ its
+  expert's w13.T, gate and up column tiles side by side, SiLU-and-mul in the epilogue
+  -> ``act [T*K, I]`` in x's dtype (row = pair id ``t * K + k``).
+- ``_down_kernel``: act rows @ w2[e].T times the pair's routing weight -> float32
+  ``partial [T*K, H]``; ``_sum_topk_kernel`` adds each token's K rows into ``out``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# align_pairs: pairs handled per step (one-hot tiles of _ALIGN_STEP x E), and at most
+# this many programs (each reads the whole [programs, E] count table).
+_ALIGN_STEP = 64
+_ALIGN_MAX_PROGRAMS = 128
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Launch shape of both grouped GEMMs.
+
+    ``block_n`` columns of gate and as many of up per program in the first; ``group_m``
+    row blocks share each column tile in launch order, so weight tiles are reused from L2.
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+class PairAlignment(NamedTuple):
+    """The (token, k) pairs sorted by expert, each expert's group padded to whole row blocks.
+
+    sorted_ids: [max_blocks * block_m] int32 pair ids ``t * K + k``; padding holds ``T * K``.
+    block_experts: [max_blocks] int32 expert of each row block (``E`` past the end).
+    num_padded: [1] int32 rows in use (a multiple of block_m); blocks from there on are idle.
+    """
+
+    sorted_ids: torch.Tensor
+    block_experts: torch.Tensor
+    num_padded: torch.Tensor
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, out: torch.Tensor | None = None,
+              config: MoeConfig | None = None) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H] (rows [0, I) are the gate projection, [I, 2I) the up projection, like
+    nn.Linear weights); w2 [E, H, I]; topk_weights [T, K] (float32); topk_ids [T, K] (int32 or int64, values in
+    [0, E); a token never has the same expert twice). Returns out [T, H] in x's dtype:
+    out[t] = sum_k topk_weights[t, k] * (silu(x[t] @ w13[e, :I].T) * (x[t] @ w13[e, I:].T)) @ w2[e].T, e = topk_ids[t, k].
+    ``config`` overrides the launch shape (default: ``default_config``).
+    """
+    x, w13, w2, out = _check_inputs(x, w13, w2, topk_weights, topk_ids, out)
+    tokens, hidden = x.shape
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    pairs = tokens * top_k
+    if pairs == 0 or hidden == 0 or inter == 0:
+        return out.zero_()
+    cfg = config or default_config(x, pairs, num_experts)
+    plan = align_pairs(topk_ids, num_experts, cfg.block_m)
+    max_blocks = plan.block_experts.shape[0]
+    act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+    partial = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
+    routing = topk_weights.to(torch.float32).reshape(-1).contiguous()
+    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x))
+    _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg.block_n),)](
+        x, w13, act, *plan, max_blocks, pairs, hidden, inter,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), TOP_K=top_k, **launch,
+    )
+    _down_kernel[(max_blocks * triton.cdiv(hidden, cfg.block_n),)](
+        act, w2, partial, routing, *plan, max_blocks, pairs, hidden, inter,
+        act.stride(0), w2.stride(0), w2.stride(1), partial.stride(0), **launch,
+    )
+    block = min(triton.next_power_of_2(hidden), 1024)
+    _sum_topk_kernel[(tokens, triton.cdiv(hidden, block))](
+        partial, out, hidden, out.stride(0), TOP_K=top_k, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+def default_config(x: torch.Tensor, pairs: int, num_experts: int) -> MoeConfig:
+    """Launch shape by the average rows per expert, ``pairs / E`` (sweep on an H100, bf16, E=128, K=8,
+    H=2048, I=768: kernels/README.md).
+
+    Up to 16 (decode): 16-row blocks; the weights of the used experts stream once, with little
+    padding. Up to 64: 64-row blocks. More (long prefill): 128-row blocks, so each weight tile
+    serves more rows. float32 (IEEE products) takes smaller tiles.
+    """
+    if x.device.type != "cuda":
+        return MoeConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=1)
+    wide = x.dtype != torch.float32
+    if pairs <= 16 * num_experts:
+        return MoeConfig(block_m=16, block_n=64, block_k=128 if wide else 64, num_warps=4,
+                         num_stages=4 if wide else 3)
+    if not wide:
+        return MoeConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
+    if pairs <= 64 * num_experts:
+        return MoeConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
+    return MoeConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> PairAlignment:
+    """Sort the T*K pairs of topk_ids [T, K] by expert (stable), padding each expert's group to whole
+    block_m blocks.
+
+    Sized by the upper bound ``T*K + min(E, T*K) * (block_m - 1)`` rows, so nothing waits for the
+    device; the GEMMs skip the blocks past ``num_padded``. Ids outside [0, E) are not checked.
+    """
+    device = topk_ids.device
+    ids = topk_ids.reshape(-1)
+    pairs = ids.numel()
+    max_blocks = triton.cdiv(pairs + min(num_experts, pairs) * (block_m - 1), block_m)
+    chunk = max(_ALIGN_STEP, triton.next_power_of_2(triton.cdiv(pairs, _ALIGN_MAX_PROGRAMS)))
+    programs = max(1, triton.cdiv(pairs, chunk))
+    plan = PairAlignment(torch.empty(max_blocks * block_m, dtype=torch.int32, device=device),
+                         torch.empty(max_blocks, dtype=torch.int32, device=device),
+                         torch.empty(1, dtype=torch.int32, device=device))
+    shape = dict(NUM_EXPERTS=num_experts, E_PAD=triton.next_power_of_2(num_experts), STEP=_ALIGN_STEP,
+                 num_warps=4)
+    slots = max_blocks * block_m
+    counts = plan.num_padded  # unused with one program
+    if programs > 1:
+        counts = torch.empty((programs, num_experts), dtype=torch.int32, device=device)
+        _count_kernel[(programs,)](ids, counts, plan.sorted_ids, pairs, chunk, triton.cdiv(slots, programs),
+                                   slots, **shape)
+    _place_kernel[(programs,)](ids, counts, *plan, pairs, chunk, programs, slots, max_blocks,
+                               triton.cdiv(max_blocks, programs), BLOCK_M=block_m, SINGLE=programs == 1, **shape)
+    return plan
+
+
+def _check_inputs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, out: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3 or w13.shape[1] % 2:
+        raise ValueError(f"expected x [T, H], w13 [E, 2I, H] and w2 [E, H, I], got {tuple(x.shape)}, "
+                         f"{tuple(w13.shape)} and {tuple(w2.shape)}")
+    (tokens, hidden), (num_experts, inter2) = x.shape, w13.shape[:2]
+    if w13.shape[2] != hidden or tuple(w2.shape) != (num_experts, hidden, inter2 // 2):
+        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not match x {tuple(x.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != tokens or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"expected topk_weights and topk_ids [T={tokens}, K], got {tuple(topk_weights.shape)} "
+                         f"and {tuple(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"x, w13 and w2 must share a dtype, got {x.dtype}, {w13.dtype} and {w2.dtype}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w13 = w13 if w13.stride(2) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(2) == 1 else w2.contiguous()
+    if out is None:
+        out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    elif out.shape != (tokens, hidden) or out.dtype != x.dtype or (hidden and out.stride(1) != 1):
+        raise ValueError(f"out must be {(tokens, hidden)} {x.dtype} with a contiguous last dim")
+    return x, w13, w2, out
+
+
+def _dot_args(x: torch.Tensor) -> dict:
+    """Operand dtype and precision of the GEMMs' ``tl.dot``: float32 must not be rounded to tf32.
+
+    NOTE: Triton's CPU interpreter multiplies bfloat16 operands as raw integers, so
+    off-GPU they are widened to float32 first (exact: bf16 products fit in fp32).
+    """
+    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
+        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
+    dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
+    return dict(DOT_DTYPE=dot_dtype, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+
+
+@triton.jit
+def _one_hot(ids_ptr, start, end, E_PAD: tl.constexpr, STEP: tl.constexpr):
+    """(pair ids, [STEP, E_PAD] int32 one-hot of their experts) of pairs [start, min(start + STEP, end))."""
+    idx = start + tl.arange(0, STEP)
+    expert = tl.load(ids_ptr + idx, mask=idx < end, other=-1).to(tl.int32)
+    return idx, (expert[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _histogram(ids_ptr, start, end, E_PAD: tl.constexpr, STEP: tl.constexpr):
+    hist = tl.zeros([E_PAD], dtype=tl.int32)
+    for s in range(start, end, STEP):
+        _, hot = _one_hot(ids_ptr, s, end, E_PAD, STEP)
+        hist += tl.sum(hot, axis=0)
+    return hist
+
+
+@triton.jit
+def _fill(ptr, start, end, value, STEP: tl.constexpr):
+    for s in range(start, end, STEP):
+        offs = s + tl.arange(0, STEP)
+        tl.store(ptr + offs, tl.zeros([STEP], tl.int32) + value, mask=offs < end)
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, chunk, fill_chunk, num_slots,
+                  NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, STEP: tl.constexpr):
+    """Program c: counts[c, e] = pairs of expert e in its chunk; fills its share of sorted_ids with the sentinel."""
+    c = tl.program_id(0)
+    hist = _histogram(ids_ptr, c * chunk, tl.minimum((c + 1) * chunk, num_pairs), E_PAD, STEP)
+    offs_e = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + c * NUM_EXPERTS + offs_e, hist, mask=offs_e < NUM_EXPERTS)
+    _fill(sorted_ids_ptr, c * fill_chunk, tl.minimum((c + 1) * fill_chunk, num_slots), num_pairs, STEP)
+
+
+@triton.jit
+def _place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
+                  num_pairs, chunk, num_chunks, num_slots, max_blocks, blocks_per_program,
+                  BLOCK_M: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, STEP: tl.constexpr,
+                  SINGLE: tl.constexpr, ROWS: tl.constexpr = 16):
+    """Program c: writes its chunk's pairs to their sorted slots and the experts of its share of blocks.
+
+    SINGLE (one chunk): counts and fills here instead of ``_count_kernel``, one launch less for decode.
+    """
+    c = tl.program_id(0)
+    offs_e = tl.arange(0, E_PAD)
+    e_ok = offs_e < NUM_EXPERTS
+    before = tl.zeros([E_PAD], dtype=tl.int32)  # pairs of each expert in the chunks before c
+    if SINGLE:
+        totals = _histogram(ids_ptr, 0, num_pairs, E_PAD, STEP)
+        _fill(sorted_ids_ptr, 0, num_slots, num_pairs, STEP)
+        tl.debug_barrier()  # every thread's sentinels land before the placements below
+    else:
+        totals = tl.zeros([E_PAD], dtype=tl.int32)
+        for r0 in range(0, num_chunks, ROWS):
+            r = r0 + tl.arange(0, ROWS)
+            rows = tl.load(counts_ptr + r[:, None] * NUM_EXPERTS + offs_e[None, :],
+                           mask=(r < num_chunks)[:, None] & e_ok[None, :], other=0)
+            totals += tl.sum(rows, axis=0)
+            before += tl.sum(tl.where((r < c)[:, None], rows, 0), axis=0)
+    padded = (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    if c == 0:
+        tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+
+    start = c * chunk
+    end = tl.minimum(start + chunk, num_pairs)
+    next_slot = ends - padded + before
+    for s in range(start, end, STEP):
+        idx, hot = _one_hot(ids_ptr, s, end, E_PAD, STEP)
+        rank = tl.cumsum(hot, axis=0) - hot  # earlier pairs of the same expert in this step
+        slot = tl.sum(hot * (rank + next_slot[None, :]), axis=1)
+        tl.store(sorted_ids_ptr + slot, idx, mask=idx < end)
+        next_slot += tl.sum(hot, axis=0)
+
+    b_end = tl.minimum((c + 1) * blocks_per_program, max_blocks)
+    for b0 in range(c * blocks_per_program, b_end, STEP):
+        blocks = b0 + tl.arange(0, STEP)
+        done = (ends[None, :] <= blocks[:, None] * BLOCK_M) & e_ok[None, :]
+        tl.store(block_experts_ptr + blocks, tl.sum(done.to(tl.int32), axis=1), mask=blocks < b_end)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
+                    max_blocks, num_pairs, hidden, inter, stride_xt, stride_we, stride_wn, stride_act,
+                    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    # GROUP_M row blocks walk each column tile together (weight tiles reused from L2).
+    pid, n_tiles = tl.program_id(0), tl.cdiv(inter, BLOCK_N)
+    first = pid // (GROUP_M * n_tiles) * GROUP_M
+    rows_in_group = tl.minimum(max_blocks - first, GROUP_M)
+    block = first + pid % (GROUP_M * n_tiles) % rows_in_group
+    tile = pid % (GROUP_M * n_tiles) // rows_in_group
+    if block * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    pairs = tl.load(sorted_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    pairs = pairs.to(tl.int64)
+    expert = tl.load(block_experts_ptr + block).to(tl.int64)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + (pairs // TOP_K)[:, None] * stride_xt + ks[None, :]
+    # B tiles are [BLOCK_K, BLOCK_N] views of the row-major [2I, H] weight.
+    g_ptrs = w_ptr + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None]
+    u_ptrs = g_ptrs + inter * stride_wn
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = (k0 + ks) < hidden
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        bg = tl.load(g_ptrs + k0, mask=b_mask, other=0.0).to(DOT_DTYPE)
+        bu = tl.load(u_ptrs + k0, mask=b_mask, other=0.0).to(DOT_DTYPE)
+        gate = tl.dot(a, bg, gate, input_precision=PRECISION)
+        up = tl.dot(a, bu, up, input_precision=PRECISION)
+    y = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(act_ptr + pairs[:, None] * stride_act + cols[None, :], y.to(act_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(act_ptr, w_ptr, partial_ptr, routing_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
+                 max_blocks, num_pairs, hidden, inter, stride_act, stride_we, stride_wn, stride_partial,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # GROUP_M row blocks walk each column tile together (weight tiles reused from L2).
+    pid, n_tiles = tl.program_id(0), tl.cdiv(hidden, BLOCK_N)
+    first = pid // (GROUP_M * n_tiles) * GROUP_M
+    rows_in_group = tl.minimum(max_blocks - first, GROUP_M)
+    block = first + pid % (GROUP_M * n_tiles) % rows_in_group
+    tile = pid % (GROUP_M * n_tiles) // rows_in_group
+    if block * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    pairs = tl.load(sorted_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    pairs = pairs.to(tl.int64)
+    expert = tl.load(block_experts_ptr + block).to(tl.int64)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + pairs[:, None] * stride_act + ks[None, :]
+    b_ptrs = w_ptr + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = (k0 + ks) < inter
+        a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc *= tl.load(routing_ptr + pairs, mask=row_ok, other=0.0)[:, None]
+    tl.store(partial_ptr + pairs[:, None] * stride_partial + cols[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sum_topk_kernel(partial_ptr, out_ptr, hidden, stride_out, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(TOP_K):
+        acc += tl.load(partial_ptr + (token * TOP_K + k) * hidden + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
