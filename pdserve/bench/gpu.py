@@ -109,6 +109,33 @@ def weight_bytes_read(model) -> tuple[int, int]:
     return params, total
 
 
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts model's routed experts (zeros for a dense model): a decode
+    step reads only the experts its tokens pick, a token computes only its top-k."""
+    params: int  # every expert of every sparse layer
+    bytes: int
+    num_experts: int
+    top_k: int
+
+    def active_share(self, tokens: int) -> float:
+        """Expected share of the experts a batch of ``tokens`` reads (uniform routing)."""
+        if not self.num_experts:
+            return 0.0
+        return 1.0 - (1.0 - self.top_k / self.num_experts) ** tokens
+
+
+def routed_experts(model) -> Experts:
+    from pdserve.engine.layers.moe import FusedMoE
+
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    if not layers:
+        return Experts(0, 0, 0, 0)
+    tensors = [t for m in layers for t in (m.w13, m.w2)]
+    return Experts(sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors),
+                   layers[0].num_experts, layers[0].top_k)
+
+
 def _add(engine, tag: str, prompts: list[list[int]], max_tokens: int) -> list[str]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
@@ -117,8 +144,11 @@ def _add(engine, tag: str, prompts: list[list[int]], max_tokens: int) -> list[st
     return ids
 
 
-def bench_decode(llm, batch: int, args, vocab: int, ceil: Ceilings, weight_bytes: int) -> dict:
-    """Fill `batch` sequences to ~context tokens, then time steady decode steps."""
+def bench_decode(llm, batch: int, args, vocab: int, ceil: Ceilings, weight_bytes: int,
+                 experts: Experts = Experts(0, 0, 0, 0)) -> dict:
+    """Fill `batch` sequences to ~context tokens, then time steady decode steps. For an MoE
+    model the roofline counts the experts the batch is expected to read, not all."""
+    weight_bytes = weight_bytes - experts.bytes + int(experts.bytes * experts.active_share(batch))
     engine = llm.engine
     ids = _add(engine, f"decode{batch}", _prompts(batch, args.context, vocab, args.seed + batch),
                args.max_model_len)
@@ -171,8 +201,12 @@ def _profile(engine, replay, steps: int = 8) -> None:
     print(buf.getvalue(), flush=True)
 
 
-def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int = 3) -> dict:
-    """One step that prefills `prefill_prompts` fresh prompts of `context` tokens."""
+def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int = 3,
+                  experts: Experts = Experts(0, 0, 0, 0)) -> dict:
+    """One step that prefills `prefill_prompts` fresh prompts of `context` tokens (an MoE
+    model's tokens each compute their top-k experts only)."""
+    if experts.num_experts:
+        params = params - experts.params + experts.params * experts.top_k // experts.num_experts
     engine = llm.engine
     n = args.prefill_prompts
     times = []
@@ -188,17 +222,19 @@ def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int 
     tokens = n * args.context
     roof_ms = 2 * params * tokens / ceil.matmul_flops_per_s * 1e3
     best = min(times)
-    run = _prefill_flops_run(engine, n, args.context)
+    run = _prefill_flops_run(engine, n, args.context, experts)
     return {"prompts": n, "tokens": tokens, "roofline_ms": roof_ms, "step_ms": best,
             "steps_ms": times, "pct": 100 * roof_ms / best, "flops_run": run,
             "tflops_achieved": run / (best * 1e-3) / 1e12}
 
 
-def _prefill_flops_run(engine, n: int, length: int) -> float:
-    """FLOPs the prefill step really does: every layer's matmuls on every token, the LM head on
-    the n sampled rows only, and causal attention (QK^T and PV)."""
+def _prefill_flops_run(engine, n: int, length: int, experts: Experts) -> float:
+    """FLOPs the prefill step really does: every layer's matmuls on every token (its top-k
+    experts only), the LM head on the n sampled rows only, and causal attention (QK^T and PV)."""
     model, m = engine.executor.rank.runner.model, engine.model_config
     layer_params = sum(p.numel() for name, p in model.named_parameters() if name.startswith("model.layers."))
+    if experts.num_experts:
+        layer_params -= experts.params - experts.params * experts.top_k // experts.num_experts
     attention = 4 * m.num_heads * m.head_dim * (length * (length + 1) // 2) * n * m.num_layers
     return 2.0 * layer_params * n * length + 2.0 * m.vocab_size * m.hidden_size * n + attention
 
@@ -243,12 +279,15 @@ def run_engine_phases(args, vocab: int, ceil: Ceilings) -> dict:
               num_blocks=args.num_prompts * per_seq_blocks + 64, max_batch_size=args.num_prompts,
               max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
               async_scheduling=args.async_scheduling)
-    params, weight_bytes = weight_bytes_read(llm.engine.executor.rank.runner.model)
-    out = {"params": params, "weight_bytes_read": weight_bytes, "decode": []}
+    model = llm.engine.executor.rank.runner.model
+    params, weight_bytes = weight_bytes_read(model)
+    experts = routed_experts(model)
+    out = {"params": params, "weight_bytes_read": weight_bytes, "decode": [],
+           "experts": {"num": experts.num_experts, "top_k": experts.top_k, "bytes": experts.bytes}}
     for b in (int(x) for x in args.decode_batches.split(",")):
-        out["decode"].append(bench_decode(llm, b, args, vocab, ceil, weight_bytes))
+        out["decode"].append(bench_decode(llm, b, args, vocab, ceil, weight_bytes, experts))
         print(_decode_line(out["decode"][-1]), flush=True)
-    out["prefill"] = bench_prefill(llm, args, vocab, ceil, params)
+    out["prefill"] = bench_prefill(llm, args, vocab, ceil, params, experts=experts)
     print(_prefill_line(out["prefill"]), flush=True)
     out["offline"] = bench_offline(llm, args, vocab)
     print(f"offline pdserve: {out['offline']['tok_per_s']:.0f} tok/s", flush=True)
@@ -312,6 +351,10 @@ def _print_summary(r: dict) -> None:
     print(f"copy bandwidth {r['copy_gb_per_s']:,.0f} GB/s (read + write), "
           f"bf16 matmul {r['matmul_tflops']:,.1f} TFLOP/s")
     print(f"params {r['params'] / 1e9:.2f} B; weight bytes read per decode step {r['weight_bytes_read'] / 1e9:.2f} GB")
+    e = r.get("experts", {})
+    if e.get("num"):
+        print(f"experts: {e['num']} per sparse layer, top-{e['top_k']}, {e['bytes'] / 1e9:.2f} GB in all; a decode "
+              "step's roofline counts the share its batch is expected to read under uniform routing")
     for d in r["decode"]:
         print(_decode_line(d))
     print(_prefill_line(r["prefill"]))
