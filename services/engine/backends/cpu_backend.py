@@ -32,6 +32,26 @@ class CpuBackend(TorchBackend):
             return super().rms_norm(x, weight, eps, residual)
         return self.kernels.rms_norm(x, weight, eps, residual)
 
+    def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
+        """The (token, expert) pairs sorted by expert and gathered once; per expert with
+        pairs two matmuls in the model's dtype and the fused SiLU-and-mul on a contiguous
+        slice; the routing weights and the sum over the top-k once at the end (float32)."""
+        tokens, top_k = topk_ids.shape
+        experts = topk_ids.reshape(-1)
+        order = torch.argsort(experts, stable=True)
+        counts = torch.bincount(experts, minlength=w13.shape[0]).tolist()
+        pair_token = order // top_k
+        rows = x[pair_token]
+        out_rows = torch.empty((rows.shape[0], w2.shape[1]), dtype=x.dtype)
+        start = 0
+        for expert in (e for e, n in enumerate(counts) if n):
+            end = start + counts[expert]
+            act = self.silu_and_mul(torch.mm(rows[start:end], w13[expert].t()))
+            torch.mm(act, w2[expert].t(), out=out_rows[start:end])
+            start = end
+        weighted = out_rows.float() * topk_weights.reshape(-1)[order, None].float()
+        return torch.zeros((tokens, w2.shape[1]), dtype=torch.float32).index_add_(0, pair_token, weighted).to(x.dtype)
+
     def silu_and_mul(self, x):
         if not self._rows(x):
             return super().silu_and_mul(x)
