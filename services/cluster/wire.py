@@ -13,7 +13,7 @@ from pdserve.v1 import common_pb2
 from pdserve.common.sampling_params import SamplingParams
 
 _OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed", "logprobs")
+             "presence_penalty", "frequency_penalty", "seed", "logprobs", "min_tokens")
 
 
 def params_to_proto(params: SamplingParams, *, with_stop_strings: bool = True) -> common_pb2.SamplingParams:

@@ -4,6 +4,9 @@ Owns: the text state of one generating request (token ids seen so far, the text
 emitted, the text held back). Lifecycle: created when the request starts,
 ``add()`` after each batch of new tokens, ``flush()`` once when it finishes.
 
+With ``min_tokens`` a stop string counts only if it ends in the text of the
+``min_tokens``-th token or later (as EOS and stop_token_ids cannot come before).
+
 Text is decoded from a sliding window of tokens (prefix/read offsets) so that
 multi-token characters and tokenizer-specific spacing come out exactly as a full
 decode would; incomplete UTF-8 (U+FFFD at the end) waits for the next token.
@@ -18,7 +21,7 @@ class _Decoder(Protocol):
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: _Decoder, prompt_token_ids: list[int] | None = None,
-                 stop: tuple[str, ...] = (), include_stop_str_in_output: bool = False):
+                 stop: tuple[str, ...] = (), include_stop_str_in_output: bool = False, min_tokens: int = 0):
         self._tok = tokenizer
         self._ids: list[int] = []
         self._prefix = 0
@@ -28,6 +31,8 @@ class IncrementalDetokenizer:
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self.text = ""  # all text decoded so far (truncated at a stop string)
         self._emitted = 0  # how much of self.text has been returned
+        self._min_tokens = min_tokens
+        self._stop_floor = 0 if min_tokens == 0 else -1  # a stop string must end past this text length
         self.stopped = False
 
     @property
@@ -40,9 +45,11 @@ class IncrementalDetokenizer:
             return "", True
         before = len(self.text)
         for token_id in new_token_ids:
+            if len(self._ids) + 1 == self._min_tokens:
+                self._stop_floor = len(self.text)  # NOTE: the min_tokens-th token may end a stop string
             self._ids.append(token_id)
             self.text += self._decode_step()
-        if self._stop and self._find_stop(before):
+        if self._stop and self._stop_floor >= 0 and self._find_stop(before):
             self.stopped = True
             return self._take(len(self.text)), True
         return self._take(max(self._emitted, len(self.text) - self._hold)), False
@@ -70,7 +77,7 @@ class IncrementalDetokenizer:
         best = -1
         best_stop = ""
         for s in self._stop:
-            idx = self.text.find(s, start)
+            idx = self.text.find(s, max(start, self._stop_floor - len(s) + 1))
             if idx != -1 and (best == -1 or idx < best):
                 best, best_stop = idx, s
         if best == -1:

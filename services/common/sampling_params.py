@@ -14,6 +14,7 @@ from typing import Any, Mapping
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
+    min_tokens: int = 0  # tokens generated before EOS, stop_token_ids or a stop string may end the output
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -38,6 +39,9 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _int(self.max_tokens, "max_tokens", 1)
+        _int(self.min_tokens, "min_tokens", 0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         _num(self.temperature, "temperature")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")

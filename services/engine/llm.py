@@ -88,7 +88,8 @@ class LLM:
             if params.stop:
                 raise ValueError("stop strings need a tokenizer; dummy models have none")
             return None
-        return IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
+        return IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output,
+                                      params.min_tokens)
 
     def _on_output(self, step_out, out: CompletionOutput, detok: IncrementalDetokenizer | None) -> None:
         out.token_ids.extend(step_out.new_token_ids)

@@ -89,7 +89,8 @@ class Request:
 
     def _check_finish(self, token_id: int, num_tokens: int) -> None:
         p = self.params
-        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+        may_stop = num_tokens - self.num_prompt_tokens > p.min_tokens  # NOTE: the sampler masks them before
+        if may_stop and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)):
             self.finish_reason = "stop"
         elif self.ends_by_length_at(num_tokens):
             self.finish_reason = "length"

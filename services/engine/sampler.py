@@ -85,10 +85,27 @@ class PendingSample:
     raw_logprobs: torch.Tensor | None
 
 
+def suppress_stops(logits: torch.Tensor, reqs: list[SamplingState], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """Rows still short of their ``min_tokens``: EOS (unless ignored) and their stop_token_ids
+    cannot be sampled. Returns ``logits`` itself when no row is short."""
+    rows = [(i, r.params) for i, r in enumerate(reqs)
+            if r.params.min_tokens and len(r.token_ids) - r.num_prompt_tokens < r.params.min_tokens]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i, p in rows:
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        banned = [t for t in banned if t < logits.shape[-1]]
+        if banned:
+            logits[i, _to_device(banned, torch.long, logits.device)] = _NEG_INF
+    return logits
+
+
 class Sampler:
-    def __init__(self, generator: torch.Generator, new_event: Callable[[], Any]):
+    def __init__(self, generator: torch.Generator, new_event: Callable[[], Any], eos_token_ids: tuple[int, ...] = ()):
         self.generator = generator  # for requests without a seed
         self.new_event = new_event
+        self.eos_token_ids = eos_token_ids
 
     def sample(self, logits: torch.Tensor, reqs: list[SamplingState]) -> SampleResult:
         """Tokens (and logprobs) of every row; the token fetch is the only host synchronisation."""
@@ -96,7 +113,7 @@ class Sampler:
 
     def launch(self, logits: torch.Tensor, reqs: list[SamplingState]) -> PendingSample:
         raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        logits = apply_penalties(logits, reqs)
+        logits = suppress_stops(apply_penalties(logits, reqs), reqs, self.eos_token_ids)
         tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if len(rand) == len(reqs):

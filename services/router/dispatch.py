@@ -39,7 +39,8 @@ class _StreamState:
     def __init__(self, req: GenerationRequest, tokenizer: Any, worker_id: str) -> None:
         p = req.params
         self.req, self.tokenizer, self.worker_id = req, tokenizer, worker_id
-        self.detok = (IncrementalDetokenizer(tokenizer, req.prompt_token_ids, p.stop, p.include_stop_str_in_output)
+        self.detok = (IncrementalDetokenizer(tokenizer, req.prompt_token_ids, p.stop, p.include_stop_str_in_output,
+                                             p.min_tokens)
                       if tokenizer is not None else None)
         self.dispatched = time.monotonic()
         self.first_token: float | None = None

@@ -3,7 +3,7 @@
 the offending field for malformed, unknown or unsupported fields.
 
 Accepted: the OpenAI fields pdserve implements, vLLM-style extras (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids, include_stop_str_in_output), and
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output), and
 fields with no effect on generation (user, metadata, store=false, service_tier).
 Fields OpenAI defines but pdserve does not implement are accepted only at their
 default value (e.g. n=1, echo=false, no tools); anything else is a 400. Numeric
@@ -20,7 +20,7 @@ from pdserve.router.request_types import Prompt
 from pdserve.router.validation import INT_BOUNDS, check_int, check_messages
 
 _SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k", "min_p",
-             "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output")
+             "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "min_tokens")
 _COMMON = ("model", "stream", "stream_options", "max_tokens", "user", "metadata", "service_tier") + _SAMPLING
 _COMPLETION = _COMMON + ("prompt", "logprobs")
 _CHAT = _COMMON + ("messages", "max_completion_tokens", "logprobs", "top_logprobs")
@@ -53,7 +53,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "model": ((str,), "a string"), "stream": _BOOL, "stream_options": ((dict,), "an object"),
     "max_tokens": _INT, "max_completion_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER,
     "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "seed": _INT, "top_k": _INT, "min_p": _NUMBER,
-    "repetition_penalty": _NUMBER, "ignore_eos": _BOOL, "include_stop_str_in_output": _BOOL,
+    "repetition_penalty": _NUMBER, "ignore_eos": _BOOL, "min_tokens": _INT, "include_stop_str_in_output": _BOOL,
     "stop": ((str, list), "a string or a list of strings"), "stop_token_ids": ((list,), "a list of integers"),
     "user": ((str,), "a string"), "top_logprobs": _INT, "messages": ((list,), "a list of messages"),
     "prompt": ((str, list), "a string or a list of token ids"),

@@ -44,6 +44,7 @@ class Bound:
 # SamplingParams fields the router forwards, with their wire types in comments.
 INT_BOUNDS: dict[str, Bound] = {
     "max_tokens": Bound(1, INT32_MAX),       # int32
+    "min_tokens": Bound(0, INT32_MAX),       # int32
     "top_k": Bound(-1, INT32_MAX),           # int32; 0 is refused by SamplingParams (-1 = disabled)
     "seed": Bound(0, INT64_MAX),             # int64
     "logprobs": Bound(0, MAX_LOGPROBS),      # int32

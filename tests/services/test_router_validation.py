@@ -200,7 +200,7 @@ def test_grpc_developer_role_is_system_as_on_http(cluster: InProcessCluster) -> 
 @pytest.mark.parametrize("field, value", [
     ("temperature", float("inf")), ("temperature", float("nan")), ("top_p", 0.0), ("min_p", 2.0),
     ("presence_penalty", -3.0), ("frequency_penalty", float("-inf")), ("repetition_penalty", 0.0),
-    ("top_k", -2), ("seed", -1), ("logprobs", 21), ("max_tokens", 0),
+    ("top_k", -2), ("seed", -1), ("logprobs", 21), ("max_tokens", 0), ("min_tokens", -1), ("min_tokens", 3),
 ])
 def test_grpc_and_http_give_the_same_answer(cluster: InProcessCluster, field: str, value: Any) -> None:
     raw = json.dumps(completion(prompt=[1000], **{field: value})).encode()
@@ -319,3 +319,8 @@ def test_requests_over_max_inflight_get_429_with_retry_after(cluster: InProcessC
         assert status == 200 and reply["usage"]["completion_tokens"] == 2
     finally:
         cluster.call(router.stop(1.0))
+
+
+def test_vllm_min_tokens_is_accepted(cluster: InProcessCluster) -> None:
+    status, reply = post(f"{cluster.http_url}/v1/completions", completion(prompt=[1000], min_tokens=2))
+    assert status == 200 and reply["usage"]["completion_tokens"] == 2, reply

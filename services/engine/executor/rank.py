@@ -80,7 +80,8 @@ class RankWorker:
         self.kv_heads = self.model.kv_heads_per_rank()
         self.kv_cache: torch.Tensor | None = None
         self.runner: ModelRunner | None = None
-        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed), self.platform.new_event)
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed), self.platform.new_event,
+                               model_config.eos_token_ids)
         self.requests: dict[str, RankRequest] = {}
         self.layer_sender: LayerSender | None = None
         self._last_sampled: torch.Tensor | None = None
