@@ -33,7 +33,8 @@ class EngineConfig:
     tp: int = 1
     dp: int = 1
     ep: int = 1
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()  # LoRA adapters loaded at start, each "name=path" (a PEFT directory)
+    max_lora_rank: int = 64
     device_type: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
@@ -60,8 +61,9 @@ class EngineConfig:
                               "its MoE layers; ep across dp replicas is not supported yet)")
         if self.tp > 1 and self.device_type != "cpu":
             raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
-        if self.adapters:
-            raise ConfigError(f"adapters={list(self.adapters)}: LoRA adapters are not supported in this version")
+        _check(isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1, "max_lora_rank", self.max_lora_rank,
+               "an integer >= 1")
+        self.adapter_paths()
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")
         if self.num_blocks is not None:
             _check(isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", self.num_blocks, "an integer >= 1")
@@ -71,6 +73,18 @@ class EngineConfig:
             _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1, "max_model_len",
                    self.max_model_len, "an integer >= 1")
         _check(bool(self.model), "model", self.model, "a model name or path")
+
+    def adapter_paths(self) -> dict[str, str]:
+        """``adapters`` as {name: path}; ConfigError on an entry that is not ``name=path`` or a repeated name."""
+        paths: dict[str, str] = {}
+        for entry in self.adapters:
+            name, sep, path = str(entry).partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ConfigError(f"adapters entry {entry!r} is invalid: expected name=path")
+            if name.strip() in paths:
+                raise ConfigError(f"adapters: the name {name.strip()!r} is given twice")
+            paths[name.strip()] = path.strip()
+        return paths
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -113,6 +127,8 @@ def coerce_field(f: dataclasses.Field, value: Any) -> Any:
     ones take "none"/"auto"); other values are returned unchanged. The one such rule of
     every pdserve config built from flags, environment and YAML."""
     if not isinstance(value, str):
+        if f.name == "adapters" and isinstance(value, dict):
+            return tuple(f"{k}={v}" for k, v in value.items())  # YAML: {name: path}
         if f.name == "adapters" and isinstance(value, (list, tuple)):
             return tuple(value)
         return value

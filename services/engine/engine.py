@@ -105,6 +105,7 @@ class LLMEngine:
         self.connector = KVConnectorScheduler(self.kv)
         self.counters = _Counters()
         self.eos_token_ids = self.model_config.eos_token_ids
+        self.adapters = frozenset(config.adapter_paths())  # LoRA adapters every rank has loaded
 
     # ---- sizing -------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -144,15 +145,18 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    hold_kv: bool = False, kv_send: KVSendOrder | None = None) -> Request:
+                    hold_kv: bool = False, kv_send: KVSendOrder | None = None, adapter: str | None = None) -> Request:
         """Validate and queue a request; ValueError with a clear message on bad input.
 
         With hold_kv the request's blocks outlive its end (until ``release_held``), so
         a peer can read or be sent its KV.
         """
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self.adapters) or 'none'}")
         req = self._new_request(req_id, prompt_token_ids, params)
         req.hold_kv = hold_kv
         req.kv_send = kv_send
+        req.adapter = adapter
         self.scheduler.add(req)
         return req
 
@@ -324,7 +328,7 @@ class LLMEngine:
         req = seq.req
         seeded_draws = req.num_output_tokens if req.params.seed is not None and not req.params.greedy else 0
         return NewRequest(req.req_id, req.params, req.num_prompt_tokens, tuple(req.token_ids[:seq.start]),
-                          tuple(table), seeded_draws, req.kv_send)
+                          tuple(table), seeded_draws, req.kv_send, req.adapter)
 
     def _depart(self, rid: str) -> None:
         """The ranks may forget ``rid`` (finished, aborted or preempted); told in the next plan."""
@@ -452,6 +456,8 @@ def check_expert_split(model_config: ModelConfig, ep: int) -> None:
 
 
 def _rank_config(config: EngineConfig) -> RankConfig:
+    adapters = tuple(config.adapter_paths().items())
     return RankConfig(device_type=config.device_type, dtype=config.dtype, block_size=config.block_size,
-                      max_batch_size=config.max_batch_size, graphs=not config.enforce_eager,
+                      max_batch_size=config.max_batch_size, graphs=not config.enforce_eager and not adapters,
+                      adapters=adapters, max_lora_rank=config.max_lora_rank,
                       compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed, ep_size=config.ep)

@@ -45,15 +45,20 @@ class LLM:
         return self._tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
-        """Run every prompt to completion (continuous batching); outputs in input order."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapter: str | Sequence[str | None] | None = None) -> list[CompletionOutput]:
+        """Run every prompt to completion (continuous batching); outputs in input order.
+        ``adapter``: a LoRA adapter (by name) for every prompt, or one per prompt (None: the base model)."""
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
+        adapters = [adapter] * len(prompt_list) if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(adapters) != len(prompt_list):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompt_list)} prompts")
         outs: dict[str, CompletionOutput] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}
         try:
-            for prompt, p in zip(prompt_list, param_list):
-                self._add(prompt, p, outs, detoks)
+            for prompt, p, name in zip(prompt_list, param_list, adapters):
+                self._add(prompt, p, outs, detoks, name)
             while self.engine.has_unfinished():
                 for step_out in self.engine.step():
                     self._on_output(step_out, outs[step_out.req_id], detoks[step_out.req_id])
@@ -71,7 +76,7 @@ class LLM:
     def kv_stats(self) -> dict[str, int]:
         return self.engine.kv_stats()
 
-    def _add(self, prompt: Prompt, params: SamplingParams, outs, detoks) -> None:
+    def _add(self, prompt: Prompt, params: SamplingParams, outs, detoks, adapter: str | None = None) -> None:
         rid = f"offline-{next(self._ids)}"
         if isinstance(prompt, str):
             if not prompt:
@@ -79,7 +84,7 @@ class LLM:
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = list(prompt), None
-        self.engine.add_request(rid, ids, params)
+        self.engine.add_request(rid, ids, params, adapter=adapter)
         outs[rid] = CompletionOutput(rid, text, ids, logprobs=[] if params.logprobs is not None else None)
         detoks[rid] = self._detokenizer(ids, params)
 

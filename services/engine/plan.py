@@ -40,6 +40,7 @@ class NewRequest:
     block_ids: tuple[int, ...]  # its whole block table so far
     draws_done: int = 0  # noise draws its seeded generator made before (on a peer, or before a preemption)
     kv_send: KVSendOrder | None = None
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class Request:
     num_preemptions: int = 0
     hold_kv: bool = False  # keep blocks after finishing (prefill side of a KV transfer)
     kv_send: KVSendOrder | None = None  # the ranks send its KV to a peer (tensor-parallel prefill)
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

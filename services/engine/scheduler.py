@@ -110,7 +110,7 @@ class Scheduler:
             req = self.waiting[0]
             matched_now = not self.kv.has(req.req_id)
             if matched_now:
-                req.num_computed_tokens = self.kv.match_prefix(req.req_id, req.token_ids)
+                req.num_computed_tokens = self.kv.match_prefix(req.req_id, req.token_ids, req.adapter or "")
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = req.num_computed_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget)

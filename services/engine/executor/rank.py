@@ -30,6 +30,7 @@ from pdserve.common.kv_compat import rank_agent_name
 from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.kv_connector.rank_side import RankKVEndpoint
 from pdserve.engine.layers import Communicator, LayerContext, SingleRank
+from pdserve.engine.lora import AdapterSlots, load_peft_adapter
 from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from pdserve.engine.models.loader import load_model
 from pdserve.engine.models.model_config import ModelConfig
@@ -51,6 +52,8 @@ class RankConfig:
     tp_rank: int = 0
     tp_size: int = 1
     ep_size: int = 1  # 1, or tp_size: the ranks split the experts of MoE layers
+    adapters: tuple[tuple[str, str], ...] = ()  # LoRA adapters (name, PEFT directory)
+    max_lora_rank: int = 64
     samples: bool = True  # the rank that samples (rank 0); the others only run the forward
 
 
@@ -64,6 +67,7 @@ class RankRequest:
     block_ids: list[int]
     generator: torch.Generator | None = None
     kv_send: KVSendOrder | None = None
+    adapter: str | None = None
 
 
 class RankWorker:
@@ -77,6 +81,7 @@ class RankWorker:
                            comm=comm or SingleRank(), quantization=model_config.quantization,
                            ep_size=config.ep_size)
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
+        self.lora = self._load_adapters(ctx.dtype) if config.adapters else None
         self.kv_heads = self.model.kv_heads_per_rank()
         self.kv_cache: torch.Tensor | None = None
         self.runner: ModelRunner | None = None
@@ -122,6 +127,8 @@ class RankWorker:
             req.token_ids.extend(row.token_ids)
             req.block_ids.extend(row.new_block_ids)
         tables = [r.block_ids for r in reqs]
+        if self.lora is not None:
+            self.lora.set_rows([self.lora.slot(r.adapter) for r in reqs], [row.num_new for row in plan.rows])
         hook = None
         if self.layer_sender is not None:
             hook = self.layer_sender.begin_step(plan.rows, tables, [r.kv_send for r in reqs])
@@ -171,7 +178,11 @@ class RankWorker:
             for _ in range(new.draws_done):  # NOTE: the same noise stream as when served by one engine
                 torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=gen)
         return RankRequest(new.req_id, new.params, new.num_prompt_tokens, list(new.prefix_token_ids),
-                           list(new.block_ids), gen, new.kv_send)
+                           list(new.block_ids), gen, new.kv_send, new.adapter)
+
+    def _load_adapters(self, dtype: torch.dtype) -> AdapterSlots:
+        adapters = [load_peft_adapter(name, path, self.config.max_lora_rank) for name, path in self.config.adapters]
+        return AdapterSlots(self.model, adapters, self.device, dtype)
 
     def _feed(self, plan: StepPlan) -> DeviceFeed | None:
         if not plan.feed_dst or self._last_sampled is None:

@@ -17,10 +17,16 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
+def _root(salt: str) -> int | None:
+    """The parent of a chain's first block: None for the base model, else the salt's hash."""
+    return hash(("salt", salt)) if salt else None
+
+
 @dataclass
 class _Table:
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)  # of the first len(hashes) full blocks
+    salt: str = ""
 
 
 class KVCacheManager:
@@ -35,8 +41,11 @@ class KVCacheManager:
     def has(self, req_id: str) -> bool:
         return req_id in self._tables
 
-    def match_prefix(self, req_id: str, token_ids: list[int]) -> int:
+    def match_prefix(self, req_id: str, token_ids: list[int], salt: str = "") -> int:
         """Adopt cached blocks for the longest cached prefix; returns tokens covered.
+
+        ``salt`` starts the hash chain (a LoRA adapter's name): blocks computed under
+        one salt never serve another.
 
         NOTE: at least one token is always left to compute (the last one produces
         the logits), so a prefix that covers the whole prompt stops one block short.
@@ -44,7 +53,8 @@ class KVCacheManager:
         table = self._tables.setdefault(req_id, _Table())
         if table.blocks:
             return 0
-        bs, hits, parent = self.block_size, [], None
+        table.salt = salt
+        bs, hits, parent = self.block_size, [], _root(salt)
         hashes: list[int] = []
         for i in range((len(token_ids) - 1) // bs):
             h = chain_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
@@ -78,7 +88,7 @@ class KVCacheManager:
         if table is None or not self.pool.enable_caching:
             return
         bs = self.block_size
-        parent = table.hashes[-1] if table.hashes else None
+        parent = table.hashes[-1] if table.hashes else _root(table.salt)
         for i in range(len(table.hashes), min(num_computed // bs, len(table.blocks))):
             parent = chain_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
             table.hashes.append(parent)

@@ -35,7 +35,7 @@ class KVConnectorScheduler:
         sent), or None (nothing held) if the pool cannot take it now.
         """
         rid = req.req_id
-        cached = self._kv.match_prefix(rid, req.token_ids)
+        cached = self._kv.match_prefix(rid, req.token_ids, req.adapter or "")
         if not self._kv.allocate_slots(rid, req.num_prompt_tokens):
             self._kv.free(rid)
             return None

@@ -1,0 +1,103 @@
+"""LoRA adapters in the engine: random PEFT adapters made here with ``peft`` on tiny random
+models; greedy output per adapter token-identical (float32) to transformers + peft, one
+mixed batch of base and adapter rows equal to each alone, the prefix cache kept apart per
+adapter, tp=2 with the adapters' shards following their layers, and clear refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from tests.engine.conftest import hf_greedy, prompt_set
+
+peft = pytest.importorskip("peft")
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+ADAPTERS = {  # name -> (rank, alpha, targets, rsLoRA)
+    "qv": (8, 16, ["q_proj", "v_proj"], False),
+    "all": (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
+    "mlp": (16, 32, ["gate_proj", "down_proj"], False),
+}
+
+
+def make_adapter(base_path: str, out: str, rank: int, alpha: int, targets: list[str], rslora: bool, seed: int) -> str:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0)
+    model = peft.get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # NOTE: peft starts B at zero (no effect); random A and B make each adapter count
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_models["llama"], str(root / name), *spec, seed=i)
+            for i, (name, spec) in enumerate(ADAPTERS.items())}
+
+
+def reference(base_path: str, adapter_dir: str | None, prompts: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    return hf_greedy(model.eval(), prompts, GREEDY.max_tokens)
+
+
+def test_each_adapter_and_a_mixed_batch_match_peft(tiny_models, adapters):
+    base = tiny_models["llama"]
+    prompts = prompt_set(49152, seed=13, lengths=(3, 17, 40))
+    expected = {name: reference(base, path, prompts) for name, path in [(None, None), *adapters.items()]}
+    assert len({str(v) for v in expected.values()}) == len(expected)  # every adapter changes the output
+    llm = LLM(base, num_blocks=128, max_prefill_tokens=32, adapters=tuple(f"{n}={p}" for n, p in adapters.items()))
+    for name in expected:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter=name)] == expected[name], name
+    mixed = [(p, name) for name in expected for p in prompts]  # one batch: base and three adapters, chunked
+    got = llm.generate([p for p, _ in mixed], GREEDY, adapter=[n for _, n in mixed])
+    assert [o.token_ids for o in got] == [expected[n][prompts.index(p)] for p, n in mixed]
+    assert llm.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_the_prefix_cache_is_kept_apart_per_adapter(tiny_models, adapters):
+    llm = LLM(tiny_models["llama"], num_blocks=64, adapters=(f"qv={adapters['qv']}", f"all={adapters['all']}"))
+    prompt = list(range(100, 150))
+    first = llm.generate([prompt], GREEDY, adapter="qv")[0]
+    again = llm.generate([prompt], GREEDY, adapter="qv")[0]
+    other = llm.generate([prompt], GREEDY, adapter="all")[0]
+    base = llm.generate([prompt], GREEDY)[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 48
+    assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0
+    assert again.token_ids == first.token_ids
+
+
+def test_tp2_adapters_follow_their_layers_split(tiny_models, adapters):
+    base = tiny_models["llama"]
+    prompts = prompt_set(49152, seed=17, lengths=(5, 33))
+    expected = reference(base, adapters["all"], prompts)
+    llm = LLM(base, tp=2, num_blocks=64, adapters=(f"all={adapters['all']}",))
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter="all")] == expected
+    finally:
+        llm.engine.close()
+
+
+def test_bad_adapters_are_refused_clearly(tiny_models, adapters, tmp_path):
+    base = tiny_models["llama"]
+    with pytest.raises(ValueError, match="rank r=16 is outside \\[1, max_lora_rank=8\\]"):
+        LLM(base, num_blocks=16, adapters=(f"mlp={adapters['mlp']}",), max_lora_rank=8)
+    head = make_adapter(base, str(tmp_path / "head"), 4, 8, ["lm_head"], False, seed=9)
+    with pytest.raises(ValueError, match="adapter 'head': tensor .*lm_head.* is not a LoRA A/B matrix"):
+        LLM(base, num_blocks=16, adapters=(f"head={head}",))
+    with pytest.raises(ValueError, match="adapters entry 'nameless' is invalid: expected name=path"):
+        LLM(base, num_blocks=16, adapters=("nameless",))
+    llm = LLM(base, num_blocks=16, adapters=(f"qv={adapters['qv']}",))
+    with pytest.raises(ValueError, match="unknown adapter 'nope'; loaded: \\['qv'\\]"):
+        llm.generate([[1, 2, 3]], GREEDY, adapter="nope")
+    assert llm.engine.stats()["kv_blocks_used"] == 0
