@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = {"offline": "pdserve.bench.offline", "gpu": "pdserve.bench.gpu"}
+BENCHES = {"offline": "pdserve.bench.offline", "gpu": "pdserve.bench.gpu", "serve": "pdserve.bench.serve"}
 
 
 def main(name: str, argv: list[str]) -> int:
