@@ -61,8 +61,6 @@ def run_pdserve(args, prompts) -> tuple[float, int]:
 
 
 def run_hf(args, prompts) -> tuple[float, int]:
-    from transformers import AutoModelForCausalLM
-
     model = _hf_model(args)
     dev = torch.device(args.device_type)
     total, t0 = 0, None
