@@ -19,18 +19,20 @@ class PrefillPeer(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_agent: _Optional[str] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "prefill_peers", "local_prefill_reason")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "prefill_peers", "adapter", "local_prefill_reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
     prefill_peers: _containers.RepeatedCompositeFieldContainer[PrefillPeer]
+    adapter: str
     local_prefill_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_peers: _Optional[_Iterable[_Union[PrefillPeer, _Mapping]]] = ..., local_prefill_reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_peers: _Optional[_Iterable[_Union[PrefillPeer, _Mapping]]] = ..., adapter: _Optional[str] = ..., local_prefill_reason: _Optional[str] = ...) -> None: ...
 
 class WorkerGenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "finish_reason", "num_prompt_tokens", "num_cached_tokens", "logprobs", "first_token_seconds", "prefill_worker_id")
@@ -53,7 +55,7 @@ class WorkerGenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., first_token_seconds: _Optional[float] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
 
 class RemotePrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "decode_kv_agent", "decode_kv_handshake", "block_ids", "num_cached_tokens", "decode_kv_incarnation", "prefill_worker_id", "issued_at_unix", "grant_signature")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "decode_kv_agent", "decode_kv_handshake", "block_ids", "num_cached_tokens", "decode_kv_incarnation", "prefill_worker_id", "issued_at_unix", "grant_signature", "adapter")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class RemotePrefillRequest(_message.Message):
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     GRANT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
@@ -76,7 +79,8 @@ class RemotePrefillRequest(_message.Message):
     prefill_worker_id: str
     issued_at_unix: float
     grant_signature: bytes
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_kv_agent: _Optional[str] = ..., decode_kv_handshake: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., decode_kv_incarnation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., issued_at_unix: _Optional[float] = ..., grant_signature: _Optional[bytes] = ...) -> None: ...
+    adapter: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_kv_agent: _Optional[str] = ..., decode_kv_handshake: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., decode_kv_incarnation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., issued_at_unix: _Optional[float] = ..., grant_signature: _Optional[bytes] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class RemotePrefillResponse(_message.Message):
     __slots__ = ("status", "error", "first_token_id", "num_blocks_sent", "num_bytes_sent", "num_cached_tokens", "compute_seconds", "tail_seconds", "transfer_seconds", "write_seconds", "handover_seconds")

@@ -48,6 +48,7 @@ class WorkerRecord:
     kv_handshake: dict[str, Any] = field(default_factory=dict)
     kv_metadata: str = ""  # base64 of the agent's metadata bytes (rank 0's for a tensor-parallel worker)
     kv_ranks: list[str] = field(default_factory=list)  # base64 metadata of ranks 1.. (tp > 1)
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters the worker can generate with
 
     @property
     def can_transfer_kv(self) -> bool:

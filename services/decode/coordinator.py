@@ -135,19 +135,19 @@ class DecodeCoordinator:
 
     # ---- the request -----------------------------------------------------------
     async def generate(self, rid: str, prompt: list[int], params: SamplingParams, peers: list[PrefillPeer],
-                       local_reason: str, origin: Origin) -> AsyncIterator[StreamOutput]:
+                       local_reason: str, origin: Origin, adapter: str | None = None) -> AsyncIterator[StreamOutput]:
         """Stream a request's outputs, prefilled remotely when possible (see the module docstring)."""
         reason = local_reason or "no_prefill_worker"
         if peers and len(prompt) < self._config.local_prefill_threshold:
             peers, reason = [], "short"
         try:
             for index, peer in enumerate(peers):
-                problem = self._unusable(peer)
+                problem = self._unusable(peer, adapter)
                 if problem is not None:
                     reason = problem
                     continue
                 arid = f"{rid}#p{index}"
-                attempt = await self._attempt(arid, prompt, params, peer)
+                attempt = await self._attempt(arid, prompt, params, peer, adapter)
                 if attempt.first is not None:
                     origin.prefill_worker_id = peer.worker_id
                     self._count("remote", "disaggregated")
@@ -159,7 +159,7 @@ class DecodeCoordinator:
                 if attempt.stop:
                     break
             self._count("local", reason)
-            async for out in self._engine.generate(rid, prompt, params):
+            async for out in self._engine.generate(rid, prompt, params, adapter):
                 yield out
         finally:
             self._engine_ids.pop(rid, None)
@@ -168,11 +168,14 @@ class DecodeCoordinator:
         """Abort the engine request serving client request ``rid`` (a no-op when unknown)."""
         self._engine.abort(self._engine_ids.get(rid, rid))
 
-    def _unusable(self, peer: PrefillPeer) -> str | None:
+    def _unusable(self, peer: PrefillPeer, adapter: str | None) -> str | None:
         record = self._peers.record_of(peer.worker_id)
         if record is None or record.kv_agent != peer.kv_agent:
             log.warning("prefill worker %s is not (or no longer) in discovery; skipping it", peer.worker_id)
             return "prefill_unknown"
+        if adapter is not None and adapter not in record.adapters:
+            log.warning("prefill worker %s has no adapter %r; skipping it", peer.worker_id, adapter)
+            return "adapter_missing"
         try:
             check_compatible(self._peers.handshake, record.kv_handshake)
         except KVCompatibilityError as exc:
@@ -180,9 +183,10 @@ class DecodeCoordinator:
             return "incompatible"
         return None
 
-    async def _attempt(self, arid: str, prompt: list[int], params: SamplingParams, peer: PrefillPeer) -> _Attempt:
+    async def _attempt(self, arid: str, prompt: list[int], params: SamplingParams, peer: PrefillPeer,
+                       adapter: str | None) -> _Attempt:
         record = self._peers.record_of(peer.worker_id)  # NOTE: its incarnation, before anything is reserved
-        reserved = await self._reserve(arid, prompt, params)
+        reserved = await self._reserve(arid, prompt, params, adapter)
         if reserved is None:
             return _Attempt(reason="decode_kv_full", stop=True)
         blocks, cached = reserved
@@ -195,7 +199,8 @@ class DecodeCoordinator:
                 return _Attempt(reason="cached", stop=True)  # nothing sent: freed below
             started = time.monotonic()
             call = asyncio.ensure_future(self._stub(peer.grpc_address).RemotePrefill(
-                self._order(arid, prompt, params, blocks, cached, peer), timeout=self._config.remote_prefill_timeout))
+                self._order(arid, prompt, params, blocks, cached, peer, adapter),
+                timeout=self._config.remote_prefill_timeout))
             first, reason, settled = await self._await_kv(arid, landed, call)
             if first is not None:
                 self._observe_received(len(blocks) - cached // self._layout.block_size, time.monotonic() - started)
@@ -207,9 +212,10 @@ class DecodeCoordinator:
             else:
                 self._spawn(self._release_when_safe(arid, peer, record.kv_metadata if record else "", call))
 
-    async def _reserve(self, arid: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], int] | None:
+    async def _reserve(self, arid: str, prompt: list[int], params: SamplingParams,
+                       adapter: str | None) -> tuple[list[int], int] | None:
         """``reserve_remote``; a reservation made while the caller was cancelled is freed, not lost."""
-        task = asyncio.ensure_future(self._engine.reserve_remote(arid, prompt, params))
+        task = asyncio.ensure_future(self._engine.reserve_remote(arid, prompt, params, adapter))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -249,13 +255,13 @@ class DecodeCoordinator:
         return None, f"prefill_{status.lower()}", True
 
     def _order(self, arid: str, prompt: list[int], params: SamplingParams, blocks: list[int],
-               cached: int, peer: PrefillPeer) -> worker_pb2.RemotePrefillRequest:
+               cached: int, peer: PrefillPeer, adapter: str | None) -> worker_pb2.RemotePrefillRequest:
         """The RemotePrefill request for ``peer``, signed when the cluster has a secret."""
         order = worker_pb2.RemotePrefillRequest(
             request_id=arid, prompt_token_ids=prompt, params=params_to_proto(params, with_stop_strings=False),
             decode_kv_agent=self._peers.name, decode_kv_handshake=json.dumps(self._peers.handshake),
             block_ids=blocks, num_cached_tokens=cached, decode_kv_incarnation=self._peers.incarnation,
-            prefill_worker_id=peer.worker_id)
+            prefill_worker_id=peer.worker_id, adapter=adapter or "")
         self._orders.sign(order)
         return order
 

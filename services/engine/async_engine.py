@@ -78,15 +78,15 @@ class AsyncEngine:
         self.engine.close()
 
     # ---- requests -----------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[StreamOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[StreamOutput]:
         """Stream a request's tokens; closing the iterator early aborts it (blocks freed)."""
         if self.broken.is_set():
             raise RuntimeError("the engine is broken (a rank process died); this worker is stopping")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream()
-        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params))
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), params, adapter=adapter))
         async for out in self._drain(request_id, stream):
             yield out
 
@@ -108,10 +108,11 @@ class AsyncEngine:
         self._submit(lambda: self._apply_abort(request_id))
 
     # ---- disaggregation -------------------------------------------------------
-    async def reserve_remote(self, request_id: str, prompt_token_ids: list[int],
-                             params: SamplingParams) -> tuple[list[int], int] | None:
+    async def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                             adapter: str | None = None) -> tuple[list[int], int] | None:
         """Decode side: (block ids, tokens cached here) for a prompt a peer computes; None if full now."""
-        return await self._call(lambda: self.engine.reserve_remote(request_id, list(prompt_token_ids), params))
+        return await self._call(lambda: self.engine.reserve_remote(request_id, list(prompt_token_ids), params,
+                                                                   adapter))
 
     async def admit_remote(self, request_id: str, first_token: int) -> AsyncIterator[StreamOutput]:
         """Decode side: the KV has landed; stream the rest (first output holds first_token)."""
@@ -125,7 +126,8 @@ class AsyncEngine:
         return await self._call(lambda: self.engine.cancel_remote(request_id))
 
     async def prefill_held(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                           kv_send: KVSendOrder | None = None) -> tuple[int, list[int], int]:
+                           kv_send: KVSendOrder | None = None,
+                           adapter: str | None = None) -> tuple[int, list[int], int]:
         """Prefill side: compute the prompt, sample one token, keep the blocks.
 
         Returns (first token, block ids, prompt tokens that were prefix-cache hits).
@@ -135,7 +137,8 @@ class AsyncEngine:
         """
         stream = self._streams[request_id] = _Stream()
         one = params.replace(max_tokens=1)
-        self._submit(lambda: self._add(request_id, list(prompt_token_ids), one, hold_kv=True, kv_send=kv_send))
+        self._submit(lambda: self._add(request_id, list(prompt_token_ids), one, hold_kv=True, kv_send=kv_send,
+                                       adapter=adapter))
         last = None
         async for last in self._drain(request_id, stream):
             pass
@@ -230,12 +233,12 @@ class AsyncEngine:
             self._stats = self.engine.stats()
 
     def _add(self, rid: str, ids: list[int], params: SamplingParams, hold_kv: bool = False,
-             kv_send: KVSendOrder | None = None) -> None:
+             kv_send: KVSendOrder | None = None, adapter: str | None = None) -> None:
         stream = self._streams.get(rid)
         if stream is None:
             return  # the caller went away before the request was admitted
         try:
-            self.engine.add_request(rid, ids, params, hold_kv=hold_kv, kv_send=kv_send)
+            self.engine.add_request(rid, ids, params, hold_kv=hold_kv, kv_send=kv_send, adapter=adapter)
         except ValueError as exc:
             stream.queue.put_nowait(exc)
 

@@ -151,19 +151,19 @@ class LLMEngine:
         With hold_kv the request's blocks outlive its end (until ``release_held``), so
         a peer can read or be sent its KV.
         """
-        if adapter is not None and adapter not in self.adapters:
-            raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self.adapters) or 'none'}")
-        req = self._new_request(req_id, prompt_token_ids, params)
+        req = self._new_request(req_id, prompt_token_ids, params, adapter)
         req.hold_kv = hold_kv
         req.kv_send = kv_send
-        req.adapter = adapter
         self.scheduler.add(req)
         return req
 
-    def _new_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def _new_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     adapter: str | None = None) -> Request:
         self._validate(req_id, prompt_token_ids, params)
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self.adapters) or 'none'}")
         req = Request(req_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
-                      max_model_len=self.max_model_len)
+                      max_model_len=self.max_model_len, adapter=adapter)
         self.requests[req_id] = req
         return req
 
@@ -205,8 +205,8 @@ class LLMEngine:
             self._launched.free_after.append(req.req_id)
 
     # ---- remote KV (disaggregated prefill) -----------------------------------
-    def reserve_remote(self, req_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> tuple[list[int], int] | None:
+    def reserve_remote(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter: str | None = None) -> tuple[list[int], int] | None:
         """Decode side: hold blocks for a prompt whose KV a peer will write.
 
         Returns (block ids covering the prompt, prompt tokens already cached here,
@@ -214,7 +214,7 @@ class LLMEngine:
         """
         if self.scheduler.blocked_on_kv:  # NOTE: queued requests wait for blocks: do not jump the queue
             return None
-        req = self._new_request(req_id, prompt_token_ids, params)
+        req = self._new_request(req_id, prompt_token_ids, params, adapter)
         reserved = self.connector.reserve(req)
         if reserved is None:
             del self.requests[req_id]
@@ -432,7 +432,7 @@ class LLMEngine:
                 "max_model_len": self.max_model_len, "vocab_size": m.vocab_size,
                 "eos_token_ids": list(self.eos_token_ids), "block_size": self.config.block_size,
                 "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-                "num_blocks": self.kv.pool.num_blocks}
+                "num_blocks": self.kv.pool.num_blocks, "adapters": sorted(self.adapters)}
 
 
 def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> Executor:

@@ -37,6 +37,7 @@ class Request:
     params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int = 1 << 30
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
@@ -47,7 +48,6 @@ class Request:
     num_preemptions: int = 0
     hold_kv: bool = False  # keep blocks after finishing (prefill side of a KV transfer)
     kv_send: KVSendOrder | None = None  # the ranks send its KV to a peer (tensor-parallel prefill)
-    adapter: str | None = None  # LoRA adapter name (None: the base model)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

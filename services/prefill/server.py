@@ -86,6 +86,7 @@ class PrefillOrder:
     block_ids: list[int]
     num_cached_tokens: int
     decode_incarnation: str = ""
+    adapter: str | None = None  # LoRA adapter the prompt is computed with
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,8 @@ class PrefillServer:
             return await self._compute_in_ranks(job)
         order = job.order
         job.phase = "computing"
-        first, local_blocks, cached_here = await self._engine.prefill_held(order.request_id, order.prompt, order.params)
+        first, local_blocks, cached_here = await self._engine.prefill_held(order.request_id, order.prompt, order.params,
+                                                                           adapter=order.adapter)
         if self._config.send == "whole":
             job.last_layer = job.last_layer or time.monotonic()
             self._post(job, local_blocks[job.skip:job.num_blocks], range(job.num_layers))
@@ -276,7 +278,8 @@ class PrefillServer:
                            self._config.send == "layerwise")
         reports = agent.track(order.request_id)
         job.phase = "computing"
-        first, _, cached_here = await self._engine.prefill_held(order.request_id, order.prompt, order.params, send)
+        first, _, cached_here = await self._engine.prefill_held(order.request_id, order.prompt, order.params, send,
+                                                                adapter=order.adapter)
         job.last_layer = job.first_post = time.monotonic()
         job.phase = "sending"
         ends = await asyncio.wait_for(asyncio.shield(reports), self._config.transfer_timeout)

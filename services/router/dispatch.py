@@ -97,7 +97,7 @@ class Dispatcher:
         """Deltas of ``req`` from a worker chosen by the policy; raises RequestError."""
         tried: list[str] = []
         for _ in range(self._attempts):
-            route = self._pool.pick_route(req.prompt_token_ids, req.model, exclude=tried)
+            route = self._pool.pick_route(req.prompt_token_ids, req.model, exclude=tried, adapter=req.adapter)
             if route is None:
                 break
             handle = route.decode
@@ -111,10 +111,10 @@ class Dispatcher:
                 self._pool.mark_suspect(handle.record.id)
         if tried:
             raise unavailable(f"workers {tried} could not take the request; try again", "workers_failed")
-        if self._pool.candidates("prefill", req.model):
-            raise unavailable(f"no decode or hybrid worker serves model {req.model!r} (prefill workers only "
+        if self._pool.candidates("prefill", req.model, adapter=req.adapter):
+            raise unavailable(f"no decode or hybrid worker serves model {req.served_name!r} (prefill workers only "
                               "compute prompts for decode workers)", "no_decode_workers")
-        raise unavailable(f"no live worker serves model {req.model!r}")
+        raise unavailable(f"no live worker serves model {req.served_name!r}")
 
     async def _run_on(self, route: Route, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
         handle = route.decode
@@ -122,6 +122,7 @@ class Dispatcher:
         message = worker_pb2.WorkerGenerateRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
             params=params_to_proto(req.params, with_stop_strings=False), local_prefill_reason=route.local_reason,
+            adapter=req.adapter or "",
             prefill_peers=[worker_pb2.PrefillPeer(worker_id=r.id, grpc_address=r.grpc_address, kv_agent=r.kv_agent)
                            for r in route.prefill])
         call = handle.stub.Generate(message)

@@ -84,7 +84,7 @@ class HttpApi:
             rid = f"{prefix}-{uuid.uuid4().hex}"
             req, tokenizer = await self._core.prepare(rid, parsed.model, parsed.prompt, parsed.values, arrival,
                                                       parsed.default_max_tokens)
-            builder = ResponseBuilder(kind, rid, req.model, int(time.time()), "logprobs" in parsed.values)
+            builder = ResponseBuilder(kind, rid, req.served_name, int(time.time()), "logprobs" in parsed.values)
             with self._core.tracking(api):
                 if parsed.stream:
                     return await self._stream(request, parsed, builder, req, tokenizer, api)
@@ -128,8 +128,12 @@ class HttpApi:
             return response
 
     async def models(self, _: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdserve",
-                 "max_model_len": self._core.catalog.limits(m).max_model_len} for m in self._core.catalog.served()]
+        catalog = self._core.catalog
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdserve", "root": m, "parent": None,
+                 "max_model_len": catalog.limits(m).max_model_len} for m in catalog.served()]
+        data += [{"id": name, "object": "model", "created": 0, "owned_by": "pdserve", "root": name, "parent": base,
+                  "max_model_len": catalog.limits(base).max_model_len}
+                 for name, base in sorted(catalog.adapters().items())]
         return web.json_response({"object": "list", "data": data})
 
     async def health(self, _: web.Request) -> web.Response:

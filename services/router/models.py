@@ -42,18 +42,27 @@ class ModelCatalog:
     def served(self) -> list[str]:
         return sorted({r.model for r in self._discovery.live()})
 
-    def resolve(self, name: str | None) -> str:
-        """The served model called ``name``; with no name, the only served model."""
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapter name -> its base model, over the live workers."""
+        return {a: r.model for r in self._discovery.live() for a in r.adapters}
+
+    def resolve(self, name: str | None) -> tuple[str, str | None]:
+        """(base model, LoRA adapter or None) that ``name`` calls for; with no name, the only served model.
+        An unknown name is a 404 (OpenAI's ``model_not_found``)."""
         served = self.served()
         if not served:
             raise unavailable("no live workers: the cluster serves no model right now")
         if not name:
             if len(served) == 1:
-                return served[0]
+                return served[0], None
             raise invalid(f"model is required: this cluster serves {served}", "model", "model_required")
-        if name not in served:
-            raise RequestError(f"model {name!r} does not exist; served models: {served}", 400, "model", "model_not_found")
-        return name
+        if name in served:
+            return name, None
+        adapters = self.adapters()
+        if name in adapters:
+            return adapters[name], name
+        raise RequestError(f"model {name!r} does not exist; served models: {served}, adapters: {sorted(adapters)}",
+                           404, "model", "model_not_found")
 
     def limits(self, model: str) -> ModelLimits:
         records = [r for r in self._discovery.live() if r.model == model]

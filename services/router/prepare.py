@@ -53,7 +53,7 @@ async def prepare(catalog: ModelCatalog, request_id: str, model: str | None, pro
     if prompt.token_ids is not None:
         check_token_ids(prompt.token_ids)
     policy.check(values.get("max_tokens"))
-    name = catalog.resolve(model)
+    name, adapter = catalog.resolve(model)
     tokenizer = await catalog.tokenizer(name)
     limits = catalog.limits(name)
     tokens = tokenize(tokenizer, prompt)
@@ -72,7 +72,7 @@ async def prepare(catalog: ModelCatalog, request_id: str, model: str | None, pro
                       "max_tokens", "context_length_exceeded")
     if params.stop and tokenizer is None:
         raise invalid(f"model {name!r} has no tokenizer, so stop strings cannot be matched", "stop")
-    return GenerationRequest(request_id, name, tokens, params, arrival), tokenizer
+    return GenerationRequest(request_id, name, tokens, params, arrival, adapter), tokenizer
 
 
 def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:

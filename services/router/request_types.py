@@ -28,6 +28,12 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float  # time.monotonic() when the router received the request
+    adapter: str | None = None  # LoRA adapter (None: the base model)
+
+    @property
+    def served_name(self) -> str:
+        """The name the client asked for and responses echo: the adapter's, else the model's."""
+        return self.adapter or self.model
 
 
 @dataclass(frozen=True)

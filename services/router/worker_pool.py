@@ -79,35 +79,42 @@ class WorkerPool:
     def inflight(self, worker_id: str) -> int:
         return self._inflight.get(worker_id, 0)
 
-    def candidates(self, role: str, model: str, exclude: Sequence[str] = ()) -> list[Candidate]:
-        """Live, not draining, not excluded; suspects only when nothing else is left."""
+    def candidates(self, role: str, model: str, exclude: Sequence[str] = (),
+                   adapter: str | None = None) -> list[Candidate]:
+        """Live, not draining, not excluded, with the LoRA adapter when one is asked for; suspects only
+        when nothing else is left."""
         usable = [Candidate(r, self._discovery.load(r.id), self.inflight(r.id))
                   for r in self._discovery.live(role)
-                  if r.model == model and r.id not in exclude and not self._discovery.load(r.id).draining]
+                  if r.model == model and r.id not in exclude and not self._discovery.load(r.id).draining
+                  and (adapter is None or adapter in r.adapters)]
         now = time.monotonic()
         healthy = [c for c in usable if self._suspect_until.get(c.record.id, 0.0) <= now]
         return healthy or usable
 
-    def pick(self, role: str, tokens: Sequence[int], model: str, exclude: Sequence[str] = ()) -> WorkerHandle | None:
-        """The policy's choice among live ``role`` workers serving ``model``; None if there is none."""
-        candidates = self.candidates(role, model, exclude)
+    def pick(self, role: str, tokens: Sequence[int], model: str, exclude: Sequence[str] = (),
+             adapter: str | None = None) -> WorkerHandle | None:
+        """The policy's choice among live ``role`` workers serving ``model`` (and ``adapter``); None if none."""
+        candidates = self.candidates(role, model, exclude, adapter)
         if not candidates:
             return None
         chosen = self._policies[role].choose(candidates, tokens)
         return WorkerHandle(chosen.record, self.stub(chosen.record))
 
-    def pick_route(self, tokens: Sequence[int], model: str, exclude: Sequence[str] = ()) -> Route | None:
-        """The decode worker and its prefill workers for one request (see the module docstring)."""
-        role = "decode" if self.candidates("decode", model, exclude) else "hybrid"
-        handle = self.pick(role, tokens, model, exclude)
+    def pick_route(self, tokens: Sequence[int], model: str, exclude: Sequence[str] = (),
+                   adapter: str | None = None) -> Route | None:
+        """The decode worker and its prefill workers for one request (see the module docstring); with a
+        LoRA adapter only workers that have it loaded."""
+        role = "decode" if self.candidates("decode", model, exclude, adapter) else "hybrid"
+        handle = self.pick(role, tokens, model, exclude, adapter)
         if handle is None:
             return None
-        prefill, reason = self._prefill_for(handle.record, tokens, model)
+        prefill, reason = self._prefill_for(handle.record, tokens, model, adapter)
         return Route(handle, prefill, reason)
 
-    def _prefill_for(self, decode: WorkerRecord, tokens: Sequence[int], model: str) -> tuple[list[WorkerRecord], str]:
+    def _prefill_for(self, decode: WorkerRecord, tokens: Sequence[int], model: str,
+                     adapter: str | None) -> tuple[list[WorkerRecord], str]:
         roles = [role for role in ("prefill", "hybrid") if prefills_for(role, decode.role)]
-        pool = [c for role in roles for c in self.candidates(role, model, exclude=(decode.id,))]
+        pool = [c for role in roles for c in self.candidates(role, model, (decode.id,), adapter)]
         if not pool:
             return [], "no_prefill_worker"
         if len(tokens) < self._routing.local_prefill_threshold:

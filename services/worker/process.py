@@ -117,6 +117,7 @@ def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_por
         metrics_url=f"http://{host}:{metrics_port}/metrics", model=config.engine.model,
         dtype=str(info.get("dtype", config.engine.dtype)), block_size=int(info.get("block_size", config.engine.block_size)),
         max_model_len=int(info["max_model_len"]), tp=config.engine.tp, kv_layout=layout,
+        adapters=list(info.get("adapters", [])),
         capacity={"kv_blocks_total": stats["kv_blocks_total"], "max_batch_size": config.engine.max_batch_size,
                   "vocab_size": info.get("vocab_size")},
         **(peers.identity() if peers is not None else {}),

@@ -60,7 +60,7 @@ def order_from_proto(msg: worker_pb2.RemotePrefillRequest) -> Any:
         raise ValueError("request_id, decode_kv_agent and a decode_kv_handshake object are required")
     return PrefillOrder(msg.request_id, list(msg.prompt_token_ids), params_from_proto(msg.params),
                         msg.decode_kv_agent, handshake, list(msg.block_ids), msg.num_cached_tokens,
-                        msg.decode_kv_incarnation)
+                        msg.decode_kv_incarnation, msg.adapter or None)
 
 
 def result_to_proto(result: Any) -> worker_pb2.RemotePrefillResponse:

@@ -104,10 +104,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if request.prefill_peers:
                 log.warning("%s: this %s worker cannot receive KV; prefilling %s locally", self._worker_id,
                             self._role, rid)
-            return self._engine.generate(rid, prompt, params), None
+            return self._engine.generate(rid, prompt, params, request.adapter or None), None
         origin = Origin()
         peers = [PrefillPeer(p.worker_id, p.grpc_address, p.kv_agent) for p in request.prefill_peers]
-        return decode.generate(rid, prompt, params, peers, request.local_prefill_reason, origin), origin
+        return decode.generate(rid, prompt, params, peers, request.local_prefill_reason, origin,
+                               request.adapter or None), origin
 
     def _abort(self, rid: str) -> None:
         if self._remote.decode is not None:

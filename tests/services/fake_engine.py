@@ -57,7 +57,7 @@ class FakeEngine:
                 "kv_blocks_used": used, "kv_blocks_cached": 0, "kv_blocks_total": self.num_blocks,
                 "tokens_computed_total": self.steps, "steps_total": self.steps, "last_step_seconds": self.step_seconds}
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params):
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params, adapter: str | None = None):
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         self.blocks[request_id] = math.ceil((len(prompt_token_ids) + params.max_tokens) / self.block_size)

@@ -1,0 +1,47 @@
+"""LoRA adapters through a real 1P1D cluster (etcd, router, prefill and decode workers, NIXL):
+workers load adapters at start, the router lists them under their base model and routes a
+request naming one to workers that have it, prefill computes with it and decode continues
+with it (token-identical to the offline engine with the adapter), an unknown name is a 404."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from tests.disagg.helpers import metric, metrics, workers
+from tests.engine.conftest import make_tiny_model
+from tests.engine.test_lora import ADAPTERS, make_adapter
+from tests.services.cluster_fixture import local_cluster
+from tests.services.clients import http_json
+
+pytestmark = pytest.mark.timeout(600)
+MAX_TOKENS = 8
+
+
+def test_adapters_through_prefill_and_decode(tmp_path):
+    base = make_tiny_model("llama", str(tmp_path))
+    paths = {name: make_adapter(base, str(tmp_path / name), *ADAPTERS[name], seed=i)
+             for i, name in enumerate(("qv", "all"))}
+    spec = ",".join(f"{n}={p}" for n, p in paths.items())
+    prompt = list(range(200, 260))  # above the local-prefill threshold: computed on the prefill worker
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    offline = LLM(base, num_blocks=64, adapters=tuple(spec.split(",")))
+    expected = {name: offline.generate([prompt], params, adapter=name)[0].text for name in (None, "qv", "all")}
+    assert len(set(expected.values())) == 3
+    with local_cluster(hybrid=0, prefill=1, decode=1, model=base, log_dir=str(tmp_path / "logs"),
+                       worker_args=("--adapters", spec)) as cluster:
+        status, models = http_json(f"{cluster.http_url}/v1/models")
+        listed = {m["id"]: m["parent"] for m in models["data"]}
+        assert status == 200 and listed == {base: None, "qv": base, "all": base}, models
+        prefill = workers(cluster, "prefill")[0]
+        client = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="none", max_retries=0, timeout=120)
+        for name in (None, "qv", "all"):
+            before = metric(metrics(prefill), "pdserve_kv_transfer_bytes_total", direction="sent")
+            out = client.completions.create(model=name or base, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.model == (name or base) and out.choices[0].text == expected[name], name
+            assert metric(metrics(prefill), "pdserve_kv_transfer_bytes_total", direction="sent") > before, name
+        with pytest.raises(openai.NotFoundError) as info:
+            client.completions.create(model="nope", prompt=prompt, max_tokens=2)
+        assert info.value.body["code"] == "model_not_found" and "adapters: ['all', 'qv']" in info.value.body["message"]
