@@ -147,6 +147,17 @@ class AsyncEngine:
         blocks = await self._call(lambda: self.engine.blocks_of(request_id))
         return last.new_token_ids[-1], blocks, last.num_cached_tokens
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter between steps; ValueError naming the problem."""
+        await self._call(lambda: self.engine.load_adapter(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests for it are refused at once; its slot is freed when its last request ends."""
+        await self._call(lambda: self.engine.unload_adapter(name))
+
+    def adapters(self) -> list[str]:
+        return sorted(self.engine.adapters)
+
     def release_held(self, request_id: str) -> None:
         self._submit(lambda: self.engine.release_held(request_id))
 

@@ -34,6 +34,8 @@ class EngineConfig:
     dp: int = 1
     ep: int = 1
     adapters: tuple[str, ...] = ()  # LoRA adapters loaded at start, each "name=path" (a PEFT directory)
+    enable_lora: bool = False  # LoRA adapters can be loaded (at run time too); implied by ``adapters``
+    max_loras: int = 4  # adapters loaded at once (slots on the device)
     max_lora_rank: int = 64
     device_type: str = "cpu"
     dtype: str = "float32"
@@ -61,9 +63,15 @@ class EngineConfig:
                               "its MoE layers; ep across dp replicas is not supported yet)")
         if self.tp > 1 and self.device_type != "cpu":
             raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
-        _check(isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1, "max_lora_rank", self.max_lora_rank,
-               "an integer >= 1")
-        self.adapter_paths()
+        for name in ("max_lora_rank", "max_loras"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, getattr(self, name),
+                   "an integer >= 1")
+        if len(self.adapter_paths()) > self.max_loras:
+            raise ConfigError(f"adapters: {len(self.adapters)} given but max_loras={self.max_loras}")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.adapters)
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")
         if self.num_blocks is not None:
             _check(isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", self.num_blocks, "an integer >= 1")

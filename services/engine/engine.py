@@ -105,7 +105,10 @@ class LLMEngine:
         self.connector = KVConnectorScheduler(self.kv)
         self.counters = _Counters()
         self.eos_token_ids = self.model_config.eos_token_ids
-        self.adapters = frozenset(config.adapter_paths())  # LoRA adapters every rank has loaded
+        self.adapters: set[str] = set()  # LoRA adapters every rank has loaded (new requests may use them)
+        self._unloading: set[str] = set()  # unloaded; their slots are freed once no request uses them
+        for name, path in config.adapter_paths().items():
+            self.load_adapter(name, path)
 
     # ---- sizing -------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -156,6 +159,35 @@ class LLMEngine:
         req.kv_send = kv_send
         self.scheduler.add(req)
         return req
+
+    # ---- LoRA adapters ------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT adapter on every rank; ValueError naming the problem (nothing loaded then)."""
+        if not self.config.lora_enabled:
+            raise ValueError("LoRA is not enabled on this engine: start it with enable_lora (or adapters)")
+        if name in self.adapters or name in self._unloading or not name:
+            raise ValueError(f"adapter {name!r} is already loaded" if name else "the adapter needs a name")
+        errors = [e for e in self.executor.load_adapter(name, path) if e]
+        if errors:
+            self.executor.unload_adapter(name)  # NOTE: ranks that took it give it back
+            raise ValueError(errors[0])
+        self.adapters.add(name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` at once; its slot is freed when its last request ends."""
+        if name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self.adapters) or 'none'}")
+        self.adapters.discard(name)
+        self._unloading.add(name)
+        self._free_unloaded()
+
+    def _free_unloaded(self) -> None:
+        if not self._unloading:
+            return
+        busy = {r.adapter for r in self.requests.values()}
+        for name in sorted(self._unloading - busy):
+            self.executor.unload_adapter(name)
+            self._unloading.discard(name)
 
     def _new_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      adapter: str | None = None) -> Request:
@@ -286,6 +318,7 @@ class LLMEngine:
             self.counters.overlapped_steps_total += self._launched is not None
         outputs = self._complete(current)
         self._completing = None
+        self._free_unloaded()
         self.counters.last_step_seconds = time.perf_counter() - t0
         return outputs
 
@@ -456,8 +489,8 @@ def check_expert_split(model_config: ModelConfig, ep: int) -> None:
 
 
 def _rank_config(config: EngineConfig) -> RankConfig:
-    adapters = tuple(config.adapter_paths().items())
+    lora = config.lora_enabled
     return RankConfig(device_type=config.device_type, dtype=config.dtype, block_size=config.block_size,
-                      max_batch_size=config.max_batch_size, graphs=not config.enforce_eager and not adapters,
-                      adapters=adapters, max_lora_rank=config.max_lora_rank,
+                      max_batch_size=config.max_batch_size, graphs=not config.enforce_eager and not lora,
+                      enable_lora=lora, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
                       compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed, ep_size=config.ep)

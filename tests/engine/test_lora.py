@@ -101,3 +101,31 @@ def test_bad_adapters_are_refused_clearly(tiny_models, adapters, tmp_path):
     with pytest.raises(ValueError, match="unknown adapter 'nope'; loaded: \\['qv'\\]"):
         llm.generate([[1, 2, 3]], GREEDY, adapter="nope")
     assert llm.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_adapters_load_and_unload_at_run_time(tiny_models, adapters):
+    base = tiny_models["llama"]
+    prompts = prompt_set(49152, seed=19, lengths=(6, 21))
+    expected = {name: reference(base, adapters[name], prompts) for name in ("qv", "all", "mlp")}
+    llm = LLM(base, num_blocks=64, enable_lora=True, max_loras=2, max_lora_rank=16)
+    engine = llm.engine
+    engine.load_adapter("qv", adapters["qv"])
+    engine.load_adapter("all", adapters["all"])
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter="qv")] == expected["qv"]
+    with pytest.raises(ValueError, match="all max_loras=2 slots are in use"):
+        engine.load_adapter("mlp", adapters["mlp"])
+    with pytest.raises(ValueError, match="already loaded"):
+        engine.load_adapter("qv", adapters["qv"])
+    engine.add_request("in-flight", prompts[1], GREEDY, adapter="qv")
+    engine.step()
+    engine.unload_adapter("qv")  # a request still uses it: it finishes with it, new ones are refused
+    with pytest.raises(ValueError, match="unknown adapter 'qv'"):
+        engine.add_request("late", prompts[0], GREEDY, adapter="qv")
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == expected["qv"][1] and engine.stats()["kv_blocks_used"] == 0
+    engine.load_adapter("mlp", adapters["mlp"])  # into qv's freed (and zeroed) slot
+    got = llm.generate(prompts, GREEDY, adapter=["mlp", "all"])
+    assert [o.token_ids for o in got] == [expected["mlp"][0], expected["all"][1]]
+    assert sorted(engine.adapters) == ["all", "mlp"]

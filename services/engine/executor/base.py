@@ -40,6 +40,12 @@ class Executor(Protocol):
     def kv_links(self) -> list[Any]:
         """Each rank process's KV command/event pipe; empty when the rank runs in this process."""
 
+    def load_adapter(self, name: str, path: str) -> list[str]:
+        """Load a LoRA adapter on every rank; per rank "" or why it was refused."""
+
+    def unload_adapter(self, name: str) -> None:
+        """Free a LoRA adapter's slot on every rank that has it."""
+
     def rank_seconds(self) -> list[tuple[float, float]]:
         """Per rank process: (seconds in steps, of which in collectives); empty for one in-process rank."""
 

@@ -66,6 +66,12 @@ class InProcessExecutor:
     def kv_links(self) -> list:
         return []  # NOTE: the worker builds its agent over ``kv_cache`` itself
 
+    def load_adapter(self, name: str, path: str) -> list[str]:
+        return [self.rank.load_adapter(name, path)]
+
+    def unload_adapter(self, name: str) -> None:
+        self.rank.unload_adapter(name)
+
     def rank_seconds(self) -> list[tuple[float, float]]:
         return []  # NOTE: one rank, no collectives: the engine's step time says it all
 

@@ -187,6 +187,13 @@ class MultiprocExecutor:
         self._launched = None
         return self._gather_step()[0]
 
+    def load_adapter(self, name: str, path: str) -> list[str]:
+        """Each rank's answer: "" (loaded) or why it refused."""
+        return self._each("load_adapter", name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self._each("unload_adapter", name)
+
     def rank_seconds(self) -> list[tuple[float, float]]:
         """Per rank: (seconds in steps, of which in collectives) since the start."""
         return [(t.step, t.collective) for t in self._timings]

@@ -52,7 +52,8 @@ class RankConfig:
     tp_rank: int = 0
     tp_size: int = 1
     ep_size: int = 1  # 1, or tp_size: the ranks split the experts of MoE layers
-    adapters: tuple[tuple[str, str], ...] = ()  # LoRA adapters (name, PEFT directory)
+    enable_lora: bool = False
+    max_loras: int = 4
     max_lora_rank: int = 64
     samples: bool = True  # the rank that samples (rank 0); the others only run the forward
 
@@ -81,7 +82,8 @@ class RankWorker:
                            comm=comm or SingleRank(), quantization=model_config.quantization,
                            ep_size=config.ep_size)
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
-        self.lora = self._load_adapters(ctx.dtype) if config.adapters else None
+        self.lora = (AdapterSlots(self.model, config.max_loras, config.max_lora_rank, self.device, ctx.dtype)
+                     if config.enable_lora else None)
         self.kv_heads = self.model.kv_heads_per_rank()
         self.kv_cache: torch.Tensor | None = None
         self.runner: ModelRunner | None = None
@@ -157,6 +159,20 @@ class RankWorker:
         self.attach_layer_sender(endpoint)
         return endpoint
 
+    def load_adapter(self, name: str, path: str) -> str:
+        """Load a LoRA adapter into a free slot; "" or why it was refused (nothing changed then)."""
+        if self.lora is None:
+            return "LoRA is not enabled on this engine (start it with enable_lora or adapters)"
+        try:
+            self.lora.load(load_peft_adapter(name, path, self.config.max_lora_rank))
+        except ValueError as exc:
+            return str(exc)
+        return ""
+
+    def unload_adapter(self, name: str) -> None:
+        if self.lora is not None and name in self.lora.names:
+            self.lora.unload(name)
+
     def forget_all(self) -> None:
         """After a failed step: no request of it is known any more."""
         self.requests.clear()
@@ -179,10 +195,6 @@ class RankWorker:
                 torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=gen)
         return RankRequest(new.req_id, new.params, new.num_prompt_tokens, list(new.prefix_token_ids),
                            list(new.block_ids), gen, new.kv_send, new.adapter)
-
-    def _load_adapters(self, dtype: torch.dtype) -> AdapterSlots:
-        adapters = [load_peft_adapter(name, path, self.config.max_lora_rank) for name, path in self.config.adapters]
-        return AdapterSlots(self.model, adapters, self.device, dtype)
 
     def _feed(self, plan: StepPlan) -> DeviceFeed | None:
         if not plan.feed_dst or self._last_sampled is None:

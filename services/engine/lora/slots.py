@@ -1,16 +1,19 @@
 """Every loaded LoRA adapter of one rank, stacked beside the linear layers it targets.
 
-Owns: for each targeted (layer, part) the stacked ``A [S, r_max, in]`` and
-``B [S, out, r_max]`` of the S adapters (zero-padded to the largest rank, ``B``
-pre-multiplied by the adapter's scaling, each sliced for this rank like the base
-layer's weight: column-parallel layers split ``B``'s rows, row-parallel layers ``A``'s
-columns, whose partial products the layer's all-reduce then sums), the adapter names
-by slot, and the rows of the current step by slot.
+Owns: ``max_loras`` slots; for each (layer, part) any loaded adapter has targeted,
+the stacked ``A [max_loras, max_lora_rank, in]`` and ``B [max_loras, out,
+max_lora_rank]`` (an adapter zero-padded to the maximum rank, ``B`` pre-multiplied by
+its scaling, each sliced for this rank like the base layer's weight: column-parallel
+layers split ``B``'s rows, row-parallel layers ``A``'s columns, whose partial products
+the layer's all-reduce then sums); the adapter names by slot; the rows of the current
+step by slot.
 
-Lifecycle: ``AdapterSlots(model, adapters, ...)`` checks every adapter against the
-model and wraps the targeted layers' ``LinearMethod`` with ``LoRALinearMethod`` ->
-per step ``set_rows`` (each row's slot, -1 for the base model) before the forward ->
-the wrapped layers add ``(x @ A[s].T) @ B[s].T`` to the rows of each slot ``s``.
+Lifecycle: ``AdapterSlots(model, capacity, max_rank, ...)`` -> ``load(adapter)``
+(at start or at run time: checked against the model first, so a bad adapter changes
+nothing; the first adapter to target a layer wraps its ``LinearMethod`` with
+``LoRALinearMethod``) -> per step ``set_rows`` (each row's slot, -1 for the base
+model) before the forward -> the wrapped layers add ``(x @ A[s].T) @ B[s].T`` to the
+rows of each slot ``s`` -> ``unload(name)`` zeroes its slot for the next.
 
 NOTE: rows are grouped by slot with index tensors (a segmented gather/scatter per
 adapter present in the step); steps with adapters run eagerly (no captured graphs).
@@ -54,43 +57,75 @@ class LoRALinearMethod:
 
 
 class AdapterSlots:
-    def __init__(self, model: nn.Module, adapters: list[PeftAdapter], device: torch.device, dtype: torch.dtype):
-        self.names = [a.name for a in adapters]
-        self._slot = {name: i for i, name in enumerate(self.names)}
+    def __init__(self, model: nn.Module, capacity: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+        self.capacity, self.max_rank = capacity, max_rank
         self.rows = StepRows()
-        self._device = device
-        modules = dict(model.named_modules())
-        r_max = max(a.rank for a in adapters)
-        stacks: dict[str, Parts] = {}
-        for slot, adapter in enumerate(adapters):
-            for path, (a, b) in adapter.weights.items():
-                layer, part, a_local, b_local = self._place(model, modules, adapter, path, a, b)
-                parts = stacks.setdefault(layer, {})
-                if part not in parts:
-                    parts[part] = (torch.zeros(len(adapters), r_max, a_local.shape[1], dtype=dtype, device=device),
-                                   torch.zeros(len(adapters), b_local.shape[0], r_max, dtype=dtype, device=device))
-                parts[part][0][slot, :adapter.rank] = a_local.to(dtype)
-                parts[part][1][slot, :, :adapter.rank] = (b_local * adapter.scaling).to(dtype)
-        for path, parts in stacks.items():
-            layer = modules[path]
-            layer.method = LoRALinearMethod(layer.method, parts, self.rows)
+        self._model, self._modules = model, dict(model.named_modules())
+        self._device, self._dtype = device, dtype
+        self._slot: dict[str, int] = {}
+        self._stacks: dict[str, Parts] = {}  # layer path -> its parts' stacks (made on first use)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._slot)
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter ``name`` (-1: the base model); KeyError when not loaded."""
         return -1 if name is None else self._slot[name]
 
+    def load(self, adapter: PeftAdapter) -> None:
+        """Place an adapter in a free slot; ValueError (and nothing changed) when it does not fit."""
+        if adapter.name in self._slot:
+            raise ValueError(f"adapter {adapter.name!r} is already loaded")
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter {adapter.name!r}: rank r={adapter.rank} is above max_lora_rank={self.max_rank}")
+        free = sorted(set(range(self.capacity)) - set(self._slot.values()))
+        if not free:
+            raise ValueError(f"adapter {adapter.name!r}: all max_loras={self.capacity} slots are in use "
+                             f"({self.names}); unload one first")
+        placed = [(path, *self._place(adapter, path, a, b)) for path, (a, b) in adapter.weights.items()]
+        slot = free[0]
+        for _, layer, part, a_local, b_local in placed:
+            a_stack, b_stack = self._stack(layer, part, a_local.shape[1], b_local.shape[0])
+            a_stack[slot, :adapter.rank] = a_local.to(self._dtype)
+            b_stack[slot, :, :adapter.rank] = (b_local * adapter.scaling).to(self._dtype)
+        self._slot[adapter.name] = slot
+
+    def unload(self, name: str) -> None:
+        """Free ``name``'s slot (zeroed, so a later adapter there starts clean); KeyError when not loaded."""
+        slot = self._slot.pop(name)
+        for parts in self._stacks.values():
+            for a_stack, b_stack in parts.values():
+                a_stack[slot].zero_()
+                b_stack[slot].zero_()
+
     def set_rows(self, slots: list[int], counts: list[int]) -> None:
         """Row i of the step has ``counts[i]`` tokens and adapter ``slots[i]``."""
+        if all(s < 0 for s in slots):
+            self.rows.groups = []
+            return
         per_token = torch.repeat_interleave(torch.tensor(slots, dtype=torch.long), torch.tensor(counts))
         self.rows.groups = [(s, (per_token == s).nonzero().flatten().to(self._device))
                             for s in sorted(set(slots)) if s >= 0]
 
-    @staticmethod
-    def _place(model: nn.Module, modules: dict[str, nn.Module], adapter: PeftAdapter, path: str,
-               a: torch.Tensor, b: torch.Tensor) -> tuple[str, object, torch.Tensor, torch.Tensor]:
+    def _stack(self, path: str, part: object, in_local: int, out_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) stacks of one layer's part, made (and the layer wrapped) on first use."""
+        parts = self._stacks.get(path)
+        if parts is None:
+            parts = self._stacks[path] = {}
+            layer = self._modules[path]
+            layer.method = LoRALinearMethod(layer.method, parts, self.rows)
+        if part not in parts:
+            parts[part] = (torch.zeros(self.capacity, self.max_rank, in_local, dtype=self._dtype, device=self._device),
+                           torch.zeros(self.capacity, out_local, self.max_rank, dtype=self._dtype,
+                                       device=self._device))
+        return parts[part]
+
+    def _place(self, adapter: PeftAdapter, path: str, a: torch.Tensor,
+               b: torch.Tensor) -> tuple[str, object, torch.Tensor, torch.Tensor]:
         """(our layer's path, its part, A and B sliced for this rank); ValueError if it does not fit."""
-        routed = model.route_tensor(f"{path}.weight", a)
-        layer = modules.get(routed.module)
+        routed = self._model.route_tensor(f"{path}.weight", a)
+        layer = self._modules.get(routed.module)
         if not isinstance(layer, LinearBase) or routed.param != "weight":
             raise ValueError(f"adapter {adapter.name!r} targets {path!r}, which is not a linear layer LoRA can "
                              "wrap in this model")
