@@ -117,11 +117,10 @@ def test_adapters_load_and_unload_at_run_time(tiny_models, adapters):
     with pytest.raises(ValueError, match="already loaded"):
         engine.load_adapter("qv", adapters["qv"])
     engine.add_request("in-flight", prompts[1], GREEDY, adapter="qv")
-    engine.step()
+    tokens = [t for out in engine.step() for t in out.new_token_ids]
     engine.unload_adapter("qv")  # a request still uses it: it finishes with it, new ones are refused
     with pytest.raises(ValueError, match="unknown adapter 'qv'"):
         engine.add_request("late", prompts[0], GREEDY, adapter="qv")
-    tokens = []
     while engine.has_unfinished():
         tokens += [t for out in engine.step() for t in out.new_token_ids]
     assert tokens == expected["qv"][1] and engine.stats()["kv_blocks_used"] == 0
