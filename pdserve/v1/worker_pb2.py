@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"H\n\x0bPrefillPeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x10\n\x08kv_agent\x18\x03 \x01(\t\"\xd6\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12.\n\rprefill_peers\x18\x10 \x03(\x0b\x32\x17.pdserve.v1.PrefillPeer\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x1c\n\x14local_prefill_reason\x18\x11 \x01(\tJ\x04\x08\x12\x10 \"\xf6\x01\n\x16WorkerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x1b\n\x13\x66irst_token_seconds\x18\x07 \x01(\x02\x12\x19\n\x11prefill_worker_id\x18\x10 \x01(\tJ\x04\x08\x11\x10 \"\xd0\x02\n\x14RemotePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x17\n\x0f\x64\x65\x63ode_kv_agent\x18\x04 \x01(\t\x12\x1b\n\x13\x64\x65\x63ode_kv_handshake\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\x05\x12\x1d\n\x15\x64\x65\x63ode_kv_incarnation\x18\x08 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\t \x01(\t\x12\x16\n\x0eissued_at_unix\x18\n \x01(\x01\x12\x17\n\x0fgrant_signature\x18\x0b \x01(\x0c\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\t\"\xa2\x03\n\x15RemotePrefillResponse\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32(.pdserve.v1.RemotePrefillResponse.Status\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\x05\x12\x16\n\x0enum_bytes_sent\x18\x05 \x01(\x03\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x02\x12\x14\n\x0ctail_seconds\x18\x08 \x01(\x02\x12\x18\n\x10transfer_seconds\x18\t \x01(\x02\x12\x15\n\rwrite_seconds\x18\n \x01(\x02\x12\x18\n\x10handover_seconds\x18\x0b \x01(\x02\"b\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44ONE\x10\x01\x12\x0b\n\x07\x41\x42ORTED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x10\n\x0cINCOMPATIBLE\x10\x04\x12\x0b\n\x07INVALID\x10\x05\"/\n\x19\x41\x62ortRemotePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"=\n\x1a\x41\x62ortRemotePrefillResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x10\n\x08quiesced\x18\x02 \x01(\x08\"^\n\x0c\x44\x65\x62ugRequest\x12\x1a\n\x12poison_free_blocks\x18\x01 \x01(\x08\x12\x1d\n\x10kv_delay_seconds\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_kv_delay_seconds\"(\n\rDebugResponse\x12\x17\n\x0fpoisoned_blocks\x18\x01 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe9\x03\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x08 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x05\x12\x1d\n\x15tokens_computed_total\x18\n \x01(\x03\x12\x13\n\x0bsteps_total\x18\x0b \x01(\x03\x12\x19\n\x11last_step_seconds\x18\x0c \x01(\x02\x12\x18\n\x10inflight_streams\x18\r \x01(\x05\x12\x10\n\x08kv_peers\x18\x0e \x01(\x05\x12\x16\n\x0ekv_peer_errors\x18\x0f \x03(\t\x12\x16\n\x0eprefills_local\x18\x10 \x01(\x03\x12\x17\n\x0fprefills_remote\x18\x11 \x01(\x03\x12\x1b\n\x13remote_reservations\x18\x12 \x01(\x05\x12\x1e\n\x16remote_prefills_active\x18\x13 \x01(\x05\x12\x1f\n\x17remote_prefills_sending\x18\x14 \x01(\x05\x32\xd2\x03\n\x06Worker\x12S\n\x08Generate\x12!.pdserve.v1.WorkerGenerateRequest\x1a\".pdserve.v1.WorkerGenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponse\x12T\n\rRemotePrefill\x12 .pdserve.v1.RemotePrefillRequest\x1a!.pdserve.v1.RemotePrefillResponse\x12\x63\n\x12\x41\x62ortRemotePrefill\x12%.pdserve.v1.AbortRemotePrefillRequest\x1a&.pdserve.v1.AbortRemotePrefillResponse\x12<\n\x05\x44\x65\x62ug\x12\x18.pdserve.v1.DebugRequest\x1a\x19.pdserve.v1.DebugResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"H\n\x0bPrefillPeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x10\n\x08kv_agent\x18\x03 \x01(\t\"\xd6\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12.\n\rprefill_peers\x18\x10 \x03(\x0b\x32\x17.pdserve.v1.PrefillPeer\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x1c\n\x14local_prefill_reason\x18\x11 \x01(\tJ\x04\x08\x12\x10 \"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x0f\x41\x64\x61pterResponse\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t\"\xf6\x01\n\x16WorkerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x1b\n\x13\x66irst_token_seconds\x18\x07 \x01(\x02\x12\x19\n\x11prefill_worker_id\x18\x10 \x01(\tJ\x04\x08\x11\x10 \"\xd0\x02\n\x14RemotePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x17\n\x0f\x64\x65\x63ode_kv_agent\x18\x04 \x01(\t\x12\x1b\n\x13\x64\x65\x63ode_kv_handshake\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\x05\x12\x1d\n\x15\x64\x65\x63ode_kv_incarnation\x18\x08 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\t \x01(\t\x12\x16\n\x0eissued_at_unix\x18\n \x01(\x01\x12\x17\n\x0fgrant_signature\x18\x0b \x01(\x0c\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\t\"\xa2\x03\n\x15RemotePrefillResponse\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32(.pdserve.v1.RemotePrefillResponse.Status\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\x05\x12\x16\n\x0enum_bytes_sent\x18\x05 \x01(\x03\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x02\x12\x14\n\x0ctail_seconds\x18\x08 \x01(\x02\x12\x18\n\x10transfer_seconds\x18\t \x01(\x02\x12\x15\n\rwrite_seconds\x18\n \x01(\x02\x12\x18\n\x10handover_seconds\x18\x0b \x01(\x02\"b\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44ONE\x10\x01\x12\x0b\n\x07\x41\x42ORTED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x10\n\x0cINCOMPATIBLE\x10\x04\x12\x0b\n\x07INVALID\x10\x05\"/\n\x19\x41\x62ortRemotePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"=\n\x1a\x41\x62ortRemotePrefillResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x10\n\x08quiesced\x18\x02 \x01(\x08\"^\n\x0c\x44\x65\x62ugRequest\x12\x1a\n\x12poison_free_blocks\x18\x01 \x01(\x08\x12\x1d\n\x10kv_delay_seconds\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_kv_delay_seconds\"(\n\rDebugResponse\x12\x17\n\x0fpoisoned_blocks\x18\x01 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe9\x03\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x08 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x05\x12\x1d\n\x15tokens_computed_total\x18\n \x01(\x03\x12\x13\n\x0bsteps_total\x18\x0b \x01(\x03\x12\x19\n\x11last_step_seconds\x18\x0c \x01(\x02\x12\x18\n\x10inflight_streams\x18\r \x01(\x05\x12\x10\n\x08kv_peers\x18\x0e \x01(\x05\x12\x16\n\x0ekv_peer_errors\x18\x0f \x03(\t\x12\x16\n\x0eprefills_local\x18\x10 \x01(\x03\x12\x17\n\x0fprefills_remote\x18\x11 \x01(\x03\x12\x1b\n\x13remote_reservations\x18\x12 \x01(\x05\x12\x1e\n\x16remote_prefills_active\x18\x13 \x01(\x05\x12\x1f\n\x17remote_prefills_sending\x18\x14 \x01(\x05\x32\xee\x04\n\x06Worker\x12S\n\x08Generate\x12!.pdserve.v1.WorkerGenerateRequest\x1a\".pdserve.v1.WorkerGenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponse\x12J\n\x0bLoadAdapter\x12\x1e.pdserve.v1.LoadAdapterRequest\x1a\x1b.pdserve.v1.AdapterResponse\x12N\n\rUnloadAdapter\x12 .pdserve.v1.UnloadAdapterRequest\x1a\x1b.pdserve.v1.AdapterResponse\x12T\n\rRemotePrefill\x12 .pdserve.v1.RemotePrefillRequest\x1a!.pdserve.v1.RemotePrefillResponse\x12\x63\n\x12\x41\x62ortRemotePrefill\x12%.pdserve.v1.AbortRemotePrefillRequest\x1a&.pdserve.v1.AbortRemotePrefillResponse\x12<\n\x05\x44\x65\x62ug\x12\x18.pdserve.v1.DebugRequest\x1a\x19.pdserve.v1.DebugResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLPEER']._serialized_end=136
   _globals['_WORKERGENERATEREQUEST']._serialized_start=139
   _globals['_WORKERGENERATEREQUEST']._serialized_end=353
-  _globals['_WORKERGENERATERESPONSE']._serialized_start=356
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=602
-  _globals['_REMOTEPREFILLREQUEST']._serialized_start=605
-  _globals['_REMOTEPREFILLREQUEST']._serialized_end=941
-  _globals['_REMOTEPREFILLRESPONSE']._serialized_start=944
-  _globals['_REMOTEPREFILLRESPONSE']._serialized_end=1362
-  _globals['_REMOTEPREFILLRESPONSE_STATUS']._serialized_start=1264
-  _globals['_REMOTEPREFILLRESPONSE_STATUS']._serialized_end=1362
-  _globals['_ABORTREMOTEPREFILLREQUEST']._serialized_start=1364
-  _globals['_ABORTREMOTEPREFILLREQUEST']._serialized_end=1411
-  _globals['_ABORTREMOTEPREFILLRESPONSE']._serialized_start=1413
-  _globals['_ABORTREMOTEPREFILLRESPONSE']._serialized_end=1474
-  _globals['_DEBUGREQUEST']._serialized_start=1476
-  _globals['_DEBUGREQUEST']._serialized_end=1570
-  _globals['_DEBUGRESPONSE']._serialized_start=1572
-  _globals['_DEBUGRESPONSE']._serialized_end=1612
-  _globals['_ABORTREQUEST']._serialized_start=1614
-  _globals['_ABORTREQUEST']._serialized_end=1648
-  _globals['_ABORTRESPONSE']._serialized_start=1650
-  _globals['_ABORTRESPONSE']._serialized_end=1680
-  _globals['_STATSREQUEST']._serialized_start=1682
-  _globals['_STATSREQUEST']._serialized_end=1696
-  _globals['_STATSRESPONSE']._serialized_start=1699
-  _globals['_STATSRESPONSE']._serialized_end=2188
-  _globals['_WORKER']._serialized_start=2191
-  _globals['_WORKER']._serialized_end=2657
+  _globals['_LOADADAPTERREQUEST']._serialized_start=355
+  _globals['_LOADADAPTERREQUEST']._serialized_end=403
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=405
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=441
+  _globals['_ADAPTERRESPONSE']._serialized_start=443
+  _globals['_ADAPTERRESPONSE']._serialized_end=478
+  _globals['_WORKERGENERATERESPONSE']._serialized_start=481
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=727
+  _globals['_REMOTEPREFILLREQUEST']._serialized_start=730
+  _globals['_REMOTEPREFILLREQUEST']._serialized_end=1066
+  _globals['_REMOTEPREFILLRESPONSE']._serialized_start=1069
+  _globals['_REMOTEPREFILLRESPONSE']._serialized_end=1487
+  _globals['_REMOTEPREFILLRESPONSE_STATUS']._serialized_start=1389
+  _globals['_REMOTEPREFILLRESPONSE_STATUS']._serialized_end=1487
+  _globals['_ABORTREMOTEPREFILLREQUEST']._serialized_start=1489
+  _globals['_ABORTREMOTEPREFILLREQUEST']._serialized_end=1536
+  _globals['_ABORTREMOTEPREFILLRESPONSE']._serialized_start=1538
+  _globals['_ABORTREMOTEPREFILLRESPONSE']._serialized_end=1599
+  _globals['_DEBUGREQUEST']._serialized_start=1601
+  _globals['_DEBUGREQUEST']._serialized_end=1695
+  _globals['_DEBUGRESPONSE']._serialized_start=1697
+  _globals['_DEBUGRESPONSE']._serialized_end=1737
+  _globals['_ABORTREQUEST']._serialized_start=1739
+  _globals['_ABORTREQUEST']._serialized_end=1773
+  _globals['_ABORTRESPONSE']._serialized_start=1775
+  _globals['_ABORTRESPONSE']._serialized_end=1805
+  _globals['_STATSREQUEST']._serialized_start=1807
+  _globals['_STATSREQUEST']._serialized_end=1821
+  _globals['_STATSRESPONSE']._serialized_start=1824
+  _globals['_STATSRESPONSE']._serialized_end=2313
+  _globals['_WORKER']._serialized_start=2316
+  _globals['_WORKER']._serialized_end=2938
 # @@protoc_insertion_point(module_scope)

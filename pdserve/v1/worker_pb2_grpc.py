@@ -49,6 +49,16 @@ class WorkerStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/pdserve.v1.Worker/LoadAdapter',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.AdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/pdserve.v1.Worker/UnloadAdapter',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.AdapterResponse.FromString,
+                _registered_method=True)
         self.RemotePrefill = channel.unary_unary(
                 '/pdserve.v1.Worker/RemotePrefill',
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.RemotePrefillRequest.SerializeToString,
@@ -82,6 +92,20 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """LoRA adapters at run time: INVALID_ARGUMENT for an adapter that cannot be served
+        (nothing changes then), NOT_FOUND when unloading one the worker does not have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +148,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.StatsResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.AdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.AdapterResponse.SerializeToString,
             ),
             'RemotePrefill': grpc.unary_unary_rpc_method_handler(
                     servicer.RemotePrefill,
@@ -222,6 +256,60 @@ class Worker:
             '/pdserve.v1.Worker/Stats',
             pdserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/LoadAdapter',
+            pdserve_dot_v1_dot_worker__pb2.LoadAdapterRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.AdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/UnloadAdapter',
+            pdserve_dot_v1_dot_worker__pb2.UnloadAdapterRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.AdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,12 @@ class Registration:
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
                 log.warning("could not revoke lease %x (keys expire with it): %s", lease_id, exc)
 
+    async def republish(self, record: WorkerRecord) -> None:
+        """Replace the record (e.g. its adapters changed) under the current lease."""
+        self._record = record
+        if self._lease_id is not None:
+            await self._client.kv.put(self.worker_key, record.to_json(), lease=self._lease_id, timeout=5.0)
+
     async def publish_load(self) -> None:
         """Write the current load now (also done periodically)."""
         if self._lease_id is not None:

@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.router.auth import ApiKey, unauthorized
-from pdserve.router.errors import RequestError
+from pdserve.router.errors import RequestError, invalid
 from pdserve.router.openai_protocol import OpenAIRequest, parse_chat, parse_completion
 from pdserve.router.openai_responses import ResponseBuilder
 from pdserve.router.openapi import openapi_document
@@ -49,6 +49,8 @@ class HttpApi:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/workers", self.workers)
@@ -136,6 +138,25 @@ class HttpApi:
                  for name, base in sorted(catalog.adapters().items())]
         return web.json_response({"object": "list", "data": data})
 
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """``{"lora_name", "lora_path"[, "model"]}``: load on every worker of the model."""
+        try:
+            body = _adapter_body(await read_json(request, self._max_body_bytes), ("lora_name", "lora_path"),
+                                 ("model",))
+            return web.json_response(await self._core.adapters.load(body["lora_name"], body["lora_path"],
+                                                                    body.get("model")))
+        except RequestError as exc:
+            return _error(exc)
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """``{"lora_name"}``: unload everywhere; requests in flight finish with it."""
+        try:
+            body = _adapter_body(await read_json(request, self._max_body_bytes), ("lora_name",),
+                                 ("lora_path", "lora_int_id"))
+            return web.json_response(await self._core.adapters.unload(body["lora_name"]))
+        except RequestError as exc:
+            return _error(exc)
+
     async def health(self, _: web.Request) -> web.Response:
         """Readiness: 200 while every served model can be served, 503 naming each cause otherwise."""
         status, workers, problems = self._core.health()
@@ -152,6 +173,24 @@ class HttpApi:
     async def openapi(self, _: web.Request) -> web.Response:
         return web.json_response(openapi_document(self._core.max_tokens, self._max_body_bytes, self._api_key.enabled,
                                                   self._api_key.protect_metrics, self._core.catalog.served()))
+
+
+def _adapter_body(body: Any, required: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, Any]:
+    """A load/unload body: the required non-empty strings, nothing unknown (400 naming the field)."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        raise invalid(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
+    for name in required:
+        if not isinstance(body.get(name), str) or not body[name].strip():
+            raise invalid(f"{name} is required and must be a non-empty string", name, "missing_required_parameter")
+    for name in optional:
+        kind = int if name == "lora_int_id" else str
+        value = body.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise invalid(f"{name} must be {'an integer' if kind is int else 'a string'}", name, "invalid_type")
+    return body
 
 
 def _route_path(request: web.Request) -> str:

@@ -23,7 +23,7 @@ def openapi_document(policy: MaxTokensPolicy, max_body_bytes: int, api_key: bool
                      models: list[str] | None = None) -> dict[str, Any]:
     """The document for one router's settings; ``models``: the served models, when known."""
     schemas = {"Error": _ERROR, "CompletionRequest": _completion_request(policy, models),
-               "ChatCompletionRequest": _chat_request(policy, models)}
+               "ChatCompletionRequest": _chat_request(policy, models), **_ADAPTER_REQUESTS}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "pdserve router", "version": "1",
@@ -46,7 +46,30 @@ def _paths(api_key: bool, metrics_need_key: bool) -> dict[str, Any]:
         "/workers": {"get": _get("Live workers, their load and KV compatibility", JSON, secured)},
         "/health": {"get": _get("Readiness: 200, or 503 naming each problem", JSON, [], extra={"503": _JSON_OK})},
         "/metrics": {"get": _get("Prometheus metrics", "text/plain", secured if metrics_need_key else [])},
+        "/v1/load_lora_adapter": {"post": _adapter_call("Load a LoRA adapter (a PEFT directory on the workers) on "
+                                                        "every worker of the model", "LoadLoraAdapterRequest",
+                                                        secured)},
+        "/v1/unload_lora_adapter": {"post": _adapter_call("Unload a LoRA adapter everywhere; requests in flight "
+                                                          "finish with it", "UnloadLoraAdapterRequest", secured)},
     }
+
+
+def _adapter_call(summary: str, schema: str, secured: list) -> dict[str, Any]:
+    ok = {"description": "Each worker's result", "content": {JSON: {"schema": {"type": "object"}}}}
+    return {"summary": summary, "security": secured,
+            "requestBody": {"required": True,
+                            "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+            "responses": {"200": ok, **_errors("400", "401", "404", "413", "503")}}
+
+
+_NAME = {"type": "string", "minLength": 1}
+_ADAPTER_REQUESTS = {
+    "LoadLoraAdapterRequest": {"type": "object", "required": ["lora_name", "lora_path"], "additionalProperties": False,
+                               "properties": {"lora_name": _NAME, "lora_path": _NAME, "model": _NAME}},
+    "UnloadLoraAdapterRequest": {"type": "object", "required": ["lora_name"], "additionalProperties": False,
+                                 "properties": {"lora_name": _NAME, "lora_path": {"type": "string"},
+                                                "lora_int_id": {"type": "integer"}}},
+}
 
 
 _JSON_OK = {"description": "JSON", "content": {JSON: {"schema": {"type": "object"}}}}
@@ -123,6 +146,7 @@ def _sampling(policy: MaxTokensPolicy, models: list[str] | None) -> dict[str, An
         "stop": {"anyOf": [stop_string, {"type": "array", "items": stop_string, "maxItems": MAX_STOP_STRINGS}]},
         "stop_token_ids": {"type": "array", "items": _int(INT_BOUNDS["stop_token_ids"])},
         "ignore_eos": {"type": "boolean"},
+        "min_tokens": _int(INT_BOUNDS["min_tokens"], description="at most max_tokens"),
         "include_stop_str_in_output": {"type": "boolean"},
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "additionalProperties": False, "description": "only with stream=true",

@@ -18,7 +18,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.router.errors import from_value_error, invalid
 from pdserve.router.models import ModelCatalog, ModelLimits
 from pdserve.router.request_types import GenerationRequest, Prompt
-from pdserve.router.validation import check_token_ids, check_values
+from pdserve.router.validation import INT32_MAX, check_token_ids, check_values
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ async def prepare(catalog: ModelCatalog, request_id: str, model: str | None, pro
     if prompt.token_ids is not None:
         check_token_ids(prompt.token_ids)
     policy.check(values.get("max_tokens"))
+    _sampling_params({"max_tokens": INT32_MAX, **values})  # NOTE: a broken rule is a 400 even for an unknown model
     name, adapter = catalog.resolve(model)
     tokenizer = await catalog.tokenizer(name)
     limits = catalog.limits(name)
@@ -62,10 +63,7 @@ async def prepare(catalog: ModelCatalog, request_id: str, model: str | None, pro
     room = limits.max_model_len - len(tokens)
     if values.get("max_tokens") is None:
         values["max_tokens"] = policy.default(default_max_tokens, room)
-    try:
-        params = SamplingParams(**values)
-    except (ValueError, TypeError) as exc:
-        raise from_value_error(ValueError(str(exc))) from None
+    params = _sampling_params(values)
     if params.max_tokens > room:
         raise invalid(f"this model's maximum context length is {limits.max_model_len} tokens; the prompt has "
                       f"{len(tokens)} tokens and max_tokens is {params.max_tokens}: reduce the prompt or max_tokens",
@@ -73,6 +71,13 @@ async def prepare(catalog: ModelCatalog, request_id: str, model: str | None, pro
     if params.stop and tokenizer is None:
         raise invalid(f"model {name!r} has no tokenizer, so stop strings cannot be matched", "stop")
     return GenerationRequest(request_id, name, tokens, params, arrival, adapter), tokenizer
+
+
+def _sampling_params(values: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(**values)
+    except (ValueError, TypeError) as exc:
+        raise from_value_error(ValueError(str(exc))) from None
 
 
 def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Iterator
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.records import WorkerRecord, kv_mismatch
 from pdserve.common.roles import kv_pair
+from pdserve.router.adapters import AdapterAdmin
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RequestError
 from pdserve.router.metrics import RouterMetrics
@@ -32,6 +33,10 @@ class RouterCore:
     max_tokens: MaxTokensPolicy = MaxTokensPolicy()
     max_inflight: int = 0  # 0 = no bound
     inflight: int = 0
+
+    @property
+    def adapters(self) -> AdapterAdmin:
+        return AdapterAdmin(self.discovery, self.catalog, self.pool)
 
     async def prepare(self, request_id: str, model: str | None, prompt: Prompt, values: dict[str, Any],
                       arrival: float, default_max_tokens: int | None) -> tuple[GenerationRequest, Any]:

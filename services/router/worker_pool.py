@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import grpc
@@ -161,7 +161,7 @@ class WorkerPool:
         while its streams still finish, so a channel with open streams closes after them."""
         records = self._discovery.records
         live = set(records)
-        renewed = {w for w, r in records.items() if w in self._known and self._known[w] != r}
+        renewed = {w for w, r in records.items() if w in self._known and not _same_worker(self._known[w], r)}
         self._known = dict(records)
         for worker_id in [w for w in self._channels if w not in live or w in renewed]:
             self._retire(worker_id)
@@ -185,3 +185,8 @@ class WorkerPool:
         self._retired.clear()
         for channel in channels:
             await channel.close()
+
+
+def _same_worker(old: WorkerRecord, new: WorkerRecord) -> bool:
+    """The same registration, updated in place (its adapters changed), not a restart."""
+    return replace(old, adapters=[]) == replace(new, adapters=[])

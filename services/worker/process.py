@@ -160,7 +160,7 @@ class WorkerProcess:
         self.health = health.aio.HealthServicer()
         self.server = new_server(token=token_for(self.config.cluster_secret))
         servicer = WorkerServicer(self.engine, self.inflight, self.metrics, self.config.worker_id, self.config.role,
-                                  self.remote)
+                                  self.remote, self._republish)
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((WORKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -184,6 +184,12 @@ class WorkerProcess:
         self._tasks.append(asyncio.create_task(self._sample_engine(), name="sample-engine"))
         log.info("worker %s (%s, %s) serving gRPC on %s, metrics on %s", record.id, record.role, record.model,
                  record.grpc_address, record.metrics_url)
+
+    async def _republish(self) -> None:
+        """The record again, with the adapters the engine has now."""
+        if self.registration is not None:
+            await self.registration.republish(worker_record(self.config, self.engine, self.grpc_port,
+                                                            self.metrics_server.port, self.remote.peers))
 
     async def drain(self) -> None:
         """Deregister, refuse new work, finish (or abort) in-flight work, stop everything."""

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -31,6 +31,10 @@ from pdserve.worker.metrics import WorkerMetrics
 from pdserve.worker.remote_rpc import RemoteRoles, debug, order_from_proto, result_to_proto
 
 log = logging.getLogger(__name__)
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass
@@ -63,8 +67,10 @@ class Inflight:
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Any, inflight: Inflight, metrics: WorkerMetrics, worker_id: str, role: str,
-                 remote: RemoteRoles = RemoteRoles()) -> None:
+                 remote: RemoteRoles = RemoteRoles(),
+                 on_adapters: Callable[[], Awaitable[None]] = _nothing) -> None:
         self._engine = engine
+        self._on_adapters = on_adapters  # republishes the worker's record with its adapters
         self._inflight = inflight
         self._metrics = metrics
         self._worker_id = worker_id
@@ -144,6 +150,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._metrics.labelled(self._metrics.prompt_tokens).inc(out.num_prompt_tokens)
         self._metrics.labelled(self._metrics.cached_tokens).inc(out.num_cached_tokens)
         self._metrics.labelled(self._metrics.first_token).observe(first_token_seconds)
+
+    # ---- LoRA adapters -----------------------------------------------------------------
+    async def LoadAdapter(self, request: worker_pb2.LoadAdapterRequest,
+                          context: grpc.aio.ServicerContext) -> worker_pb2.AdapterResponse:
+        try:
+            await self._engine.load_adapter(request.name, request.path)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._on_adapters()
+        return worker_pb2.AdapterResponse(adapters=self._engine.adapters())
+
+    async def UnloadAdapter(self, request: worker_pb2.UnloadAdapterRequest,
+                            context: grpc.aio.ServicerContext) -> worker_pb2.AdapterResponse:
+        try:
+            await self._engine.unload_adapter(request.name)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        await self._on_adapters()
+        return worker_pb2.AdapterResponse(adapters=self._engine.adapters())
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
         found = request.request_id in self._inflight.ids

@@ -38,6 +38,15 @@ class FakeEngine:
 
     kv_cache = None  # no KV to transfer
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise ValueError(f"adapter {name!r}: the fake engine serves no LoRA adapters")
+
+    async def unload_adapter(self, name: str) -> None:
+        raise ValueError(f"unknown adapter {name!r}; loaded: none")
+
+    def adapters(self) -> list[str]:
+        return []
+
     def kv_links(self) -> list:
         return []
 

@@ -137,7 +137,6 @@ def test_grpc_cancel_frees_blocks(cluster: InProcessCluster) -> None:
 BAD_HTTP = [
     ("/v1/completions", b"{not json", "JSON"),
     ("/v1/completions", {"model": "smollm2"}, "prompt"),
-    ("/v1/completions", {"model": "nope", "prompt": "x"}, "nope"),
     ("/v1/completions", {"model": "smollm2", "prompt": "x", "max_tokens": -3}, "max_tokens"),
     ("/v1/completions", {"model": "smollm2", "prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"model": "smollm2", "prompt": [5] * 2048}, "context length"),
@@ -161,7 +160,6 @@ def test_bad_http_requests_get_400(cluster: InProcessCluster, path: str, body: A
 
 BAD_GRPC = [
     ({}, "one of text, chat or token_ids"),
-    ({"text": "x", "model": "nope"}, "nope"),
     ({"text": ""}, "empty"),
     ({"chat": router_pb2.ChatMessages()}, "chat"),
     ({"text": "x", "params": {"temperature": -1.0}}, "temperature"),
@@ -174,6 +172,14 @@ def test_bad_grpc_requests_get_invalid_argument(cluster: InProcessCluster, field
     with pytest.raises(grpc.RpcError) as info:
         generate(router_stub(cluster.grpc_address), **dict(fields))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.details()
+
+
+def test_an_unknown_model_is_not_found(cluster: InProcessCluster) -> None:
+    status, reply = http_json(f"{cluster.http_url}/v1/completions", {"model": "nope", "prompt": "x"})
+    assert status == 404 and reply["error"]["code"] == "model_not_found" and "nope" in reply["error"]["message"]
+    with pytest.raises(grpc.RpcError) as info:
+        generate(router_stub(cluster.grpc_address), text="x", model="nope")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in info.value.details()
 
 
 def test_cluster_keeps_serving_after_bad_requests(cluster: InProcessCluster) -> None:

@@ -1,7 +1,8 @@
 """LoRA adapters through a real 1P1D cluster (etcd, router, prefill and decode workers, NIXL):
 workers load adapters at start, the router lists them under their base model and routes a
 request naming one to workers that have it, prefill computes with it and decode continues
-with it (token-identical to the offline engine with the adapter), an unknown name is a 404."""
+with it (token-identical to the offline engine with the adapter), an unknown name is a 404;
+adapters load and unload at run time through the router's vLLM-style endpoints."""
 from __future__ import annotations
 
 import openai
@@ -22,13 +23,13 @@ MAX_TOKENS = 8
 def test_adapters_through_prefill_and_decode(tmp_path):
     base = make_tiny_model("llama", str(tmp_path))
     paths = {name: make_adapter(base, str(tmp_path / name), *ADAPTERS[name], seed=i)
-             for i, name in enumerate(("qv", "all"))}
-    spec = ",".join(f"{n}={p}" for n, p in paths.items())
+             for i, name in enumerate(("qv", "all", "mlp"))}
+    spec = ",".join(f"{n}={paths[n]}" for n in ("qv", "all"))  # mlp is loaded at run time
     prompt = list(range(200, 260))  # above the local-prefill threshold: computed on the prefill worker
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    offline = LLM(base, num_blocks=64, adapters=tuple(spec.split(",")))
-    expected = {name: offline.generate([prompt], params, adapter=name)[0].text for name in (None, "qv", "all")}
-    assert len(set(expected.values())) == 3
+    offline = LLM(base, num_blocks=64, adapters=tuple(f"{n}={p}" for n, p in paths.items()))
+    expected = {name: offline.generate([prompt], params, adapter=name)[0].text for name in (None, *paths)}
+    assert len(set(expected.values())) == 4
     with local_cluster(hybrid=0, prefill=1, decode=1, model=base, log_dir=str(tmp_path / "logs"),
                        worker_args=("--adapters", spec)) as cluster:
         status, models = http_json(f"{cluster.http_url}/v1/models")
@@ -45,3 +46,22 @@ def test_adapters_through_prefill_and_decode(tmp_path):
         with pytest.raises(openai.NotFoundError) as info:
             client.completions.create(model="nope", prompt=prompt, max_tokens=2)
         assert info.value.body["code"] == "model_not_found" and "adapters: ['all', 'qv']" in info.value.body["message"]
+
+        # at run time: load on every worker, serve through P/D, refuse a bad one (nothing changes), unload
+        status, reply = http_json(f"{cluster.http_url}/v1/load_lora_adapter",
+                                  {"lora_name": "mlp", "lora_path": paths["mlp"]})
+        assert status == 200 and set(reply["workers"].values()) == {"ok"} and len(reply["workers"]) == 2, reply
+        out = client.completions.create(model="mlp", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == expected["mlp"]
+        status, reply = http_json(f"{cluster.http_url}/v1/load_lora_adapter",
+                                  {"lora_name": "broken", "lora_path": str(tmp_path / "missing")})
+        assert status == 400 and reply["error"]["param"] == "lora_path" and "broken" in reply["error"]["message"]
+        status, models = http_json(f"{cluster.http_url}/v1/models")
+        assert sorted(m["id"] for m in models["data"]) == sorted([base, "qv", "all", "mlp"])
+        status, reply = http_json(f"{cluster.http_url}/v1/unload_lora_adapter", {"lora_name": "mlp"})
+        assert status == 200, reply
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="mlp", prompt=prompt, max_tokens=2)
+        status, reply = http_json(f"{cluster.http_url}/v1/unload_lora_adapter", {"lora_name": "mlp"})
+        assert status == 404 and reply["error"]["code"] == "model_not_found"
