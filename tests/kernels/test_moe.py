@@ -1,11 +1,15 @@
-"""``fused_moe`` against ``reference.fused_moe_ref`` on float64-upcast inputs, and the reference
-against a naive per-token loop."""
+"""``fused_moe`` (both paths: pairs for decode, grouped for prefill) against
+``reference.fused_moe_ref`` on float64-upcast inputs, and the reference against a naive
+per-token loop."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
-from pdserve.kernels.moe import MoeConfig, align_pairs, fused_moe
+from pdserve.kernels import moe
+from pdserve.kernels.moe import MoeConfig, PairsConfig, align_pairs, default_config, fused_moe, use_pairs_path
 from pdserve.kernels.reference import fused_moe_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -21,6 +25,18 @@ CASES = [
     (12, 128, 4, 40, 24, I32),
     (3, 64, 6, 72, 40, I64),
 ]
+# The pairs path (T*K <= 64): T=1 with K=1 and K=8, up to 64 pairs, odd H and I, pairs sharing experts.
+PAIRS_CASES = [
+    (1, 8, 1, 64, 48, I32),
+    (1, 128, 8, 37, 19, I64),
+    (1, 16, 8, 72, 40, I32),
+    (2, 64, 6, 40, 24, I64),
+    (5, 16, 3, 33, 21, I32),
+    (8, 128, 8, 40, 24, I64),
+    (4, 4, 2, 24, 56, I32),  # 8 pairs on 4 experts: every expert shared (forced; the default is grouped)
+]
+# A small launch shape: several column steps and tiles, ragged last ones.
+SMALL_PAIRS = PairsConfig(block_n=8, block_k=16, down_block_h=8, down_block_k=16)
 
 
 def make_moe(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
@@ -52,6 +68,47 @@ def test_fused_moe(tokens: int, experts: int, top_k: int, hidden: int, inter: in
     assert got.data_ptr() == out.data_ptr() and got.shape == (tokens, hidden)
     if tokens:
         check_close(got, ref64(x, w13, w2, weights, ids), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [None, SMALL_PAIRS], ids=["default", "small"])
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,ids_dtype", PAIRS_CASES, ids=str)
+def test_fused_moe_pairs(tokens: int, experts: int, top_k: int, hidden: int, inter: int, ids_dtype: torch.dtype,
+                         config: PairsConfig | None, dtype: torch.dtype, device: torch.device, check_close) -> None:
+    """The pairs path into a poisoned out= buffer; routing tensors column-major (strided)."""
+    x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, hidden, inter, dtype, device, ids_dtype)
+    ids, weights = ids.t().contiguous().t(), weights.t().contiguous().t()
+    if config is None:
+        config = moe.default_pairs_config(x)
+        assert use_pairs_path(ids.numel(), experts) == (experts >= ids.numel())
+    out = torch.full((tokens, hidden), float("nan"), dtype=dtype, device=device)
+    got = fused_moe(x, w13, w2, weights, ids, out=out, config=config)
+    assert got.data_ptr() == out.data_ptr()
+    check_close(got, ref64(x, w13, w2, weights, ids), dtype)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fused_moe_grouped_strided_routing(top_k: int, device: torch.device, check_close) -> None:
+    """The grouped path on routing tensors that are strided views (K=1 of a wider slice reshapes to a
+    strided view, not a copy)."""
+    x, w13, w2, weights, ids = make_moe(5, 8, top_k, 40, 24, torch.float32, device)
+    wide = torch.stack([ids, ids + 1], dim=-1)[..., 0]  # [T, K] view with strides (2K, 2)
+    assert not wide.is_contiguous()
+    got = fused_moe(x, w13, w2, weights, wide, config=default_config(x, ids.numel(), 8))
+    check_close(got, ref64(x, w13, w2, weights, ids), torch.float32)
+
+
+def test_fused_moe_path_choice(device: torch.device, monkeypatch: pytest.MonkeyPatch, check_close) -> None:
+    """Up to 64 pairs (and no more than E) skip the alignment; more pairs align."""
+    assert use_pairs_path(1, 8) and use_pairs_path(64, 128) and use_pairs_path(8, 8)
+    assert not use_pairs_path(65, 128) and not use_pairs_path(9, 8)
+    calls = []
+    monkeypatch.setattr(moe, "align_pairs", lambda *a: calls.append(a) or align_pairs(*a))
+    for tokens, expect_align in [(1, False), (8, False), (9, True)]:
+        x, w13, w2, weights, ids = make_moe(tokens, 128, 8, 32, 16, torch.float32, device)
+        check_close(fused_moe(x, w13, w2, weights, ids), ref64(x, w13, w2, weights, ids), torch.float32)
+        assert bool(calls) == expect_align, tokens
+        calls.clear()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -132,30 +189,64 @@ def test_fused_moe_ref_matches_naive_loop(dtype: torch.dtype, device: torch.devi
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens", [1, 7, 256, 2048])
+@pytest.mark.parametrize("tokens", [1, 2, 7, 8, 9, 256, 2048])
 def test_fused_moe_large(tokens: int, dtype: torch.dtype, device: torch.device, check_close) -> None:
-    """A Qwen3-30B-A3B-like layer: E=128, K=8, H=2048, I=768 (decode and prefill launch shapes)."""
+    """A Qwen3-30B-A3B-like layer: E=128, K=8, H=2048, I=768 (pairs path up to T=8, then grouped
+    decode and prefill launch shapes)."""
     x, w13, w2, weights, ids = make_moe(tokens, 128, 8, 2048, 768, dtype, device, torch.int32)
     check_close(fused_moe(x, w13, w2, weights, ids), ref64(x, w13, w2, weights, ids), dtype)
 
 
 @pytest.mark.gpu
-def test_fused_moe_no_host_sync_and_graph_capture(device: torch.device, check_close) -> None:
-    """The whole call is capturable: no host sync, and a replay with new routing is right."""
-    x, w13, w2, weights, ids = make_moe(16, 64, 4, 256, 128, torch.bfloat16, device, torch.int32)
-    out = torch.empty_like(x)
-    fused_moe(x, w13, w2, weights, ids, out=out)  # compile outside the capture
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["pairs", "grouped"])
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 128, 8), (8, 128, 8), (16, 8, 2), (3, 128, 1)])
+def test_fused_moe_large_both_paths(tokens: int, experts: int, top_k: int, path: str, dtype: torch.dtype,
+                                    device: torch.device, check_close) -> None:
+    """Each path forced at decode sizes of the real layer (H=2048, I=768), int64 ids, experts shared."""
+    x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, 2048, 768, dtype, device, torch.int64)
+    pairs = tokens * top_k
+    config = moe.default_pairs_config(x) if path == "pairs" else default_config(x, pairs, experts)
+    out = torch.full((tokens, 2048), float("nan"), dtype=dtype, device=device)
+    fused_moe(x, w13, w2, weights, ids, out=out, config=config)
+    check_close(out, ref64(x, w13, w2, weights, ids), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,pdl", [(1, None), (16, None), (40, None), (1, False), (4, True)], ids=str)
+def test_fused_moe_no_host_sync_and_graph_capture(tokens: int, pdl: bool | None, device: torch.device,
+                                                  check_close) -> None:
+    """The whole call is capturable: no host sync, and a replay with new routing is right (pairs
+    path at 4, 16 and 64 pairs, with and without PDL; grouped at 160). Two chained calls, the second
+    reading the first's output, as layers do."""
+    assert use_pairs_path(tokens * 4, 64) == (tokens <= 16)
+    x, w13, w2, weights, ids = make_moe(tokens, 64, 4, 256, 128, torch.bfloat16, device, torch.int32)
+    config = None
+    if pdl is not None:
+        if pdl and torch.cuda.get_device_capability(device)[0] < 9:
+            pytest.skip("PDL needs Hopper or newer")
+        config = replace(moe.default_pairs_config(x), pdl=pdl)
+    out, out2 = torch.empty_like(x), torch.empty_like(x)
+
+    def layers() -> None:
+        fused_moe(x, w13, w2, weights, ids, out=out, config=config)
+        fused_moe(out, w13, w2, weights, ids, out=out2, config=config)
+
+    layers()  # compile outside the capture
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fused_moe(x, w13, w2, weights, ids, out=out)
+        layers()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fused_moe(x, w13, w2, weights, ids, out=out)
-    _, _, _, new_weights, new_ids = make_moe(16, 64, 4, 256, 128, torch.bfloat16, device, torch.int32)
+        layers()
+    _, _, _, new_weights, new_ids = make_moe(tokens, 64, 4, 256, 128, torch.bfloat16, device, torch.int32)
     weights.copy_(new_weights)
     ids.copy_(new_ids)
+    out.fill_(float("nan"))
+    out2.fill_(float("nan"))
     graph.replay()
     check_close(out, ref64(x, w13, w2, weights, ids), torch.bfloat16)
+    check_close(out2, ref64(out, w13, w2, weights, ids), torch.bfloat16, "second layer")
