@@ -68,10 +68,6 @@ class EngineConfig:
                    "an integer >= 1")
         if len(self.adapter_paths()) > self.max_loras:
             raise ConfigError(f"adapters: {len(self.adapters)} given but max_loras={self.max_loras}")
-
-    @property
-    def lora_enabled(self) -> bool:
-        return self.enable_lora or bool(self.adapters)
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")
         if self.num_blocks is not None:
             _check(isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", self.num_blocks, "an integer >= 1")
@@ -81,6 +77,10 @@ class EngineConfig:
             _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1, "max_model_len",
                    self.max_model_len, "an integer >= 1")
         _check(bool(self.model), "model", self.model, "a model name or path")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.adapters)
 
     def adapter_paths(self) -> dict[str, str]:
         """``adapters`` as {name: path}; ConfigError on an entry that is not ``name=path`` or a repeated name."""

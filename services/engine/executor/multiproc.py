@@ -274,8 +274,16 @@ class MultiprocExecutor:
         except (EOFError, OSError):
             self._fail(f"rank {rank} exited with code {proc.exitcode}")
         if status == "error":
-            self._fail(value)
+            self._fail(self._dead_rank() or value)
         return value
+
+    def _dead_rank(self) -> str | None:
+        """A rank that has exited: the cause when the others report broken collectives."""
+        time.sleep(0.2)  # NOTE: the survivors' collective fails as the dead rank's exit is being reaped
+        for rank, proc in enumerate(self._procs):
+            if not proc.is_alive():
+                return f"rank {rank} exited with code {proc.exitcode}"
+        return None
 
     def _check(self) -> None:
         if self._failed is not None:
