@@ -154,16 +154,18 @@ def test_grpc_cancel_frees_blocks(cluster: LocalCluster) -> None:
 ])
 def test_bad_http_inputs(cluster: LocalCluster, path: str, body: dict, needle: str) -> None:
     status, reply = http_json(f"{cluster.http_url}{path}", body)
-    assert status == 400 and needle in reply["error"]["message"], reply
+    expected = 404 if body["model"] == "gpt-4" else 400  # an unknown model: OpenAI's 404 model_not_found
+    assert status == expected and needle in reply["error"]["message"], reply
 
 
 def test_bad_grpc_inputs_and_cluster_keeps_serving(cluster: LocalCluster) -> None:
     stub = router_stub(cluster.grpc_address)
-    for fields in ({"text": "hi", "params": {"top_p": 2.0}}, {"token_ids": router_pb2.TokenIds(ids=[1] * 5000)},
-                   {"text": "hi", "model": "gpt-4"}):
+    for fields, code in (({"text": "hi", "params": {"top_p": 2.0}}, grpc.StatusCode.INVALID_ARGUMENT),
+                         ({"token_ids": router_pb2.TokenIds(ids=[1] * 5000)}, grpc.StatusCode.INVALID_ARGUMENT),
+                         ({"text": "hi", "model": "gpt-4"}, grpc.StatusCode.NOT_FOUND)):
         with pytest.raises(grpc.RpcError) as info:
             generate(stub, **fields)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code() == code
     assert generate(stub, stream=False, text="hi", params={"max_tokens": 2})[0].usage.completion_tokens == 2
 
 
