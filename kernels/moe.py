@@ -374,17 +374,21 @@ def _place_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, block_experts_ptr, num_pa
 
 
 @triton.jit
+def _grouped_tile(pid, n_tiles, max_blocks, GROUP_M: tl.constexpr):
+    """(row block, column tile) of program ``pid``: GROUP_M row blocks walk each column tile
+    together, so its weight tiles are reused from L2."""
+    first = pid // (GROUP_M * n_tiles) * GROUP_M
+    rows_in_group = tl.minimum(max_blocks - first, GROUP_M)
+    return first + pid % (GROUP_M * n_tiles) % rows_in_group, pid % (GROUP_M * n_tiles) // rows_in_group
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
                     max_blocks, num_pairs, hidden, inter, stride_xt, stride_we, stride_wn, stride_act,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     PRECISION: tl.constexpr):
-    # GROUP_M row blocks walk each column tile together (weight tiles reused from L2).
-    pid, n_tiles = tl.program_id(0), tl.cdiv(inter, BLOCK_N)
-    first = pid // (GROUP_M * n_tiles) * GROUP_M
-    rows_in_group = tl.minimum(max_blocks - first, GROUP_M)
-    block = first + pid % (GROUP_M * n_tiles) % rows_in_group
-    tile = pid % (GROUP_M * n_tiles) // rows_in_group
+    block, tile = _grouped_tile(tl.program_id(0), tl.cdiv(inter, BLOCK_N), max_blocks, GROUP_M)
     if block * BLOCK_M >= tl.load(num_padded_ptr):
         return
     pairs = tl.load(sorted_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -418,12 +422,7 @@ def _down_kernel(act_ptr, w_ptr, partial_ptr, routing_ptr, sorted_ids_ptr, block
                  max_blocks, num_pairs, hidden, inter, stride_act, stride_we, stride_wn, stride_partial,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    # GROUP_M row blocks walk each column tile together (weight tiles reused from L2).
-    pid, n_tiles = tl.program_id(0), tl.cdiv(hidden, BLOCK_N)
-    first = pid // (GROUP_M * n_tiles) * GROUP_M
-    rows_in_group = tl.minimum(max_blocks - first, GROUP_M)
-    block = first + pid % (GROUP_M * n_tiles) % rows_in_group
-    tile = pid % (GROUP_M * n_tiles) // rows_in_group
+    block, tile = _grouped_tile(tl.program_id(0), tl.cdiv(hidden, BLOCK_N), max_blocks, GROUP_M)
     if block * BLOCK_M >= tl.load(num_padded_ptr):
         return
     pairs = tl.load(sorted_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
