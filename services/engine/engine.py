@@ -457,7 +457,7 @@ class LLMEngine:
                 "kv_blocks_total": kv["total"], "tokens_computed_total": c.tokens_computed_total,
                 "steps_total": c.steps_total, "preemptions_total": c.preemptions_total,
                 "overlapped_steps_total": c.overlapped_steps_total, "last_step_seconds": c.last_step_seconds,
-                "rank_seconds": self.executor.rank_seconds()}
+                "rank_seconds": self.executor.rank_seconds(), "lora_adapters_loaded": len(self.adapters)}
 
     def model_info(self) -> dict:
         m = self.model_config

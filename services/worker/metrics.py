@@ -44,6 +44,8 @@ class _EngineCollector(Collector):
         steps = CounterMetricFamily("pdserve_worker_engine_steps", "Engine steps executed", labels=names)
         steps.add_metric(values, s["steps_total"])
         yield steps
+        yield _gauge("pdserve_worker_lora_adapters_loaded", "LoRA adapters loaded (new requests may use them)",
+                     names, values, s.get("lora_adapters_loaded", 0))
         yield from _rank_families(s.get("rank_seconds", ()), names, values)
 
 
@@ -90,6 +92,8 @@ class WorkerMetrics:
                                    names, buckets=LATENCY_BUCKETS, registry=reg)
         self.inflight = Gauge("pdserve_worker_inflight_streams", "Open Generate streams", names, registry=reg)
         self.draining = Gauge("pdserve_worker_draining", "1 while the worker drains", names, registry=reg)
+        self.adapter_requests = Counter("pdserve_worker_lora_requests", "Generate streams by LoRA adapter",
+                                        names + ["adapter"], registry=reg)
         self._add_disagg_metrics(names, reg)
         self._labels = labels
         self._last_steps = 0

@@ -90,6 +90,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self._inflight.add(rid)
         self._metrics.labelled(self._metrics.inflight).inc()
+        if request.adapter:
+            self._metrics.labelled(self._metrics.adapter_requests, adapter=request.adapter).inc()
         try:
             async for message in self._stream(rid, list(request.prompt_token_ids), params, request):
                 yield message

@@ -43,6 +43,10 @@ def test_adapters_through_prefill_and_decode(tmp_path):
                                             extra_body={"ignore_eos": True})
             assert out.model == (name or base) and out.choices[0].text == expected[name], name
             assert metric(metrics(prefill), "pdserve_kv_transfer_bytes_total", direction="sent") > before, name
+        decode = workers(cluster, "decode")[0]
+        samples = metrics(decode)
+        assert metric(samples, "pdserve_worker_lora_adapters_loaded") == 2
+        assert metric(samples, "pdserve_worker_lora_requests_total", adapter="qv") == 1
         with pytest.raises(openai.NotFoundError) as info:
             client.completions.create(model="nope", prompt=prompt, max_tokens=2)
         assert info.value.body["code"] == "model_not_found" and "adapters: ['all', 'qv']" in info.value.body["message"]
