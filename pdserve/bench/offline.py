@@ -30,6 +30,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--torch-only", action="store_true", help="CPU: pure torch, not pdserve's compiled CPU kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
+    p.add_argument("--adapters", default="",
+                   help="LoRA adapters name=path,...: the prompts are spread evenly over them (mixed batches)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat pdserve then transformers this many times (noisy hosts); prints the median ratio")
     return p.parse_args(argv)
@@ -44,15 +46,19 @@ def run_pdserve(args, prompts) -> tuple[float, int]:
     from pdserve.engine import LLM
 
     num_blocks = args.num_prompts * -(-(args.prompt_len + args.output_len) // 16) + 64
+    adapters = tuple(a for a in args.adapters.split(",") if a)
     llm = LLM(args.model, dtype=args.dtype, device_type=args.device_type, num_blocks=num_blocks,
               max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-              compiled_cpu_kernels=not args.torch_only, tp=args.tp)
+              compiled_cpu_kernels=not args.torch_only, tp=args.tp, adapters=adapters,
+              max_loras=max(4, len(adapters)))
+    names = [a.partition("=")[0] for a in adapters]
+    per_prompt = [names[i % len(names)] for i in range(len(prompts))] if names else None
     try:
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
         llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
         _sync(args.device_type)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(prompts, params, adapter=per_prompt)
         _sync(args.device_type)
         elapsed = time.perf_counter() - t0
     finally:
