@@ -25,37 +25,47 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12*\n\x06params\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"\x7f\n\x06Timing\x12#\n\x1btime_to_first_token_seconds\x18\x01 \x01(\x02\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x02\x12\"\n\x1aworker_first_token_seconds\x18\x03 \x01(\x02\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x02\"\xfe\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\t \x01(\t\"\x14\n\x12ListWorkersRequest\"\x91\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\"\x86\x01\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12$\n\x04load\x18\x06 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.WorkerInfo\"\x0f\n\rHealthRequest\"E\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t2\xe2\x01\n\x06Router\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.pdserve.v1.ListWorkersRequest\x1a\x1f.pdserve.v1.ListWorkersResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"M\n\x16LoadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"-\n\x18UnloadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"\x97\x01\n\x13LoraAdapterResponse\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12=\n\x07workers\x18\x02 \x03(\x0b\x32,.pdserve.v1.LoraAdapterResponse.WorkersEntry\x1a.\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12*\n\x06params\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"\x7f\n\x06Timing\x12#\n\x1btime_to_first_token_seconds\x18\x01 \x01(\x02\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x02\x12\"\n\x1aworker_first_token_seconds\x18\x03 \x01(\x02\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x02\"\xfe\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\t \x01(\t\"\x14\n\x12ListWorkersRequest\"\x91\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\"\x86\x01\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x13\n\x0bmetrics_url\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12$\n\x04load\x18\x06 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.WorkerInfo\"\x0f\n\rHealthRequest\"E\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t2\x96\x03\n\x06Router\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.pdserve.v1.ListWorkersRequest\x1a\x1f.pdserve.v1.ListWorkersResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12V\n\x0fLoadLoraAdapter\x12\".pdserve.v1.LoadLoraAdapterRequest\x1a\x1f.pdserve.v1.LoraAdapterResponse\x12Z\n\x11UnloadLoraAdapter\x12$.pdserve.v1.UnloadLoraAdapterRequest\x1a\x1f.pdserve.v1.LoraAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATMESSAGE']._serialized_start=64
-  _globals['_CHATMESSAGE']._serialized_end=108
-  _globals['_CHATMESSAGES']._serialized_start=110
-  _globals['_CHATMESSAGES']._serialized_end=167
-  _globals['_TOKENIDS']._serialized_start=169
-  _globals['_TOKENIDS']._serialized_end=192
-  _globals['_GENERATEREQUEST']._serialized_start=195
-  _globals['_GENERATEREQUEST']._serialized_end=418
-  _globals['_TIMING']._serialized_start=420
-  _globals['_TIMING']._serialized_end=547
-  _globals['_GENERATERESPONSE']._serialized_start=550
-  _globals['_GENERATERESPONSE']._serialized_end=804
-  _globals['_LISTWORKERSREQUEST']._serialized_start=806
-  _globals['_LISTWORKERSREQUEST']._serialized_end=826
-  _globals['_WORKERLOAD']._serialized_start=829
-  _globals['_WORKERLOAD']._serialized_end=974
-  _globals['_WORKERINFO']._serialized_start=977
-  _globals['_WORKERINFO']._serialized_end=1111
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1113
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1175
-  _globals['_HEALTHREQUEST']._serialized_start=1177
-  _globals['_HEALTHREQUEST']._serialized_end=1192
-  _globals['_HEALTHRESPONSE']._serialized_start=1194
-  _globals['_HEALTHRESPONSE']._serialized_end=1263
-  _globals['_ROUTER']._serialized_start=1266
-  _globals['_ROUTER']._serialized_end=1492
+  _globals['_LORAADAPTERRESPONSE_WORKERSENTRY']._loaded_options = None
+  _globals['_LORAADAPTERRESPONSE_WORKERSENTRY']._serialized_options = b'8\001'
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=64
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=141
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=143
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=188
+  _globals['_LORAADAPTERRESPONSE']._serialized_start=191
+  _globals['_LORAADAPTERRESPONSE']._serialized_end=342
+  _globals['_LORAADAPTERRESPONSE_WORKERSENTRY']._serialized_start=296
+  _globals['_LORAADAPTERRESPONSE_WORKERSENTRY']._serialized_end=342
+  _globals['_CHATMESSAGE']._serialized_start=344
+  _globals['_CHATMESSAGE']._serialized_end=388
+  _globals['_CHATMESSAGES']._serialized_start=390
+  _globals['_CHATMESSAGES']._serialized_end=447
+  _globals['_TOKENIDS']._serialized_start=449
+  _globals['_TOKENIDS']._serialized_end=472
+  _globals['_GENERATEREQUEST']._serialized_start=475
+  _globals['_GENERATEREQUEST']._serialized_end=698
+  _globals['_TIMING']._serialized_start=700
+  _globals['_TIMING']._serialized_end=827
+  _globals['_GENERATERESPONSE']._serialized_start=830
+  _globals['_GENERATERESPONSE']._serialized_end=1084
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1086
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1106
+  _globals['_WORKERLOAD']._serialized_start=1109
+  _globals['_WORKERLOAD']._serialized_end=1254
+  _globals['_WORKERINFO']._serialized_start=1257
+  _globals['_WORKERINFO']._serialized_end=1391
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1393
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1455
+  _globals['_HEALTHREQUEST']._serialized_start=1457
+  _globals['_HEALTHREQUEST']._serialized_end=1472
+  _globals['_HEALTHRESPONSE']._serialized_start=1474
+  _globals['_HEALTHRESPONSE']._serialized_end=1543
+  _globals['_ROUTER']._serialized_start=1546
+  _globals['_ROUTER']._serialized_end=1952
 # @@protoc_insertion_point(module_scope)

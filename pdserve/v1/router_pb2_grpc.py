@@ -49,6 +49,16 @@ class RouterStub:
                 request_serializer=pdserve_dot_v1_dot_router__pb2.HealthRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_router__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/pdserve.v1.Router/LoadLoraAdapter',
+                request_serializer=pdserve_dot_v1_dot_router__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_router__pb2.LoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/pdserve.v1.Router/UnloadLoraAdapter',
+                request_serializer=pdserve_dot_v1_dot_router__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_router__pb2.LoraAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -72,6 +82,22 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """LoRA adapters at run time, on every worker of the model (HTTP:
+        /v1/load_lora_adapter, /v1/unload_lora_adapter). INVALID_ARGUMENT when a
+        worker refuses the adapter (nothing stays loaded), NOT_FOUND when unloading
+        an adapter no worker has.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +115,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=pdserve_dot_v1_dot_router__pb2.HealthRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_router__pb2.HealthResponse.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=pdserve_dot_v1_dot_router__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_router__pb2.LoraAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=pdserve_dot_v1_dot_router__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_router__pb2.LoraAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +208,60 @@ class Router:
             '/pdserve.v1.Router/Health',
             pdserve_dot_v1_dot_router__pb2.HealthRequest.SerializeToString,
             pdserve_dot_v1_dot_router__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/LoadLoraAdapter',
+            pdserve_dot_v1_dot_router__pb2.LoadLoraAdapterRequest.SerializeToString,
+            pdserve_dot_v1_dot_router__pb2.LoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/UnloadLoraAdapter',
+            pdserve_dot_v1_dot_router__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            pdserve_dot_v1_dot_router__pb2.LoraAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,26 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                    for w in self._core.workers_json()]
         return router_pb2.ListWorkersResponse(workers=workers)
 
+    async def LoadLoraAdapter(self, request: router_pb2.LoadLoraAdapterRequest,
+                              context: grpc.aio.ServicerContext) -> router_pb2.LoraAdapterResponse:
+        if not request.lora_name.strip() or not request.lora_path.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lora_name and lora_path are required")
+        try:
+            result = await self._core.adapters.load(request.lora_name, request.lora_path, request.model or None)
+        except RequestError as err:
+            await context.abort(err.grpc_code, err.message)
+        return router_pb2.LoraAdapterResponse(lora_name=request.lora_name, workers=result["workers"])
+
+    async def UnloadLoraAdapter(self, request: router_pb2.UnloadLoraAdapterRequest,
+                                context: grpc.aio.ServicerContext) -> router_pb2.LoraAdapterResponse:
+        if not request.lora_name.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lora_name is required")
+        try:
+            result = await self._core.adapters.unload(request.lora_name)
+        except RequestError as err:
+            await context.abort(err.grpc_code, err.message)
+        return router_pb2.LoraAdapterResponse(lora_name=request.lora_name, workers=result["workers"])
+
     async def Health(self, request: router_pb2.HealthRequest,
                      context: grpc.aio.ServicerContext) -> router_pb2.HealthResponse:
         status, workers, problems = self._core.health()

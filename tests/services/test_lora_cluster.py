@@ -2,11 +2,13 @@
 workers load adapters at start, the router lists them under their base model and routes a
 request naming one to workers that have it, prefill computes with it and decode continues
 with it (token-identical to the offline engine with the adapter), an unknown name is a 404;
-adapters load and unload at run time through the router's vLLM-style endpoints."""
+adapters load and unload at run time through the router's vLLM-style endpoints and its gRPC API."""
 from __future__ import annotations
 
+import grpc
 import openai
 import pytest
+from pdserve.v1 import router_pb2
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
@@ -14,7 +16,7 @@ from tests.disagg.helpers import metric, metrics, workers
 from tests.engine.conftest import make_tiny_model
 from tests.engine.test_lora import ADAPTERS, make_adapter
 from tests.services.cluster_fixture import local_cluster
-from tests.services.clients import http_json
+from tests.services.clients import http_json, router_stub
 
 pytestmark = pytest.mark.timeout(600)
 MAX_TOKENS = 8
@@ -69,3 +71,19 @@ def test_adapters_through_prefill_and_decode(tmp_path):
             client.completions.create(model="mlp", prompt=prompt, max_tokens=2)
         status, reply = http_json(f"{cluster.http_url}/v1/unload_lora_adapter", {"lora_name": "mlp"})
         assert status == 404 and reply["error"]["code"] == "model_not_found"
+
+        # the same on the router's gRPC API
+        stub = router_stub(cluster.grpc_address)
+        reply = stub.LoadLoraAdapter(router_pb2.LoadLoraAdapterRequest(lora_name="mlp", lora_path=paths["mlp"]),
+                                     timeout=120)
+        assert set(reply.workers.values()) == {"ok"} and len(reply.workers) == 2
+        assert client.completions.create(model="mlp", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text == expected["mlp"]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadLoraAdapter(router_pb2.LoadLoraAdapterRequest(lora_name="b", lora_path=str(tmp_path / "no")),
+                                 timeout=120)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub.UnloadLoraAdapter(router_pb2.UnloadLoraAdapterRequest(lora_name="mlp"), timeout=60)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UnloadLoraAdapter(router_pb2.UnloadLoraAdapterRequest(lora_name="mlp"), timeout=60)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
