@@ -7,6 +7,7 @@ dispatcher and the metrics, and offers the few calls the API layers need.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
@@ -34,7 +35,7 @@ class RouterCore:
     max_inflight: int = 0  # 0 = no bound
     inflight: int = 0
 
-    @property
+    @functools.cached_property
     def adapters(self) -> AdapterAdmin:
         return AdapterAdmin(self.discovery, self.catalog, self.pool)
 

@@ -46,6 +46,7 @@ class _Job:
     rid: str
     order: KVSendOrder
     local: list[int]
+    remote: list[int]
     num_layers: int
     handles: list[TransferHandle] = field(default_factory=list)
     layers_posted: int = 0
@@ -118,7 +119,8 @@ class RankKVEndpoint:
         for row, table, order in zip(rows, tables, orders):
             if order is None or not row.samples or row.req_id in self._cancelled or row.req_id in self._jobs:
                 continue
-            job = _Job(row.req_id, order, list(table[order.skip:len(order.block_ids)]), num_layers)
+            job = _Job(row.req_id, order, list(table[order.skip:len(order.block_ids)]),
+                       list(order.block_ids[order.skip:]), num_layers)
             self._jobs[row.req_id] = job
             batch.append(job)
         if not batch:
@@ -137,9 +139,8 @@ class RankKVEndpoint:
     def _post(self, job: _Job, layers: range, count: int = 1) -> None:
         if job.cancelled or job.error:
             return
-        remote = list(job.order.block_ids[job.order.skip:])
         try:
-            posted = write_to_worker(self.agent, job.order.peer, job.local, remote, layers)
+            posted = write_to_worker(self.agent, job.order.peer, job.local, job.remote, layers)
         except (KVTransferError, ValueError) as exc:
             job.error = str(exc)
             return

@@ -12,6 +12,7 @@ so replicas share the sending.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +32,7 @@ class HeadCopy:
     count: int
 
 
+@functools.lru_cache(maxsize=64)  # NOTE: asked again for every layer a job posts
 def head_copies(total_heads: int, src_tp: int, dst_tp: int) -> tuple[HeadCopy, ...]:
     """The copies that fill every destination rank's shard from the source's shards."""
     copies: list[HeadCopy] = []

@@ -89,6 +89,7 @@ class _Peer:
     metadata: bytes
     region: KVRegion
     prepped: nixl_prepped_dlist_handle | None
+    layout: KVLayout  # the peer's shard, read once from its metadata
 
 
 @dataclass
@@ -152,7 +153,8 @@ class NixlKVTransferAgent(KVTransferAgent):
         if peer_name == self.name:
             raise KVTransferError(f"KV agent {peer_name!r} cannot add itself as a peer")
         check_compatible(self._handshake, info.handshake)
-        expected = KVLayout.of_peer(info).block_bytes
+        layout = KVLayout.of_peer(info)
+        expected = layout.block_bytes
         if info.block_bytes != expected:
             raise KVCompatibilityError(f"block_bytes: remote publishes {info.block_bytes}, its layout gives {expected}")
         old = self._peers.get(peer_name)
@@ -167,7 +169,7 @@ class NixlKVTransferAgent(KVTransferAgent):
         except Exception:
             _quietly(lambda: self._nixl.remove_remote_agent(peer_name), f"invalidate {peer_name!r}")
             raise
-        self._peers[peer_name] = _Peer(info, bytes(metadata), region, prepped)
+        self._peers[peer_name] = _Peer(info, bytes(metadata), region, prepped, layout)
 
     def remove_peer(self, peer_name: str) -> None:
         peer = self._peers.pop(peer_name, None)
@@ -189,7 +191,7 @@ class NixlKVTransferAgent(KVTransferAgent):
         return frozenset(self._peers)
 
     def peer_layout(self, peer_name: str) -> KVLayout:
-        return KVLayout.of_peer(self._peer(peer_name).info)
+        return self._peer(peer_name).layout
 
     # ---- transfers ----------------------------------------------------------
 
@@ -208,7 +210,7 @@ class NixlKVTransferAgent(KVTransferAgent):
         runs = merge_block_runs(local_block_ids, remote_block_ids)
         check_block_ids(runs, self._layout.num_blocks, "local")
         check_block_ids(runs, peer.region.num_blocks, "remote")
-        if heads is not None and is_whole(heads, self._layout, KVLayout.of_peer(peer.info)):
+        if heads is not None and is_whole(heads, self._layout, peer.layout):
             heads = None
         num_blocks = sum(run.length for run in runs) * len(layers)
         if heads is None:
@@ -346,7 +348,7 @@ class NixlKVTransferAgent(KVTransferAgent):
     def _create_head_xfer(self, peer: _Peer, runs: Sequence[BlockRun], layers: range, heads: HeadCopy,
                           notify: bytes) -> nixl_xfer_handle:
         """A write of some heads of each token row (peers of another tp): one descriptor per row."""
-        theirs = KVLayout.of_peer(peer.info)
+        theirs = peer.layout
         hb = self._layout.head_bytes
         local = head_descriptors(runs, self._region, layers, "local", self._layout.num_kv_heads, heads.src_first,
                                  heads.count, hb)
