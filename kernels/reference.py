@@ -199,3 +199,47 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         y = act.to(compute) @ w2[e].to(compute).T
         acc.index_add_(0, tokens, y * topk_weights.reshape(-1)[pairs, None].to(compute))
     return acc.to(x.dtype)
+
+
+# ---- W8A8 (int8 weights and activations) --------------------------------------------
+# Activations are quantized per token (row), symmetric, dynamically at run time:
+# scale = max|x_row| / 127, q = round(x / scale) in [-127, 127]. A zero row gets
+# scale 1 (q = 0) so nothing divides by zero. Weights arrive already quantized
+# (int8 [N, K]) with one float32 scale per output channel.
+
+INT8_MAX = 127.0
+
+
+def quant_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (q int8 [T, K], scale float32 [T, 1]) with x ~= q * scale."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def int8_linear_ref(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q [T, K] int8 @ weight [N, K] int8 .T) exactly (int32 sums), times q_scale [T, 1] and
+    weight_scale [N] (or [N, 1]), plus bias [N]; out_dtype [T, N]. float64 keeps the
+    integer sums exact on any device."""
+    acc = q.double() @ weight.double().t()
+    out = acc * q_scale.double().reshape(-1, 1) * weight_scale.double().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(out_dtype)
+
+
+def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rms_norm_ref`` whose output is quantized per token: (q, scale, x + residual).
+    The normed row is rounded to x's dtype before quantizing, as the unfused path does."""
+    normed, res = rms_norm_ref(x, weight, eps, residual)
+    q, scale = quant_per_token_ref(normed)
+    return q, scale, res
+
+
+def silu_and_mul_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu_and_mul_ref`` whose output [T, I] is quantized per token: (q, scale)."""
+    return quant_per_token_ref(silu_and_mul_ref(x))

@@ -59,6 +59,22 @@ class Backend(Protocol):
         """The experts of a sparse MLP: ``sum_k w[t, k] * down_e(silu(gate_e(x)) * up_e(x))``,
         ``e = topk_ids[t, k]``; w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]."""
 
+    # ---- W8A8: int8 weights (per output channel) x int8 activations (per token) -------
+    def quant_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, K] -> (q int8 [T, K], scale float32 [T, 1]), symmetric, dynamic (``quant_per_token_ref``)."""
+
+    def int8_linear(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """``(q @ weight.T) * q_scale * weight_scale.T (+ bias)`` from int32 sums; weight int8
+        [N, K], weight_scale float32 [N, 1]; out_dtype [T, N]."""
+
+    def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rms_norm`` with its output quantized per token: (q, scale, x + residual)."""
+
+    def silu_and_mul_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``silu_and_mul`` with its output quantized per token: (q, scale)."""
+
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin: torch.Tensor, kv_layer: torch.Tensor,
                         meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

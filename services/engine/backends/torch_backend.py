@@ -35,6 +35,18 @@ class TorchBackend:
     def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
         return ref.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
 
+    def quant_per_token(self, x):
+        return ref.quant_per_token_ref(x)
+
+    def int8_linear(self, q, q_scale, weight, weight_scale, bias, out_dtype):
+        return ref.int8_linear_ref(q, q_scale, weight, weight_scale, bias, out_dtype)
+
+    def rms_norm_quant(self, x, weight, eps, residual=None):
+        return ref.rms_norm_quant_ref(x, weight, eps, residual)
+
+    def silu_and_mul_quant(self, x):
+        return ref.silu_and_mul_quant_ref(x)
+
     def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
         return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta)
 

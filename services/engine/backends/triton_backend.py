@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.kernels import activation, attention, gemv, kv_store, moe, norm, rotary
+from pdserve.kernels import reference as ref
 from pdserve.engine.backends.base import AttentionMetadata, rotary_then_store
 
 
@@ -48,6 +49,21 @@ class TritonBackend:
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
         return moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+    # W8A8: torch references until the Triton kernels land (kernels/int8.py).
+    def quant_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ref.quant_per_token_ref(x)
+
+    def int8_linear(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        return ref.int8_linear_ref(q, q_scale, weight, weight_scale, bias, out_dtype)
+
+    def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ref.rms_norm_quant_ref(x, weight, eps, residual)
+
+    def silu_and_mul_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ref.silu_and_mul_quant_ref(x)
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata) -> None:
