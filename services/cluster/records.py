@@ -49,6 +49,7 @@ class WorkerRecord:
     kv_metadata: str = ""  # base64 of the agent's metadata bytes (rank 0's for a tensor-parallel worker)
     kv_ranks: list[str] = field(default_factory=list)  # base64 metadata of ranks 1.. (tp > 1)
     adapters: list[str] = field(default_factory=list)  # LoRA adapters the worker can generate with
+    quantization: str | None = None  # the weights' scheme ("w8a8-int8"); None: unquantized
 
     @property
     def can_transfer_kv(self) -> bool:

@@ -1,6 +1,7 @@
-"""``pdserve generate`` and ``pdserve chat``: the offline engine from the command line.
+"""``pdserve generate``, ``pdserve chat`` and ``pdserve perplexity``: the offline engine from the command line.
 
-Owns: argument parsing for those two commands; everything else is ``LLM``.
+Owns: argument parsing for those commands; everything else is ``LLM`` (generate,
+chat) and ``evaluate.perplexity``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def _parser(name: str) -> argparse.ArgumentParser:
 
 
 def main(name: str, argv: list[str]) -> int:
+    if name == "perplexity":
+        return _perplexity(argv)
     args = _parser(name).parse_args(argv)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -65,4 +68,25 @@ def _chat(llm, params: SamplingParams) -> int:
         reply = llm.chat(messages, params)[0].text
         messages.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
+    return 0
+
+
+def _perplexity(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pdserve perplexity")
+    p.add_argument("--model", default="smollm2", help="smollm2, a HF directory (quantized or not) or a .gguf file")
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
+    p.add_argument("--device-type", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--text-file", help="text to score (default: held-out Python module documentation)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-windows", type=int, default=None)
+    args = p.parse_args(argv)
+    from pdserve.engine.evaluate import heldout_text, perplexity
+
+    try:
+        text = open(args.text_file, encoding="utf-8").read() if args.text_file else heldout_text()
+        result = perplexity(args.model, text, args.dtype, args.device_type, args.window, args.max_windows)
+    except (ValueError, OSError) as exc:
+        print(f"pdserve perplexity: {exc}", file=sys.stderr)
+        return 2
+    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows)")
     return 0

@@ -39,6 +39,7 @@ from pdserve.engine.kv_connector import KVConnectorScheduler, LayerSender
 from pdserve.engine.layers.linear import check_head_split
 from pdserve.engine.models.loader import load_config
 from pdserve.engine.models.model_config import ModelConfig
+from pdserve.engine.models.registry import check_quantization
 from pdserve.engine.plan import KVSendOrder, NewRequest, PlannedRow, StepPlan
 from pdserve.engine.request import Request, TokenLogprob
 from pdserve.engine.sampler import PendingSample
@@ -465,7 +466,8 @@ class LLMEngine:
                 "max_model_len": self.max_model_len, "vocab_size": m.vocab_size,
                 "eos_token_ids": list(self.eos_token_ids), "block_size": self.config.block_size,
                 "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-                "num_blocks": self.kv.pool.num_blocks, "adapters": sorted(self.adapters)}
+                "num_blocks": self.kv.pool.num_blocks, "adapters": sorted(self.adapters),
+                "quantization": check_quantization(m)}
 
 
 def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> Executor:

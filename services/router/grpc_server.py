@@ -68,7 +68,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                           context: grpc.aio.ServicerContext) -> router_pb2.ListWorkersResponse:
         workers = [router_pb2.WorkerInfo(id=w["id"], role=w["role"], grpc_address=w["grpc_address"],
                                          metrics_url=w["metrics_url"], model=w["model"],
-                                         load=router_pb2.WorkerLoad(**w["load"]))
+                                         load=router_pb2.WorkerLoad(**w["load"]), quantization=w["quantization"] or "")
                    for w in self._core.workers_json()]
         return router_pb2.ListWorkersResponse(workers=workers)
 

@@ -131,11 +131,13 @@ class HttpApi:
 
     async def models(self, _: web.Request) -> web.Response:
         catalog = self._core.catalog
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "pdserve", "root": m, "parent": None,
-                 "max_model_len": catalog.limits(m).max_model_len} for m in catalog.served()]
-        data += [{"id": name, "object": "model", "created": 0, "owned_by": "pdserve", "root": name, "parent": base,
-                  "max_model_len": catalog.limits(base).max_model_len}
-                 for name, base in sorted(catalog.adapters().items())]
+        def card(name: str, base: str | None) -> dict[str, Any]:
+            limits = catalog.limits(base or name)
+            return {"id": name, "object": "model", "created": 0, "owned_by": "pdserve", "root": name, "parent": base,
+                    "max_model_len": limits.max_model_len, "quantization": limits.quantization}
+
+        data = [card(m, None) for m in catalog.served()]
+        data += [card(name, base) for name, base in sorted(catalog.adapters().items())]
         return web.json_response({"object": "list", "data": data})
 
     async def load_lora_adapter(self, request: web.Request) -> web.Response:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class ModelLimits:
     max_model_len: int
     vocab_size: int | None
+    quantization: str | None = None  # the workers' weight scheme (differing ones joined by ",")
 
 
 class ModelCatalog:
@@ -69,7 +70,9 @@ class ModelCatalog:
         if not records:
             raise unavailable(f"no live worker serves model {model!r}")
         vocab = [r.capacity.get("vocab_size") for r in records if r.capacity.get("vocab_size")]
-        return ModelLimits(min(r.max_model_len for r in records), min(vocab) if vocab else None)
+        schemes = sorted({r.quantization or "none" for r in records})
+        quantization = None if schemes == ["none"] else ",".join(schemes)
+        return ModelLimits(min(r.max_model_len for r in records), min(vocab) if vocab else None, quantization)
 
     async def tokenizer(self, model: str) -> Any | None:
         """The model's tokenizer, or None when it has none (token-id prompts only)."""

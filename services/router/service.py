@@ -72,7 +72,8 @@ class RouterCore:
     def workers_json(self) -> list[dict[str, Any]]:
         """Every live worker with its address and latest load (``GET /workers``, ``ListWorkers``)."""
         live = self.discovery.live()
-        return [{"id": r.id, "role": r.role, "model": r.model, "grpc_address": r.grpc_address,
+        return [{"id": r.id, "role": r.role, "model": r.model, "quantization": r.quantization,
+                 "grpc_address": r.grpc_address,
                  "metrics_url": r.metrics_url, "load": self.discovery.load(r.id).public(),
                  "router_inflight": self.pool.inflight(r.id), "kv_agent": r.kv_agent,
                  "kv_incompatible": _kv_problems(r, live)}

@@ -69,7 +69,7 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
 
     confine_kv_listener(config.host, os.environ)
     agent = kv_agent(config, engine, links)
-    peers = KVPeers(agent, config.engine.model, config.worker_id, config.role)
+    peers = KVPeers(agent, config.worker_id, config.role)
     transfers = KVTransfers(agent)
     orders = OrderBook(config.cluster_secret, config.worker_id)
     if not orders.enabled:
@@ -96,7 +96,8 @@ def kv_agent(config: WorkerConfig, engine: Any, links: list) -> Any:
         return RankAgents(links, config.worker_id, config.engine.model)
     from pdserve.engine.kv_transfer import NixlKVTransferAgent
 
-    return NixlKVTransferAgent(config.worker_id, engine.kv_cache, config.engine.model)
+    return NixlKVTransferAgent(config.worker_id, engine.kv_cache, config.engine.model,
+                               quantization=engine.model_info["quantization"])
 
 
 def confine_kv_listener(host: str, environ: MutableMapping[str, str]) -> None:
@@ -117,7 +118,7 @@ def worker_record(config: WorkerConfig, engine: Any, grpc_port: int, metrics_por
         metrics_url=f"http://{host}:{metrics_port}/metrics", model=config.engine.model,
         dtype=str(info.get("dtype", config.engine.dtype)), block_size=int(info.get("block_size", config.engine.block_size)),
         max_model_len=int(info["max_model_len"]), tp=config.engine.tp, kv_layout=layout,
-        adapters=list(info.get("adapters", [])),
+        adapters=list(info.get("adapters", [])), quantization=info.get("quantization"),
         capacity={"kv_blocks_total": stats["kv_blocks_total"], "max_batch_size": config.engine.max_batch_size,
                   "vocab_size": info.get("vocab_size")},
         **(peers.identity() if peers is not None else {}),

@@ -111,7 +111,7 @@ def test_kv_peers_follow_discovery_refuse_incompatible_and_transfers_deliver_not
         other_decode = _agent("d2", registry)
         discovery = FakeDiscovery(_published(decode, "decode"), _published(prefill, "prefill"),
                                   _published(odd, "decode"), _published(other_decode, "decode"))
-        peers = KVPeers(prefill, "m", "p", "prefill")
+        peers = KVPeers(prefill, "p", "prefill")
         peers.start(discovery)
         assert prefill.peers() == {"d", "d2"}  # never itself, never the incompatible one
         assert "block_size: local 16 != remote 32" in peers.errors["o"]
@@ -119,7 +119,7 @@ def test_kv_peers_follow_discovery_refuse_incompatible_and_transfers_deliver_not
             await peers.wait_peer("o", 0.05)
         with pytest.raises(PeerUnavailable):
             await peers.wait_peer("nobody", 0.05)
-        d_peers = KVPeers(decode, "m", "d", "decode")
+        d_peers = KVPeers(decode, "d", "decode")
         d_peers.start(FakeDiscovery(_published(prefill, "prefill"), _published(other_decode, "decode")))
         assert decode.peers() == {"p"}  # decode workers do not pair with each other
         d_transfers = KVTransfers(decode, ProgressConfig(busy_poll=0.001, idle_poll=0.01))

@@ -34,7 +34,9 @@ from pdserve.engine.lora import AdapterSlots, load_peft_adapter
 from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from pdserve.engine.models.loader import load_model
 from pdserve.engine.models.model_config import ModelConfig
+from pdserve.engine.models.registry import check_quantization
 from pdserve.engine.plan import KVSendOrder, NewRequest, StepPlan
+from pdserve.engine.quant import linear_methods
 from pdserve.engine.platforms import get_platform
 from pdserve.engine.sampler import PendingSample, SampleResult, Sampler
 
@@ -79,7 +81,7 @@ class RankWorker:
         self.platform = get_platform(config.device_type)
         self.device = self.platform.device()
         ctx = LayerContext(dtype=torch_dtype(config.dtype), tp_rank=config.tp_rank, tp_size=config.tp_size,
-                           comm=comm or SingleRank(), quantization=model_config.quantization,
+                           comm=comm or SingleRank(), quantization=linear_methods.for_checkpoint(model_config.quantization),
                            ep_size=config.ep_size)
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
         self.lora = (AdapterSlots(self.model, config.max_loras, config.max_lora_rank, self.device, ctx.dtype)
@@ -154,7 +156,8 @@ class RankWorker:
 
         c = self.config
         agent = NixlKVTransferAgent(rank_agent_name(worker_name, c.tp_rank), self.kv_cache, model, tp_size=c.tp_size,
-                                    tp_rank=c.tp_rank, total_kv_heads=self.model_config.num_kv_heads)
+                                    tp_rank=c.tp_rank, total_kv_heads=self.model_config.num_kv_heads,
+                                    quantization=check_quantization(self.model_config))
         endpoint = RankKVEndpoint(agent)
         self.attach_layer_sender(endpoint)
         return endpoint

@@ -69,6 +69,10 @@ class RankAgents(KVTransferAgent):
     def layout(self) -> KVLayout:
         return self._layout
 
+    @property
+    def handshake(self) -> dict[str, Any]:
+        return dict(self._handshake)
+
     def metadata(self) -> bytes:
         return self._metadata[0]
 

@@ -163,12 +163,15 @@ class KVLayout:
     def total_bytes(self) -> int:
         return self.num_layers * self.layer_stride_bytes
 
-    def handshake(self, model: str) -> dict[str, Any]:
+    def handshake(self, model: str, quantization: str | None = None) -> dict[str, Any]:
         """What two peers must agree on (``num_blocks``, device and the head split
-        ``tp_size`` may differ); ``num_kv_heads`` is the model's, not the shard's."""
+        ``tp_size`` may differ); ``num_kv_heads`` is the model's, not the shard's.
+        ``quantization`` is the weights' scheme (None: unquantized): the KV cache is in
+        the activation dtype either way, but prefill and decode must run the same weights."""
         return {
             "protocol_version": PROTOCOL_VERSION,
             "model": model,
+            "quantization": quantization or "none",
             "dtype": self.dtype,
             "block_size": self.block_size,
             "kv_layout": KV_LAYOUT_NAME,
@@ -260,6 +263,11 @@ class KVTransferAgent(abc.ABC):
     @abc.abstractmethod
     def layout(self) -> KVLayout:
         """The layout of the registered KV tensor."""
+
+    @property
+    @abc.abstractmethod
+    def handshake(self) -> dict[str, Any]:
+        """What a peer must agree with (``KVLayout.handshake``); published with the metadata."""
 
     @abc.abstractmethod
     def metadata(self) -> bytes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -75,11 +75,11 @@ class FakeKVTransferAgent(KVTransferAgent):
     """Copies KV blocks between tensors of agents in the same ``FakeKVRegistry``."""
 
     def __init__(self, name: str, kv: torch.Tensor, model: str, registry: FakeKVRegistry, tp_size: int = 1,
-                 tp_rank: int = 0, total_kv_heads: int = 0) -> None:
+                 tp_rank: int = 0, total_kv_heads: int = 0, quantization: str | None = None) -> None:
         self._name = name
         self._kv = kv
         self._layout = KVLayout.for_tensor(kv, tp_size, tp_rank, total_kv_heads)
-        self._handshake = self._layout.handshake(model)
+        self._handshake = self._layout.handshake(model, quantization)
         self._registry = registry
         self.incarnation = uuid.uuid4().hex.encode()
         self._peers: dict[str, PeerInfo] = {}
@@ -117,6 +117,10 @@ class FakeKVTransferAgent(KVTransferAgent):
     @property
     def layout(self) -> KVLayout:
         return self._layout
+
+    @property
+    def handshake(self) -> dict[str, Any]:
+        return dict(self._handshake)
 
     @property
     def kv(self) -> torch.Tensor:

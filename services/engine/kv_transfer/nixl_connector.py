@@ -109,11 +109,11 @@ class NixlKVTransferAgent(KVTransferAgent):
     """
 
     def __init__(self, name: str, kv: torch.Tensor, model: str, config: NixlConfig = NixlConfig(),
-                 tp_size: int = 1, tp_rank: int = 0, total_kv_heads: int = 0) -> None:
+                 tp_size: int = 1, tp_rank: int = 0, total_kv_heads: int = 0, quantization: str | None = None) -> None:
         self._layout = _checked_layout(kv, tp_size, tp_rank, total_kv_heads)
         self._kv = kv  # NOTE: keeps the registered memory alive as long as the agent
         self._config = config
-        self._handshake = self._layout.handshake(model)
+        self._handshake = self._layout.handshake(model, quantization)
         self._mem_type, device_id = _mem_type(kv)
         self._region = KVRegion(kv.data_ptr(), self._layout.num_blocks, self._layout.block_bytes, device_id)
         self._nixl = _open_agent(name, config)
@@ -135,6 +135,10 @@ class NixlKVTransferAgent(KVTransferAgent):
     @property
     def layout(self) -> KVLayout:
         return self._layout
+
+    @property
+    def handshake(self) -> dict[str, Any]:
+        return dict(self._handshake)
 
     def metadata(self) -> bytes:
         self._check_open()

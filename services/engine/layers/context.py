@@ -1,7 +1,7 @@
 """What a layer needs to know about its rank when it is built.
 
 Owns: ``LayerContext`` (frozen: tensor-parallel rank and size, the communicator
-of that group, the parameter dtype, the checkpoint's quantization description)
+of that group, the parameter dtype, a quantized checkpoint's linear methods)
 and the ``Communicator`` interface layers use for their collectives.
 ``SingleRank`` is the communicator of one rank (every collective is the
 identity); the torch.distributed one lives with the rank processes that own
@@ -26,6 +26,15 @@ class Communicator(Protocol):
         """The ranks' ``x`` concatenated along ``dim``, in rank order."""
 
 
+class LinearMethods(Protocol):
+    """A quantized checkpoint's choice of linear method per layer (``pdserve.engine.quant``)."""
+
+    name: str
+
+    def for_layer(self, modules: tuple[str, ...]) -> Any:
+        """The ``LinearMethod`` of a layer holding checkpoint modules ``modules`` (None: unquantized)."""
+
+
 class SingleRank:
     """The communicator of a group of one: nothing to exchange."""
 
@@ -42,7 +51,8 @@ class LayerContext:
         dtype: dtype of unquantized parameters.
         tp_rank, tp_size: this rank's place in its tensor-parallel group.
         comm: the group's collectives (``SingleRank`` for tp_size 1).
-        quantization: the checkpoint's ``quantization_config`` (None: unquantized).
+        quantization: the quantized checkpoint's choice of linear method per layer
+            (None: unquantized).
         ep_size: 1, or tp_size: the group's ranks then split the experts of MoE layers
             among them (expert parallelism; rank r holds the r-th share) instead of
             splitting every expert's intermediate size.
@@ -52,7 +62,7 @@ class LayerContext:
     tp_rank: int = 0
     tp_size: int = 1
     comm: Communicator = field(default_factory=SingleRank, compare=False)
-    quantization: Any = None
+    quantization: LinearMethods | None = None
     ep_size: int = 1
 
     def __post_init__(self) -> None:

@@ -32,9 +32,11 @@ from pdserve.engine.layers.loading import Shard, WeightSpec, read
 
 @dataclass(frozen=True)
 class ParamDims:
-    """Which dimension of a parameter holds output features and which input features (None: neither)."""
+    """Which dimension of a parameter holds output features and which input features (None: neither),
+    and how dummy weights fill it (``WeightSpec.init``)."""
     output_dim: int | None = None
     input_dim: int | None = None
+    init: str = "normal"
 
 
 class LinearMethod(Protocol):
@@ -63,13 +65,17 @@ class LinearBase(nn.Module):
 
     Args:
         input_size, output_size: this rank's features (already divided).
+        names: the checkpoint modules this layer holds (``model.layers.0.self_attn.q_proj``,
+            ...): a quantized checkpoint's context chooses the method by them.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext,
-                 method: LinearMethod | None = None):
+                 method: LinearMethod | None = None, names: tuple[str, ...] = ()):
         super().__init__()
         self.ctx = ctx
         self.input_size, self.output_size = input_size, output_size
+        if method is None and ctx.quantization is not None:
+            method = ctx.quantization.for_layer(names)
         self.method = method or UnquantizedLinearMethod()
         self.dims = self.method.create_weights(self, input_size, output_size, ctx.dtype)
         if bias:
@@ -98,7 +104,7 @@ class LinearBase(nn.Module):
         return dst
 
     def weight_specs(self) -> tuple[WeightSpec, ...]:
-        return tuple(WeightSpec(name, shard, self._full_shape(name, shard))
+        return tuple(WeightSpec(name, shard, self._full_shape(name, shard), self.dims[name].init)
                      for name in self.dims for shard in self.shards())
 
     def _full_shape(self, name: str, shard: Shard) -> tuple[int, ...]:
@@ -129,16 +135,16 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext,
-                 method: LinearMethod | None = None):
-        super().__init__(input_size, output_size, bias, ctx, method)
+                 method: LinearMethod | None = None, names: tuple[str, ...] = ()):
+        super().__init__(input_size, output_size, bias, ctx, method, names)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split over the ranks; the output stays split (no gather)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext,
-                 method: LinearMethod | None = None):
-        super().__init__(input_size, divide(output_size, ctx.tp_size, "output features"), bias, ctx, method)
+                 method: LinearMethod | None = None, names: tuple[str, ...] = ()):
+        super().__init__(input_size, divide(output_size, ctx.tp_size, "output features"), bias, ctx, method, names)
 
     def full_sizes(self, shard: Shard) -> tuple[int, int]:
         return self.output_size * self.ctx.tp_size, self.input_size
@@ -155,10 +161,10 @@ class MergedColumnParallelLinear(LinearBase):
     its own, so each rank holds [gate slice; up slice]."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, ctx: LayerContext,
-                 method: LinearMethod | None = None):
+                 method: LinearMethod | None = None, names: tuple[str, ...] = ()):
         self.full_parts = tuple(output_sizes)
         self.parts = tuple(divide(s, ctx.tp_size, "output features") for s in output_sizes)
-        super().__init__(input_size, sum(self.parts), bias, ctx, method)
+        super().__init__(input_size, sum(self.parts), bias, ctx, method, names)
 
     def shards(self) -> tuple[Shard, ...]:
         return tuple(range(len(self.parts)))
@@ -189,7 +195,7 @@ class QKVParallelLinear(LinearBase):
     is held by ``tp / num_kv_heads`` consecutive ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 ctx: LayerContext, method: LinearMethod | None = None):
+                 ctx: LayerContext, method: LinearMethod | None = None, names: tuple[str, ...] = ()):
         tp = ctx.tp_size
         check_head_split(num_heads, num_kv_heads, tp)
         self.head_dim = head_dim
@@ -197,7 +203,7 @@ class QKVParallelLinear(LinearBase):
         self.num_heads = divide(num_heads, tp, "attention heads")
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, ctx, method)
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, ctx, method, names)
 
     def shards(self) -> tuple[Shard, ...]:
         return ("q", "k", "v")
@@ -233,8 +239,8 @@ class RowParallelLinear(LinearBase):
     products are summed across ranks, then the bias is added once."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext,
-                 method: LinearMethod | None = None):
-        super().__init__(divide(input_size, ctx.tp_size, "input features"), output_size, bias, ctx, method)
+                 method: LinearMethod | None = None, names: tuple[str, ...] = ()):
+        super().__init__(divide(input_size, ctx.tp_size, "input features"), output_size, bias, ctx, method, names)
 
     def full_sizes(self, shard: Shard) -> tuple[int, int]:
         return self.output_size, self.input_size * self.ctx.tp_size

@@ -25,7 +25,7 @@ class WeightSpec:
     param: str
     shard: Shard
     full_shape: tuple[int, ...]  # the whole checkpoint tensor, before any rank's slicing
-    init: str = "normal"  # dummy weights: "normal" (std 0.02) or "ones"
+    init: str = "normal"  # dummy weights: "normal" (std 0.02), "ones", "int8" (uniform) or "const:<value>"
 
 
 class CheckpointSlice:
@@ -107,6 +107,10 @@ def init_dummy_weights(model: nn.Module, seed: int, device: torch.device) -> Non
         for spec in module.weight_specs():
             if spec.init == "ones":
                 full = torch.ones(spec.full_shape, device=device)
+            elif spec.init == "int8":
+                full = torch.randint(-127, 128, spec.full_shape, device=device, generator=gen, dtype=torch.int8)
+            elif spec.init.startswith("const:"):
+                full = torch.full(spec.full_shape, float(spec.init[6:]), device=device)
             else:
                 full = torch.empty(spec.full_shape, device=device).normal_(0.0, 0.02, generator=gen)
             module.load_weight(spec.param, full, spec.shard)

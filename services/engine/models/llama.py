@@ -26,15 +26,21 @@ _MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": (
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
+def _names(prefix: str, *modules: str) -> tuple[str, ...]:
+    """The checkpoint module names a layer holds (a quantized checkpoint says per name)."""
+    return tuple(f"{prefix}.{m}" for m in modules)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, prefix: str):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          cfg.qkv_bias, ctx)
+                                          cfg.qkv_bias, ctx, names=_names(prefix, "q_proj", "k_proj", "v_proj"))
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, ctx)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, ctx,
+                                        names=_names(prefix, "o_proj"))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ctx) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ctx) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
@@ -53,20 +59,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: LayerContext, size: int | None = None):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, prefix: str, size: int | None = None):
         super().__init__()
         size = size or cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, ctx)
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, ctx)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, ctx,
+                                                       names=_names(prefix, "gate_proj", "up_proj"))
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, ctx, names=_names(prefix, "down_proj"))
 
     def forward(self, x, be: Backend):
         return self.down_proj(be.silu_and_mul(self.gate_up_proj(x, be)), be)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: LayerContext, mlp: nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, mlp: nn.Module, prefix: str):
         super().__init__()
-        self.self_attn = Attention(cfg, ctx)
+        self.self_attn = Attention(cfg, ctx, f"{prefix}.self_attn")
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
@@ -82,7 +89,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext, mlp: Callable[[int], nn.Module]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, mlp(i)) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, mlp(i), f"model.layers.{i}") for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
 
@@ -96,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
 
     def build_mlp(self, cfg: ModelConfig, ctx: LayerContext, index: int) -> nn.Module:
         """The MLP of decoder layer ``index`` (mixture-of-experts models override it)."""
-        return MLP(cfg, ctx)
+        return MLP(cfg, ctx, f"model.layers.{index}.mlp")
 
     def kv_heads_per_rank(self) -> int:
         return self.model.layers[0].self_attn.num_kv_heads if self.model.layers else 0

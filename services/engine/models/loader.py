@@ -41,7 +41,7 @@ def load_config(source: ModelSource) -> mc.ModelConfig:
             cfg = mc.from_hf_config(json.load(fh))
     else:
         cfg = _gguf_cached(source.path)[0]
-    check_quantization(cfg.quantization)
+    check_quantization(cfg)
     return cfg
 
 

@@ -27,14 +27,15 @@ _PARTS = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj"
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, prefix: str):
         super().__init__()
-        self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, False, ctx)
+        self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, False, ctx, names=(f"{prefix}.gate",))
         self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
                                 cfg.moe_intermediate_size, cfg.norm_topk_prob, ctx)
         shared = cfg.shared_expert_intermediate_size
-        self.shared_expert = MLP(cfg, ctx, shared) if shared else None
-        self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, False, ctx) if shared else None
+        self.shared_expert = MLP(cfg, ctx, f"{prefix}.shared_expert", shared) if shared else None
+        self.shared_expert_gate = (ReplicatedLinear(cfg.hidden_size, 1, False, ctx, names=(f"{prefix}.shared_expert_gate",))
+                                   if shared else None)
 
     def forward(self, x: torch.Tensor, be: Backend) -> torch.Tensor:
         out = self.experts(x, self.gate(x, be), be)
@@ -45,7 +46,8 @@ class SparseMoeBlock(nn.Module):
 
 class MoeForCausalLM(LlamaForCausalLM):
     def build_mlp(self, cfg: ModelConfig, ctx: LayerContext, index: int) -> nn.Module:
-        return SparseMoeBlock(cfg, ctx) if cfg.is_sparse_layer(index) else MLP(cfg, ctx)
+        prefix = f"model.layers.{index}.mlp"
+        return SparseMoeBlock(cfg, ctx, prefix) if cfg.is_sparse_layer(index) else MLP(cfg, ctx, prefix)
 
     def route_tensor(self, name: str, tensor: torch.Tensor) -> CheckpointTensor:
         ours = name.replace(".block_sparse_moe.", ".mlp.")  # NOTE: Mixtral's name for the sparse block

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pdserve.engine.quant.scheme import UnsupportedQuantizationError, parse_scheme
+
 if TYPE_CHECKING:
     from pdserve.engine.models.interface import CausalLM
 
@@ -25,7 +27,6 @@ _MODELS: dict[str, str] = {
     "Qwen2MoeForCausalLM": "pdserve.engine.models.moe:MoeForCausalLM",
     "Qwen3MoeForCausalLM": "pdserve.engine.models.moe:MoeForCausalLM",
 }
-_QUANTIZATIONS: tuple[str, ...] = ()  # quantization methods with a linear method
 
 
 class UnsupportedModelError(ValueError):
@@ -41,13 +42,23 @@ def check_architecture(arch: str) -> None:
         raise UnsupportedModelError(f"unsupported architecture {arch!r}; supported: {', '.join(_MODELS)}")
 
 
-def check_quantization(quantization: Any) -> None:
-    """Refuse a quantized checkpoint whose method has no linear method here."""
-    if quantization is not None and quantization.method not in _QUANTIZATIONS:
-        supported = ", ".join(_QUANTIZATIONS) or "none yet"
-        raise UnsupportedModelError(
-            f"the checkpoint is quantized with {quantization.method!r}, which pdserve cannot load "
-            f"(supported quantization methods: {supported}); use the unquantized weights")
+def check_quantization(cfg: Any) -> str | None:
+    """The name of the quantization scheme of ``cfg`` (a ``ModelConfig``), None when
+    unquantized; UnsupportedModelError for one no linear method here runs."""
+    q = cfg.quantization
+    if q is None:
+        return None
+    try:
+        scheme = parse_scheme(q.method, q.raw)
+    except UnsupportedQuantizationError as exc:
+        raise UnsupportedModelError(str(exc)) from None
+    if cfg.num_experts:
+        raise UnsupportedModelError(f"{scheme.name} mixture-of-experts checkpoints are not supported yet "
+                                    "(the fused MoE kernels take 16-bit or float32 experts)")
+    if not cfg.tie_word_embeddings and scheme.is_quantized("lm_head"):
+        raise UnsupportedModelError(f"{scheme.name}: a quantized lm_head is not supported; "
+                                    "quantize with lm_head in `ignore`")
+    return scheme.name
 
 
 def model_class(arch: str) -> "type[CausalLM]":

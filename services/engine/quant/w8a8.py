@@ -1,0 +1,39 @@
+"""The W8A8 linear method: int8 weights with per-channel scales, int8 activations per token.
+
+Owns: ``W8A8LinearMethod`` (the tensors a W8A8 layer holds, ``weight`` int8
+[out, in] and ``weight_scale`` float32 [out, 1], named as compressed-tensors
+checkpoints name them, so each rank's loader slices them like any weight) and its
+matmul: quantize the activation rows (symmetric, per token, at run time), int8 x
+int8 with int32 sums, scales and bias applied on the way out, in the activation
+dtype. The backend provides the kernels (``quant_per_token``, ``int8_linear``).
+Stateless apart from the layer's tensors; LoRA wraps it like the unquantized method.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdserve.engine.backends.base import Backend
+from pdserve.engine.layers.linear import ParamDims
+
+# Dummy weights: uniform int8 has a standard deviation of ~73.3; this scale gives the
+# dequantized weights the 0.02 of unquantized dummy weights.
+DUMMY_SCALE = 0.02 / 73.3
+
+
+class W8A8LinearMethod:
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
+                       dtype: torch.dtype) -> dict[str, ParamDims]:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=torch.int8), requires_grad=False)
+        layer.weight_scale = nn.Parameter(torch.empty(output_size, 1, dtype=torch.float32), requires_grad=False)
+        return {"weight": ParamDims(output_dim=0, input_dim=1, init="int8"),
+                "weight_scale": ParamDims(output_dim=0, init=f"const:{DUMMY_SCALE}")}
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, be: Backend, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        q, scale = be.quant_per_token(rows)
+        y = be.int8_linear(q, scale, layer.weight, layer.weight_scale, bias, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+__all__ = ["DUMMY_SCALE", "W8A8LinearMethod"]
