@@ -1,6 +1,7 @@
 """Perplexity of a model on a text, computed by pdserve's own model code and kernels.
 
-Owns: ``perplexity`` (and ``PerplexityResult``): one rank's model (tp 1) built as
+Owns: ``Scorer`` (every position's logits of a token sequence) and ``perplexity``
+(and ``PerplexityResult``): one rank's model (tp 1) built as
 the engine builds it (so a quantized checkpoint runs its int8 linear method), the
 text tokenized with the model's tokenizer and cut into windows of ``window``
 tokens; each window runs as one prefill over a KV cache of its own, every
@@ -66,14 +67,8 @@ def perplexity(model: str, text: str, dtype: str = "float32", device_type: str =
     """exp(mean negative log-likelihood) of ``text``'s tokens, window by window."""
     if window < 2:
         raise ValueError(f"window must be >= 2 tokens, got {window}")
-    source = resolve_model(model)
-    cfg = load_config(source)
-    platform = get_platform(device_type)
-    device = platform.device()
-    ctx = LayerContext(dtype=torch_dtype(dtype), quantization=linear_methods.for_checkpoint(cfg.quantization))
-    net = load_model(source, cfg, ctx, device)
-    be = platform.backend()
-    ids = load_tokenizer(source).encode(text)
+    scorer = Scorer(model, dtype, device_type)
+    ids = scorer.tokenizer.encode(text)
     chunks = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
     if max_windows is not None:
         chunks = chunks[:max_windows]
@@ -81,11 +76,33 @@ def perplexity(model: str, text: str, dtype: str = "float32", device_type: str =
         raise ValueError(f"the text is too short: {len(ids)} tokens")
     nll, count = 0.0, 0
     for chunk in chunks:
-        logits = _window_logits(net, be, torch.tensor(chunk, device=device), dtype, device)
+        logits = scorer.logits(chunk)
         nll += torch.nn.functional.cross_entropy(logits[:-1].float(), logits.new_tensor(chunk[1:], dtype=torch.long),
                                                  reduction="sum").item()
         count += len(chunk) - 1
     return PerplexityResult(math.exp(nll / count), count, len(chunks))
+
+
+class Scorer:
+    """One rank's model (tp 1), built as the engine builds it, that returns every position's logits."""
+
+    def __init__(self, model: str, dtype: str = "float32", device_type: str = "cpu"):
+        self.source = resolve_model(model)
+        cfg = load_config(self.source)
+        platform = get_platform(device_type)
+        self.device, self.dtype = platform.device(), dtype
+        ctx = LayerContext(dtype=torch_dtype(dtype), quantization=linear_methods.for_checkpoint(cfg.quantization))
+        self.model = load_model(self.source, cfg, ctx, self.device)
+        self.backend = platform.backend()
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.source)
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits [len(ids), vocab] of every position, the sequence run as one prefill."""
+        return _window_logits(self.model, self.backend, torch.tensor(ids, device=self.device), self.dtype, self.device)
 
 
 def _window_logits(net: CausalLM, be: Backend, ids: torch.Tensor, dtype: str, device: torch.device) -> torch.Tensor:
@@ -103,4 +120,4 @@ def _window_logits(net: CausalLM, be: Backend, ids: torch.Tensor, dtype: str, de
     return net.compute_logits(hidden, be)
 
 
-__all__ = ["HELDOUT_MODULES", "PerplexityResult", "heldout_text", "perplexity"]
+__all__ = ["HELDOUT_MODULES", "PerplexityResult", "Scorer", "heldout_text", "perplexity"]

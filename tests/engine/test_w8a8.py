@@ -1,0 +1,200 @@
+"""W8A8 (SmoothQuant, compressed-tensors int8) in the engine, on the CPU.
+
+- Checkpoints made by llmcompressor from tiny random models load and compute what the
+  checkpoint means: pdserve's logits against a float fake-quant forward of the same
+  checkpoint (``w8a8_reference.fake_quant_model``).
+- ``pdserve quantize smoothquant`` on the default model: perplexity on held-out text
+  within 3% of the unquantized model (both computed by pdserve), greedy text still
+  sensible, and the checkpoint loads in transformers with compressed-tensors.
+- Everything else quantized, and W8A8 layouts pdserve cannot run, is refused by name.
+
+Tolerance against the fake-quant reference: activations are rounded per token, so a
+value that sits on a rounding boundary may round the other way after float sums in a
+different order; a flip changes that position's logits a little. Positions without a
+flip agree to 1e-4 of the logits' range, and we require at least 85% of them; every
+position agrees to 10% of the range. In a deep model a flip in an early layer moves later
+activations enough to flip others, so for the 30 layers of the default model the check is
+the one a different rounding rule also passes: the same top token at 90% of positions and
+every position within 5% of the logits' range.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine import LLM
+from pdserve.engine.evaluate import Scorer, heldout_text, perplexity
+from pdserve.engine.models.loader import load_config
+from pdserve.engine.models.registry import UnsupportedModelError
+from pdserve.common.model_source import resolve_model
+from tests.engine.conftest import needs_smollm2, prompt_set
+from tests.engine.w8a8_reference import fake_quant_model, make_llmcompressor_checkpoint
+
+pytest.importorskip("llmcompressor")
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    per_position = (ours - ref).abs().amax(dim=-1) / (ref.max() - ref.min()).item()
+    assert (per_position <= 1e-4).float().mean().item() >= 0.85, per_position.tolist()
+    assert per_position.max().item() <= 0.1, per_position.tolist()
+
+
+def assert_logits_agree(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    per_position = (ours - ref).abs().amax(dim=-1) / (ref.max() - ref.min()).item()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+    assert per_position.max().item() < 0.05, per_position.tolist()
+
+
+@pytest.fixture(scope="module")
+def llmc(tiny_models, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("llmcompressor")
+    return {kind: make_llmcompressor_checkpoint(tiny_models[kind], str(root / kind)) for kind in ("llama", "qwen2")}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_an_llmcompressor_checkpoint_computes_its_fake_quant_reference(llmc, kind):
+    path = llmc[kind]
+    cfg = load_config(resolve_model(path))
+    assert cfg.quantization.method == "compressed-tensors"
+    ref = fake_quant_model(path)
+    scorer = Scorer(path)
+    for ids in prompt_set(cfg.vocab_size, seed=7, lengths=(1, 17, 64)):
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0]
+        assert_logits_close(scorer.logits(ids), expected)
+
+
+def test_greedy_batches_of_a_w8a8_model_equal_one_at_a_time(llmc):
+    """Per-token activation scales: a row's result never depends on the rows beside it."""
+    llm = LLM(llmc["qwen2"], max_batch_size=8)
+    prompts = prompt_set(49152, seed=3, lengths=(1, 5, 17, 40))
+    together = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    assert together == alone
+
+
+def _with_quantization(src: str, dst, change) -> str:
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "config.json")) as fh:
+        raw = json.load(fh)
+    change(raw["quantization_config"])
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump(raw, fh)
+    return str(dst)
+
+
+def _group(q: dict) -> dict:
+    return next(iter(q["config_groups"].values()))
+
+
+REFUSED = {
+    "4-bit weights": (lambda q: _group(q)["weights"].update(num_bits=4), "num_bits=4"),
+    "static activations": (lambda q: _group(q)["input_activations"].update(dynamic=False), "dynamic=False"),
+    "per-tensor weights": (lambda q: _group(q)["weights"].update(strategy="tensor"), "strategy='tensor'"),
+    "weight only": (lambda q: _group(q).update(input_activations=None), "no input_activations"),
+    "float8": (lambda q: _group(q)["weights"].update(type="float"), "type='float'"),
+    "packed format": (lambda q: q.update(format="pack-quantized") or _group(q).update(format="pack-quantized"),
+                      "format 'pack-quantized'"),
+    "quantized kv cache": (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme"),
+    "another method": (lambda q: q.update(quant_method="gptq"), "quantized with 'gptq'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_quantizations_pdserve_cannot_run_are_refused_by_name(llmc, tmp_path, case):
+    change, message = REFUSED[case]
+    path = _with_quantization(llmc["llama"], tmp_path / "m", change)
+    with pytest.raises(UnsupportedModelError, match=message):
+        load_config(resolve_model(path))
+
+
+def test_a_merged_layer_quantized_in_part_is_refused(llmc, tmp_path):
+    path = _with_quantization(llmc["llama"], tmp_path / "m", lambda q: q["ignore"].append("re:.*k_proj$"))
+    with pytest.raises(ValueError, match="stored as one layer but only some are quantized"):
+        LLM(path)
+
+
+def test_a_quantized_lm_head_is_refused(llmc, tmp_path):
+    path = _with_quantization(llmc["llama"], tmp_path / "m", lambda q: q.update(ignore=[]))
+    with pytest.raises(UnsupportedModelError, match="quantized lm_head"):
+        load_config(resolve_model(path))
+
+
+def test_a_quantized_mixture_of_experts_checkpoint_is_refused(tiny_models, llmc, tmp_path):
+    shutil.copytree(tiny_models["mixtral"], tmp_path / "moe")
+    with open(tmp_path / "moe" / "config.json") as fh:
+        raw = json.load(fh)
+    with open(os.path.join(llmc["llama"], "config.json")) as fh:
+        raw["quantization_config"] = json.load(fh)["quantization_config"]
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        load_config(resolve_model(str(tmp_path / "moe")))
+
+
+# ---- the default model, quantized by pdserve ------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_w8a8(tmp_path_factory) -> str:
+    from pdserve.engine.quant.quantize_cli import main
+
+    out = str(tmp_path_factory.mktemp("sq") / "smollm2-w8a8")
+    assert main("quantize", ["smoothquant", "--model", "smollm2", "--out", out,
+                             "--calib-samples", "16", "--calib-len", "256"]) == 0
+    return out
+
+
+@needs_smollm2
+def test_quantized_default_model_keeps_perplexity_within_3_percent(smollm2_w8a8):
+    text = heldout_text()
+    base = perplexity("smollm2", text, window=256, max_windows=8)
+    quantized = perplexity(smollm2_w8a8, text, window=256, max_windows=8)
+    assert base.tokens == quantized.tokens > 1500
+    assert quantized.perplexity != base.perplexity
+    assert abs(quantized.perplexity / base.perplexity - 1) < 0.03, (base, quantized)
+
+
+@needs_smollm2
+def test_quantized_default_model_writes_sensible_text(smollm2_w8a8):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    base = LLM("smollm2").generate(prompts, GREEDY)
+    quantized = LLM(smollm2_w8a8).generate(prompts, GREEDY)
+    assert "Paris" in base[0].text and "Paris" in quantized[0].text
+    assert "fibonacci" in quantized[1].text or "return" in quantized[1].text
+    assert all(len(set(o.token_ids)) >= 6 for o in quantized), [o.text for o in quantized]  # not degenerate
+
+
+@needs_smollm2
+def test_pdserve_checkpoint_computes_its_fake_quant_reference(smollm2_w8a8):
+    ref = fake_quant_model(smollm2_w8a8)
+    scorer = Scorer(smollm2_w8a8)
+    ids = scorer.tokenizer.encode("SmoothQuant moves the difficulty of activation quantization into the weights.")
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    assert_logits_agree(scorer.logits(ids), expected)
+
+
+@needs_smollm2
+def test_pdserve_checkpoint_loads_in_transformers_with_compressed_tensors(smollm2_w8a8):
+    """The standard format: compressed-tensors reads pdserve's checkpoint and computes a
+    model of the same accuracy. (Its activation rounding differs, scale max|x| / 127.5, so
+    its logits are a different rounding of the same model: compare perplexities.)"""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(smollm2_w8a8, dtype=torch.float32).eval()
+    text = heldout_text()
+    ids = Scorer(smollm2_w8a8).tokenizer.encode(text)
+    nll = 0.0
+    with torch.no_grad():
+        for start in range(0, 4 * 256, 256):
+            window = torch.tensor([ids[start:start + 256]])
+            nll += theirs(window, labels=window).loss.item() * 255
+    ours = perplexity(smollm2_w8a8, text, window=256, max_windows=4)
+    assert ours.tokens == 4 * 255
+    assert abs(math.exp(nll / ours.tokens) / ours.perplexity - 1) < 0.02
