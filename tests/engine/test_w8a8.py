@@ -32,7 +32,7 @@ from pdserve.engine.evaluate import Scorer, heldout_text, perplexity
 from pdserve.engine.models.loader import load_config
 from pdserve.engine.models.registry import UnsupportedModelError
 from pdserve.common.model_source import resolve_model
-from tests.engine.conftest import needs_smollm2, prompt_set
+from tests.engine.conftest import hf_greedy, needs_smollm2, prompt_set
 from tests.engine.w8a8_reference import fake_quant_model, make_llmcompressor_checkpoint
 
 pytest.importorskip("llmcompressor")
@@ -77,6 +77,30 @@ def test_greedy_batches_of_a_w8a8_model_equal_one_at_a_time(llmc):
     together = [o.token_ids for o in llm.generate(prompts, GREEDY)]
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
     assert together == alone
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_w8a8_with_tp2_computes_the_per_rank_reference(llmc, kind):
+    """Each rank rounds its own slice of a row-parallel layer's input (its own scale), as
+    vLLM does; the reference rounds the same slices."""
+    prompts = prompt_set(49152, seed=5, lengths=(3, 17, 40))
+    expected = hf_greedy(fake_quant_model(llmc[kind], tp=2), prompts, GREEDY.max_tokens)
+    llm = LLM(llmc[kind], tp=2, num_blocks=64, max_prefill_tokens=32)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+
+
+def test_w8a8_with_lora_adapters_matches_peft_on_the_fake_quant_model(tiny_models, llmc, tmp_path):
+    """LoRA on a W8A8 base: the base matmul in int8, the adapter's delta from the unrounded input."""
+    peft = pytest.importorskip("peft")
+    from tests.engine.test_lora import ADAPTERS, make_adapter
+
+    adapter = make_adapter(tiny_models["llama"], str(tmp_path / "all"), *ADAPTERS["all"], seed=3)
+    prompts = prompt_set(49152, seed=9, lengths=(3, 17))
+    reference = peft.PeftModel.from_pretrained(fake_quant_model(llmc["llama"]), adapter)
+    expected = hf_greedy(reference.eval(), prompts, GREEDY.max_tokens)
+    llm = LLM(llmc["llama"], num_blocks=64, adapters=(f"all={adapter}",))
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter="all")] == expected
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] != expected
 
 
 def _with_quantization(src: str, dst, change) -> str:

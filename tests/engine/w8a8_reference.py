@@ -50,8 +50,10 @@ def make_llmcompressor_checkpoint(base: str, out: str, seed: int = 0) -> str:
     return out
 
 
-def fake_quant_model(path: str) -> torch.nn.Module:
-    """A float32 transformers model computing what a W8A8 checkpoint means (see module doc)."""
+def fake_quant_model(path: str, tp: int = 1) -> torch.nn.Module:
+    """A float32 transformers model computing what a W8A8 checkpoint means (see module doc).
+    With ``tp`` > 1, the input of a row-parallel layer (o_proj, down_proj) is rounded in
+    ``tp`` slices, each with its own scale, as each rank rounds its own slice."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -70,10 +72,15 @@ def fake_quant_model(path: str) -> torch.nn.Module:
         model.tie_weights()
     modules = dict(model.named_modules())
     for name in quantized:
-        modules[name].register_forward_pre_hook(lambda _m, args: (_round_rows(args[0]),))
+        slices = tp if name.endswith(("o_proj", "down_proj")) else 1
+        modules[name].register_forward_pre_hook(lambda _m, args, n=slices: (_round_rows(args[0], n),))
     return model.eval()
 
 
-def _round_rows(x: torch.Tensor) -> torch.Tensor:
+def _round_rows(x: torch.Tensor, slices: int = 1) -> torch.Tensor:
+    return torch.cat([_round(part) for part in x.chunk(slices, dim=-1)], dim=-1)
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
     q, scale = quant_per_token_ref(x.reshape(-1, x.shape[-1]))
     return (q.float() * scale).reshape(x.shape).to(x.dtype)
