@@ -7,7 +7,8 @@ Owns: one run that reports, for one model on one device,
   (weight bytes read + KV bytes read) / copy bandwidth. Two times per batch: the
   captured forward alone (graph replay) and the whole engine step (schedule, inputs,
   forward, sampling, bookkeeping);
-- prefill of 8 x 1024-token prompts in one step, against 2 x params x tokens / matmul rate;
+- prefill of 8 x 1024-token prompts in one step, against 2 x params x tokens / matmul rate
+  (the int8 rate for a W8A8 model, e.g. ``--model dummy:llama-3-8b-w8a8``);
 - the paged decode attention kernel alone (batch 64 x context 4096; ``bench.kernels``);
 - offline throughput (256 prompts x 1024 in, 128 out, ignore_eos) in output tokens/s,
   next to HF transformers ``generate`` on the same architecture and dtype with random
@@ -39,6 +40,7 @@ from pdserve.common.sampling_params import SamplingParams
 class Ceilings:
     copy_bytes_per_s: float
     matmul_flops_per_s: float
+    int8_ops_per_s: float = 0.0  # int8 x int8 -> int32 matmul (the prefill ceiling of a W8A8 model)
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -81,8 +83,10 @@ def _median_ms(fn, device_type: str, reps: int = 10, warmup_ms: int = 25) -> flo
 
 
 def measure_ceilings(device: torch.device, matmul_n: int) -> Ceilings:
-    """Copy: 1 GiB device-to-device, read + written bytes. Matmul: bf16 n^3 on random data."""
-    return Ceilings(_copy_bytes_per_s(device), _matmul_flops_per_s(device, matmul_n))
+    """Copy: 1 GiB device-to-device, read + written bytes. Matmul: bf16 n^3 on random data;
+    on CUDA also int8 n^3 (``torch._int_mm``, cuBLAS)."""
+    int8 = _int8_ops_per_s(device, matmul_n) if device.type == "cuda" else 0.0
+    return Ceilings(_copy_bytes_per_s(device), _matmul_flops_per_s(device, matmul_n), int8)
 
 
 def _copy_bytes_per_s(device: torch.device) -> float:
@@ -271,6 +275,13 @@ def bench_hf(args, vocab: int) -> dict:
             "tok_per_s": n / elapsed}
 
 
+def _int8_ops_per_s(device: torch.device, n: int) -> float:
+    a, b = (torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device) for _ in range(2))
+    bt = b.t()  # NOTE: cuBLAS int8 wants the second operand column-major
+    ms = _median_ms(lambda: torch._int_mm(a, bt), device.type, warmup_ms=1000)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
 def run_engine_phases(args, vocab: int, ceil: Ceilings) -> dict:
     from pdserve.engine import LLM
 
@@ -282,7 +293,10 @@ def run_engine_phases(args, vocab: int, ceil: Ceilings) -> dict:
     model = llm.engine.executor.rank.runner.model
     params, weight_bytes = weight_bytes_read(model)
     experts = routed_experts(model)
-    out = {"params": params, "weight_bytes_read": weight_bytes, "decode": [],
+    quantization = llm.engine.model_info()["quantization"]
+    if quantization:  # NOTE: a W8A8 model's prefill runs on the int8 tensor cores
+        ceil = Ceilings(ceil.copy_bytes_per_s, ceil.int8_ops_per_s or ceil.matmul_flops_per_s, ceil.int8_ops_per_s)
+    out = {"params": params, "weight_bytes_read": weight_bytes, "decode": [], "quantization": quantization,
            "experts": {"num": experts.num_experts, "top_k": experts.top_k, "bytes": experts.bytes}}
     for b in (int(x) for x in args.decode_batches.split(",")):
         out["decode"].append(bench_decode(llm, b, args, vocab, ceil, weight_bytes, experts))
@@ -328,16 +342,18 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     ceil = measure_ceilings(device, 8192 if device.type == "cuda" else 1024)
     print(f"copy {ceil.copy_bytes_per_s / 1e9:,.0f} GB/s (read + write); "
-          f"bf16 matmul {ceil.matmul_flops_per_s / 1e12:,.1f} TFLOP/s", flush=True)
+          f"bf16 matmul {ceil.matmul_flops_per_s / 1e12:,.1f} TFLOP/s; int8 matmul {ceil.int8_ops_per_s / 1e12:,.1f} TOP/s",
+          flush=True)
     result = {"date": date, "device": name, "model": args.model, "dtype": args.dtype,
-              "copy_gb_per_s": ceil.copy_bytes_per_s / 1e9, "matmul_tflops": ceil.matmul_flops_per_s / 1e12}
+              "copy_gb_per_s": ceil.copy_bytes_per_s / 1e9, "matmul_tflops": ceil.matmul_flops_per_s / 1e12,
+              "int8_tops": ceil.int8_ops_per_s / 1e12}
     if args.attention_kernel and device.type == "cuda":
         result["attention_kernel"] = bench_attention_kernel(ceil)
         _free_device_memory(args.device_type)
     vocab = load_config(resolve_model(args.model)).vocab_size
     result.update(run_engine_phases(args, vocab, ceil))
     _free_device_memory(args.device_type)
-    if not args.skip_hf:
+    if not args.skip_hf and not result["quantization"]:  # NOTE: HF has no random-weight W8A8 model to compare
         result["hf"] = bench_hf(args, vocab)
     _print_summary(result)
     if args.json:

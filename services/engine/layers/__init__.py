@@ -15,13 +15,13 @@ attention stays a backend call) and nothing above the engine's model level.
 from pdserve.engine.layers.context import Communicator, LayerContext, SingleRank, divide
 from pdserve.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pdserve.engine.layers.linear import (ColumnParallelLinear, LinearBase, LinearMethod,
-                                          MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
-                                          RowParallelLinear, UnquantizedLinearMethod)
+                                          MergedColumnParallelLinear, QKVParallelLinear, QuantizedActivation,
+                                          ReplicatedLinear, RowParallelLinear, UnquantizedLinearMethod)
 from pdserve.engine.layers.loading import WeightSpec, init_dummy_weights, load_into
 from pdserve.engine.layers.norm import RMSNorm
 from pdserve.engine.layers.rotary import RotaryEmbedding
 
 __all__ = ["ColumnParallelLinear", "Communicator", "LayerContext", "LinearBase", "LinearMethod",
-           "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "RMSNorm", "ReplicatedLinear",
+           "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "QuantizedActivation", "RMSNorm", "ReplicatedLinear",
            "RotaryEmbedding", "RowParallelLinear", "SingleRank", "UnquantizedLinearMethod",
            "VocabParallelEmbedding", "WeightSpec", "divide", "init_dummy_weights", "load_into"]

@@ -20,7 +20,7 @@ Each parameter records which of its dimensions is the output and which the input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -37,6 +37,15 @@ class ParamDims:
     output_dim: int | None = None
     input_dim: int | None = None
     init: str = "normal"
+
+
+class QuantizedActivation(NamedTuple):
+    """Activation rows already quantized per token by the op that produced them (RMSNorm,
+    SiLU-and-mul), for a layer whose method ``takes_int8_input``: q int8 [T, K], scale
+    float32 [T, 1], and the dtype the layer's output should have."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
 
 
 class LinearMethod(Protocol):
@@ -84,8 +93,15 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor, be: Backend) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor | QuantizedActivation", be: Backend) -> torch.Tensor:
         return self.method.apply(self, x, be, self.bias)
+
+    @property
+    def takes_int8_input(self) -> bool:
+        """Whether the producer of this layer's input should quantize it (per token) in the
+        same pass and hand over a ``QuantizedActivation`` (a method that needs the float
+        input, e.g. LoRA's wrapper, says no)."""
+        return getattr(self.method, "takes_int8_input", False)
 
     # ---- loading -------------------------------------------------------------------
     def shards(self) -> tuple[Shard, ...]:
@@ -251,7 +267,7 @@ class RowParallelLinear(LinearBase):
         n = self.input_size
         return tensor.narrow(dim, self.ctx.tp_rank * n, n)
 
-    def forward(self, x: torch.Tensor, be: Backend) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor | QuantizedActivation", be: Backend) -> torch.Tensor:
         if self.ctx.tp_size == 1:
             return self.method.apply(self, x, be, self.bias)
         y = self.ctx.comm.all_reduce(self.method.apply(self, x, be, None))
@@ -259,4 +275,4 @@ class RowParallelLinear(LinearBase):
 
 
 __all__ = ["check_head_split", "ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
-           "QKVParallelLinear", "ReplicatedLinear", "RowParallelLinear", "UnquantizedLinearMethod"]
+           "QKVParallelLinear", "QuantizedActivation", "ReplicatedLinear", "RowParallelLinear", "UnquantizedLinearMethod"]

@@ -1,7 +1,9 @@
 """RMSNorm as a layer: its weight (replicated on every rank) and the backend's fused op.
 
 Owns: the weight and epsilon. ``forward`` optionally adds a residual first and
-returns ``(normed, new residual)``, as ``Backend.rms_norm`` does.
+returns ``(normed, new residual)``, as ``Backend.rms_norm`` does; with ``quantize``
+the normed rows come out quantized per token in the same pass (a ``QuantizedActivation``
+for an int8 layer that reads them).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from torch import nn
 
 from pdserve.engine.backends.base import Backend
 from pdserve.engine.layers.context import LayerContext
+from pdserve.engine.layers.linear import QuantizedActivation
 from pdserve.engine.layers.loading import Shard, WeightSpec, read
 
 
@@ -19,8 +22,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size, dtype=ctx.dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, be: Backend,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, be: Backend, residual: torch.Tensor | None = None,
+                quantize: bool = False) -> tuple["torch.Tensor | QuantizedActivation", torch.Tensor]:
+        if quantize:
+            q, scale, residual = be.rms_norm_quant(x, self.weight, self.eps, residual)
+            return QuantizedActivation(q, scale, x.dtype), residual
         return be.rms_norm(x, self.weight, self.eps, residual)
 
     def weight_specs(self) -> tuple[WeightSpec, ...]:

@@ -16,7 +16,8 @@ from torch import nn
 
 from pdserve.engine.backends.base import AttentionMetadata, Backend
 from pdserve.engine.layers import (LayerContext, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                   RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding, load_into)
+                                   QuantizedActivation, RMSNorm, RotaryEmbedding, RowParallelLinear,
+                                   VocabParallelEmbedding, load_into)
 from pdserve.engine.layers.loading import CheckpointTensor
 from pdserve.engine.models.interface import LayerHook
 from pdserve.engine.models.model_config import ModelConfig
@@ -66,8 +67,17 @@ class MLP(nn.Module):
                                                        names=_names(prefix, "gate_proj", "up_proj"))
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, ctx, names=_names(prefix, "down_proj"))
 
+    @property
+    def takes_int8_input(self) -> bool:
+        return self.gate_up_proj.takes_int8_input
+
     def forward(self, x, be: Backend):
-        return self.down_proj(be.silu_and_mul(self.gate_up_proj(x, be)), be)
+        gate_up = self.gate_up_proj(x, be)
+        if self.down_proj.takes_int8_input:
+            act = QuantizedActivation(*be.silu_and_mul_quant(gate_up), gate_up.dtype)
+        else:
+            act = be.silu_and_mul(gate_up)
+        return self.down_proj(act, be)
 
 
 class DecoderLayer(nn.Module):
@@ -79,9 +89,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
     def forward(self, x, residual, positions, cos_sin, kv_layer, meta, be: Backend):
-        h, residual = self.input_layernorm(x, be, residual)
+        h, residual = self.input_layernorm(x, be, residual, self.self_attn.qkv_proj.takes_int8_input)
         h = self.self_attn(h, positions, cos_sin, kv_layer, meta, be)
-        h, residual = self.post_attention_layernorm(h, be, residual)
+        h, residual = self.post_attention_layernorm(h, be, residual, self.mlp.takes_int8_input)
         return self.mlp(h, be), residual
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pdserve.engine.models.registry import UnsupportedModelError, check_architecture
+from pdserve.engine.quant.scheme import W8A8Scheme
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+W8A8_SUFFIX = "-w8a8"  # a dense preset with random int8 weights (SmoothQuant W8A8 shapes)
+
+
 def from_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise UnsupportedModelError(f"unknown dummy preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return from_hf_config(PRESETS[name])
+    """A preset's config; ``<preset>-w8a8`` is the same model as a W8A8 checkpoint."""
+    base = name.removesuffix(W8A8_SUFFIX)
+    if base not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise UnsupportedModelError(f"unknown dummy preset {name!r}; known: {known} (each also as <preset>{W8A8_SUFFIX})")
+    raw = dict(PRESETS[base])
+    if name != base:
+        raw["quantization_config"] = W8A8Scheme().quantization_config()
+    return from_hf_config(raw)

@@ -37,6 +37,8 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = (ReplicatedLinear(cfg.hidden_size, 1, False, ctx, names=(f"{prefix}.shared_expert_gate",))
                                    if shared else None)
 
+    takes_int8_input = False  # NOTE: the router and the experts read the float rows
+
     def forward(self, x: torch.Tensor, be: Backend) -> torch.Tensor:
         out = self.experts(x, self.gate(x, be), be)
         if self.shared_expert is not None:

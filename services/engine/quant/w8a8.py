@@ -5,7 +5,8 @@ Owns: ``W8A8LinearMethod`` (the tensors a W8A8 layer holds, ``weight`` int8
 checkpoints name them, so each rank's loader slices them like any weight) and its
 matmul: quantize the activation rows (symmetric, per token, at run time), int8 x
 int8 with int32 sums, scales and bias applied on the way out, in the activation
-dtype. The backend provides the kernels (``quant_per_token``, ``int8_linear``).
+dtype. Where the op before the layer already quantized its output (RMSNorm,
+SiLU-and-mul: ``QuantizedActivation``), the int8 rows are used as they come. The backend provides the kernels (``quant_per_token``, ``int8_linear``).
 Stateless apart from the layer's tensors; LoRA wraps it like the unquantized method.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from pdserve.engine.backends.base import Backend
-from pdserve.engine.layers.linear import ParamDims
+from pdserve.engine.layers.linear import ParamDims, QuantizedActivation
 
 # Dummy weights: uniform int8 has a standard deviation of ~73.3; this scale gives the
 # dequantized weights the 0.02 of unquantized dummy weights.
@@ -22,6 +23,8 @@ DUMMY_SCALE = 0.02 / 73.3
 
 
 class W8A8LinearMethod:
+    takes_int8_input = True  # the producer of the input may quantize it in its own pass
+
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
                        dtype: torch.dtype) -> dict[str, ParamDims]:
         layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=torch.int8), requires_grad=False)
@@ -29,9 +32,11 @@ class W8A8LinearMethod:
         return {"weight": ParamDims(output_dim=0, input_dim=1, init="int8"),
                 "weight_scale": ParamDims(output_dim=0, init=f"const:{DUMMY_SCALE}")}
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, be: Backend, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        q, scale = be.quant_per_token(rows)
+    def apply(self, layer: nn.Module, x: "torch.Tensor | QuantizedActivation", be: Backend,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            return be.int8_linear(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
+        q, scale = be.quant_per_token(x.reshape(-1, x.shape[-1]))
         y = be.int8_linear(q, scale, layer.weight, layer.weight_scale, bias, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
