@@ -35,7 +35,8 @@ class EngineConfig:
     ep: int = 1
     adapters: tuple[str, ...] = ()  # LoRA adapters loaded at start, each "name=path" (a PEFT directory)
     enable_lora: bool = False  # LoRA adapters can be loaded (at run time too); implied by ``adapters``
-    max_loras: int = 4  # adapters loaded at once (slots on the device)
+    max_loras: int = 4  # adapters on the device at once (slots); a step mixes at most this many
+    max_cpu_loras: int | None = None  # adapters registered (host memory, swapped into slots by LRU); None: max_loras
     max_lora_rank: int = 64
     device_type: str = "cpu"
     dtype: str = "float32"
@@ -66,8 +67,11 @@ class EngineConfig:
         for name in ("max_lora_rank", "max_loras"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, getattr(self, name),
                    "an integer >= 1")
-        if len(self.adapter_paths()) > self.max_loras:
-            raise ConfigError(f"adapters: {len(self.adapters)} given but max_loras={self.max_loras}")
+        if self.max_cpu_loras is not None:
+            _check(isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= self.max_loras, "max_cpu_loras",
+                   self.max_cpu_loras, f"an integer >= max_loras={self.max_loras}")
+        if len(self.adapter_paths()) > self.lora_capacity:
+            raise ConfigError(f"adapters: {len(self.adapters)} given but max_cpu_loras={self.lora_capacity}")
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")
         if self.num_blocks is not None:
             _check(isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", self.num_blocks, "an integer >= 1")
@@ -77,6 +81,11 @@ class EngineConfig:
             _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1, "max_model_len",
                    self.max_model_len, "an integer >= 1")
         _check(bool(self.model), "model", self.model, "a model name or path")
+
+    @property
+    def lora_capacity(self) -> int:
+        """How many adapters may be registered at once (``max_cpu_loras``, default ``max_loras``)."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
     @property
     def lora_enabled(self) -> bool:

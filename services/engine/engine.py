@@ -43,6 +43,7 @@ from pdserve.engine.models.registry import check_quantization
 from pdserve.engine.plan import KVSendOrder, NewRequest, PlannedRow, StepPlan
 from pdserve.engine.request import Request, TokenLogprob
 from pdserve.engine.sampler import PendingSample
+from pdserve.engine.lora.residency import AdapterResidency
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 
 _HELD = 0  # token id standing in for a sampled token the host has not read yet
@@ -95,7 +96,8 @@ class LLMEngine:
         self.executor.allocate(num_blocks, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_batch_size, config.max_prefill_tokens, self.max_model_len)
-        self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.residency = AdapterResidency(config.max_loras) if config.lora_enabled else None
+        self.scheduler = Scheduler(sched_cfg, self.kv, self.residency)
         self.overlap = config.tp == 1 and (config.async_scheduling if config.async_scheduling is not None
                                            else self.executor.supports_overlap)
         self._launched: _Launched | None = None
@@ -168,6 +170,10 @@ class LLMEngine:
             raise ValueError("LoRA is not enabled on this engine: start it with enable_lora (or adapters)")
         if name in self.adapters or name in self._unloading or not name:
             raise ValueError(f"adapter {name!r} is already loaded" if name else "the adapter needs a name")
+        held = self.adapters | self._unloading
+        if len(held) >= self.config.lora_capacity:
+            raise ValueError(f"adapter {name!r}: all max_cpu_loras={self.config.lora_capacity} adapters are loaded "
+                             f"({sorted(held)}); unload one first")
         errors = [e for e in self.executor.load_adapter(name, path) if e]
         if errors:
             self.executor.unload_adapter(name)  # NOTE: ranks that took it give it back
@@ -188,6 +194,7 @@ class LLMEngine:
         busy = {r.adapter for r in self.requests.values()}
         for name in sorted(self._unloading - busy):
             self.executor.unload_adapter(name)
+            self.residency.forget(name)
             self._unloading.discard(name)
 
     def _new_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -355,7 +362,8 @@ class LLMEngine:
             self._blocks_sent[rid] = len(table)
             rows.append(PlannedRow(rid, seq.start, tuple(req.token_ids[seq.start:seq.start + seq.num_new]),
                                    seq.samples, added))
-        return StepPlan(tuple(rows), tuple(new), finished, feed[0], feed[1])
+        swaps = self.residency.take_swaps() if self.residency is not None else ()
+        return StepPlan(tuple(rows), tuple(new), finished, feed[0], feed[1], swaps)
 
     @staticmethod
     def _new_on_ranks(seq: ScheduledSeq, table: list[int]) -> NewRequest:
@@ -458,7 +466,8 @@ class LLMEngine:
                 "kv_blocks_total": kv["total"], "tokens_computed_total": c.tokens_computed_total,
                 "steps_total": c.steps_total, "preemptions_total": c.preemptions_total,
                 "overlapped_steps_total": c.overlapped_steps_total, "last_step_seconds": c.last_step_seconds,
-                "rank_seconds": self.executor.rank_seconds(), "lora_adapters_loaded": len(self.adapters)}
+                "rank_seconds": self.executor.rank_seconds(), "lora_adapters_loaded": len(self.adapters),
+                "lora_swaps_total": self.residency.swaps_total if self.residency is not None else 0}
 
     def model_info(self) -> dict:
         m = self.model_config

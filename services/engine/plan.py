@@ -66,6 +66,8 @@ class StepPlan:
     # input[feed_dst[k]] = previous step's sampled token[feed_src[k]].
     feed_dst: tuple[int, ...] = ()
     feed_src: tuple[int, ...] = ()
+    # LoRA adapters to copy from host memory into device slots before the forward: (slot, name).
+    adapter_swaps: tuple[tuple[int, str], ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.kv_cache import KVCacheManager
+from pdserve.engine.lora.residency import AdapterResidency
 from pdserve.engine.request import Request, Status
 
 
@@ -51,9 +52,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, adapters: AdapterResidency | None = None):
         self.config = config
         self.kv = kv
+        self.adapters = adapters  # LoRA device slots (None: LoRA off)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.blocked_on_kv = False
@@ -106,8 +108,18 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, seqs: list[ScheduledSeq]) -> int:
         self.blocked_on_kv = False
+        no_slot: list[Request] = []  # their adapter cannot get a device slot this step: they wait, others go
+        try:
+            return self._admit(budget, seqs, no_slot)
+        finally:
+            self.waiting.extendleft(reversed(no_slot))  # NOTE: first in line again next step
+
+    def _admit(self, budget: int, seqs: list[ScheduledSeq], no_slot: list[Request]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             req = self.waiting[0]
+            if not self._adapter_resident(req):
+                no_slot.append(self.waiting.popleft())
+                continue
             matched_now = not self.kv.has(req.req_id)
             if matched_now:
                 req.num_computed_tokens = self.kv.match_prefix(req.req_id, req.token_ids, req.adapter or "")
@@ -128,6 +140,13 @@ class Scheduler:
             seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
             budget -= n
         return budget
+
+    def _adapter_resident(self, req: Request) -> bool:
+        """Whether ``req``'s adapter has (or now gets) a device slot: a free one, or one whose
+        adapter no running request uses."""
+        if req.adapter is None or self.adapters is None:
+            return True
+        return self.adapters.claim(req.adapter, {r.adapter for r in self.running if r.adapter})
 
     def _take_blocks_behind(self, head: Request) -> bool:
         """Free the blocks of the newest waiting request that holds any (it recomputes

@@ -112,7 +112,7 @@ def test_adapters_load_and_unload_at_run_time(tiny_models, adapters):
     engine.load_adapter("qv", adapters["qv"])
     engine.load_adapter("all", adapters["all"])
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter="qv")] == expected["qv"]
-    with pytest.raises(ValueError, match="all max_loras=2 slots are in use"):
+    with pytest.raises(ValueError, match="all max_cpu_loras=2 adapters are loaded"):
         engine.load_adapter("mlp", adapters["mlp"])
     with pytest.raises(ValueError, match="already loaded"):
         engine.load_adapter("qv", adapters["qv"])
@@ -128,3 +128,40 @@ def test_adapters_load_and_unload_at_run_time(tiny_models, adapters):
     got = llm.generate(prompts, GREEDY, adapter=["mlp", "all"])
     assert [o.token_ids for o in got] == [expected["mlp"][0], expected["all"][1]]
     assert sorted(engine.adapters) == ["all", "mlp"]
+
+
+def test_residency_swaps_the_least_recently_used_adapter_no_running_request_uses():
+    from pdserve.engine.lora.residency import AdapterResidency
+
+    slots = AdapterResidency(2)
+    assert slots.claim("a", set()) and slots.claim("b", set())
+    assert slots.take_swaps() == ((0, "a"), (1, "b")) and slots.take_swaps() == ()
+    assert slots.claim("a", set())  # resident: no swap, now most recently used
+    assert not slots.claim("c", {"a", "b"})  # both in use: c waits
+    assert slots.claim("c", {"a"}) and slots.resident() == {"a": 0, "c": 1}  # b (not in use) goes
+    slots.forget("a")
+    assert slots.claim("d", {"c"}) and slots.resident() == {"c": 1, "d": 0}
+    assert slots.take_swaps() == ((1, "c"), (0, "d")) and slots.swaps_total == 4
+
+
+def test_more_adapters_than_device_slots_swap_in_by_lru(tiny_models, adapters):
+    """max_loras=1 slot, three adapters registered: a mixed batch still gives each request its
+    own adapter's output; a request whose adapter has no slot waits, base requests do not."""
+    base = tiny_models["llama"]
+    prompts = prompt_set(49152, seed=23, lengths=(4, 19))
+    expected = {name: reference(base, path, prompts) for name, path in [(None, None), *adapters.items()]}
+    llm = LLM(base, num_blocks=64, max_loras=1, max_cpu_loras=3,
+              adapters=tuple(f"{n}={p}" for n, p in adapters.items()))
+    engine = llm.engine
+    engine.add_request("qv-0", prompts[0], GREEDY, adapter="qv")
+    engine.add_request("all-0", prompts[0], GREEDY, adapter="all")
+    engine.add_request("base-0", prompts[0], GREEDY)
+    engine.step()
+    assert [r.req_id for r in engine.scheduler.running] == ["qv-0", "base-0"]  # all-0 waits for the slot
+    while engine.has_unfinished():
+        engine.step()
+    mixed = [(p, name) for name in expected for p in prompts]
+    got = llm.generate([p for p, _ in mixed], GREEDY, adapter=[n for _, n in mixed])
+    assert [o.token_ids for o in got] == [expected[n][prompts.index(p)] for p, n in mixed]
+    stats = engine.stats()
+    assert stats["lora_swaps_total"] >= 4 and stats["kv_blocks_used"] == 0

@@ -126,6 +126,8 @@ class RankWorker:
     def execute(self, plan: StepPlan) -> PendingSample | None:
         """Run the plan's forward and queue sampling for its sampling rows (None if none sample)."""
         self._apply(plan)
+        for slot, name in plan.adapter_swaps:
+            self.lora.activate(slot, name)
         reqs = [self.requests[r.req_id] for r in plan.rows]
         for row, req in zip(plan.rows, reqs):
             req.token_ids.extend(row.token_ids)
@@ -163,11 +165,12 @@ class RankWorker:
         return endpoint
 
     def load_adapter(self, name: str, path: str) -> str:
-        """Load a LoRA adapter into a free slot; "" or why it was refused (nothing changed then)."""
+        """Register a LoRA adapter (host memory; plans put it in a device slot when needed);
+        "" or why it was refused (nothing changed then)."""
         if self.lora is None:
             return "LoRA is not enabled on this engine (start it with enable_lora or adapters)"
         try:
-            self.lora.load(load_peft_adapter(name, path, self.config.max_lora_rank))
+            self.lora.register(load_peft_adapter(name, path, self.config.max_lora_rank))
         except ValueError as exc:
             return str(exc)
         return ""

@@ -5,7 +5,9 @@
 owned by a rank) stacks every loaded adapter's weights beside the linear layers they
 target, each sliced for the rank like its base layer, and wraps those layers'
 ``LinearMethod`` so that every row of a step gets the delta of its own adapter
-(none for base-model rows).
+(none for base-model rows). ``residency`` (``AdapterResidency``, the scheduler's)
+decides which registered adapters occupy the ``max_loras`` device slots, least
+recently used out first; each step's plan tells the ranks what to copy in.
 """
 from pdserve.engine.lora.peft_format import PeftAdapter, load_peft_adapter
 from pdserve.engine.lora.slots import AdapterSlots, LoRALinearMethod

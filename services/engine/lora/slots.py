@@ -1,6 +1,9 @@
-"""Every loaded LoRA adapter of one rank, stacked beside the linear layers it targets.
+"""Every registered LoRA adapter of one rank: in host memory, and the resident ones stacked
+beside the linear layers they target.
 
-Owns: ``max_loras`` slots; for each (layer, part) any loaded adapter has targeted,
+Owns: the registered adapters' weights in host memory (each checked against the model
+and sliced for this rank once, at registration); ``max_loras`` device slots; for each
+(layer, part) any adapter has targeted,
 the stacked ``A [max_loras, max_lora_rank, in]`` and ``B [max_loras, out,
 max_lora_rank]`` (an adapter zero-padded to the maximum rank, ``B`` pre-multiplied by
 its scaling, each sliced for this rank like the base layer's weight: column-parallel
@@ -8,12 +11,14 @@ layers split ``B``'s rows, row-parallel layers ``A``'s columns, whose partial pr
 the layer's all-reduce then sums); the adapter names by slot; the rows of the current
 step by slot.
 
-Lifecycle: ``AdapterSlots(model, capacity, max_rank, ...)`` -> ``load(adapter)``
+Lifecycle: ``AdapterSlots(model, capacity, max_rank, ...)`` -> ``register(adapter)``
 (at start or at run time: checked against the model first, so a bad adapter changes
-nothing; the first adapter to target a layer wraps its ``LinearMethod`` with
-``LoRALinearMethod``) -> per step ``set_rows`` (each row's slot, -1 for the base
-model) before the forward -> the wrapped layers add ``(x @ A[s].T) @ B[s].T`` to the
-rows of each slot ``s`` -> ``unload(name)`` zeroes its slot for the next.
+nothing) -> ``activate(slot, name)`` when the scheduler's plan puts it in a slot
+(the first adapter to target a layer wraps its ``LinearMethod`` with
+``LoRALinearMethod``; the slot's previous adapter is gone from the device) -> per step
+``set_rows`` (each row's slot, -1 for the base model) before the forward -> the
+wrapped layers add ``(x @ A[s].T) @ B[s].T`` to the rows of each slot ``s`` ->
+``unload(name)`` forgets it and zeroes its slot if it has one.
 
 NOTE: rows are grouped by slot with index tensors (a segmented gather/scatter per
 adapter present in the step); steps with adapters run eagerly (no captured graphs).
@@ -56,44 +61,60 @@ class LoRALinearMethod:
         return y
 
 
+Placed = list[tuple[str, object, torch.Tensor, torch.Tensor]]  # (layer, part, A, B * scaling) for this rank
+
+
 class AdapterSlots:
     def __init__(self, model: nn.Module, capacity: int, max_rank: int, device: torch.device, dtype: torch.dtype):
         self.capacity, self.max_rank = capacity, max_rank
         self.rows = StepRows()
         self._model, self._modules = model, dict(model.named_modules())
         self._device, self._dtype = device, dtype
-        self._slot: dict[str, int] = {}
+        self._host: dict[str, Placed] = {}  # every registered adapter, in host memory
+        self._slot: dict[str, int] = {}  # the resident ones
         self._stacks: dict[str, Parts] = {}  # layer path -> its parts' stacks (made on first use)
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._slot)
+        return sorted(self._host)
 
     def slot(self, name: str | None) -> int:
-        """The slot of adapter ``name`` (-1: the base model); KeyError when not loaded."""
+        """The slot of adapter ``name`` (-1: the base model); KeyError when not resident."""
         return -1 if name is None else self._slot[name]
 
-    def load(self, adapter: PeftAdapter) -> None:
-        """Place an adapter in a free slot; ValueError (and nothing changed) when it does not fit."""
-        if adapter.name in self._slot:
+    def register(self, adapter: PeftAdapter) -> None:
+        """Check an adapter against the model and keep this rank's slices of it in host
+        memory; ValueError (and nothing changed) when it does not fit."""
+        if adapter.name in self._host:
             raise ValueError(f"adapter {adapter.name!r} is already loaded")
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter {adapter.name!r}: rank r={adapter.rank} is above max_lora_rank={self.max_rank}")
-        free = sorted(set(range(self.capacity)) - set(self._slot.values()))
-        if not free:
-            raise ValueError(f"adapter {adapter.name!r}: all max_loras={self.capacity} slots are in use "
-                             f"({self.names}); unload one first")
-        placed = [(path, *self._place(adapter, path, a, b)) for path, (a, b) in adapter.weights.items()]
-        slot = free[0]
-        for _, layer, part, a_local, b_local in placed:
-            a_stack, b_stack = self._stack(layer, part, a_local.shape[1], b_local.shape[0])
-            a_stack[slot, :adapter.rank] = a_local.to(self._dtype)
-            b_stack[slot, :, :adapter.rank] = (b_local * adapter.scaling).to(self._dtype)
-        self._slot[adapter.name] = slot
+        placed = [self._place(adapter, path, a, b) for path, (a, b) in adapter.weights.items()]
+        self._host[adapter.name] = [(layer, part, a.to(self._dtype).contiguous(),
+                                     (b * adapter.scaling).to(self._dtype).contiguous())
+                                    for layer, part, a, b in placed]
+
+    def activate(self, slot: int, name: str) -> None:
+        """Copy registered adapter ``name`` into device slot ``slot`` (whatever was there is gone)."""
+        if not 0 <= slot < self.capacity:
+            raise ValueError(f"slot {slot} is outside max_loras={self.capacity}")
+        for other in [n for n, s in self._slot.items() if s == slot]:
+            del self._slot[other]
+        self._zero(slot)
+        for layer, part, a, b in self._host[name]:
+            a_stack, b_stack = self._stack(layer, part, a.shape[1], b.shape[0])
+            a_stack[slot, :a.shape[0]].copy_(a, non_blocking=True)
+            b_stack[slot, :, :b.shape[1]].copy_(b, non_blocking=True)
+        self._slot[name] = slot
 
     def unload(self, name: str) -> None:
-        """Free ``name``'s slot (zeroed, so a later adapter there starts clean); KeyError when not loaded."""
-        slot = self._slot.pop(name)
+        """Forget ``name`` (its slot zeroed, so a later adapter there starts clean); KeyError when unknown."""
+        del self._host[name]
+        slot = self._slot.pop(name, None)
+        if slot is not None:
+            self._zero(slot)
+
+    def _zero(self, slot: int) -> None:
         for parts in self._stacks.values():
             for a_stack, b_stack in parts.values():
                 a_stack[slot].zero_()
