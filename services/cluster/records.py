@@ -74,6 +74,7 @@ class LoadReport:
     kv_blocks_total: int = 0
     tokens_computed_total: int = 0
     draining: bool = False
+    lora_resident: list[str] = field(default_factory=list)  # LoRA adapters in its device slots now
     timestamp: float = field(default_factory=time.time)
 
     def to_json(self) -> str:

@@ -467,7 +467,8 @@ class LLMEngine:
                 "steps_total": c.steps_total, "preemptions_total": c.preemptions_total,
                 "overlapped_steps_total": c.overlapped_steps_total, "last_step_seconds": c.last_step_seconds,
                 "rank_seconds": self.executor.rank_seconds(), "lora_adapters_loaded": len(self.adapters),
-                "lora_swaps_total": self.residency.swaps_total if self.residency is not None else 0}
+                "lora_swaps_total": self.residency.swaps_total if self.residency is not None else 0,
+                "lora_resident": sorted(self.residency.resident()) if self.residency is not None else []}
 
     def model_info(self) -> dict:
         m = self.model_config

@@ -11,6 +11,10 @@ suspect, right model and role) and calls ``choose``; a policy never talks to etc
   last served the longest matching prefix unless its score exceeds the best score
   by more than ``overload_margin``; otherwise least loaded. Remembers the choice.
 
+A request naming a LoRA adapter first narrows the candidates to workers that have
+it in a device slot (``adapter_affinity``: no swap-in wait), unless they are busier
+than the least busy candidate by more than a margin.
+
 Disaggregated requests use two fixed policies: ``MostFreeKV`` picks the decode
 worker (most free KV blocks, then fewest running), and ``rank_prefill`` orders
 the prefill workers (prefix-cache overlap first via ``prefix_aware``, then
@@ -40,6 +44,17 @@ class Candidate:
         NOTE: max(), not a sum: this router's streams are part of the worker's report.
         """
         return max(self.local_inflight, self.load.running + self.load.waiting)
+
+
+def adapter_affinity(candidates: Sequence[Candidate], adapter: str | None, margin: int = 4) -> Sequence[Candidate]:
+    """The candidates with ``adapter`` resident (from their load reports) when one of them is
+    within ``margin`` of the least busy score; otherwise all of them."""
+    if adapter is None:
+        return candidates
+    resident = [c for c in candidates if adapter in c.load.lora_resident]
+    if resident and min(c.score for c in resident) <= min(c.score for c in candidates) + margin:
+        return resident
+    return candidates
 
 
 class Policy(Protocol):

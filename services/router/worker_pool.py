@@ -32,7 +32,7 @@ from pdserve.v1 import worker_pb2_grpc
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.records import WorkerRecord, kv_mismatch
 from pdserve.common.roles import prefills_for
-from pdserve.router.policies import Candidate, Policy, rank_prefill
+from pdserve.router.policies import Candidate, Policy, adapter_affinity, rank_prefill
 from pdserve.cluster.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class WorkerPool:
         candidates = self.candidates(role, model, exclude, adapter)
         if not candidates:
             return None
-        chosen = self._policies[role].choose(candidates, tokens)
+        chosen = self._policies[role].choose(adapter_affinity(candidates, adapter), tokens)
         return WorkerHandle(chosen.record, self.stub(chosen.record))
 
     def pick_route(self, tokens: Sequence[int], model: str, exclude: Sequence[str] = (),

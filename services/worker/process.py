@@ -130,7 +130,7 @@ def load_report(engine: Any, inflight: Inflight) -> LoadReport:
     return LoadReport(running=s["running"], waiting=s["waiting"], kv_blocks_used=s["kv_blocks_used"],
                       kv_blocks_free=s["kv_blocks_free"], kv_blocks_cached=s["kv_blocks_cached"],
                       kv_blocks_total=s["kv_blocks_total"], tokens_computed_total=s["tokens_computed_total"],
-                      draining=inflight.draining)
+                      draining=inflight.draining, lora_resident=list(s.get("lora_resident", ())))
 
 
 class WorkerProcess:

@@ -49,3 +49,18 @@ def test_prefix_aware_sticks_to_owner_unless_overloaded() -> None:
 def test_make_policy_names() -> None:
     assert isinstance(make_policy("prefix_aware"), PrefixAware)
     assert isinstance(make_policy("round_robin"), RoundRobin)
+
+
+def test_adapter_affinity_prefers_workers_with_the_adapter_resident_unless_much_busier() -> None:
+    from pdserve.router.policies import adapter_affinity
+
+    def with_resident(c: Candidate, names: list[str]) -> Candidate:
+        return Candidate(c.record, LoadReport(running=c.load.running, lora_resident=names), c.local_inflight)
+
+    a, b = with_resident(cand("a", running=2), ["x"]), with_resident(cand("b"), [])
+    assert [c.record.id for c in adapter_affinity([a, b], "x")] == ["a"]
+    assert [c.record.id for c in adapter_affinity([a, b], None)] == ["a", "b"]
+    assert [c.record.id for c in adapter_affinity([a, b], "y")] == ["a", "b"]  # resident nowhere
+    busy = with_resident(cand("a", running=9), ["x"])
+    assert [c.record.id for c in adapter_affinity([busy, b], "x")] == ["a", "b"]  # too busy: everyone
+    assert LoadReport.from_json(LoadReport(lora_resident=["x"]).to_json()).lora_resident == ["x"]

@@ -94,6 +94,7 @@ class AdapterSlots:
                                      (b * adapter.scaling).to(self._dtype).contiguous())
                                     for layer, part, a, b in placed]
 
+    @torch.inference_mode()  # NOTE: the stacks are made inside a step's inference mode; only it may write them
     def activate(self, slot: int, name: str) -> None:
         """Copy registered adapter ``name`` into device slot ``slot`` (whatever was there is gone)."""
         if not 0 <= slot < self.capacity:
@@ -107,6 +108,7 @@ class AdapterSlots:
             b_stack[slot, :, :b.shape[1]].copy_(b, non_blocking=True)
         self._slot[name] = slot
 
+    @torch.inference_mode()
     def unload(self, name: str) -> None:
         """Forget ``name`` (its slot zeroed, so a later adapter there starts clean); KeyError when unknown."""
         del self._host[name]
