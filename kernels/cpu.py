@@ -101,12 +101,21 @@ class CpuKernels:
             "rms_norm": [_P, _L, _P, _L, _P, _P, _P, _I, _I, _F, _I],
             "silu_and_mul": [_P, _L, _P, _I, _I, _I],
             "rotary_store": [_P, _L, _P, _L, _P, _L, _P, _P, _P, _S, _P, _I, _I, _I, _I, _I, _I],
+            "quant_per_token": [_P, _L, _P, _P, _I, _I, _I],
+            "rms_norm_quant": [_P, _L, _P, _L, _P, _P, _P, _P, _I, _I, _F, _I],
+            "silu_and_mul_quant": [_P, _L, _P, _P, _I, _I, _I],
+            "int8_linear": [_P, _L, _P, _P, _P, _P, _P, _L, _I, _I, _I, _I],
         }
         for name, argtypes in signatures.items():
             for suffix in _TYPES.values():
                 fn = getattr(lib, f"pd_{name}_{suffix}")
                 fn.restype = None
                 fn.argtypes = argtypes
+        lib.pd_int8_prepack.restype = None
+        lib.pd_int8_prepack.argtypes = [_P, _L, _I, _I, _P, _I]
+        lib.pd_int8_gemm_vnni.restype = ctypes.c_int
+        lib.pd_int8_gemm_vnni.argtypes = []
+        self.int8_gemm_vnni = bool(lib.pd_int8_gemm_vnni())
 
     def _fn(self, name: str, dtype: torch.dtype):
         return getattr(self._lib, f"pd_{name}_{_TYPES[dtype]}")
@@ -185,6 +194,98 @@ class CpuKernels:
             cos_sin.data_ptr(), kv_layer.data_ptr(), kv_layer.stride(0), slots.data_ptr(), t, hq, hkv, d, bs,
             torch.get_num_threads())
         return q, k
+
+    # ---- W8A8 -------------------------------------------------------------------------
+
+    def quant_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``reference.quant_per_token_ref`` for 2-D rows [T, K] (last dim contiguous):
+        (q int8 [T, K], scale float32 [T, 1]), equal to the reference's."""
+        rows, n = x.shape
+        _require(_rows_ok(x, n), "quant_per_token rows")
+        q, scale = torch.empty(rows, n, dtype=torch.int8), torch.empty(rows, 1, dtype=torch.float32)
+        self._fn("quant_per_token", x.dtype)(x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), rows, n,
+                                             torch.get_num_threads())
+        return q, scale
+
+    def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``reference.rms_norm_quant_ref`` for 2-D rows [T, n]: (q, scale, x + residual);
+        without a residual the third item is x itself (no copy)."""
+        rows, n = x.shape
+        _require(_rows_ok(x, n) and (residual is None or _rows_ok(residual, n) and residual.shape == x.shape),
+                 "rms_norm_quant rows")
+        _require(x.dtype == weight.dtype and (residual is None or residual.dtype == x.dtype), "rms_norm_quant dtypes")
+        weight = weight.contiguous()
+        q, scale = torch.empty(rows, n, dtype=torch.int8), torch.empty(rows, 1, dtype=torch.float32)
+        res_out = x if residual is None else torch.empty(rows, n, dtype=x.dtype)
+        res_ptr, res_stride = (None, 0) if residual is None else (residual.data_ptr(), residual.stride(0))
+        self._fn("rms_norm_quant", x.dtype)(x.data_ptr(), x.stride(0), res_ptr, res_stride, weight.data_ptr(),
+                                            q.data_ptr(), scale.data_ptr(), res_out.data_ptr(), rows, n, eps,
+                                            torch.get_num_threads())
+        return q, scale, res_out
+
+    def silu_and_mul_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``reference.silu_and_mul_quant_ref`` for 2-D rows [T, 2n]: (q [T, n], scale [T, 1])."""
+        rows, n2 = x.shape
+        _require(_rows_ok(x, n2) and n2 % 2 == 0, "silu_and_mul_quant rows")
+        q, scale = torch.empty(rows, n2 // 2, dtype=torch.int8), torch.empty(rows, 1, dtype=torch.float32)
+        self._fn("silu_and_mul_quant", x.dtype)(x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), rows,
+                                                n2 // 2, torch.get_num_threads())
+        return q, scale
+
+    def prepack_int8_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """What a W8A8 layer should hold as its weight on this CPU; call once, at load.
+
+        The int8 weight [N, K] packed (``pack_int8_weight``) where this build's GEMM is the
+        AVX512-VNNI one, else ``weight`` itself: then ``CpuBackend.int8_linear`` multiplies
+        with ``torch._int_mm`` (oneDNN), far faster than the portable C loop.
+        """
+        return self.pack_int8_weight(weight) if self.int8_gemm_vnni else weight
+
+    def pack_int8_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """An int8 weight [N, K] (an nn.Linear's layout) packed for ``int8_linear``, in any build.
+
+        Returns int8 [ceil(N/16), ceil(K/4) + 1, 64]: per block of 16 output columns,
+        ceil(K/4) groups of [16 columns][4 k] bytes (zero past N and K), then 16 int32
+        holding 128 * each column's sum. The same layout for every build of the library.
+        """
+        _require(weight.dim() == 2 and weight.dtype == torch.int8 and weight.stride(1) == 1, "int8 weight layout")
+        n, k = weight.shape
+        packed = torch.empty(-(-n // 16), -(-k // 4) + 1, 64, dtype=torch.int8)
+        self._lib.pd_int8_prepack(weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr(),
+                                  torch.get_num_threads())
+        return packed
+
+    @staticmethod
+    def is_packed_int8(weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is a ``pack_int8_weight`` result (not a plain [N, K] weight)."""
+        return weight.dim() == 3 and weight.dtype == torch.int8 and weight.shape[2] == 64
+
+    def int8_linear(self, q: torch.Tensor, q_scale: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """As ``reference.int8_linear_ref`` with the weight from ``pack_int8_weight``: q int8
+        [T, K] (last dim contiguous), q_scale [T, 1], weight_scale [N] or [N, 1] (N is read
+        from it), bias [N] or None; out_dtype float32 or bfloat16. Exact int32 sums and a
+        float64 epilogue: the result equals the reference's."""
+        rows, k = q.shape
+        n = weight_scale.numel()
+        _require(q.dtype == torch.int8 and q.stride(1) == 1 and q_scale.numel() == rows, "int8_linear activations")
+        _require(self.is_packed_int8(packed) and packed.is_contiguous() and packed.shape[0] == -(-n // 16)
+                 and packed.shape[1] == -(-k // 4) + 1, "int8_linear packed weight (see pack_int8_weight)")
+        _require(out_dtype in _TYPES and (bias is None or bias.numel() == n), "int8_linear output dtype or bias")
+        q_scale, weight_scale = _f32_vector(q_scale), _f32_vector(weight_scale)
+        bias32 = None if bias is None else _f32_vector(bias)
+        out = torch.empty(rows, n, dtype=out_dtype)
+        self._fn("int8_linear", out_dtype)(q.data_ptr(), q.stride(0), q_scale.data_ptr(), packed.data_ptr(),
+                                           weight_scale.data_ptr(), None if bias32 is None else bias32.data_ptr(),
+                                           out.data_ptr(), out.stride(0), rows, n, k, torch.get_num_threads())
+        return out
+
+
+def _f32_vector(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as contiguous float32 ([N] and [N, 1] alike); t itself when it already is
+    (a per-token call saves the copies: they cost more than a small GEMM)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.reshape(-1).float().contiguous()
 
 
 def _rows_ok(x: torch.Tensor, n: int) -> bool:

@@ -3,8 +3,10 @@
  * Paged attention: variable-length causal query chunks (decode rows and prefill
  * chunks in one call), K and V read in place through the block tables (no gather),
  * online softmax in float32. Row-wise fused ops: RMSNorm (+ residual), SiLU-and-mul,
- * rotary + KV store. The KV layout of one layer is
- * [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0 of dim 1 is K.
+ * rotary + KV store. W8A8: per-token int8 quantization (alone and fused into RMSNorm
+ * and SiLU-and-mul) and the int8 GEMM over a pre-packed weight (AVX512-VNNI). The KV
+ * layout of one layer is [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0
+ * of dim 1 is K.
  * Element types: float32 ("f32") and bfloat16 ("bf16", stored as uint16). AVX-512
  * (and AVX512-BF16) code where the compiler targets it, portable C otherwise.
  */
@@ -12,6 +14,7 @@
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_to_f32(uint16_t x) {
@@ -642,3 +645,359 @@ SILU_MUL(f32, float)
 SILU_MUL(bf16, uint16_t)
 ROTARY_STORE(f32, float)
 ROTARY_STORE(bf16, uint16_t)
+
+/* ---- W8A8: per-token int8 quantization (alone or fused into RMSNorm / SiLU-and-mul) and
+ * the int8 GEMM. Quantization is symmetric per row, as reference.quant_per_token_ref:
+ * scale = amax / 127 (1 for an all-zero row), q = round-half-even(v / scale), a true
+ * division (not a reciprocal multiply), so q and scale equal the reference's. ---- */
+
+static inline float quant_scale(float amax) { return amax > 0.f ? amax / 127.f : 1.f; }
+
+#if defined(__AVX512F__)
+static inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+
+static float amax_row(const float *v, int n) {
+    __m512 m = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16)
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - i), v + i)));
+    return _mm512_reduce_max_ps(m);
+}
+
+static void quant_row(const float *v, int n, int8_t *q, float *scale) {
+    float s = quant_scale(amax_row(v, n));
+    __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 x = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, v + i), sv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        _mm512_mask_cvtsepi32_storeu_epi8(q + i, m, _mm512_cvtps_epi32(x));
+    }
+    *scale = s;
+}
+#else
+static void quant_row(const float *v, int n, int8_t *q, float *scale) {
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+    float s = quant_scale(amax);
+    for (int i = 0; i < n; i++) {
+        float x = nearbyintf(v[i] / s);
+        q[i] = (int8_t)(x < -127.f ? -127.f : (x > 127.f ? 127.f : x));
+    }
+    *scale = s;
+}
+#endif
+
+/* x [rows, n] (row stride sx) -> q [rows, n] int8, scale [rows] float32. */
+#define QUANT_PER_TOKEN(SUF, T)                                                                \
+void pd_quant_per_token_##SUF(const T *x, long sx, int8_t *q, float *scale, int rows, int n,  \
+                              int threads) {                                                 \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
+    for (int r = 0; r < rows; r++) {                                                         \
+        float v[n > 0 ? n : 1];                                                              \
+        for (int i = 0; i < n; i++) v[i] = GET_##SUF(x + r * sx, i);                          \
+        quant_row(v, n, q + (size_t)r * n, scale + r);                                       \
+    }                                                                                        \
+}
+
+/* pd_rms_norm's normed row (rounded as there: to T, times w, to T), quantized per row;
+ * res_out = x + residual is written only when residual is given. */
+#define RMS_NORM_QUANT(SUF, T)                                                                 \
+void pd_rms_norm_quant_##SUF(const T *x, long sx, const T *res, long sr, const T *w, int8_t *q, \
+                             float *scale, T *res_out, int rows, int n, float eps, int threads) { \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
+    for (int r = 0; r < rows; r++) {                                                         \
+        const T *xr = x + r * sx, *rr = res ? res + r * sr : NULL;                           \
+        float h[n > 0 ? n : 1], ss = 0.f;                                                    \
+        _Pragma("omp simd reduction(+:ss)")                                                  \
+        for (int i = 0; i < n; i++) {                                                        \
+            h[i] = rr ? ROUND_##SUF(GET_##SUF(xr, i) + GET_##SUF(rr, i)) : GET_##SUF(xr, i); \
+            ss += h[i] * h[i];                                                               \
+        }                                                                                    \
+        if (rr)                                                                              \
+            for (int i = 0; i < n; i++) PUT_##SUF(res_out + (size_t)r * n, i, h[i]);          \
+        float inv = 1.f / sqrtf(ss / n + eps);                                               \
+        _Pragma("omp simd")                                                                  \
+        for (int i = 0; i < n; i++) h[i] = ROUND_##SUF(GET_##SUF(w, i) * ROUND_##SUF(h[i] * inv)); \
+        quant_row(h, n, q + (size_t)r * n, scale + r);                                       \
+    }                                                                                        \
+}
+
+/* pd_silu_and_mul's output row (same rounding), quantized per row; x [rows, 2n]. */
+#if defined(__AVX512F__)
+#define SILU_ROW_f32(g, u, v, i, n)                                                            \
+    for (; i + 16 <= n; i += 16)                                                             \
+        _mm512_storeu_ps(v + i, _mm512_mul_ps(silu512(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(u + i)));
+#else
+#define SILU_ROW_f32(g, u, v, i, n)
+#endif
+#if defined(HAVE_BF16_VEC)
+#define SILU_ROW_bf16(g, u, v, i, n)                                                           \
+    for (; i + 16 <= n; i += 16)                                                             \
+        _mm512_storeu_ps(v + i, round_bf16_512(_mm512_mul_ps(round_bf16_512(silu512(load16_bf16(g + i))), \
+                                                             load16_bf16(u + i))));
+#else
+#define SILU_ROW_bf16(g, u, v, i, n)
+#endif
+#define SILU_MUL_QUANT(SUF, T)                                                                 \
+void pd_silu_and_mul_quant_##SUF(const T *x, long sx, int8_t *q, float *scale, int rows, int n, \
+                                 int threads) {                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                        \
+    for (int r = 0; r < rows; r++) {                                                         \
+        const T *g = x + r * sx, *u = g + n;                                                 \
+        float v[n > 0 ? n : 1];                                                              \
+        int i = 0;                                                                           \
+        SILU_ROW_##SUF(g, u, v, i, n)                                                        \
+        for (; i < n; i++) {                                                                 \
+            float a = GET_##SUF(g, i);                                                       \
+            v[i] = ROUND_##SUF(ROUND_##SUF(a / (1.f + expf(-a))) * GET_##SUF(u, i));         \
+        }                                                                                    \
+        quant_row(v, n, q + (size_t)r * n, scale + r);                                       \
+    }                                                                                        \
+}
+
+QUANT_PER_TOKEN(f32, float)
+QUANT_PER_TOKEN(bf16, uint16_t)
+RMS_NORM_QUANT(f32, float)
+RMS_NORM_QUANT(bf16, uint16_t)
+SILU_MUL_QUANT(f32, float)
+SILU_MUL_QUANT(bf16, uint16_t)
+
+/* The int8 GEMM: out[r, c] = (sum_k a[r, k] * w[c, k]) * a_scale[r] * w_scale[c] (+ bias[c]),
+ * the int32 sum exact, the epilogue in float64 (as reference.int8_linear_ref, so the
+ * result equals it) and rounded once to the output type.
+ *
+ * The weight is packed once (pd_int8_prepack): blocks of 16 output columns, each
+ * ceil(K/4) groups of [16 columns][4 k] int8 (what one vpdpbusd multiplies: 4 products
+ * per 32-bit lane), then 16 int32 holding 128 * each column's sum. Columns past N and k
+ * past K are zero. vpdpbusd multiplies unsigned by signed bytes, so the activations go
+ * in as q + 128 and the 128 * column sums come off at the end (wrapping int32
+ * arithmetic: exact whenever the true sum fits in int32). */
+#define W_GROUP_BYTES 64  /* 16 columns x 4 k */
+
+static inline size_t packed_block_bytes(int k) { return ((size_t)(k + 3) / 4 + 1) * W_GROUP_BYTES; }
+
+void pd_int8_prepack(const int8_t *w, long sw, int n, int k, int8_t *packed, int threads) {
+    int blocks = (n + 15) / 16, groups = (k + 3) / 4;
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (int b = 0; b < blocks; b++) {
+        int8_t *dst = packed + (size_t)b * packed_block_bytes(k);
+        int32_t comp[16];
+        for (int c = 0; c < 16; c++) {
+            int col = b * 16 + c, sum = 0;
+            for (int kk = 0; kk < groups * 4; kk++) {
+                int8_t v = col < n && kk < k ? w[(size_t)col * sw + kk] : 0;
+                dst[(size_t)(kk / 4) * W_GROUP_BYTES + c * 4 + kk % 4] = v;
+                sum += v;
+            }
+            comp[c] = (int32_t)((uint32_t)sum * 128u);
+        }
+        memcpy(dst + (size_t)groups * W_GROUP_BYTES, comp, sizeof comp);
+    }
+}
+
+/* One output value from its exact int32 sum (float64, no contraction into an FMA, so it
+ * rounds as the reference does). */
+__attribute__((optimize("fp-contract=off")))
+static inline double dequant1(int32_t acc, float as, float ws, const float *bias, int c) {
+    double v = (double)acc * (double)as * (double)ws;
+    if (bias) v = v + (double)bias[c];
+    return v;
+}
+
+/* Stores a row segment of `len` values (float64) to out as float32 (bf16 = 0) or bfloat16
+ * (via float32, as torch casts a float64 tensor). */
+static inline void store_row_f64(const double *v, int len, void *out, long so, int r, int c0, int bf16) {
+    for (int i = 0; i < len; i++) {
+        float f = (float)v[i];
+        if (bf16) ((uint16_t *)out)[r * so + c0 + i] = f32_to_bf16(f);
+        else ((float *)out)[r * so + c0 + i] = f;
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)  /* every VNNI CPU has all three */
+#define HAVE_VNNI_GEMM 1
+#define GEMM_MR 6  /* rows per register tile */
+#define GEMM_NR 4  /* blocks of 16 columns per register tile: 24 accumulators + 4 weights */
+
+static inline __m256i f32_to_bf16_512(__m512 x) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(x);
+#else  /* round to nearest even on the bits (finite values) */
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+#endif
+}
+
+/* 16 outputs of row r from their int32 sums: float64 epilogue, one rounding. */
+static inline void dequant16(__m512i acc, float as, const float *ws, const float *bias, int len, void *out,
+                             long so, int r, int c0, int bf16) {
+    __mmask16 m = tail_mask(len);
+    __m512 wsv = _mm512_maskz_loadu_ps(m, ws + c0);
+    __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+    __m512d a = _mm512_set1_pd((double)as);
+    __m256 half[2];
+    for (int h = 0; h < 2; h++) {
+        __m512d v = _mm512_cvtepi32_pd(h ? _mm512_extracti64x4_epi64(acc, 1) : _mm512_castsi512_si256(acc));
+        __m512d s = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(wsv, 1) : _mm512_castps512_ps256(wsv));
+        v = _mm512_mul_round_pd(_mm512_mul_round_pd(v, a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), s,
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (bias) {
+            __m512d b = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(bv, 1) : _mm512_castps512_ps256(bv));
+            v = _mm512_add_round_pd(v, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        half[h] = _mm512_cvtpd_ps(v);
+    }
+    __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(half[0]), half[1], 1);
+    if (bf16) _mm256_mask_storeu_epi16((uint16_t *)out + r * so + c0, m, f32_to_bf16_512(f));
+    else _mm512_mask_storeu_ps((float *)out + r * so + c0, m, f);
+}
+
+/* acc += u8 a . s8 b in groups of 4. NOTE: inline asm, as GCC 12 copies and spills the
+ * accumulators of the intrinsic's tied operand (half speed); "+v" keeps them in place. */
+static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
+/* One group of 4 k: acc[i][j] += row i's 4 bytes . block j's 16 columns. */
+ALWAYS_INLINE void vnni_step(__m512i acc[GEMM_MR][GEMM_NR], const uint8_t *a, size_t sa, const int8_t *w,
+                             size_t bw, int g, int mr, int nr) {
+    __m512i wv[GEMM_NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < nr; j++) wv[j] = _mm512_loadu_si512(w + j * bw + (size_t)g * W_GROUP_BYTES);
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        int32_t x4;
+        memcpy(&x4, a + i * sa + (size_t)g * 4, 4);
+        __m512i x = _mm512_set1_epi32(x4);
+#pragma GCC unroll 8
+        for (int j = 0; j < nr; j++) acc[i][j] = dpbusd(acc[i][j], x, wv[j]);
+    }
+}
+
+/* A register tile: MR rows of the unsigned activations (row stride sa) times NR packed
+ * blocks (bw bytes apart), over all `groups` groups of 4 k, then the epilogue. A single
+ * row sums even and odd groups apart, so that more than NR dependency chains overlap. */
+ALWAYS_INLINE void vnni_tile(const uint8_t *a, size_t sa, const int8_t *w, size_t bw, int groups, int mr,
+                             int nr, int r0, int c0, int n, const float *as, const float *ws, const float *bias,
+                             void *out, long so, int bf16) {
+    __m512i acc[2][GEMM_MR][GEMM_NR];
+    int split = mr == 1 ? 2 : 1, g = 0;
+#pragma GCC unroll 8
+    for (int u = 0; u < split; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++)
+#pragma GCC unroll 8
+            for (int j = 0; j < nr; j++) acc[u][i][j] = _mm512_setzero_si512();
+    for (; g + split <= groups; g += split)
+#pragma GCC unroll 2
+        for (int u = 0; u < split; u++) vnni_step(acc[u], a, sa, w, bw, g + u, mr, nr);
+    for (; g < groups; g++) vnni_step(acc[0], a, sa, w, bw, g, mr, nr);
+    for (int j = 0; j < nr; j++) {
+        __m512i comp = _mm512_loadu_si512(w + j * bw + (size_t)groups * W_GROUP_BYTES);
+        int c = c0 + 16 * j, len = n - c < 16 ? n - c : 16;
+        for (int i = 0; i < mr; i++) {
+            __m512i sum = split == 2 ? _mm512_add_epi32(acc[0][i][j], acc[1][i][j]) : acc[0][i][j];
+            dequant16(_mm512_sub_epi32(sum, comp), as[r0 + i], ws, bias, len, out, so, r0 + i, c, bf16);
+        }
+    }
+}
+
+typedef void (*vnni_tile_fn)(const uint8_t *, size_t, const int8_t *, size_t, int, int, int, int, const float *,
+                             const float *, const float *, void *, long, int);
+#define VNNI_TILE(MR, NR)                                                                      \
+static void vnni_tile_##MR##x##NR(const uint8_t *a, size_t sa, const int8_t *w, size_t bw, int groups, int r0, \
+                                  int c0, int n, const float *as, const float *ws, const float *bias, void *out, \
+                                  long so, int bf16) {                                       \
+    vnni_tile(a, sa, w, bw, groups, MR, NR, r0, c0, n, as, ws, bias, out, so, bf16);          \
+}
+#define VNNI_TILES(MR) VNNI_TILE(MR, 1) VNNI_TILE(MR, 2) VNNI_TILE(MR, 3) VNNI_TILE(MR, 4)
+VNNI_TILES(1) VNNI_TILES(2) VNNI_TILES(3) VNNI_TILES(4) VNNI_TILES(5) VNNI_TILES(6)
+#define VNNI_ROW(MR) {vnni_tile_##MR##x1, vnni_tile_##MR##x2, vnni_tile_##MR##x3, vnni_tile_##MR##x4}
+static const vnni_tile_fn VNNI_TILE_FNS[GEMM_MR][GEMM_NR] = {
+    VNNI_ROW(1), VNNI_ROW(2), VNNI_ROW(3), VNNI_ROW(4), VNNI_ROW(5), VNNI_ROW(6)};
+
+/* Work split: the column blocks evenly over the threads (a thread's columns stay in its
+ * cache across all rows); rows too when there are fewer blocks than threads. */
+static void int8_gemm(const int8_t *a, long sa, const float *as, const int8_t *packed, const float *ws,
+                      const float *bias, void *out, long so, int m, int n, int k, int bf16, int threads) {
+    int groups = (k + 3) / 4, blocks = (n + 15) / 16;
+    size_t bw = packed_block_bytes(k), su = (size_t)groups * 4;
+    uint8_t *au = aligned_alloc(64, ((size_t)m * su / 64 + 1) * 64);  /* never 0 bytes (K = 0) */
+    if (!au) return;
+    int nparts = blocks < threads ? blocks : threads;
+    int mparts = threads / nparts, mtiles = (m + GEMM_MR - 1) / GEMM_MR;
+    mparts = mparts < mtiles ? mparts : mtiles;
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        _Pragma("omp for schedule(static)")
+        for (int r = 0; r < m; r++) {  /* q + 128 as unsigned bytes, rows padded to whole groups */
+            const int8_t *src = a + (size_t)r * sa;
+            uint8_t *dst = au + (size_t)r * su;
+            int i = 0;
+            for (; i < k; i++) dst[i] = (uint8_t)src[i] ^ 0x80u;
+            for (; i < (int)su; i++) dst[i] = 0x80;
+        }
+        _Pragma("omp for schedule(static)")
+        for (int part = 0; part < nparts * mparts; part++) {
+            int pn = part % nparts, pm = part / nparts;
+            int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
+            int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
+            int r1 = t1 * GEMM_MR < m ? t1 * GEMM_MR : m;
+            for (int b = b0; b < b1; b += GEMM_NR) {
+                int nr = b1 - b < GEMM_NR ? b1 - b : GEMM_NR;
+                for (int r = t0 * GEMM_MR; r < r1; r += GEMM_MR) {
+                    int mr = r1 - r < GEMM_MR ? r1 - r : GEMM_MR;
+                    VNNI_TILE_FNS[mr - 1][nr - 1](au + (size_t)r * su, su, packed + (size_t)b * bw, bw, groups, r,
+                                                  b * 16, n, as, ws, bias, out, so, bf16);
+                }
+            }
+        }
+    }
+    free(au);
+}
+#else
+#define HAVE_VNNI_GEMM 0
+/* Portable: the same packed weight, signed products (the column sums are not needed).
+ * Slow (a few GFLOP/s): CpuKernels.prepack_int8_weight leaves weights unpacked in such
+ * builds, so that the engine multiplies with torch._int_mm (oneDNN) instead. */
+static void int8_gemm(const int8_t *a, long sa, const float *as, const int8_t *packed, const float *ws,
+                      const float *bias, void *out, long so, int m, int n, int k, int bf16, int threads) {
+    int groups = (k + 3) / 4, blocks = (n + 15) / 16;
+    size_t bw = packed_block_bytes(k);
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (int b = 0; b < blocks; b++) {
+        const int8_t *wb = packed + (size_t)b * bw;
+        int len = n - b * 16 < 16 ? n - b * 16 : 16;
+        for (int r = 0; r < m; r++) {
+            const int8_t *ar = a + (size_t)r * sa;
+            int32_t acc[16] = {0};
+            for (int kk = 0; kk < k; kk++) {
+                const int8_t *wk = wb + (size_t)(kk / 4) * W_GROUP_BYTES + kk % 4;
+                int32_t x = ar[kk];
+                for (int c = 0; c < 16; c++) acc[c] += x * wk[4 * c];
+            }
+            double v[16];
+            for (int c = 0; c < len; c++) v[c] = dequant1(acc[c], as[r], ws[b * 16 + c], bias, b * 16 + c);
+            store_row_f64(v, len, out, so, r, b * 16, bf16);
+        }
+    }
+}
+#endif
+
+/* Whether int8_linear runs the AVX512-VNNI GEMM (1) or the portable loop (0). */
+int pd_int8_gemm_vnni(void) { return HAVE_VNNI_GEMM; }
+
+/* a [m, k] int8 (row stride sa), a_scale [m], packed from pd_int8_prepack, w_scale [n],
+ * bias [n] or NULL (all float32); out [m, n] (row stride so). */
+void pd_int8_linear_f32(const int8_t *a, long sa, const float *as, const int8_t *packed, const float *ws,
+                        const float *bias, float *out, long so, int m, int n, int k, int threads) {
+    if (m > 0 && n > 0) int8_gemm(a, sa, as, packed, ws, bias, out, so, m, n, k, 0, threads);
+}
+void pd_int8_linear_bf16(const int8_t *a, long sa, const float *as, const int8_t *packed, const float *ws,
+                         const float *bias, uint16_t *out, long so, int m, int n, int k, int threads) {
+    if (m > 0 && n > 0) int8_gemm(a, sa, as, packed, ws, bias, out, so, m, n, k, 1, threads);
+}

@@ -60,6 +60,10 @@ class Backend(Protocol):
         ``e = topk_ids[t, k]``; w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]."""
 
     # ---- W8A8: int8 weights (per output channel) x int8 activations (per token) -------
+    def prepare_int8_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The form of an int8 weight [N, K] this backend's ``int8_linear`` reads fastest
+        (e.g. packed for the CPU's int8 dot products); called once per layer after loading."""
+
     def quant_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, K] -> (q int8 [T, K], scale float32 [T, 1]), symmetric, dynamic (``quant_per_token_ref``)."""
 

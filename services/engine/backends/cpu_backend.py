@@ -4,8 +4,10 @@ Owns: the loaded ``CpuKernels`` (built once, when the platform makes the backend
 For float32 and bfloat16 models, attention (decode rows and prefill chunks of a
 mixed batch, in one call) is the compiled kernel, which reads K and V in place
 through the block tables (no gather), and RMSNorm, SiLU-and-multiply and
-rotary-then-store run as single fused passes; every case the kernels do not cover
-runs the torch code it inherits.
+rotary-then-store run as single fused passes; so do the W8A8 ops (per-token int8
+quantization, alone or fused into RMSNorm and SiLU-and-multiply, and the int8 GEMM
+for weights packed once at load by ``CpuKernels.prepack_int8_weight``).
+Every case the kernels do not cover runs the torch code it inherits.
 """
 from __future__ import annotations
 
@@ -56,6 +58,37 @@ class CpuBackend(TorchBackend):
         if not self._rows(x):
             return super().silu_and_mul(x)
         return self.kernels.silu_and_mul(x)
+
+    # ---- W8A8 ------------------------------------------------------------------------
+
+    def prepare_int8_weight(self, weight):
+        return self.kernels.prepack_int8_weight(weight) if weight.device.type == "cpu" else weight
+
+    def quant_per_token(self, x):
+        if not self._rows(x):
+            return super().quant_per_token(x)
+        return self.kernels.quant_per_token(x)
+
+    def int8_linear(self, q, q_scale, weight, weight_scale, bias, out_dtype):
+        """The compiled GEMM for a weight packed at load (``CpuKernels.prepack_int8_weight``);
+        a plain [N, K] weight (also what prepacking leaves without AVX512-VNNI) runs the
+        inherited torch path."""
+        if not self.kernels.is_packed_int8(weight):
+            return super().int8_linear(q, q_scale, weight, weight_scale, bias, out_dtype)
+        if q.stride(1) != 1:
+            q = q.contiguous()
+        dtype = out_dtype if self.kernels.supports(out_dtype) else torch.float32
+        return self.kernels.int8_linear(q, q_scale, weight, weight_scale, bias, dtype).to(out_dtype)
+
+    def rms_norm_quant(self, x, weight, eps, residual=None):
+        if not self._rows(x, weight.view(1, -1), *(() if residual is None else (residual,))):
+            return super().rms_norm_quant(x, weight, eps, residual)
+        return self.kernels.rms_norm_quant(x, weight, eps, residual)
+
+    def silu_and_mul_quant(self, x):
+        if not self._rows(x):
+            return super().silu_and_mul_quant(x)
+        return self.kernels.silu_and_mul_quant(x)
 
     def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
         heads_packed = all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k, v))

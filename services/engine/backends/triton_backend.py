@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels import activation, attention, gemv, kv_store, moe, norm, rotary
-from pdserve.kernels import reference as ref
+from pdserve.kernels import activation, attention, gemv, int8, kv_store, moe, norm, rotary
 from pdserve.engine.backends.base import AttentionMetadata, rotary_then_store
 
 
@@ -50,20 +49,25 @@ class TritonBackend:
                   topk_ids: torch.Tensor) -> torch.Tensor:
         return moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
 
-    # W8A8: torch references until the Triton kernels land (kernels/int8.py).
+    # W8A8: kernels/int8.py; no host sync, so a quantized decode step can be captured too.
+    def prepare_int8_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
     def quant_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ref.quant_per_token_ref(x)
+        return int8.quant_per_token(x)
 
     def int8_linear(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        return ref.int8_linear_ref(q, q_scale, weight, weight_scale, bias, out_dtype)
+        return int8.int8_gemm(q, q_scale, weight, weight_scale, bias, out_dtype)
 
     def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ref.rms_norm_quant_ref(x, weight, eps, residual)
+        # NOTE: in place, as rms_norm: x + residual is written into the residual it was given
+        # (the returned new residual is that tensor). x is 2-D here.
+        return int8.rms_norm_quant(x, weight, eps, residual, residual_out=residual)
 
     def silu_and_mul_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ref.silu_and_mul_quant_ref(x)
+        return int8.silu_and_mul_quant(x)
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata) -> None:

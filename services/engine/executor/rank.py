@@ -29,7 +29,7 @@ from pdserve.engine.dtypes import torch_dtype
 from pdserve.common.kv_compat import rank_agent_name
 from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.kv_connector.rank_side import RankKVEndpoint
-from pdserve.engine.layers import Communicator, LayerContext, SingleRank
+from pdserve.engine.layers import Communicator, LayerContext, SingleRank, prepare_linears
 from pdserve.engine.lora import AdapterSlots, load_peft_adapter
 from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from pdserve.engine.models.loader import load_model
@@ -84,6 +84,8 @@ class RankWorker:
                            comm=comm or SingleRank(), quantization=linear_methods.for_checkpoint(model_config.quantization),
                            ep_size=config.ep_size)
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
+        self.backend = self.platform.backend(config.compiled_cpu_kernels)
+        prepare_linears(self.model, self.backend)
         self.lora = (AdapterSlots(self.model, config.max_loras, config.max_lora_rank, self.device, ctx.dtype)
                      if config.enable_lora else None)
         self.kv_heads = self.model.kv_heads_per_rank()
@@ -117,8 +119,7 @@ class RankWorker:
         self.kv_cache = torch.zeros(shape, dtype=torch_dtype(c.dtype), device=self.device)
         graphs = self.platform.supports_graphs and c.graphs
         runner_cfg = RunnerConfig(c.block_size, max_model_len, graph_batch_sizes(c.max_batch_size) if graphs else ())
-        self.runner = ModelRunner(self.model, self.kv_cache, self.platform.backend(c.compiled_cpu_kernels),
-                                  self.platform, self.device, runner_cfg)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.platform, self.device, runner_cfg)
         self.runner.capture_graphs()
 
     # ---- steps -------------------------------------------------------------------------

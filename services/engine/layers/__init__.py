@@ -16,7 +16,8 @@ from pdserve.engine.layers.context import Communicator, LayerContext, SingleRank
 from pdserve.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pdserve.engine.layers.linear import (ColumnParallelLinear, LinearBase, LinearMethod,
                                           MergedColumnParallelLinear, QKVParallelLinear, QuantizedActivation,
-                                          ReplicatedLinear, RowParallelLinear, UnquantizedLinearMethod)
+                                          ReplicatedLinear, RowParallelLinear, UnquantizedLinearMethod,
+                                          prepare_linears)
 from pdserve.engine.layers.loading import WeightSpec, init_dummy_weights, load_into
 from pdserve.engine.layers.norm import RMSNorm
 from pdserve.engine.layers.rotary import RotaryEmbedding
@@ -24,4 +25,4 @@ from pdserve.engine.layers.rotary import RotaryEmbedding
 __all__ = ["ColumnParallelLinear", "Communicator", "LayerContext", "LinearBase", "LinearMethod",
            "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear", "QuantizedActivation", "RMSNorm", "ReplicatedLinear",
            "RotaryEmbedding", "RowParallelLinear", "SingleRank", "UnquantizedLinearMethod",
-           "VocabParallelEmbedding", "WeightSpec", "divide", "init_dummy_weights", "load_into"]
+           "VocabParallelEmbedding", "WeightSpec", "divide", "init_dummy_weights", "load_into", "prepare_linears"]

@@ -96,6 +96,12 @@ class LinearBase(nn.Module):
     def forward(self, x: "torch.Tensor | QuantizedActivation", be: Backend) -> torch.Tensor:
         return self.method.apply(self, x, be, self.bias)
 
+    def prepare(self, be: Backend) -> None:
+        """After loading: let the method put its tensors in the backend's preferred form."""
+        prepare = getattr(self.method, "prepare", None)
+        if prepare is not None:
+            prepare(self, be)
+
     @property
     def takes_int8_input(self) -> bool:
         """Whether the producer of this layer's input should quantize it (per token) in the
@@ -274,5 +280,12 @@ class RowParallelLinear(LinearBase):
         return y if self.bias is None else y + self.bias
 
 
-__all__ = ["check_head_split", "ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
+def prepare_linears(model: nn.Module, be: Backend) -> None:
+    """``LinearBase.prepare`` for every linear layer of ``model`` (once, before the first forward)."""
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.prepare(be)
+
+
+__all__ = ["check_head_split", "prepare_linears", "ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
            "QKVParallelLinear", "QuantizedActivation", "ReplicatedLinear", "RowParallelLinear", "UnquantizedLinearMethod"]

@@ -32,6 +32,10 @@ class W8A8LinearMethod:
         return {"weight": ParamDims(output_dim=0, input_dim=1, init="int8"),
                 "weight_scale": ParamDims(output_dim=0, init=f"const:{DUMMY_SCALE}")}
 
+    def prepare(self, layer: nn.Module, be: Backend) -> None:
+        """Once, after loading: the weight in the form ``be``'s int8 matmul reads (packed on CPU)."""
+        layer.weight = nn.Parameter(be.prepare_int8_weight(layer.weight.data), requires_grad=False)
+
     def apply(self, layer: nn.Module, x: "torch.Tensor | QuantizedActivation", be: Backend,
               bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):

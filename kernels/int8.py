@@ -1,0 +1,488 @@
+"""W8A8 (SmoothQuant-style) int8 inference: Triton kernels for the quantized linear layers.
+
+Owns: ``quant_per_token`` (dynamic per-row activation quantization), ``int8_gemm`` (int8 x
+int8 -> int32 on the tensor cores, with the scales and bias applied in the epilogue),
+``rms_norm_quant`` and ``silu_and_mul_quant`` (RMSNorm, resp. SiLU-and-mul, fused with the
+quantization of their output), and ``Int8GemmConfig`` / ``default_gemm_config`` / ``k_splits``,
+the GEMM's launch shapes. Stateless; no call waits for the host, so all of them can be
+captured in a CUDA graph.
+
+GEMM: weight [N, K] row-major (``nn.Linear``), so both operands are K-major, as the int8
+tensor-core instructions need. Decode shapes (M <= 64) stream the weight once: 16-64 row
+tiles (one activation row tile), 16-64 weight rows per program, K slices summed by
+``_sum_splits_kernel`` where the column tiles alone leave multiprocessors idle. Prefill
+shapes: 128 x 256 (or smaller, by the tile count) output tiles in grouped launch order,
+operands through TMA on Hopper (``_int8_gemm_tma_kernel``), else cp.async pointer loads.
+
+Numerics follow ``reference.py``'s W8A8 section: scale = max|row| / 127 (1 for a zero row),
+q = round-half-even(x / scale) with IEEE divisions, so q and the scale equal the reference's
+but where a value computed with a different float32 ``exp``/``rsqrt`` lands on the other side
+of a rounding boundary. The fused ops round where the references round (the normed row and the
+SiLU product to the activation dtype) before quantizing. The GEMM's int32 sums are exact; the
+epilogue runs in float32 (acc * row scale * column scale + bias) and rounds once to out_dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel runs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+# Rows up to this many elements are quantized from registers in one pass (16 warps, no
+# register spills on sm_90); longer rows are walked twice in chunks (max, then quantize),
+# the second pass reading them again from L2. SiLU-and-mul holds gate and up: half as many.
+_ONE_PASS_MAX = 16384
+_SILU_ONE_PASS_MAX = 8192
+_TWO_PASS_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class Int8GemmConfig:
+    """Launch shape of ``int8_gemm``.
+
+    A program owns a ``block_m`` x ``block_n`` output tile and walks K ``block_k`` at a time;
+    ``group_m`` row tiles share each column tile in launch order (weight tiles reused from L2).
+    ``split_k`` > 1 cuts K into that many slices whose int32 partial sums a second kernel adds
+    (decode shapes with few column tiles); 0 picks the count from the shape (``_pick_split_k``).
+    ``tma``: operands loaded through TMA descriptors (Hopper and newer; needs K a multiple of 16
+    and aligned operands, else the pointer kernel runs; not with K slices).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    tma: bool = False
+
+
+def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> Int8GemmConfig:
+    """The launch shape per M bucket.
+
+    Up to 64 rows the weight streams once and the tile count decides: narrow column tiles
+    (and K splits where they are still too few) so that every multiprocessor reads. Past that
+    the tensor cores decide: the biggest tile that still leaves no multiprocessor idle.
+    NOTE: chosen from the compiled kernels' resources (registers, shared memory, no spills on
+    sm_90), not yet timed on a GPU: ``python3 -m pdserve.bench.int8 --sweep`` times the
+    candidates against these.
+    """
+    sms = _multiprocessors(device)
+    tma = _has_tma(device)
+    if m <= 16:
+        # 32 weight rows per program, 16 where that leaves a multiprocessor without one,
+        # K slices where even that does
+        block_n = 32 if triton.cdiv(n, 32) >= 2 * sms else 16
+        tiles = triton.cdiv(n, block_n)
+        split = 1 if tiles >= sms else _pick_split_k(tiles, k, 512, sms)
+        return Int8GemmConfig(16, block_n, 512, group_m=1, split_k=split, num_warps=4, num_stages=4)
+    if m <= 64:
+        # as many weight rows as activation rows per program (the activation tile is read
+        # from L2 by every program), K slices for about two programs per multiprocessor
+        block_m = triton.next_power_of_2(m)
+        tiles = triton.cdiv(n, 64)
+        return Int8GemmConfig(block_m, 64, 256, group_m=1, split_k=_pick_split_k(tiles, k, 256, sms),
+                              num_warps=4, num_stages=3)
+    # the biggest tile that still gives every multiprocessor work (two waves for the biggest)
+    if triton.cdiv(m, 128) * triton.cdiv(n, 256) >= 2 * sms:
+        return Int8GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=3, tma=tma)
+    if triton.cdiv(m, 128) * triton.cdiv(n, 128) >= sms:
+        return Int8GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=4, tma=tma)
+    return Int8GemmConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=4, tma=tma)
+
+
+def quant_per_token(x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] (float32/bf16/fp16) -> (q int8 [T, K], scale float32 [T, 1]), x ~= q * scale."""
+    if x.dim() != 2:
+        raise ValueError(f"expected x [T, K], got {tuple(x.shape)}")
+    x = _rows_contiguous(x)
+    q, scale = _quant_buffers(out, x.shape[0], x.shape[1], x.device)
+    _launch_quant_rows(x, q, scale, x.shape[1], silu=False)
+    return q, scale
+
+
+def silu_and_mul_quant(x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, 2I] (gate, then up) -> silu(gate) * up quantized per token: (q int8 [T, I], scale [T, 1])."""
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"expected x [T, 2I], got {tuple(x.shape)}")
+    x = _rows_contiguous(x)
+    inter = x.shape[1] // 2
+    q, scale = _quant_buffers(out, x.shape[0], inter, x.device)
+    _launch_quant_rows(x, q, scale, inter, silu=True)
+    return q, scale
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm of x [T, H] (after adding residual, if given), quantized per token.
+
+    Returns (q int8 [T, H], scale float32 [T, 1], new_residual); new_residual is x + residual
+    (x itself without a residual), written to ``residual_out`` if given (it may alias
+    ``residual`` for an in-place update). The normed row is rounded to its dtype
+    (``promote(weight, x)``) before quantizing, as the unfused ``rms_norm`` + ``quant_per_token``.
+    """
+    if x.dim() != 2 or weight.shape != (x.shape[1],):
+        raise ValueError(f"expected x [T, H] and weight [H], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    x = _rows_contiguous(x)
+    rows, hidden = x.shape
+    res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    normed_dtype = torch.promote_types(weight.dtype, res_dtype)
+    q, scale = _quant_buffers(out, rows, hidden, x.device)
+    if residual is None:
+        new_residual = x
+    else:
+        residual = _rows_contiguous(residual)
+        new_residual = residual_out if residual_out is not None else torch.empty_like(x, dtype=res_dtype)
+        if new_residual.shape != x.shape or new_residual.dtype != res_dtype or new_residual.stride(1) != 1:
+            raise ValueError(f"residual_out must be {tuple(x.shape)} {res_dtype} with a contiguous last dim")
+    if rows == 0 or hidden == 0:
+        return q, scale, new_residual
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_quant_kernel[(rows,)](
+        x, residual if residual is not None else x, new_residual, weight.contiguous(), q, scale, eps,
+        x.stride(0), 0 if residual is None else residual.stride(0), new_residual.stride(0), q.stride(0),
+        HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
+        NORMED_TY=_TL_DTYPE[normed_dtype], num_warps=_row_warps(block),
+    )
+    return q, scale, new_residual
+
+
+def int8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
+              out: torch.Tensor | None = None, config: Int8GemmConfig | None = None) -> torch.Tensor:
+    """(q [M, K] int8 @ weight [N, K] int8 .T) * q_scale [M, 1] * weight_scale [N] (+ bias [N]) -> [M, N].
+
+    q_scale and weight_scale are float32 (weight_scale may be [N, 1]); bias any float dtype;
+    out_dtype float32, bfloat16 or float16. ``config`` overrides ``default_gemm_config``.
+    """
+    if q.dim() != 2 or weight.dim() != 2 or q.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected q [M, K] and weight [N, K], got {tuple(q.shape)} and {tuple(weight.shape)}")
+    if q.dtype != torch.int8 or weight.dtype != torch.int8:
+        raise ValueError(f"q and weight must be int8, got {q.dtype} and {weight.dtype}")
+    m, k = q.shape
+    n = weight.shape[0]
+    if q_scale.numel() != m or weight_scale.numel() != n or (bias is not None and bias.numel() != n):
+        raise ValueError("q_scale needs M, weight_scale and bias N elements")
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be {(m, n)} {out_dtype} with a contiguous last dim")
+    if m == 0 or n == 0:
+        return out
+    q, weight = _rows_contiguous(q), _rows_contiguous(weight)
+    q_scale = q_scale.reshape(-1).to(torch.float32).contiguous()
+    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    bias = None if bias is None else bias.reshape(-1).contiguous()
+    cfg = config or default_gemm_config(m, n, k, q.device)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split, k_per_split = _k_slices(cfg, tiles, k, q.device)
+    scales = (q_scale, weight_scale, bias if bias is not None else weight_scale)
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.tma and split == 1 and _tma_ok(q, weight):
+        a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [cfg.block_m, cfg.block_k])
+        w_desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [cfg.block_n, cfg.block_k])
+        _int8_gemm_tma_kernel[(tiles,)](a_desc, w_desc, *scales, out, m, n, k, out.stride(0), **meta)
+        return out
+    partial = out if split == 1 else torch.empty((split, m, n), dtype=torch.int32, device=q.device)
+    _int8_gemm_kernel[(tiles, split)](
+        q, weight, *scales, partial, m, n, k, k_per_split, q.stride(0), weight.stride(0), partial.stride(-2),
+        partial.stride(0) if split > 1 else 0, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0, **meta,
+    )
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 128))](
+            partial, *scales, out, m, n, split, partial.stride(0), out.stride(0), BLOCK_M=16, BLOCK_N=128,
+            HAS_BIAS=bias is not None, num_warps=4,
+        )
+    return out
+
+
+# ---- host helpers ---------------------------------------------------------------------
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _row_warps(block: int) -> int:
+    return max(1, min(16, block // 512))
+
+
+def _quant_buffers(out: tuple[torch.Tensor, torch.Tensor] | None, rows: int, cols: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return (torch.empty((rows, cols), dtype=torch.int8, device=device),
+                torch.empty((rows, 1), dtype=torch.float32, device=device))
+    q, scale = out
+    if q.shape != (rows, cols) or q.dtype != torch.int8 or q.stride(1) != 1:
+        raise ValueError(f"q out must be {(rows, cols)} int8 with a contiguous last dim")
+    if scale.shape != (rows, 1) or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"scale out must be a contiguous {(rows, 1)} float32 tensor")
+    return q, scale
+
+
+def _launch_quant_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cols: int, silu: bool) -> None:
+    rows = x.shape[0]
+    if rows == 0:
+        return
+    if cols == 0:
+        scale.fill_(1.0)
+        return
+    one_pass = cols <= (_SILU_ONE_PASS_MAX if silu else _ONE_PASS_MAX)
+    block = triton.next_power_of_2(cols) if one_pass else _TWO_PASS_CHUNK
+    _quant_rows_kernel[(rows,)](
+        x, q, scale, x.stride(0), q.stride(0), cols,
+        BLOCK=block, ONE_PASS=one_pass, SILU=silu, num_warps=_row_warps(block) if one_pass else 8,
+    )
+
+
+def k_splits(cfg: Int8GemmConfig, m: int, n: int, k: int, device: torch.device) -> int:
+    """The number of K slices ``int8_gemm`` runs ``cfg`` with at this shape."""
+    return _k_slices(cfg, triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k, device)[0]
+
+
+def _k_slices(cfg: Int8GemmConfig, tiles: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(slices, K per slice): ``cfg.split_k`` (or the pick for 0), at most one per ``block_k``
+    step, each slice a whole number of steps and none empty."""
+    split = cfg.split_k or _pick_split_k(tiles, k, cfg.block_k, _multiprocessors(device))
+    split = max(1, min(split, triton.cdiv(k, cfg.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), split) * cfg.block_k
+    return (triton.cdiv(k, k_per_split) if k else 1), k_per_split
+
+
+def _pick_split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """Slices of K that bring the programs to about two per multiprocessor, each of at least
+    four ``block_k`` steps (shorter slices spend more on their ramp than they gain)."""
+    max_split = max(1, triton.cdiv(k, block_k) // 4)
+    return max(1, min(math.ceil(2 * sms / tiles), max_split))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return _cuda_multiprocessors(device.index) if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _has_tma(device: torch.device) -> bool:
+    if TensorDescriptor is None:
+        return False
+    return device.type != "cuda" or _cuda_capability(device.index) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_ok(q: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides (int8: K and the strides multiples of 16)."""
+    return (TensorDescriptor is not None and q.shape[1] > 0
+            and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (q, weight)))
+
+
+# ---- kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _round_half_even(y):
+    # torch.round rounds ties to even; libdevice's rint would too, but the CPU interpreter
+    # has no libdevice. Exact for |y| < 2**22 (here |y| <= 127).
+    r = tl.floor(y + 0.5)
+    tie = (r - y) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _row_scale(amax):
+    return tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
+
+
+@triton.jit
+def _quantize(v, scale):
+    r = _round_half_even(tl.math.div_rn(v, scale))
+    return tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _row_values(x_row, offs, mask, cols, SILU: tl.constexpr):
+    """A chunk of the row to quantize, float32: x itself, or silu(gate) * up rounded as the
+    reference rounds (silu to x's dtype, then the product to x's dtype)."""
+    if SILU:
+        ty = x_row.dtype.element_ty
+        gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + cols + offs, mask=mask, other=0.0).to(tl.float32)
+        act = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(ty).to(tl.float32)
+        return (act * up).to(ty).to(tl.float32)
+    return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, cols,
+                       BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, SILU: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    offs = tl.arange(0, BLOCK)
+    if ONE_PASS:
+        mask = offs < cols
+        v = _row_values(x_row, offs, mask, cols, SILU)
+        scale = _row_scale(tl.max(tl.abs(v), 0))
+        tl.store(q_row + offs, _quantize(v, scale), mask=mask)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, cols, BLOCK):
+            mask = start + offs < cols
+            amax = tl.maximum(amax, tl.abs(_row_values(x_row, start + offs, mask, cols, SILU)))
+        scale = _row_scale(tl.max(amax, 0))
+        for start in range(0, cols, BLOCK):
+            mask = start + offs < cols
+            v = _row_values(x_row, start + offs, mask, cols, SILU)
+            tl.store(q_row + start + offs, _quantize(v, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, res_ptr, res_out_ptr, w_ptr, q_ptr, scale_ptr, eps,
+    stride_x, stride_res, stride_res_out, stride_q,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORMED_TY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HIDDEN
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        res_ty = res_out_ptr.dtype.element_ty
+        x = x + tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(res_ty)
+        tl.store(res_out_ptr + row * stride_res_out + offs, x, mask=mask)
+        x = x.to(tl.float32)
+    else:
+        res_ty = x_ptr.dtype.element_ty
+    var = tl.sum(x * x, 0) / HIDDEN
+    h = (x * tl.rsqrt(var + eps)).to(res_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    normed = (w * h).to(NORMED_TY).to(tl.float32)
+    scale = _row_scale(tl.max(tl.abs(normed), 0))
+    tl.store(q_ptr + row * stride_q + offs, _quantize(normed, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program: GROUP_M row tiles per column tile in launch order."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    in_group = pid % per_group
+    return first_m + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def _epilogue(acc, rows, cols, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, stride_om,
+              HAS_BIAS: tl.constexpr):
+    row_ok = rows < M
+    col_ok = cols < N
+    a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
+    w_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_am, stride_wn, stride_om, stride_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """One output tile (one K slice of it with SPLIT: int32 partial sums to out_ptr[slice])."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    k_start = tl.program_id(1) * k_per_split
+    k_len = tl.minimum(K - k_start, k_per_split)
+    # Rows past M are masked: a decode tile of BLOCK_M >= 16 rows for M = 1 then reads one
+    # row, not sixteen. Columns past N read the last weight row instead (unmasked loads; N
+    # is nearly always a multiple of BLOCK_N), their results dropped at the store.
+    row_ok = rows < M
+    w_cols = tl.minimum(cols, N - 1).to(tl.int64)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + (k_start + ks)[None, :]
+    w_ptrs = w_ptr + w_cols[None, :] * stride_wn + (k_start + ks)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, k_len, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = k0 + ks < k_len
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SPLIT:
+        part = out_ptr + tl.program_id(1).to(tl.int64) * stride_split
+        part += rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(part, acc, mask=row_ok[:, None] & (cols < N)[None, :])
+    else:
+        _epilogue(acc, rows, cols, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _int8_gemm_tma_kernel(
+    a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """One output tile, operands through TMA (out-of-range rows, columns and K read as zeros)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([off_m, k0])
+        w = w_desc.load([off_n, k0])
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = off_n + tl.arange(0, BLOCK_N)
+    _epilogue(acc, rows, cols, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, splits, stride_split,
+                       stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    part = part_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]  # slices are contiguous [M, N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for _ in range(0, splits):
+        acc += tl.load(part, mask=mask, other=0)
+        part += stride_split
+    _epilogue(acc, rows, cols, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, stride_om, HAS_BIAS)
