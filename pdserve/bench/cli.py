@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = {"offline": "pdserve.bench.offline", "gpu": "pdserve.bench.gpu", "serve": "pdserve.bench.serve"}
+BENCHES = {"offline": "pdserve.bench.offline", "gpu": "pdserve.bench.gpu", "serve": "pdserve.bench.serve",
+           "topology": "pdserve.bench.topology"}
 
 
 def main(name: str, argv: list[str]) -> int:

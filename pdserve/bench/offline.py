@@ -32,6 +32,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
     p.add_argument("--adapters", default="",
                    help="LoRA adapters name=path,...: the prompts are spread evenly over them (mixed batches)")
+    p.add_argument("--against", default="",
+                   help="compare with this second model on pdserve (e.g. the unquantized one) instead of transformers")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat pdserve then transformers this many times (noisy hosts); prints the median ratio")
     return p.parse_args(argv)
@@ -129,13 +131,15 @@ def main(argv: list[str]) -> int:
         t, n = run_pdserve(args, prompts)
         ours = n / t
         print(f"{label}pdserve:      {n} output tokens in {t:.2f} s = {ours:.1f} tok/s", flush=True)
-        if args.skip_hf:
+        if args.skip_hf and not args.against:
             continue
-        t, n = run_hf(args, prompts)
+        other = args.against or "transformers"
+        t, n = run_pdserve(argparse.Namespace(**{**vars(args), "model": args.against}), prompts) if args.against \
+            else run_hf(args, prompts)
         theirs = n / t
-        print(f"{label}transformers: {n} output tokens in {t:.2f} s = {theirs:.1f} tok/s", flush=True)
+        print(f"{label}{other}: {n} output tokens in {t:.2f} s = {theirs:.1f} tok/s", flush=True)
         ratios.append(ours / theirs)
-        print(f"{label}ratio pdserve / transformers: {ours / theirs:.2f}x", flush=True)
+        print(f"{label}ratio {args.model} / {other}: {ours / theirs:.2f}x", flush=True)
     if len(ratios) > 1:
         print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios):.2f}x "
               f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")

@@ -31,7 +31,7 @@ from typing import Callable
 from pdserve.cluster.tls import TLSFiles
 from pdserve.launcher.certs import EtcdCerts, create_etcd_certs
 from pdserve.launcher.etcd_server import EtcdServer, start_etcd
-from pdserve.launcher.processes import Child, ProcessGroup, child_env, pdserve_command
+from pdserve.launcher.processes import Child, ProcessGroup, child_env, parse_cpu_list, pdserve_command
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class ClusterSpec:
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
     gpus: tuple[str, ...] = ()  # worker i sees only gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES); () = all
+    # Worker i runs only on the cores of the CPU list cpus[i % len(cpus)] ("0-3,8"), with OMP_NUM_THREADS
+    # their count; () = unpinned.
+    cpus: tuple[str, ...] = ()
     etcd_tls: bool = True  # the etcd started here: mutual TLS with throwaway certificates; False: plain http
     etcd_client: TLSFiles = TLSFiles()  # the external etcd's CA and client certificate, when it uses TLS
 
@@ -61,6 +64,11 @@ class ClusterSpec:
                              "expected at least one worker and no negative count")
         if any(not g.strip() or "," in g for g in self.gpus):
             raise ValueError(f"gpus={list(self.gpus)}: expected one GPU index or UUID per entry")
+        for cpu_list in self.cpus:
+            try:
+                parse_cpu_list(cpu_list)
+            except ValueError as exc:
+                raise ValueError(f"cpus={list(self.cpus)}: {exc}") from None
         if self.etcd_client.enabled and not self.etcd:
             raise ValueError("etcd TLS files (--etcd-ca/--etcd-cert/--etcd-key) are for an external etcd (--etcd URL); "
                              "the etcd pdserve up starts makes its own certificates")
@@ -163,18 +171,26 @@ class LocalCluster:
                                "--drain-timeout", str(self.spec.drain_timeout),
                                "--lease-ttl", str(self.spec.lease_ttl), *self.spec.worker_args, *extra)
         child = Child(f"worker-{index}-{role}", argv, os.path.join(self.log_dir, f"worker-{index}-{role}.log"),
-                      self.worker_env(index))
+                      self.worker_env(index), cpus=self.worker_cpus(index))
         self.workers.append(self.group.spawn(child))
         return child
 
     def worker_env(self, index: int) -> dict[str, str]:
         """The environment of the index-th worker: the cluster secret (signs P/D orders;
-        in the environment, not on the command line, where ``ps`` shows it), and one of
-        ``spec.gpus`` when given."""
+        in the environment, not on the command line, where ``ps`` shows it), one of
+        ``spec.gpus`` when given, and as many OpenMP threads as it has cores when pinned."""
         extra = {"PDSERVE_CLUSTER_SECRET": self.secret}
         if self.spec.gpus:
             extra["CUDA_VISIBLE_DEVICES"] = self.spec.gpus[index % len(self.spec.gpus)]
+        if self.spec.cpus:
+            extra["OMP_NUM_THREADS"] = str(len(self.worker_cpus(index)))
         return child_env(extra)
+
+    def worker_cpus(self, index: int) -> frozenset[int]:
+        """The cores the index-th worker is pinned to (``spec.cpus``); empty when unpinned."""
+        if not self.spec.cpus:
+            return frozenset()
+        return parse_cpu_list(self.spec.cpus[index % len(self.spec.cpus)])
 
     def live_workers(self) -> list[dict]:
         """The router's ``GET /workers``; [] while the router is not answering."""

@@ -3,13 +3,15 @@
 Lifecycle of a ``Child``: ``spawn()`` starts it in a new session (so signals to the
 parent's terminal do not reach it and the whole group can be signalled) -> ``alive``
 / ``returncode`` while it runs -> ``stop()`` sends SIGTERM to the group, waits up to
-a deadline, then SIGKILLs the group. ``ProcessGroup`` owns a list of children and
-stops them in reverse start order; it is idempotent and also registered with atexit
-so an interrupted parent leaves no orphans.
+a deadline, then SIGKILLs the group. A child given ``cpus`` is pinned to those cores
+from its first instruction (what it starts inherits them). ``ProcessGroup`` owns a
+list of children and stops them in reverse start order; it is idempotent and also
+registered with atexit so an interrupted parent leaves no orphans.
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import socket
@@ -18,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -31,6 +33,40 @@ def free_port(host: str = "127.0.0.1") -> int:
 def pdserve_command(*args: str) -> list[str]:
     """Run a pdserve subcommand with this interpreter (no reliance on PATH)."""
     return [sys.executable, "-m", "pdserve.cli", *args]
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """The cores of a Linux CPU list such as ``0-3,8`` (the syntax of ``taskset -c``)."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if dash else first
+        except ValueError:
+            raise ValueError(f"CPU list {text!r}: expected cores and ranges such as 0-3,8") from None
+        if first < 0 or last < first:
+            raise ValueError(f"CPU list {text!r}: bad range {part.strip()!r}")
+        cores.update(range(first, last + 1))
+    return frozenset(cores)
+
+
+def format_cpu_list(cores: Iterable[int]) -> str:
+    """The shortest CPU list of ``cores``: runs become ranges, e.g. {0, 1, 2, 3, 8} -> ``0-3,8``."""
+    parts: list[str] = []
+    run: list[int] = []
+    for core in sorted(set(cores)):
+        if run and core != run[-1] + 1:
+            parts.append(_cpu_range(run))
+            run = []
+        run.append(core)
+    if run:
+        parts.append(_cpu_range(run))
+    return ",".join(parts)
+
+
+def _cpu_range(run: list[int]) -> str:
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -50,6 +86,7 @@ class Child:
     argv: list[str]
     log_path: str | None = None
     env: dict[str, str] | None = None
+    cpus: frozenset[int] = frozenset()  # pin to these cores; empty: wherever the OS runs it
     proc: subprocess.Popen | None = None
     _log: IO | None = field(default=None, repr=False)
     _reaped: bool = field(default=False, repr=False)  # its group was SIGKILLed after it exited: pgid may be reused
@@ -58,8 +95,11 @@ class Child:
         self._log = open(self.log_path, "ab") if self.log_path else None
         self._reaped = False
         out = self._log if self._log is not None else None
+        # NOTE: pinned between fork and exec, so no thread of the child ever runs on another core.
+        pin = functools.partial(os.sched_setaffinity, 0, self.cpus) if self.cpus else None
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     stdin=subprocess.DEVNULL, env=self.env or child_env(), start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env=self.env or child_env(), start_new_session=True,
+                                     preexec_fn=pin)
         return self
 
     @property
