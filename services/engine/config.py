@@ -38,6 +38,9 @@ class EngineConfig:
     max_loras: int = 4  # adapters on the device at once (slots); a step mixes at most this many
     max_cpu_loras: int | None = None  # adapters registered (host memory, swapped into slots by LRU); None: max_loras
     max_lora_rank: int = 64
+    # tp > 1: a rank that stops answering (alive but stuck) fails the worker after this many seconds of
+    # a step: its peers' collectives time out, and the engine stops waiting for any rank's answer
+    rank_timeout: float = 60.0
     device_type: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
@@ -72,6 +75,8 @@ class EngineConfig:
                    self.max_cpu_loras, f"an integer >= max_loras={self.max_loras}")
         if len(self.adapter_paths()) > self.lora_capacity:
             raise ConfigError(f"adapters: {len(self.adapters)} given but max_cpu_loras={self.lora_capacity}")
+        _check(isinstance(self.rank_timeout, (int, float)) and self.rank_timeout > 0, "rank_timeout",
+               self.rank_timeout, "a number of seconds > 0")
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")
         if self.num_blocks is not None:
             _check(isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", self.num_blocks, "an integer >= 1")

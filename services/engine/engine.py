@@ -489,7 +489,7 @@ def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConf
         return InProcessExecutor(RankWorker(_rank_config(config), source, model_config))
     check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)  # NOTE: before any rank starts
     check_expert_split(model_config, config.ep)
-    return MultiprocExecutor(_rank_config(config), source, model_config, config.tp)
+    return MultiprocExecutor(_rank_config(config), source, model_config, config.tp, step_timeout=config.rank_timeout)
 
 
 def check_expert_split(model_config: ModelConfig, ep: int) -> None:

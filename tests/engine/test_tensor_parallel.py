@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -150,3 +151,22 @@ def test_tp2_bfloat16_logprobs_are_close_to_float32(tiny_models, kind):
         worst = max(abs(lp - got[tok]) for want, got in zip(runs[(1, "float32")], runs[run])
                     for tok, lp in want.items() if tok in got)
         assert worst <= BF16_TOLERANCE, (run, worst)
+
+
+def test_a_stuck_rank_fails_the_engine_within_its_rank_timeout(tiny_models):
+    """A rank that is alive but stops (SIGSTOP: no exit code, no answer) is caught by its
+    peers' collective timeout, not by a long start-up timeout."""
+    llm = LLM(tiny_models["llama"], tp=2, num_blocks=32, rank_timeout=3.0)
+    procs = list(llm.engine.executor._procs)
+    try:
+        assert llm.generate([[5, 6, 7]], GREEDY)[0].token_ids
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="rank 1 stopped answering"):
+            llm.generate([[5, 6, 7]], GREEDY)
+        assert time.monotonic() - start < 15.0
+        assert not any(p.is_alive() for p in procs)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)

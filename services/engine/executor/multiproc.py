@@ -13,9 +13,11 @@ every rank and ``collect`` returns rank 0's sampled tokens -> ``close()`` (also
 run when the executor is collected or the interpreter exits) stops every rank.
 
 NOTE: any rank that exits or stops answering fails the executor: the pending call
-raises ``RankFailure`` within ``timeout`` seconds, and every later call raises it
-at once; the engine fails its requests and the worker process exits as a whole.
-A rank whose parent dies sees its pipe close and exits.
+raises ``RankFailure`` (a dead rank: within a poll interval; one alive but stuck,
+e.g. stopped or spinning: within ``step_timeout`` seconds of a step, when its peers'
+collectives time out and the engine stops waiting; start-up may take ``timeout``),
+and every later call raises it at once; the engine fails its requests and the
+worker process exits as a whole. A rank whose parent dies sees its pipe close and exits.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import os
 import socket
 import time
 import weakref
+from datetime import timedelta
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -57,7 +60,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelSource,
-               model_config: ModelConfig, conn: Connection, kv_conn: Connection) -> None:
+               model_config: ModelConfig, conn: Connection, kv_conn: Connection, collective_timeout: float) -> None:
     """A rank process: join the group, build the rank, then serve calls until told to stop."""
     import torch
     import torch.distributed as dist
@@ -66,7 +69,8 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
     from pdserve.engine.executor.rank import RankWorker
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
+                            timeout=timedelta(seconds=collective_timeout))
     try:
         comm = ProcessGroupComm()
         worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config, comm)
@@ -135,10 +139,13 @@ def _call(worker: Any, comm: Any, method: str, args: tuple) -> Any:
 
 class MultiprocExecutor:
     def __init__(self, config: RankConfig, source: ModelSource, model_config: ModelConfig, tp: int,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, step_timeout: float = 60.0):
         if config.device_type != "cpu":
             raise ValueError(f"tp={tp} on device_type={config.device_type!r} is not built yet; tp > 1 runs on cpu")
         self._timeout = timeout
+        # NOTE: the peers of a stuck rank raise first (collective timeout); the engine's own
+        # deadline is later so that their message, which names the cause, is the one reported
+        self._step_timeout = step_timeout * 1.5 + 1.0
         self._failed: str | None = None
         ctx = mp.get_context("spawn")
         port, self._conns, self._kv_conns, self._procs = _free_port(), [], [], []
@@ -146,7 +153,7 @@ class MultiprocExecutor:
             parent, child = ctx.Pipe()
             kv_parent, kv_child = ctx.Pipe()
             proc = ctx.Process(target=_rank_main,
-                               args=(rank, tp, port, config, source, model_config, child, kv_child),
+                               args=(rank, tp, port, config, source, model_config, child, kv_child, step_timeout),
                                name=f"pdserve-rank{rank}", daemon=True)
             proc.start()
             child.close()
@@ -158,7 +165,7 @@ class MultiprocExecutor:
         self._launched: _Launched | None = None
         self._timings = [RankTiming(0.0, 0.0)] * tp
         for rank in range(tp):
-            self._receive(rank)  # "ready"
+            self._receive(rank, self._timeout)  # "ready": loading the model may take long
 
     # ---- the executor interface ------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -262,19 +269,20 @@ class MultiprocExecutor:
                          for total, (_, t) in zip(self._timings, answers)]
         return [value for value, _ in answers]
 
-    def _receive(self, rank: int) -> Any:
-        conn, proc, deadline = self._conns[rank], self._procs[rank], time.monotonic() + self._timeout
+    def _receive(self, rank: int, timeout: float | None = None) -> Any:
+        timeout = timeout or self._step_timeout
+        conn, proc, deadline = self._conns[rank], self._procs[rank], time.monotonic() + timeout
         while not conn.poll(0.05):
             if not proc.is_alive():
                 self._fail(f"rank {rank} exited with code {proc.exitcode}")
             if time.monotonic() > deadline:
-                self._fail(f"rank {rank} did not answer within {self._timeout:.0f} s")
+                self._fail(f"rank {rank} did not answer within {timeout:.0f} s (alive but stuck)")
         try:
             status, value = conn.recv()
         except (EOFError, OSError):
             self._fail(f"rank {rank} exited with code {proc.exitcode}")
         if status == "error":
-            self._fail(self._dead_rank() or value)
+            self._fail(self._dead_rank() or self._stuck_ranks(rank, value) or value)
         return value
 
     def _dead_rank(self) -> str | None:
@@ -284,6 +292,13 @@ class MultiprocExecutor:
             if not proc.is_alive():
                 return f"rank {rank} exited with code {proc.exitcode}"
         return None
+
+    def _stuck_ranks(self, reporter: int, error: str) -> str | None:
+        """Ranks that sent nothing while ``reporter``'s collective failed: alive but stuck."""
+        silent = [r for r, conn in enumerate(self._conns) if r != reporter and not conn.poll(0.5)]
+        if not silent:
+            return None
+        return f"rank {', '.join(map(str, silent))} stopped answering (alive but stuck); {error}"
 
     def _check(self) -> None:
         if self._failed is not None:
