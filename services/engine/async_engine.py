@@ -6,6 +6,11 @@ never blocks on a forward pass), the per-request output queues, and the commands
 model; ``await start()`` launches the loop; ``generate()`` streams outputs;
 ``await stop()`` aborts what is left and ends the loop.
 
+Timestamps for the worker's request metrics: a request added here is stamped
+``first_scheduled_time`` (the start of the first step that scheduled it) and
+each ``StreamOutput`` carries it; a remote reservation is stamped when its
+blocks are reserved (the prefill order goes out right after).
+
 NOTE: the ``LLMEngine`` is touched only between steps, by the loop task: commands
 from other coroutines are queued and applied there, so no lock is needed.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -26,7 +32,7 @@ from pdserve.engine.engine import EngineOutput, LLMEngine
 from pdserve.engine.executor import RankFailure
 from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.plan import KVSendOrder
-from pdserve.engine.request import TokenLogprob
+from pdserve.engine.request import Request, Status, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +46,14 @@ class StreamOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    scheduled_time: float | None = None  # ``Request.first_scheduled_time``; None until scheduled
 
 
 @dataclass
 class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
+    req: Request | None = None  # the engine's request, once added
 
 
 class AsyncEngine:
@@ -53,6 +61,7 @@ class AsyncEngine:
         self.engine = LLMEngine(config)
         self._streams: dict[str, _Stream] = {}
         self._commands: list[Callable[[], None]] = []
+        self._unscheduled: dict[str, Request] = {}  # added, not stamped first_scheduled_time yet
         self._wake = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-step")
         self._task: asyncio.Task | None = None
@@ -102,6 +111,7 @@ class AsyncEngine:
             if not stream.done:
                 self.abort(request_id)
             self._streams.pop(request_id, None)
+            self._unscheduled.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         """Idempotent; the stream (if any) ends with finish_reason 'abort'."""
@@ -111,13 +121,12 @@ class AsyncEngine:
     async def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                              adapter: str | None = None) -> tuple[list[int], int] | None:
         """Decode side: (block ids, tokens cached here) for a prompt a peer computes; None if full now."""
-        return await self._call(lambda: self.engine.reserve_remote(request_id, list(prompt_token_ids), params,
-                                                                   adapter))
+        return await self._call(lambda: self._reserve(request_id, list(prompt_token_ids), params, adapter))
 
     async def admit_remote(self, request_id: str, first_token: int) -> AsyncIterator[StreamOutput]:
         """Decode side: the KV has landed; stream the rest (first output holds first_token)."""
         stream = self._streams[request_id] = _Stream()
-        self._submit(lambda: stream.queue.put_nowait(self.engine.admit_remote(request_id, first_token)))
+        self._submit(lambda: self._admit(request_id, first_token, stream))
         async for out in self._drain(request_id, stream):
             yield out
 
@@ -224,6 +233,7 @@ class AsyncEngine:
                 if not self._commands:
                     await self._wake.wait()
                 continue
+            started = time.monotonic()
             try:
                 outputs = await loop.run_in_executor(self._pool, self.engine.step)
             except RankFailure as exc:  # NOTE: the group is gone: fail everything, let the owner stop
@@ -233,6 +243,7 @@ class AsyncEngine:
             except Exception as exc:  # NOTE: one failed step must not wedge every stream
                 self._fail_running(exc)
                 continue
+            self._stamp_scheduled(started)
             self._dispatch(outputs)
             self._stats = self.engine.stats()
 
@@ -249,9 +260,33 @@ class AsyncEngine:
         if stream is None:
             return  # the caller went away before the request was admitted
         try:
-            self.engine.add_request(rid, ids, params, hold_kv=hold_kv, kv_send=kv_send, adapter=adapter)
+            stream.req = self.engine.add_request(rid, ids, params, hold_kv=hold_kv, kv_send=kv_send, adapter=adapter)
         except ValueError as exc:
             stream.queue.put_nowait(exc)
+            return
+        self._unscheduled[rid] = stream.req
+
+    def _stamp_scheduled(self, step_started: float) -> None:
+        """Stamp the requests the step just run scheduled for the first time (running, or
+        already finished with a token); drop the ones that ended unscheduled."""
+        for rid, req in list(self._unscheduled.items()):
+            if req.status is Status.RUNNING or req.num_output_tokens > 0:
+                req.first_scheduled_time = step_started
+            elif not req.finished:
+                continue
+            del self._unscheduled[rid]
+
+    def _reserve(self, rid: str, ids: list[int], params: SamplingParams,
+                 adapter: str | None) -> tuple[list[int], int] | None:
+        reserved = self.engine.reserve_remote(rid, ids, params, adapter)
+        if reserved is not None:
+            req = self.engine.requests[rid]
+            req.first_scheduled_time = req.arrival_time  # NOTE: the peer's prefill begins with the order sent next
+        return reserved
+
+    def _admit(self, rid: str, first_token: int, stream: _Stream) -> None:
+        stream.req = self.engine.requests.get(rid)
+        stream.queue.put_nowait(self.engine.admit_remote(rid, first_token))
 
     def _apply_abort(self, rid: str) -> None:
         req = self.engine.requests.get(rid)
@@ -280,7 +315,8 @@ class AsyncEngine:
     @staticmethod
     def _merge(first: EngineOutput, stream: _Stream) -> StreamOutput:
         merged = StreamOutput(first.req_id, list(first.new_token_ids), first.finish_reason,
-                              first.num_prompt_tokens, first.num_cached_tokens, list(first.logprobs) or None)
+                              first.num_prompt_tokens, first.num_cached_tokens, list(first.logprobs) or None,
+                              stream.req.first_scheduled_time if stream.req is not None else None)
         while merged.finish_reason is None and not stream.queue.empty():
             nxt = stream.queue.get_nowait()
             if isinstance(nxt, BaseException):

@@ -39,6 +39,7 @@ class Request:
     max_model_len: int = 1 << 30
     adapter: str | None = None  # LoRA adapter name (None: the base model)
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # time.monotonic() of its first step (set by the asyncio front)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted

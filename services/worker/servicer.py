@@ -4,7 +4,8 @@ Lifecycle of one Generate stream: refused with UNAVAILABLE while draining ->
 params validated (INVALID_ARGUMENT on ValueError) -> tracked in ``Inflight`` ->
 outputs forwarded as they come (each engine yield may carry several tokens;
 under load the engine batches more per yield) -> the last message has
-``finish_reason`` -> untracked. When the client cancels, the handler is cancelled;
+``finish_reason`` -> untracked; along the way it feeds one ``RequestTrace`` (the
+``pdserve:*`` request metrics). When the client cancels, the handler is cancelled;
 closing the output iterator and ``engine.abort()`` free the request's KV blocks.
 
 On a decode-capable worker the outputs come from the ``DecodeCoordinator``
@@ -126,9 +127,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def _stream(self, rid: str, prompt: list[int], params: Any,
                       request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         start, first, finish = time.monotonic(), True, "abort"
+        trace = self._metrics.serving.trace(start, len(prompt))
         outputs, origin = self._outputs(rid, prompt, params, request)
         try:
             async for out in outputs:
+                now = time.monotonic()
+                # NOTE: an engine that does not say when it scheduled the request has no queue/prefill split
+                trace.output(now, len(out.new_token_ids), getattr(out, "scheduled_time", None))
                 message = worker_pb2.WorkerGenerateResponse(
                     request_id=rid, token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
                     num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens)
@@ -136,15 +141,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     message.logprobs.extend(logprobs_to_proto(out.logprobs))
                 if first and out.new_token_ids:
                     first = False
-                    message.first_token_seconds = time.monotonic() - start
+                    message.first_token_seconds = now - start
                     message.prefill_worker_id = origin.prefill_worker_id if origin is not None else ""
                     self._count_prompt(out, message.first_token_seconds)
                 self._metrics.labelled(self._metrics.generated_tokens).inc(len(out.new_token_ids))
                 if out.finish_reason:
-                    finish = out.finish_reason
+                    finish = trace.finish_reason = out.finish_reason
                 yield message
+        except ValueError:
+            trace.refused = True
+            raise
+        except RuntimeError:
+            trace.finish_reason = "error"
+            raise
         finally:
             self._metrics.labelled(self._metrics.requests, finish_reason=finish).inc()
+            trace.close(time.monotonic())
             with contextlib.suppress(Exception):
                 await outputs.aclose()
 
