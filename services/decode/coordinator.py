@@ -42,12 +42,14 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 import grpc
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from pdserve.cluster.kv_peers import KVPeers
 from pdserve.cluster.orders import OrderBook
 from pdserve.cluster.wire import params_to_proto
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tracing import Tracing, end_span, set_attributes
 from pdserve.engine.async_engine import AsyncEngine, StreamOutput
 from pdserve.engine.kv_connector import KVTransfers
 from pdserve.engine.kv_transfer import KVCompatibilityError, check_compatible
@@ -119,8 +121,9 @@ class _Attempt:
 
 class DecodeCoordinator:
     def __init__(self, engine: AsyncEngine, peers: KVPeers, transfers: KVTransfers, config: DecodeConfig,
-                 metrics: DecodeMetrics, orders: OrderBook | None = None) -> None:
+                 metrics: DecodeMetrics, orders: OrderBook | None = None, tracing: Tracing = Tracing()) -> None:
         self._engine = engine
+        self._tracing = tracing
         self._orders = orders or OrderBook()
         self._peers = peers
         self._transfers = transfers
@@ -135,11 +138,14 @@ class DecodeCoordinator:
 
     # ---- the request -----------------------------------------------------------
     async def generate(self, rid: str, prompt: list[int], params: SamplingParams, peers: list[PrefillPeer],
-                       local_reason: str, origin: Origin, adapter: str | None = None) -> AsyncIterator[StreamOutput]:
-        """Stream a request's outputs, prefilled remotely when possible (see the module docstring)."""
+                       local_reason: str, origin: Origin, adapter: str | None = None,
+                       span: Span = INVALID_SPAN) -> AsyncIterator[StreamOutput]:
+        """Stream a request's outputs, prefilled remotely when possible (see the module docstring);
+        ``span``: the worker's span of the request, parent of ``remote_prefill`` and ``admit``."""
         reason = local_reason or "no_prefill_worker"
         if peers and len(prompt) < self._config.local_prefill_threshold:
             peers, reason = [], "short"
+        admit = INVALID_SPAN
         try:
             for index, peer in enumerate(peers):
                 problem = self._unusable(peer, adapter)
@@ -147,21 +153,25 @@ class DecodeCoordinator:
                     reason = problem
                     continue
                 arid = f"{rid}#p{index}"
-                attempt = await self._attempt(arid, prompt, params, peer, adapter)
+                attempt = await self._attempt(arid, prompt, params, peer, adapter, span)
                 if attempt.first is not None:
                     origin.prefill_worker_id = peer.worker_id
                     self._count("remote", "disaggregated")
                     self._engine_ids[rid] = arid
+                    admit = self._tracing.span("admit", span)
                     async for out in self._engine.admit_remote(arid, attempt.first):
+                        end_span(admit)  # the first output holds the first token
                         yield out
                     return
                 reason = attempt.reason
                 if attempt.stop:
                     break
             self._count("local", reason)
+            set_attributes(span, lambda: {"pdserve.local_prefill_reason": reason})
             async for out in self._engine.generate(rid, prompt, params, adapter):
                 yield out
         finally:
+            end_span(admit)
             self._engine_ids.pop(rid, None)
 
     def abort(self, rid: str) -> None:
@@ -184,7 +194,7 @@ class DecodeCoordinator:
         return None
 
     async def _attempt(self, arid: str, prompt: list[int], params: SamplingParams, peer: PrefillPeer,
-                       adapter: str | None) -> _Attempt:
+                       adapter: str | None, parent: Span) -> _Attempt:
         record = self._peers.record_of(peer.worker_id)  # NOTE: its incarnation, before anything is reserved
         reserved = await self._reserve(arid, prompt, params, adapter)
         if reserved is None:
@@ -194,18 +204,25 @@ class DecodeCoordinator:
         landed = self._transfers.expect(arid, peer.kv_agent)
         call: asyncio.Future | None = None
         settled = False
+        span = INVALID_SPAN
         try:
             if len(prompt) - cached < self._config.local_prefill_threshold:
                 return _Attempt(reason="cached", stop=True)  # nothing sent: freed below
             started = time.monotonic()
+            span = self._tracing.span("remote_prefill", parent, lambda: {
+                "pdserve.request_id": arid, "pdserve.prefill_worker": peer.worker_id,
+                "pdserve.kv.blocks": len(blocks) - cached // self._layout.block_size,
+                "pdserve.cached_tokens": cached}, kind=SpanKind.CLIENT)
             call = asyncio.ensure_future(self._stub(peer.grpc_address).RemotePrefill(
                 self._order(arid, prompt, params, blocks, cached, peer, adapter),
-                timeout=self._config.remote_prefill_timeout))
+                timeout=self._config.remote_prefill_timeout, metadata=self._tracing.inject(span)))
             first, reason, settled = await self._await_kv(arid, landed, call)
             if first is not None:
                 self._observe_received(len(blocks) - cached // self._layout.block_size, time.monotonic() - started)
+            end_span(span, reason or None)
             return _Attempt(first=first, reason=reason)
         finally:
+            end_span(span, "abandoned before its KV landed")  # the caller went away (or an error)
             self._transfers.forget(arid)
             if settled:
                 self.reservations -= 1

@@ -36,8 +36,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from opentelemetry.context import Context
+
 from pdserve.cluster.kv_peers import KVPeers, PeerIncompatible, PeerUnavailable
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tracing import Tracing
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.kv_connector import KVTransfers, LayerHook
 from pdserve.engine.kv_connector.rank_agents import RankAgents
@@ -135,8 +138,9 @@ class PrefillServer:
     """Serves RemotePrefill / AbortRemotePrefill for one engine and one KV agent."""
 
     def __init__(self, engine: AsyncEngine, peers: KVPeers, transfers: KVTransfers, config: PrefillConfig,
-                 on_result: Callable[[PrefillResult], None] = lambda _: None) -> None:
+                 on_result: Callable[[PrefillResult], None] = lambda _: None, tracing: Tracing = Tracing()) -> None:
         self._engine = engine
+        self._tracing = tracing
         self._peers = peers
         self._transfers = transfers
         self._agent = transfers.agent
@@ -167,8 +171,9 @@ class PrefillServer:
         return sum(job.phase == "sending" for job in self._jobs.values())
 
     # ---- RPCs ------------------------------------------------------------------
-    async def remote_prefill(self, order: PrefillOrder) -> PrefillResult:
-        """Run one job to its end; never raises except when the caller is cancelled."""
+    async def remote_prefill(self, order: PrefillOrder, parent: Context | None = None) -> PrefillResult:
+        """Run one job to its end; never raises except when the caller is cancelled. ``parent``:
+        the trace context of the order (the decode worker's ``remote_prefill`` span)."""
         rid = order.request_id
         refused = self._refusal(order)
         if refused is not None:
@@ -187,12 +192,13 @@ class PrefillServer:
         try:
             result = await task
         except asyncio.CancelledError:
-            if job.aborted and not _cancelling():
-                return self._finish(PrefillResult("ABORTED", f"request {rid} was aborted", phase=job.phase))
-            raise
+            if not job.aborted or _cancelling():
+                raise
+            result = PrefillResult("ABORTED", f"request {rid} was aborted", phase=job.phase)
         finally:  # NOTE: the task is done here (a cancelled await waits for its cleanup)
             self._jobs.pop(rid, None)
             self._tasks.pop(rid, None)
+        self._trace(job, result, parent)
         return self._finish(result)
 
     async def abort(self, request_id: str, timeout: float) -> tuple[bool, bool]:
@@ -402,6 +408,27 @@ class PrefillServer:
         job.post_seconds += job.last_post_end - start
 
     # ---- bookkeeping -------------------------------------------------------------
+    def _trace(self, job: _Job, result: PrefillResult, parent: Context | None) -> None:
+        """The job's spans: ``prefill`` (accepted -> its last layer computed) and ``kv_transfer``
+        (first write posted -> every write done; with layerwise sends it overlaps the compute)."""
+        if not self._tracing.enabled:
+            return
+        now, order = time.monotonic(), job.order
+        error = None if result.status == "DONE" else f"{result.status}: {result.error}"
+        self._tracing.record("prefill", parent, job.accepted, job.last_layer or now, lambda: {
+            "pdserve.request_id": order.request_id, "pdserve.prompt_tokens": len(order.prompt),
+            "pdserve.cached_tokens": result.num_cached_tokens, "pdserve.adapter": order.adapter or ""},
+            None if job.last_layer and job.first_post else error)
+        if job.first_post:
+            end = job.first_post + result.transfer_seconds if error is None else now
+            self._tracing.record("kv_transfer", parent, job.first_post, end, lambda: self._transfer_attributes(job),
+                                 error)
+
+    def _transfer_attributes(self, job: _Job) -> dict[str, Any]:
+        return {"pdserve.kv.bytes": job.bytes_sent, "pdserve.kv.blocks": job.num_blocks - job.skip,
+                "pdserve.kv.layers": job.num_layers, "pdserve.kv.send": self._config.send,
+                "pdserve.kv.decode_agent": job.order.decode_agent}
+
     def _tombstone(self, request_id: str) -> None:
         self._tombstones[request_id] = None
         self._tombstones.move_to_end(request_id)

@@ -4,7 +4,7 @@ Lifecycle (``serve``): connect to etcd and read the live workers (retrying until
 ``etcd_wait`` seconds pass) -> start the gRPC server (Router service behind
 ``grpc_guard``, grpc health, reflection) and the HTTP server -> wait for SIGTERM /
 SIGINT -> stop accepting, give open requests a short grace, close worker channels
-and the etcd client.
+and the etcd client, flush the trace spans.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pdserve.v1 import router_pb2
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.etcd import connect, retry_until_reachable
 from pdserve.cluster.keys import KeySpace
+from pdserve.common.tracing import Tracing
 from pdserve.router.auth import ApiKey
 from pdserve.router.config import RouterConfig
 from pdserve.router.dispatch import Dispatcher
@@ -52,6 +53,7 @@ class RouterProcess:
         self._runner: web.AppRunner | None = None
         self._etcd = None
         self._tasks: set[asyncio.Task] = set()
+        self.tracing = Tracing.start(config.otlp_endpoint, "pdserve-router")  # off without an endpoint
         self.grpc_port = 0
         self.http_port = 0
 
@@ -66,7 +68,8 @@ class RouterProcess:
                           RoutingConfig(c.local_prefill_threshold, c.prefill_candidates), tls=c.tls[0],
                           token=token_for(c.cluster_secret))
         catalog = ModelCatalog(discovery, self._load_tokenizer, self._tokenizer_failed)
-        self.core = RouterCore(discovery, catalog, pool, Dispatcher(pool, c.retry_attempts), RouterMetrics(discovery),
+        dispatcher = Dispatcher(pool, c.retry_attempts, self.tracing)
+        self.core = RouterCore(discovery, catalog, pool, dispatcher, RouterMetrics(discovery),
                                MaxTokensPolicy(c.default_max_tokens, c.max_tokens_cap), c.max_inflight)
         self.core.catalog.preload()
         await self._start_grpc()
@@ -122,6 +125,7 @@ class RouterProcess:
             await self.core.pool.close()
         if self._etcd is not None:
             await self._etcd.close()
+        self.tracing.shutdown()  # sends the spans still queued
 
 
 async def serve(config: RouterConfig, load_tokenizer: Callable[[str], Any]) -> int:

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-candidates", dest="prefill_candidates",
                    help="prefill workers named per request, tried in order by the decode worker (default 2)")
     _add_request_flags(p)
+    p.add_argument("--otlp-endpoint", dest="otlp_endpoint",
+                   help="send OpenTelemetry spans of each request to this OTLP gRPC collector, "
+                        "e.g. http://otel-collector:4317 (default: tracing off)")
     return p
 
 

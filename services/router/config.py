@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pdserve.cluster.access import ClusterAccess
+from pdserve.common.tracing import endpoint_problem
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -40,6 +41,7 @@ class RouterConfig(ClusterAccess):
     default_max_tokens: int = 4096  # chat requests without max_tokens; 0 = the rest of the context
     max_tokens_cap: int = 0  # 0 = no cap but the context length
     max_inflight: int = 1024  # requests served at once; more get 429 (0 = no bound)
+    otlp_endpoint: str = ""  # OpenTelemetry spans go to this OTLP gRPC collector; "" = tracing off
 
     def __post_init__(self) -> None:
         self.check_access(RouterConfigError, "PDSERVE_ROUTER_")
@@ -57,6 +59,9 @@ class RouterConfig(ClusterAccess):
         if self.overload_margin < 0 or self.suspect_seconds < 0:
             raise RouterConfigError("overload_margin and suspect_seconds must be >= 0")
         self._check_request_limits()
+        problem = endpoint_problem(self.otlp_endpoint)
+        if problem is not None:
+            raise RouterConfigError(f"otlp_endpoint={problem}")
 
     def _check_request_limits(self) -> None:
         if self.max_body_bytes < 1024:

@@ -20,10 +20,12 @@ import time
 from typing import Any, AsyncIterator
 
 import grpc
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 from pdserve.v1 import worker_pb2
 
 from pdserve.cluster.wire import params_to_proto
 from pdserve.common.detokenizer import IncrementalDetokenizer
+from pdserve.common.tracing import Carrier, Tracing, add_event, end_span, set_attributes
 from pdserve.router.errors import RequestError, invalid, unavailable
 from pdserve.router.request_types import Delta, GenerationRequest, TokenLogprob, TopToken, Timing, Usage
 from pdserve.router.worker_pool import Route, WorkerHandle, WorkerPool
@@ -36,9 +38,9 @@ class _Retry(Exception):
 class _StreamState:
     """Text, counters and timing of one request while it streams from one worker."""
 
-    def __init__(self, req: GenerationRequest, tokenizer: Any, worker_id: str) -> None:
+    def __init__(self, req: GenerationRequest, tokenizer: Any, worker_id: str, span: Span = INVALID_SPAN) -> None:
         p = req.params
-        self.req, self.tokenizer, self.worker_id = req, tokenizer, worker_id
+        self.req, self.tokenizer, self.worker_id, self.span = req, tokenizer, worker_id, span
         self.detok = (IncrementalDetokenizer(tokenizer, req.prompt_token_ids, p.stop, p.include_stop_str_in_output,
                                              p.min_tokens)
                       if tokenizer is not None else None)
@@ -58,6 +60,7 @@ class _StreamState:
             self.first_token = time.monotonic()
             self.worker_first_token = msg.first_token_seconds
             self.prefill_worker_id = msg.prefill_worker_id
+            add_event(self.span, "first_token", lambda: {"pdserve.prefill_worker": self.prefill_worker_id})
         self.completion_tokens += len(tokens)
         text, stopped = self.detok.add(tokens) if self.detok is not None else ("", False)
         finish = "stop" if stopped else (msg.finish_reason or None)
@@ -69,6 +72,9 @@ class _StreamState:
             self.finished = True
             delta.text += self.detok.flush() if self.detok is not None else ""
             delta.finish_reason, delta.usage, delta.timing = finish, self._usage(), self._timing()
+            set_attributes(self.span, lambda: {"pdserve.finish_reason": finish,
+                                               "pdserve.completion_tokens": self.completion_tokens,
+                                               "pdserve.cached_tokens": self.cached_tokens})
         return delta
 
     def _usage(self) -> Usage:
@@ -89,12 +95,33 @@ class _StreamState:
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, retry_attempts: int = 3) -> None:
+    def __init__(self, pool: WorkerPool, retry_attempts: int = 3, tracing: Tracing = Tracing()) -> None:
         self._pool = pool
         self._attempts = retry_attempts
+        self._tracing = tracing
 
-    async def stream(self, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
-        """Deltas of ``req`` from a worker chosen by the policy; raises RequestError."""
+    def stream(self, req: GenerationRequest, tokenizer: Any, carrier: Carrier | None = None) -> AsyncIterator[Delta]:
+        """Deltas of ``req`` from a worker chosen by the policy; raises RequestError. ``carrier``:
+        the client's headers or metadata, whose trace context (if any) the request's span continues."""
+        if not self._tracing.enabled:
+            return self._stream(req, tokenizer, INVALID_SPAN)
+        return self._traced(req, tokenizer, carrier)
+
+    async def _traced(self, req: GenerationRequest, tokenizer: Any, carrier: Carrier | None) -> AsyncIterator[Delta]:
+        """``_stream`` inside the request's span (router ``generate``), from its arrival to its end."""
+        span = self._tracing.span("generate", self._tracing.extract(carrier), lambda: _request_attributes(req),
+                                  req.arrival, SpanKind.SERVER)
+        try:
+            async with contextlib.aclosing(self._stream(req, tokenizer, span)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except Exception as exc:
+            end_span(span, str(exc) or type(exc).__name__)
+            raise
+        finally:
+            end_span(span)
+
+    async def _stream(self, req: GenerationRequest, tokenizer: Any, span: Span) -> AsyncIterator[Delta]:
         tried: list[str] = []
         for _ in range(self._attempts):
             route = self._pool.pick_route(req.prompt_token_ids, req.model, exclude=tried, adapter=req.adapter)
@@ -102,12 +129,15 @@ class Dispatcher:
                 break
             handle = route.decode
             tried.append(handle.record.id)
+            set_attributes(span, lambda: _route_attributes(route, len(tried)))
             try:
-                async with contextlib.aclosing(self._run_on(route, req, tokenizer)) as deltas:
+                async with contextlib.aclosing(self._run_on(route, req, tokenizer, span)) as deltas:
                     async for delta in deltas:
                         yield delta
                 return
-            except _Retry:
+            except _Retry as exc:
+                error = str(exc)
+                add_event(span, "retry", lambda: {"pdserve.decode_worker": handle.record.id, "pdserve.error": error})
                 self._pool.mark_suspect(handle.record.id)
         if tried:
             raise unavailable(f"workers {tried} could not take the request; try again", "workers_failed")
@@ -116,16 +146,16 @@ class Dispatcher:
                               "compute prompts for decode workers)", "no_decode_workers")
         raise unavailable(f"no live worker serves model {req.served_name!r}")
 
-    async def _run_on(self, route: Route, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
+    async def _run_on(self, route: Route, req: GenerationRequest, tokenizer: Any, span: Span) -> AsyncIterator[Delta]:
         handle = route.decode
-        state = _StreamState(req, tokenizer, handle.record.id)
+        state = _StreamState(req, tokenizer, handle.record.id, span)
         message = worker_pb2.WorkerGenerateRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
             params=params_to_proto(req.params, with_stop_strings=False), local_prefill_reason=route.local_reason,
             adapter=req.adapter or "",
             prefill_peers=[worker_pb2.PrefillPeer(worker_id=r.id, grpc_address=r.grpc_address, kv_agent=r.kv_agent)
                            for r in route.prefill])
-        call = handle.stub.Generate(message)
+        call = handle.stub.Generate(message, metadata=self._tracing.inject(span))
         sent_any = False
         with self._pool.track(handle.record.id):
             try:
@@ -142,6 +172,16 @@ class Dispatcher:
                 call.cancel()  # no-op when finished; otherwise aborts the request on the worker
         raise RequestError(f"worker {handle.record.id} ended the stream without a finish reason", 502, None,
                            "worker_failed")
+
+
+def _request_attributes(req: GenerationRequest) -> dict[str, Any]:
+    return {"pdserve.request_id": req.request_id, "pdserve.model": req.model, "pdserve.adapter": req.adapter or "",
+            "pdserve.prompt_tokens": len(req.prompt_token_ids), "pdserve.max_tokens": req.params.max_tokens or 0}
+
+
+def _route_attributes(route: Route, attempt: int) -> dict[str, Any]:
+    return {"pdserve.decode_worker": route.decode.record.id, "pdserve.prefill_workers": [r.id for r in route.prefill],
+            "pdserve.local_prefill_reason": route.local_reason, "pdserve.attempts": attempt}
 
 
 def _map_error(exc: grpc.aio.AioRpcError, handle: WorkerHandle, sent_any: bool) -> Exception:

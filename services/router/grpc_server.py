@@ -41,7 +41,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 f"{rid}-{uuid.uuid4().hex[:8]}", request.model or None, prompt,
                 params_values_from_proto(request.params), arrival, None if prompt.messages is not None else 16)
             with self._core.tracking("grpc"):
-                async with contextlib.aclosing(self._core.dispatch(req, tokenizer)) as deltas:
+                async with contextlib.aclosing(self._core.dispatch(req, tokenizer,
+                                                                   context.invocation_metadata())) as deltas:
                     if request.stream:
                         async for delta in deltas:
                             self._observe(delta)

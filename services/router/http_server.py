@@ -90,7 +90,7 @@ class HttpApi:
             with self._core.tracking(api):
                 if parsed.stream:
                     return await self._stream(request, parsed, builder, req, tokenizer, api)
-                async with contextlib.aclosing(self._core.dispatch(req, tokenizer)) as deltas:
+                async with contextlib.aclosing(self._core.dispatch(req, tokenizer, request.headers)) as deltas:
                     final = merge([d async for d in deltas])
             self._core.metrics.observe_final(api, final)
             return web.json_response(builder.full(final))
@@ -106,7 +106,7 @@ class HttpApi:
 
     async def _stream(self, request: web.Request, parsed: OpenAIRequest, builder: ResponseBuilder,
                       req: Any, tokenizer: Any, api: str) -> web.StreamResponse:
-        async with contextlib.aclosing(self._core.dispatch(req, tokenizer)) as deltas:
+        async with contextlib.aclosing(self._core.dispatch(req, tokenizer, request.headers)) as deltas:
             first = await anext(deltas)  # errors before any output are plain HTTP errors
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)

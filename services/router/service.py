@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Iterator
 from pdserve.cluster.discovery import Discovery
 from pdserve.cluster.records import WorkerRecord, kv_mismatch
 from pdserve.common.roles import kv_pair
+from pdserve.common.tracing import Carrier
 from pdserve.router.adapters import AdapterAdmin
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RequestError
@@ -44,8 +45,9 @@ class RouterCore:
         return await prepare(self.catalog, request_id, model, prompt, values, arrival, default_max_tokens,
                              self.max_tokens)
 
-    def dispatch(self, req: GenerationRequest, tokenizer: Any) -> AsyncIterator[Delta]:
-        return self.dispatcher.stream(req, tokenizer)
+    def dispatch(self, req: GenerationRequest, tokenizer: Any, carrier: Carrier | None = None) -> AsyncIterator[Delta]:
+        """``carrier``: the client's HTTP headers or gRPC metadata (a trace context it may carry)."""
+        return self.dispatcher.stream(req, tokenizer, carrier)
 
     def health(self) -> tuple[str, int, dict[str, str]]:
         """(status, live workers, problems): "SERVING", "NO_WORKERS", or "UNHEALTHY" when a

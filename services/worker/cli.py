@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-transfer-timeout", dest="kv_transfer_timeout",
                    help="prefill side: seconds to wait for KV writes to finish (default 30)")
     p.add_argument("--debug-rpcs", dest="debug_rpcs", help="true|false: allow the Debug RPC (tests only)")
+    p.add_argument("--otlp-endpoint", dest="otlp_endpoint",
+                   help="send OpenTelemetry spans to this OTLP gRPC collector, e.g. http://otel-collector:4317 "
+                        "(default: tracing off)")
     p.add_argument("--cluster-secret-file", dest="cluster_secret_file",
                    help="file holding the cluster secret (else env PDSERVE_CLUSTER_SECRET); signs P/D orders")
     for f in dataclasses.fields(EngineConfig):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pdserve.cluster.access import ClusterAccess
+from pdserve.common.tracing import endpoint_problem
 from pdserve.engine.config import ConfigError, EngineConfig, coerce_field, load_yaml
 
 KV_SEND_MODES = ("auto", "layerwise", "whole")
@@ -42,6 +43,7 @@ class WorkerConfig(ClusterAccess):
     remote_prefill_timeout: float = 120.0
     kv_transfer_timeout: float = 30.0
     debug_rpcs: bool = False
+    otlp_endpoint: str = ""  # OpenTelemetry spans go to this OTLP gRPC collector; "" = tracing off
 
     def __post_init__(self) -> None:
         self.check_access(ConfigError, "PDSERVE_")
@@ -63,6 +65,9 @@ class WorkerConfig(ClusterAccess):
         for name in ("remote_prefill_timeout", "kv_transfer_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: expected seconds > 0")
+        problem = endpoint_problem(self.otlp_endpoint)
+        if problem is not None:
+            raise ConfigError(f"otlp_endpoint={problem}")
 
     @property
     def role(self) -> str:

@@ -14,7 +14,7 @@ Lifecycle (``run_worker``):
   5. drain: refuse new streams with UNAVAILABLE and new remote prefills, health
      NOT_SERVING, revoke the lease (deregister), let in-flight streams and remote
      prefills finish until ``drain_timeout``, abort what is left, stop the
-     servers, the KV agent and the engine; exit code 0.
+     servers, the KV agent and the engine, flush the trace spans; exit code 0.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from pdserve.cluster.kv_peers import KVPeers
 from pdserve.cluster.orders import OrderBook
 from pdserve.cluster.records import LoadReport, WorkerRecord
 from pdserve.cluster.registry import Registration
+from pdserve.common.tracing import Tracing
 from pdserve.worker.config import WorkerConfig, resolve_kv_send
 from pdserve.worker.metrics import MetricsServer, WorkerMetrics
 from pdserve.worker.remote_rpc import RemoteRoles
@@ -58,7 +59,8 @@ def load_engine(config: WorkerConfig) -> Any:
     return AsyncEngine(config.engine)
 
 
-def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics) -> RemoteRoles:
+def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics,
+                       tracing: Tracing = Tracing()) -> RemoteRoles:
     """The KV agent and the P/D parts this worker's role needs (none without a real KV cache)."""
     links = engine.kv_links()
     if not config.kv_transfer or (engine.kv_cache is None and not links):
@@ -79,12 +81,12 @@ def build_remote_roles(config: WorkerConfig, engine: Any, metrics: WorkerMetrics
     if config.role in ("prefill", "hybrid"):
         send = resolve_kv_send(config.kv_send, engine.device_type)
         prefill = PrefillServer(engine, peers, transfers, PrefillConfig(transfer_timeout=config.kv_transfer_timeout, send=send),
-                                metrics.observe_remote_prefill)
+                                metrics.observe_remote_prefill, tracing)
     if config.role in ("decode", "hybrid"):
         decode = DecodeCoordinator(engine, peers, transfers, DecodeConfig(
             local_prefill_threshold=config.local_prefill_threshold,
             remote_prefill_timeout=config.remote_prefill_timeout, tls=config.tls[0],
-            token=token_for(config.cluster_secret)), metrics, orders)
+            token=token_for(config.cluster_secret)), metrics, orders, tracing)
     return RemoteRoles(peers, transfers, prefill, decode, config.debug_rpcs, config.kv_transfer_timeout, orders)
 
 
@@ -147,13 +149,14 @@ class WorkerProcess:
         self.registration: Registration | None = None
         self.discovery: Discovery | None = None
         self.remote = RemoteRoles()
+        self.tracing = Tracing.start(config.otlp_endpoint, f"pdserve-{config.role}", config.worker_id)  # off if ""
         self._etcd = None
         self._tasks: list[asyncio.Task] = []
         self.grpc_port = 0
 
     async def start(self) -> None:
         await self.engine.start()
-        self.remote = build_remote_roles(self.config, self.engine, self.metrics)
+        self.remote = build_remote_roles(self.config, self.engine, self.metrics, self.tracing)
         if self.remote.transfers is not None:
             await self.remote.transfers.start()
         if self.remote.prefill is not None:
@@ -161,7 +164,7 @@ class WorkerProcess:
         self.health = health.aio.HealthServicer()
         self.server = new_server(token=token_for(self.config.cluster_secret))
         servicer = WorkerServicer(self.engine, self.inflight, self.metrics, self.config.worker_id, self.config.role,
-                                  self.remote, self._republish)
+                                  self.remote, self._republish, self.tracing)
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((WORKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -230,6 +233,7 @@ class WorkerProcess:
         if self._etcd is not None:
             await self._etcd.close()
             self._etcd = None
+        self.tracing.shutdown()  # sends the spans still queued
 
     async def _close_remote(self) -> None:
         if self.remote.decode is not None:

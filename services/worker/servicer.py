@@ -5,8 +5,10 @@ params validated (INVALID_ARGUMENT on ValueError) -> tracked in ``Inflight`` ->
 outputs forwarded as they come (each engine yield may carry several tokens;
 under load the engine batches more per yield) -> the last message has
 ``finish_reason`` -> untracked; along the way it feeds one ``RequestTrace`` (the
-``pdserve:*`` request metrics). When the client cancels, the handler is cancelled;
-closing the output iterator and ``engine.abort()`` free the request's KV blocks.
+``pdserve:*`` request metrics) and, with tracing on, the request's ``generate`` span
+(``common.tracing``; ended before the last message goes out, so it ends inside the
+router's). When the client cancels, the handler is cancelled; closing the output
+iterator and ``engine.abort()`` free the request's KV blocks.
 
 On a decode-capable worker the outputs come from the ``DecodeCoordinator``
 (remote prefill named by the router, else local). ``RemotePrefill`` /
@@ -23,10 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from opentelemetry.trace import Span, SpanKind
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 from pdserve.cluster.orders import OrderRefused
 from pdserve.cluster.wire import logprobs_to_proto, params_from_proto
+from pdserve.common.tracing import Tracing, end_span
 from pdserve.decode.coordinator import Origin, PrefillPeer
 from pdserve.worker.metrics import WorkerMetrics
 from pdserve.worker.remote_rpc import RemoteRoles, debug, order_from_proto, result_to_proto
@@ -69,8 +73,9 @@ class Inflight:
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Any, inflight: Inflight, metrics: WorkerMetrics, worker_id: str, role: str,
                  remote: RemoteRoles = RemoteRoles(),
-                 on_adapters: Callable[[], Awaitable[None]] = _nothing) -> None:
+                 on_adapters: Callable[[], Awaitable[None]] = _nothing, tracing: Tracing = Tracing()) -> None:
         self._engine = engine
+        self._tracing = tracing
         self._on_adapters = on_adapters  # republishes the worker's record with its adapters
         self._inflight = inflight
         self._metrics = metrics
@@ -93,8 +98,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._metrics.labelled(self._metrics.inflight).inc()
         if request.adapter:
             self._metrics.labelled(self._metrics.adapter_requests, adapter=request.adapter).inc()
+        span = self._tracing.span("generate", self._tracing.extract(context.invocation_metadata()),
+                                  lambda: self._span_attributes(request), kind=SpanKind.SERVER)
         try:
-            async for message in self._stream(rid, list(request.prompt_token_ids), params, request):
+            async for message in self._stream(rid, list(request.prompt_token_ids), params, request, span):
                 yield message
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -105,8 +112,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._inflight.discard(rid)
             self._metrics.labelled(self._metrics.inflight).dec()
 
-    def _outputs(self, rid: str, prompt: list[int], params: Any,
-                 request: worker_pb2.WorkerGenerateRequest) -> tuple[AsyncIterator[Any], Any]:
+    def _outputs(self, rid: str, prompt: list[int], params: Any, request: worker_pb2.WorkerGenerateRequest,
+                 span: Span) -> tuple[AsyncIterator[Any], Any]:
         """The output stream (remote or local prefill) and the origin it fills in."""
         decode = self._remote.decode
         if decode is None:
@@ -117,18 +124,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         origin = Origin()
         peers = [PrefillPeer(p.worker_id, p.grpc_address, p.kv_agent) for p in request.prefill_peers]
         return decode.generate(rid, prompt, params, peers, request.local_prefill_reason, origin,
-                               request.adapter or None), origin
+                               request.adapter or None, span), origin
 
     def _abort(self, rid: str) -> None:
         if self._remote.decode is not None:
             self._remote.decode.abort(rid)
         self._engine.abort(rid)
 
-    async def _stream(self, rid: str, prompt: list[int], params: Any,
-                      request: worker_pb2.WorkerGenerateRequest) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+    async def _stream(self, rid: str, prompt: list[int], params: Any, request: worker_pb2.WorkerGenerateRequest,
+                      span: Span) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         start, first, finish = time.monotonic(), True, "abort"
         trace = self._metrics.serving.trace(start, len(prompt))
-        outputs, origin = self._outputs(rid, prompt, params, request)
+        outputs, origin = self._outputs(rid, prompt, params, request, span)
         try:
             async for out in outputs:
                 now = time.monotonic()
@@ -144,21 +151,44 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     message.first_token_seconds = now - start
                     message.prefill_worker_id = origin.prefill_worker_id if origin is not None else ""
                     self._count_prompt(out, message.first_token_seconds)
+                    self._trace_first_token(span, start, now, getattr(out, "scheduled_time", None), origin)
                 self._metrics.labelled(self._metrics.generated_tokens).inc(len(out.new_token_ids))
                 if out.finish_reason:
                     finish = trace.finish_reason = out.finish_reason
+                    end_span(span, attributes=lambda: {"pdserve.finish_reason": finish})  # before the caller's end
                 yield message
-        except ValueError:
+        except ValueError as exc:
             trace.refused = True
+            end_span(span, str(exc))
             raise
-        except RuntimeError:
+        except RuntimeError as exc:
             trace.finish_reason = "error"
+            end_span(span, str(exc))
             raise
         finally:
+            end_span(span, attributes=lambda: {"pdserve.finish_reason": finish})
             self._metrics.labelled(self._metrics.requests, finish_reason=finish).inc()
             trace.close(time.monotonic())
             with contextlib.suppress(Exception):
                 await outputs.aclose()
+
+    def _span_attributes(self, request: worker_pb2.WorkerGenerateRequest) -> dict[str, Any]:
+        return {"pdserve.request_id": request.request_id, "pdserve.worker_id": self._worker_id,
+                "pdserve.role": self._role, "pdserve.prompt_tokens": len(request.prompt_token_ids),
+                "pdserve.adapter": request.adapter}
+
+    def _trace_first_token(self, span: Span, start: float, now: float, scheduled: float | None, origin: Any) -> None:
+        """The first_token event and the parts before it: ``queue`` (until first scheduled),
+        then ``prefill`` when the prompt was computed here."""
+        if not span.is_recording():
+            return
+        prefill_worker = origin.prefill_worker_id if origin is not None else ""
+        span.set_attribute("pdserve.prefill_worker", prefill_worker)
+        span.add_event("first_token")
+        if scheduled is not None:
+            self._tracing.record("queue", span, start, scheduled)
+            if not prefill_worker:
+                self._tracing.record("prefill", span, scheduled, now, lambda: {"pdserve.prefill_location": "local"})
 
     def _count_prompt(self, out: Any, first_token_seconds: float) -> None:
         self._metrics.labelled(self._metrics.prompt_tokens).inc(out.num_prompt_tokens)
@@ -210,7 +240,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return worker_pb2.RemotePrefillResponse(status=worker_pb2.RemotePrefillResponse.INVALID, error=str(exc))
         self._inflight.add(key)
         try:
-            return result_to_proto(await prefill.remote_prefill(order))
+            parent = self._tracing.extract(context.invocation_metadata())
+            return result_to_proto(await prefill.remote_prefill(order, parent))
         finally:
             self._inflight.discard(key)
 

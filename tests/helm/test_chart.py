@@ -428,3 +428,13 @@ def test_etcd_tls_can_be_turned_off():
     assert not objects(docs, "Secret").keys() & {"pdserve-etcd-server-tls", "pdserve-etcd-client-tls"}
     c = container(deployment(docs, "router"))
     assert flag(c, "--etcd") == "http://pdserve-etcd.test.svc:2379" and "--etcd-ca" not in c["args"]
+
+
+def test_otlp_endpoint_reaches_router_and_workers_only_when_set():
+    for name in ("router", "prefill", "decode"):
+        assert "--otlp-endpoint" not in container(deployment(render(), name))["args"]
+    docs = render("--set", "otlpEndpoint=http://otel.observability:4317")
+    for name in ("router", "prefill", "decode"):
+        assert flag(container(deployment(docs, name)), "--otlp-endpoint") == "http://otel.observability:4317"
+    result = run_helm("--set", "otlpEndpoint=otel:4317")  # no scheme: the workers would refuse it
+    assert result.returncode != 0 and "otlpEndpoint" in result.stderr
