@@ -187,8 +187,6 @@ def int8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
     q_scale = q_scale.reshape(-1).to(torch.float32).contiguous()
     weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
     bias = None if bias is None else bias.reshape(-1).contiguous()
-    if config is None and m <= GEMV_MAX_ROWS:
-        return _int8_gemv(q, q_scale, weight, weight_scale, bias, out)
     cfg = config or default_gemm_config(m, n, k, q.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split, k_per_split = _k_slices(cfg, tiles, k, q.device)
@@ -211,48 +209,6 @@ def int8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
             HAS_BIAS=bias is not None, num_warps=4,
         )
     return out
-
-
-# ---- a few rows: GEMV -------------------------------------------------------------------
-# Up to this many activation rows the weight is streamed by plain loads and integer
-# multiply-adds (each program owns GEMV_BLOCK_N weight rows and walks all of K), as the
-# 16-bit ``gemv.py`` does: a tensor-core tile of 16 rows would compute 15 rows of padding
-# and, with narrow column tiles, keep fewer bytes in flight per multiprocessor.
-GEMV_MAX_ROWS = 4
-GEMV_BLOCK_N = 16
-GEMV_BLOCK_K = 2048
-
-
-def _int8_gemv(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    m, k = q.shape
-    n = weight.shape[0]
-    _int8_gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), m)](
-        q, weight, q_scale, weight_scale, bias if bias is not None else weight_scale, out, n, k,
-        q.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, num_warps=4, num_stages=4)
-    return out
-
-
-@triton.jit
-def _int8_gemv_kernel(q_ptr, w_ptr, qs_ptr, ws_ptr, b_ptr, out_ptr, N, K, stride_q, stride_w, stride_out,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid, row = tl.program_id(0), tl.program_id(1)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        x = tl.load(q_ptr + row * stride_q + k0 + ks, mask=k_ok, other=0).to(tl.int32)
-        w = tl.load(w_rows + k0 + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
-        acc += w * x[None, :]
-    total = tl.sum(acc, axis=1).to(tl.float32)
-    y = total * tl.load(qs_ptr + row) * tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ---- host helpers ---------------------------------------------------------------------

@@ -217,9 +217,9 @@ def test_w8a8_cuda_graph_no_sync(device: torch.device, seed: int) -> None:
     for rows in (3, 512):
         x = torch.randn(rows, 2 * 4096, dtype=torch.bfloat16, device=device)
 
-        def step() -> torch.Tensor:
+        def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             q, scale = silu_and_mul_quant(x)
-            return int8_gemm(q, scale, w, w_scale, None, torch.bfloat16)
+            return q, scale, int8_gemm(q, scale, w, w_scale, None, torch.bfloat16)
 
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -233,9 +233,12 @@ def test_w8a8_cuda_graph_no_sync(device: torch.device, seed: int) -> None:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = step()
+            q, scale, out = step()
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        q, scale = silu_and_mul_quant_ref(x)
+        q_ref, _ = silu_and_mul_quant_ref(x)
+        # NOTE: a bf16 SiLU product on a rounding boundary may quantize one step apart from the
+        # reference's; the GEMM is checked against the q the graph computed
+        assert (q.int() - q_ref.int()).abs().max().item() <= 1
         check_gemm(out, q, scale, w, w_scale, None, torch.bfloat16, seed)
