@@ -75,6 +75,8 @@ class _EngineCollector(Collector):
         yield steps
         yield _gauge("pdserve_worker_lora_adapters_loaded", "LoRA adapters loaded (new requests may use them)",
                      names, values, s.get("lora_adapters_loaded", 0))
+        yield _gauge("pdserve_worker_lora_adapters_resident", "LoRA adapters in device slots now (max_loras)",
+                     names, values, len(s.get("lora_resident", ())))
         swaps = CounterMetricFamily("pdserve_worker_lora_swaps", "LoRA adapters copied from host memory into a "
                                     "device slot (max_loras slots, max_cpu_loras adapters)", labels=names)
         swaps.add_metric(values, s.get("lora_swaps_total", 0))

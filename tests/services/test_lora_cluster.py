@@ -48,6 +48,8 @@ def test_adapters_through_prefill_and_decode(tmp_path):
         decode = workers(cluster, "decode")[0]
         samples = metrics(decode)
         assert metric(samples, "pdserve_worker_lora_adapters_loaded") == 2
+        assert metric(samples, "pdserve_worker_lora_adapters_resident") == 2  # qv and all, each used once
+        assert metric(samples, "pdserve_worker_lora_swaps_total") == 2
         assert metric(samples, "pdserve_worker_lora_requests_total", adapter="qv") == 1
         with pytest.raises(openai.NotFoundError) as info:
             client.completions.create(model="nope", prompt=prompt, max_tokens=2)
