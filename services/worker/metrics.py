@@ -51,16 +51,24 @@ PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5)) + (1_000_000,)
 
 
-class _EngineCollector(Collector):
-    """Gauges and counters read from ``engine.stats()`` when scraped."""
+class _StatsCollector(Collector):
+    """Metric families computed from ``engine.stats()`` each time the registry is scraped."""
 
     def __init__(self, stats: Callable[[], dict[str, Any]], labels: dict[str, str]) -> None:
         self._stats = stats
         self._labels = labels
 
     def collect(self) -> Iterator:
-        s = self._stats()
-        names, values = list(self._labels), list(self._labels.values())
+        return self.families(self._stats(), list(self._labels), list(self._labels.values()))
+
+    def families(self, s: dict[str, Any], names: list[str], values: list[str]) -> Iterator:
+        raise NotImplementedError
+
+
+class _EngineCollector(_StatsCollector):
+    """The worker's gauges and counters (``pdserve_worker_*``)."""
+
+    def families(self, s: dict[str, Any], names: list[str], values: list[str]) -> Iterator:
         yield _gauge("pdserve_worker_requests_running", "Requests in the running batch", names, values, s["running"])
         yield _gauge("pdserve_worker_queue_depth", "Requests waiting to be scheduled", names, values, s["waiting"])
         blocks = GaugeMetricFamily("pdserve_worker_kv_blocks", "KV cache blocks by state", labels=names + ["state"])
@@ -101,16 +109,10 @@ def _rank_families(ranks: Any, names: list[str], values: list[str]) -> Iterator:
     yield comm
 
 
-class _ServingCollector(Collector):
-    """The ``pdserve:*`` gauges, read from ``engine.stats()`` when scraped."""
+class _ServingCollector(_StatsCollector):
+    """The ``pdserve:*`` gauges."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]], labels: dict[str, str]) -> None:
-        self._stats = stats
-        self._labels = labels
-
-    def collect(self) -> Iterator:
-        s = self._stats()
-        names, values = list(self._labels), list(self._labels.values())
+    def families(self, s: dict[str, Any], names: list[str], values: list[str]) -> Iterator:
         total = s["kv_blocks_total"]
         yield _gauge("pdserve:num_requests_running", "Requests in the engine's running batch", names, values,
                      s["running"])
