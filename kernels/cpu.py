@@ -32,6 +32,7 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 FLAGS = ("-O3", "-march=native" if _X86 else "-mcpu=native", *(("-mprefer-vector-width=512",) if _X86 else ()),
          "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 _TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_GROUP = {torch.float32: 1, torch.bfloat16: 2}  # k per 32-bit lane of a packed linear weight
 _P, _I, _L, _F, _S = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_size_t
 
 
@@ -105,6 +106,7 @@ class CpuKernels:
             "rms_norm_quant": [_P, _L, _P, _L, _P, _P, _P, _P, _I, _I, _F, _I],
             "silu_and_mul_quant": [_P, _L, _P, _P, _I, _I, _I],
             "int8_linear": [_P, _L, _P, _P, _P, _P, _P, _L, _I, _I, _I, _I],
+            "linear": [_P, _L, _P, _P, _P, _L, _I, _I, _I, _I],
         }
         for name, argtypes in signatures.items():
             for suffix in _TYPES.values():
@@ -116,6 +118,11 @@ class CpuKernels:
         lib.pd_int8_gemm_vnni.restype = ctypes.c_int
         lib.pd_int8_gemm_vnni.argtypes = []
         self.int8_gemm_vnni = bool(lib.pd_int8_gemm_vnni())
+        lib.pd_linear_vec.restype = ctypes.c_int
+        lib.pd_linear_vec.argtypes = []
+        vec = lib.pd_linear_vec()
+        # the dtypes whose packed linear is vectorized (bf16: with the AVX512-BF16 dot products)
+        self.linear_vec = frozenset(t for t, bit in ((torch.float32, 1), (torch.bfloat16, 2)) if vec & bit)
 
     def _fn(self, name: str, dtype: torch.dtype):
         return getattr(self._lib, f"pd_{name}_{_TYPES[dtype]}")
@@ -279,6 +286,72 @@ class CpuKernels:
         self._fn("int8_linear", out_dtype)(q.data_ptr(), q.stride(0), q_scale.data_ptr(), packed.data_ptr(),
                                            weight_scale.data_ptr(), None if bias32 is None else bias32.data_ptr(),
                                            out.data_ptr(), out.stride(0), rows, n, k, torch.get_num_threads())
+        return out
+
+    # ---- dense linear over a packed weight ---------------------------------------------
+
+    def prepack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """What a float32 / bfloat16 linear layer should hold as its weight on this CPU; call once,
+        at load: ``pack_linear_weight(weight)`` where this build's ``linear`` for its dtype is
+        vectorized (``linear_vec``), else ``weight`` itself, for torch's ``F.linear`` (the
+        portable C loop and bf16 without AVX512-BF16 are tested, not chosen)."""
+        ok = weight.dim() == 2 and weight.dtype in self.linear_vec and weight.device.type == "cpu"
+        return self.pack_linear_weight(weight) if ok else weight
+
+    @staticmethod
+    def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+        """A float32 or bfloat16 weight [N, K] (an nn.Linear's layout) packed for ``linear``, in any build.
+
+        Returns a new tensor of shape [N, KG, G], G = 2 (bf16) or 1 (f32), KG = ceil(K / G),
+        whose elements are ordered in blocks of 16 columns (output features): per block its KG
+        groups, each [16 columns][G k] (k past K zero); the last block holds the N mod 16
+        remaining columns alike, [w columns][G k] per group, so nothing is padded past N. Not a
+        view of the weight: only the shape (N, KG) is meaningful to torch.
+        """
+        _require(weight.dim() == 2 and weight.dtype in _TYPES, "linear weight layout (2-D, float32 or bfloat16)")
+        n, k = weight.shape
+        g = _GROUP[weight.dtype]
+        kg = -(-k // g)
+        w = torch.nn.functional.pad(weight, (0, kg * g - k)).view(n, kg, g)
+        full = n - n % 16
+        blocks = w[:full].view(full // 16, 16, kg, g).transpose(1, 2)  # [NB, KG, 16, G]
+        tail = w[full:].transpose(0, 1)  # [KG, N mod 16, G]
+        return torch.cat([blocks.reshape(-1), tail.reshape(-1)]).view(n, kg, g)
+
+    @staticmethod
+    def unpack_linear_weight(packed: torch.Tensor, k: int) -> torch.Tensor:
+        """The [N, K] weight that ``pack_linear_weight`` packed (``k``: its input features)."""
+        _require(CpuKernels.is_packed_linear(packed) and -(-k // packed.shape[2]) == packed.shape[1],
+                 "packed linear weight (see pack_linear_weight)")
+        n, kg, g = packed.shape
+        full = n - n % 16
+        flat = packed.reshape(-1)
+        blocks = flat[:full * kg * g].view(full // 16, kg, 16, g).transpose(1, 2).reshape(full, kg * g)
+        tail = flat[full * kg * g:].view(kg, n - full, g).transpose(0, 1).reshape(n - full, kg * g)
+        return torch.cat([blocks, tail])[:, :k].contiguous()
+
+    @staticmethod
+    def is_packed_linear(weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is a ``pack_linear_weight`` result (not a plain [N, K] weight)."""
+        return weight.dim() == 3 and weight.dtype in _GROUP and weight.shape[2] == _GROUP[weight.dtype]
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T (+ bias)`` with the weight from ``pack_linear_weight``: x [M, K] of the
+        weight's dtype (last dim contiguous), bias [N] or None; returns [M, N]. float32 sums
+        (a single row sums even and odd k pairs apart), bias added in float32, one rounding to
+        the dtype at the end."""
+        m, k = x.shape
+        n, kg, g = packed.shape
+        # NOTE: few and cheap checks: at M = 1 a call is a few microseconds of work
+        _require(x.dtype == packed.dtype and g == _GROUP.get(x.dtype) and kg == -(-k // g) and x.stride(1) == 1
+                 and packed.is_contiguous(), "linear input or packed weight (see pack_linear_weight)")
+        if bias is not None:
+            _require(bias.dtype == x.dtype and bias.numel() == n, "linear bias")
+            bias = bias.contiguous()
+        out = torch.empty(m, n, dtype=x.dtype)
+        self._fn("linear", x.dtype)(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                    None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
+                                    torch.get_num_threads())
         return out
 
 

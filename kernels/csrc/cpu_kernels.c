@@ -4,7 +4,8 @@
  * chunks in one call), K and V read in place through the block tables (no gather),
  * online softmax in float32. Row-wise fused ops: RMSNorm (+ residual), SiLU-and-mul,
  * rotary + KV store. W8A8: per-token int8 quantization (alone and fused into RMSNorm
- * and SiLU-and-mul) and the int8 GEMM over a pre-packed weight (AVX512-VNNI). The KV
+ * and SiLU-and-mul) and the int8 GEMM over a pre-packed weight (AVX512-VNNI). Dense
+ * float32 / bfloat16 linear layers over a weight packed at load (FMA, AVX512-BF16). The KV
  * layout of one layer is [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0
  * of dim 1 is K.
  * Element types: float32 ("f32") and bfloat16 ("bf16", stored as uint16). AVX-512
@@ -1000,4 +1001,223 @@ void pd_int8_linear_f32(const int8_t *a, long sa, const float *as, const int8_t 
 void pd_int8_linear_bf16(const int8_t *a, long sa, const float *as, const int8_t *packed, const float *ws,
                          const float *bias, uint16_t *out, long so, int m, int n, int k, int threads) {
     if (m > 0 && n > 0) int8_gemm(a, sa, as, packed, ws, bias, out, so, m, n, k, 1, threads);
+}
+
+/* ---- Dense linear layers (float32, bfloat16) over a weight packed once at load:
+ * out[r, c] = sum_k x[r, k] * w[c, k] (+ bias[c]), float32 sums, rounded once to the
+ * element type (bias added in float32 before that rounding). One kernel for every number
+ * of rows: register tiles of 6 rows x 64 columns, as the int8 GEMM's.
+ *
+ * Packed layout (kernels/cpu.py pack_linear_weight builds it; the same in every build):
+ * G = 2 (bf16) or 1 (f32) consecutive k per 32-bit lane, KG = ceil(K / G) groups, k past
+ * K zero. Columns go in blocks of 16; block b starts at byte 64 KG b and holds its KG
+ * groups one after another, each [w columns][G k] with w = 16, except a last block of the
+ * N mod 16 remaining columns (nothing is padded past N). A full group is 64 bytes: the 16
+ * columns that one vdpbf16ps (bf16 pairs) or one FMA (f32) multiplies by a broadcast group
+ * of one activation row. ---- */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HAVE_LINEAR_VEC 1
+#define LIN_MR 6  /* rows per register tile */
+#define LIN_NR 4  /* blocks of 16 columns per register tile: 24 accumulators + 4 weights */
+#define LIN_GROUP_BYTES 64
+
+/* acc += x . w lane-wise: f32 one FMA; bf16 the dot product of each lane's pair. */
+ALWAYS_INLINE __m512 lin_madd(__m512 acc, __m512i x, __m512i w, int bf16) {
+    if (!bf16) return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+#if defined(__AVX512BF16__)
+    /* NOTE: inline asm, as for vpdpbusd: GCC 12 spills the intrinsic's tied accumulators */
+    __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+    return acc;
+#else  /* the pair's two products as float32 FMAs (bf16 -> f32 is a shift) */
+    __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+                          acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), _mm512_castsi512_ps(_mm512_and_si512(w, hi)),
+                           acc);
+#endif
+}
+
+/* One group of every row against NR weight blocks (bs bytes apart); a tail block's group is
+ * its w columns (gs bytes, mask lm). `last`: bf16's final half group of an odd K, whose
+ * activation pair is (x[k - 1], 0): the row may end at x[k - 1]. */
+ALWAYS_INLINE void lin_step(__m512 acc[LIN_MR][LIN_NR], const char *x, size_t sx, const char *w, size_t bs,
+                            size_t gs, __mmask16 lm, int g, int k, int mr, int nr, int tail, int last, int bf16) {
+    __m512i wv[LIN_NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < nr; j++)
+        wv[j] = tail ? _mm512_maskz_loadu_epi32(lm, w + j * bs + g * gs) : _mm512_loadu_si512(w + j * bs + g * gs);
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        int32_t v;
+        if (last) v = ((const uint16_t *)(x + i * sx))[k - 1];
+        else memcpy(&v, x + i * sx + (size_t)g * 4, 4);
+        __m512i xb = _mm512_set1_epi32(v);
+#pragma GCC unroll 8
+        for (int j = 0; j < nr; j++) acc[i][j] = lin_madd(acc[i][j], xb, wv[j], bf16);
+    }
+}
+
+static inline __m256i lin_to_bf16(__m512 v) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else  /* round to nearest even on the bits; NaN stays NaN (as f32_to_bf16) */
+    __m512i u = _mm512_castps_si512(v), top = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(top, _mm512_set1_epi32(1)),
+                                                                      _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+#endif
+}
+
+/* 16 (lm) outputs at column c of one row: + bias, rounded to the element type. */
+ALWAYS_INLINE void lin_store(__m512 v, const void *bias, int c, __mmask16 lm, char *out, int bf16) {
+    if (bf16) {
+        if (bias)
+            v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lm, (const uint16_t *)bias + c)), 16)));
+        _mm256_mask_storeu_epi16(out, lm, lin_to_bf16(v));
+    } else {
+        if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lm, (const float *)bias + c));
+        _mm512_mask_storeu_ps(out, lm, v);
+    }
+}
+
+/* A register tile: mr rows (x, out: row strides in bytes) times nr blocks of 16 columns
+ * from c0, over all of K. A single row sums even and odd groups apart, so that more than
+ * nr dependency chains overlap. */
+ALWAYS_INLINE void lin_tile(const char *x, size_t sx, const char *w, size_t bs, size_t gs, __mmask16 lm, int k,
+                            const void *bias, char *out, size_t so, int c0, int mr, int nr, int tail, int bf16) {
+    __m512 acc[2][LIN_MR][LIN_NR];
+    int split = mr == 1 ? 2 : 1, kg = bf16 ? k / 2 : k, g = 0;
+    if (!tail) gs = LIN_GROUP_BYTES, lm = 0xffff;
+#pragma GCC unroll 8
+    for (int u = 0; u < split; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++)
+#pragma GCC unroll 8
+            for (int j = 0; j < nr; j++) acc[u][i][j] = _mm512_setzero_ps();
+    for (; g + split <= kg; g += split)
+#pragma GCC unroll 2
+        for (int u = 0; u < split; u++) lin_step(acc[u], x, sx, w, bs, gs, lm, g + u, k, mr, nr, tail, 0, bf16);
+    for (; g < kg; g++) lin_step(acc[0], x, sx, w, bs, gs, lm, g, k, mr, nr, tail, 0, bf16);
+    if (bf16 && (k & 1)) lin_step(acc[0], x, sx, w, bs, gs, lm, g, k, mr, nr, tail, 1, bf16);
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            __m512 v = split == 2 ? _mm512_add_ps(acc[0][i][j], acc[1][i][j]) : acc[0][i][j];
+            int c = c0 + 16 * j;
+            lin_store(v, bias, c, lm, out + i * so + (size_t)c * (bf16 ? 2 : 4), bf16);
+        }
+}
+
+typedef void (*lin_tile_fn)(const char *, size_t, const char *, size_t, size_t, __mmask16, int, const void *, char *,
+                            size_t, int);
+#define LIN_TILE(SUF, BF16, MR, NR, TAIL)                                                      \
+static void lin_tile_##SUF##_##MR##x##NR##_##TAIL(const char *x, size_t sx, const char *w, size_t bs, size_t gs, \
+                                                  __mmask16 lm, int k, const void *bias, char *out, size_t so, \
+                                                  int c0) {                                  \
+    lin_tile(x, sx, w, bs, gs, lm, k, bias, out, so, c0, MR, NR, TAIL, BF16);                 \
+}
+#define LIN_TILES(SUF, BF16, MR)                                                               \
+    LIN_TILE(SUF, BF16, MR, 1, 0) LIN_TILE(SUF, BF16, MR, 2, 0) LIN_TILE(SUF, BF16, MR, 3, 0) \
+    LIN_TILE(SUF, BF16, MR, 4, 0) LIN_TILE(SUF, BF16, MR, 1, 1)
+#define LIN_ALL_TILES(SUF, BF16)                                                               \
+    LIN_TILES(SUF, BF16, 1) LIN_TILES(SUF, BF16, 2) LIN_TILES(SUF, BF16, 3)                   \
+    LIN_TILES(SUF, BF16, 4) LIN_TILES(SUF, BF16, 5) LIN_TILES(SUF, BF16, 6)
+LIN_ALL_TILES(f32, 0)
+LIN_ALL_TILES(bf16, 1)
+/* [mr - 1][nr] with nr = 0 the tail block's tile (one block of fewer than 16 columns) */
+#define LIN_ROW(SUF, MR) {lin_tile_##SUF##_##MR##x1_1, lin_tile_##SUF##_##MR##x1_0, lin_tile_##SUF##_##MR##x2_0, \
+                          lin_tile_##SUF##_##MR##x3_0, lin_tile_##SUF##_##MR##x4_0}
+#define LIN_FNS(SUF) {LIN_ROW(SUF, 1), LIN_ROW(SUF, 2), LIN_ROW(SUF, 3), LIN_ROW(SUF, 4), LIN_ROW(SUF, 5), \
+                      LIN_ROW(SUF, 6)}
+static const lin_tile_fn LIN_TILE_FNS[2][LIN_MR][LIN_NR + 1] = {LIN_FNS(f32), LIN_FNS(bf16)};
+
+/* Work split: the column blocks evenly over the threads, rows too when there are fewer
+ * blocks than threads (no more threads than parts wake up). Within a part, each column tile
+ * runs all its row tiles before the next: its weights come from the cache after the first. */
+static void linear_gemm(const char *x, long sx, const char *packed, const void *bias, char *out, long so, int m,
+                        int n, int k, int bf16, int threads) {
+    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16, full = n / 16, tw = n % 16;
+    size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
+    int nparts = blocks < threads ? blocks : threads;
+    int mparts = threads / nparts, mtiles = (m + LIN_MR - 1) / LIN_MR;
+    mparts = mparts < mtiles ? mparts : mtiles;
+    const lin_tile_fn (*fns)[LIN_NR + 1] = LIN_TILE_FNS[bf16];
+    _Pragma("omp parallel for schedule(static) num_threads(nparts * mparts)")
+    for (int part = 0; part < nparts * mparts; part++) {
+        int pn = part % nparts, pm = part / nparts;
+        int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
+        int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
+        int r1 = t1 * LIN_MR < m ? t1 * LIN_MR : m;
+        for (int b = b0; b < b1; b += LIN_NR) {
+            int nr = b1 - b < LIN_NR ? b1 - b : LIN_NR;
+            int nfull = b + nr <= full ? nr : full - b;  /* the tail block, if here, is the chunk's last */
+            for (int r = t0 * LIN_MR; r < r1; r += LIN_MR) {
+                int mr = r1 - r < LIN_MR ? r1 - r : LIN_MR;
+                const char *xr = x + (size_t)r * sxb;
+                char *orow = out + (size_t)r * sob;
+                if (nfull > 0)
+                    fns[mr - 1][nfull](xr, sxb, packed + (size_t)b * bs, bs, 0, 0, k, bias, orow, sob, b * 16);
+                if (nfull < nr)
+                    fns[mr - 1][0](xr, sxb, packed + (size_t)full * bs, bs, (size_t)tw * 4,
+                                   (__mmask16)((1u << tw) - 1u), k, bias, orow, sob, full * 16);
+            }
+        }
+    }
+}
+#else
+#define HAVE_LINEAR_VEC 0
+/* Portable: the same packed weight, one block of columns and one row at a time. */
+static void linear_gemm(const char *x, long sx, const char *packed, const void *bias, char *out, long so, int m,
+                        int n, int k, int bf16, int threads) {
+    int g_k = bf16 ? 2 : 1, kg = (k + g_k - 1) / g_k, blocks = (n + 15) / 16;
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (int b = 0; b < blocks; b++) {
+        int w = n - b * 16 < 16 ? n - b * 16 : 16;
+        const char *wb = packed + (size_t)b * kg * 64;
+        for (int r = 0; r < m; r++) {
+            float acc[16] = {0};
+            for (int kk = 0; kk < k; kk++) {
+                size_t at = (size_t)(kk / g_k) * w * g_k + kk % g_k;  /* element of column 0 */
+                size_t xi = (size_t)r * sx + kk;
+                float xv = bf16 ? bf16_to_f32(((const uint16_t *)x)[xi]) : ((const float *)x)[xi];
+                for (int c = 0; c < w; c++)
+                    acc[c] += xv * (bf16 ? bf16_to_f32(((const uint16_t *)wb)[at + (size_t)c * g_k])
+                                         : ((const float *)wb)[at + c]);
+            }
+            for (int c = 0; c < w; c++) {
+                int col = b * 16 + c;
+                if (bf16) {
+                    float v = acc[c] + (bias ? bf16_to_f32(((const uint16_t *)bias)[col]) : 0.f);
+                    ((uint16_t *)out)[(size_t)r * so + col] = f32_to_bf16(v);
+                } else {
+                    ((float *)out)[(size_t)r * so + col] = acc[c] + (bias ? ((const float *)bias)[col] : 0.f);
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* Which linear paths are vectorized: bit 0 float32 (AVX-512 FMA), bit 1 bfloat16 with the
+ * AVX512-BF16 dot products (without them, bf16 runs as float32 FMAs: tested, not chosen). */
+int pd_linear_vec(void) {
+#if HAVE_LINEAR_VEC && defined(__AVX512BF16__)
+    return 3;
+#else
+    return HAVE_LINEAR_VEC;
+#endif
+}
+
+/* x [m, k] (row stride sx), packed as above, bias [n] or NULL; out [m, n] (row stride so). */
+void pd_linear_f32(const float *x, long sx, const float *packed, const float *bias, float *out, long so, int m, int n,
+                   int k, int threads) {
+    if (m > 0 && n > 0)
+        linear_gemm((const char *)x, sx, (const char *)packed, bias, (char *)out, so, m, n, k, 0, threads);
+}
+void pd_linear_bf16(const uint16_t *x, long sx, const uint16_t *packed, const uint16_t *bias, uint16_t *out, long so,
+                    int m, int n, int k, int threads) {
+    if (m > 0 && n > 0)
+        linear_gemm((const char *)x, sx, (const char *)packed, bias, (char *)out, so, m, n, k, 1, threads);
 }

@@ -41,7 +41,7 @@ def _time_once(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _measure(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def measure(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds per call of each function; calls are batched to about 2 ms per sample,
     each sample after an untimed call (the path's weight back in cache: the paths' weights
     together can overflow the L3 and would otherwise favour whichever runs second)."""
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           + f" {'C/bf16':>7} {'C/fp32':>7}")
     for name, (n, k) in SHAPES.items():
         for m in ROWS:
-            seconds = _measure(_paths(kernels, n, k, m), args.rounds)
+            seconds = measure(_paths(kernels, n, k, m), args.rounds)
             rate = {p: 2 * m * n * k / seconds[p] / 1e9 for p in PATHS}
             print(f"{name:>10} {n:5d} {k:5d} {m:4d} " + " ".join(f"{rate[p]:8.1f}" for p in PATHS)
                   + f" {rate['C'] / rate['bf16']:6.2f}x {rate['C'] / rate['fp32']:6.2f}x", flush=True)

@@ -20,7 +20,7 @@ from pdserve.common.model_source import resolve_model
 from pdserve.common.tokenizer import load_tokenizer
 from pdserve.engine.backends.base import AttentionMetadata, Backend
 from pdserve.engine.dtypes import torch_dtype
-from pdserve.engine.layers import LayerContext, prepare_linears
+from pdserve.engine.layers import LayerContext, prepare_weights
 from pdserve.engine.models.interface import CausalLM
 from pdserve.engine.models.loader import load_config, load_model
 from pdserve.engine.platforms import get_platform
@@ -94,7 +94,7 @@ class Scorer:
         ctx = LayerContext(dtype=torch_dtype(dtype), quantization=linear_methods.for_checkpoint(cfg.quantization))
         self.model = load_model(self.source, cfg, ctx, self.device)
         self.backend = platform.backend()
-        prepare_linears(self.model, self.backend)
+        prepare_weights(self.model, self.backend)
 
     @property
     def tokenizer(self):

@@ -64,7 +64,7 @@ def test_triton_backend_matches_torch(tiny_models, kind):
     path = tiny_models[kind]
     prompts = _prompts()
     ref = [o.token_ids for o in LLM(path, num_blocks=32).generate(prompts, GREEDY)]
-    llm = LLM(path, num_blocks=32, max_prefill_tokens=24)  # chunked prefill: mixed steps
+    llm = LLM(path, num_blocks=32, max_prefill_tokens=24, compiled_cpu_kernels=False)  # chunked prefill: mixed steps
     _use_runner(llm, CpuPlatform(), ())
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == ref
 
@@ -77,7 +77,7 @@ def test_decode_graphs_pad_and_replay(tiny_models, overlap):
     path = tiny_models["llama"]
     prompts = _prompts()[:3]  # 3 sequences decode in the padded graph of 4
     ref = [o.token_ids for o in LLM(path, num_blocks=32).generate(prompts, GREEDY)]
-    llm = LLM(path, num_blocks=32, max_batch_size=4, async_scheduling=overlap)
+    llm = LLM(path, num_blocks=32, max_batch_size=4, async_scheduling=overlap, compiled_cpu_kernels=False)
     runner = _use_runner(llm, ReplayPlatform(), graph_batch_sizes(4))
     assert sorted(runner.graphs.graphs) == [1, 2, 4]
     replays = []

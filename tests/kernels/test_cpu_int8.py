@@ -9,22 +9,17 @@ one step where their normed / activated value differs from torch's in the last b
 """
 from __future__ import annotations
 
-import platform
-from pathlib import Path
 
 import pytest
 import torch
 
 from pdserve.kernels import reference as ref
-from pdserve.kernels.cpu import load_cpu_kernels
+from tests.kernels.cpu_builds import CPU_FLAGS, builds, built as built_kernels
 
-KERNELS = load_cpu_kernels()
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 VARIANTS = {"portable": ("-mno-avx512f",), "no-avx512vnni": ("-mno-avx512vnni",),
             "no-avx512bf16": ("-mno-avx512bf16",)}
-BUILDS = {"native": KERNELS, **{name: load_cpu_kernels(extra_flags=flags) if KERNELS is not None and X86 else None
-                                for name, flags in VARIANTS.items()}}
-CPU_FLAGS = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+BUILDS = builds(VARIANTS)
+KERNELS = BUILDS["native"]
 ROWS = [0, 1, 3, 16, 64, 300]
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -32,10 +27,7 @@ pytestmark = pytest.mark.skipif(KERNELS is None, reason="no C compiler to build 
 
 
 def built(build: str):
-    kernels = BUILDS[build]
-    if kernels is None:
-        pytest.skip(f"no {build} build of the CPU kernels here")
-    return kernels
+    return built_kernels(BUILDS, build)
 
 
 def strided_rows(rows: int, n: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:

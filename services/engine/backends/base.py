@@ -51,8 +51,14 @@ class Backend(Protocol):
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata) -> None: ...
 
+    def prepare_linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The form of a float weight [N, K] this backend's ``linear`` reads fastest (e.g. packed
+        for the CPU's vector dot products); called once per layer after loading. ``linear``
+        takes the result in place of the weight."""
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight.T (+ bias)`` for an nn.Linear weight [N, K]."""
+        """``x @ weight.T (+ bias)`` for an nn.Linear weight [N, K], or what ``prepare_linear_weight``
+        made of one."""
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ mixed batch, in one call) is the compiled kernel, which reads K and V in place
 through the block tables (no gather), and RMSNorm, SiLU-and-multiply and
 rotary-then-store run as single fused passes; so do the W8A8 ops (per-token int8
 quantization, alone or fused into RMSNorm and SiLU-and-multiply, and the int8 GEMM
-for weights packed once at load by ``CpuKernels.prepack_int8_weight``).
+for weights packed once at load by ``CpuKernels.prepack_int8_weight``). Float32 and
+bfloat16 linear layers multiply with the compiled GEMM over weights packed once at
+load (``prepare_linear_weight``), where the build vectorizes that dtype.
 Every case the kernels do not cover runs the torch code it inherits.
 """
 from __future__ import annotations
@@ -33,6 +35,20 @@ class CpuBackend(TorchBackend):
         if not self._rows(x, weight.view(1, -1), *(() if residual is None else (residual,))):
             return super().rms_norm(x, weight, eps, residual)
         return self.kernels.rms_norm(x, weight, eps, residual)
+
+    def prepare_linear_weight(self, weight):
+        return self.kernels.prepack_linear_weight(weight)
+
+    def linear(self, x, weight, bias=None):
+        """The compiled GEMM for a weight packed at load (``CpuKernels.prepack_linear_weight``), for
+        every number of rows; a plain [N, K] weight runs torch's ``F.linear``."""
+        if weight.dim() == 2:
+            return super().linear(x, weight, bias)
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        out = self.kernels.linear(rows, weight, bias)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[1])
 
     def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
         """The (token, expert) pairs sorted by expert and gathered once; per expert with

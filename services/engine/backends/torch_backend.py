@@ -31,6 +31,9 @@ class TorchBackend:
     def store_kv(self, k, v, kv_layer, meta: AttentionMetadata) -> None:
         ref.store_kv_ref(k, v, kv_layer, meta.slot_mapping)
 
+    def prepare_linear_weight(self, weight):
+        return weight
+
     def linear(self, x, weight, bias=None):
         return torch.nn.functional.linear(x, weight, bias)
 

@@ -33,6 +33,9 @@ class TritonBackend:
             return rotary.rotary(q, k, positions, cos_sin)
         return rotary.rotary(q, k, positions, cos_sin, out=(q, k))
 
+    def prepare_linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # NOTE: a single row (a batch-1 decode step) in 16-bit: our GEMV streams the weight
         # faster than cuBLAS (kernels/gemv.py); float32 keeps cuBLAS's summation order.

@@ -29,7 +29,7 @@ from pdserve.engine.dtypes import torch_dtype
 from pdserve.common.kv_compat import rank_agent_name
 from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.kv_connector.rank_side import RankKVEndpoint
-from pdserve.engine.layers import Communicator, LayerContext, SingleRank, prepare_linears
+from pdserve.engine.layers import Communicator, LayerContext, SingleRank, prepare_weights
 from pdserve.engine.lora import AdapterSlots, load_peft_adapter
 from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from pdserve.engine.models.loader import load_model
@@ -85,7 +85,7 @@ class RankWorker:
                            ep_size=config.ep_size)
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
         self.backend = self.platform.backend(config.compiled_cpu_kernels)
-        prepare_linears(self.model, self.backend)
+        prepare_weights(self.model, self.backend)
         self.lora = (AdapterSlots(self.model, config.max_loras, config.max_lora_rank, self.device, ctx.dtype)
                      if config.enable_lora else None)
         self.kv_heads = self.model.kv_heads_per_rank()

@@ -65,6 +65,10 @@ class UnquantizedLinearMethod:
         layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
         return {"weight": ParamDims(output_dim=0, input_dim=1)}
 
+    def prepare(self, layer: nn.Module, be: Backend) -> None:
+        """Once, after loading: the weight in the form ``be.linear`` reads fastest (packed on CPU)."""
+        layer.weight = nn.Parameter(be.prepare_linear_weight(layer.weight.data), requires_grad=False)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, be: Backend, bias: torch.Tensor | None) -> torch.Tensor:
         return be.linear(x, layer.weight, bias)
 
@@ -96,8 +100,8 @@ class LinearBase(nn.Module):
     def forward(self, x: "torch.Tensor | QuantizedActivation", be: Backend) -> torch.Tensor:
         return self.method.apply(self, x, be, self.bias)
 
-    def prepare(self, be: Backend) -> None:
-        """After loading: let the method put its tensors in the backend's preferred form."""
+    def prepare_weights(self, be: Backend) -> None:
+        """Once, after loading: let the method put its tensors in the backend's preferred form."""
         prepare = getattr(self.method, "prepare", None)
         if prepare is not None:
             prepare(self, be)
@@ -280,12 +284,5 @@ class RowParallelLinear(LinearBase):
         return y if self.bias is None else y + self.bias
 
 
-def prepare_linears(model: nn.Module, be: Backend) -> None:
-    """``LinearBase.prepare`` for every linear layer of ``model`` (once, before the first forward)."""
-    for module in model.modules():
-        if isinstance(module, LinearBase):
-            module.prepare(be)
-
-
-__all__ = ["check_head_split", "prepare_linears", "ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
+__all__ = ["check_head_split", "ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
            "QKVParallelLinear", "QuantizedActivation", "ReplicatedLinear", "RowParallelLinear", "UnquantizedLinearMethod"]
