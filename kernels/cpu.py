@@ -113,6 +113,9 @@ class CpuKernels:
                 fn = getattr(lib, f"pd_{name}_{suffix}")
                 fn.restype = None
                 fn.argtypes = argtypes
+        for suffix in _TYPES.values():
+            fn = getattr(lib, f"pd_decoder_layer_{suffix}")
+            fn.restype, fn.argtypes = None, [_P, _P, _P, _S]
         lib.pd_int8_prepack.restype = None
         lib.pd_int8_prepack.argtypes = [_P, _L, _I, _I, _P, _I]
         lib.pd_int8_gemm_vnni.restype = ctypes.c_int
@@ -130,6 +133,15 @@ class CpuKernels:
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
         return dtype in _TYPES
+
+    def attention_scratch_floats(self, hq: int, hkv: int, d: int, block_size: int) -> int:
+        """Float32 scratch one thread of ``paged_attention`` needs."""
+        return self._lib.pd_attention_scratch_floats(hq, hkv, d, block_size)
+
+    def decoder_layer(self, dtype: torch.dtype, weights: object, step: object, kv_layer_ptr: int,
+                      block_stride: int) -> None:
+        """One fused decoder layer; the structs and their checks are ``cpu_layer.FusedDecoder``'s."""
+        self._fn("decoder_layer", dtype)(weights, step, kv_layer_ptr, block_stride)
 
     def paged_attention(self, q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
                         seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
@@ -154,7 +166,7 @@ class CpuKernels:
         qsl, lens, tables = query_start_loc.contiguous(), seq_lens.contiguous(), block_tables.contiguous()
         out = torch.empty(t, hq, d, dtype=q.dtype)
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._lib.pd_attention_scratch_floats(hq, hkv, d, bs), dtype=torch.float32)
+        scratch = torch.empty(threads * self.attention_scratch_floats(hq, hkv, d, bs), dtype=torch.float32)
         self._fn("paged_attention", q.dtype)(
             q.data_ptr(), q.stride(0), kv_layer.data_ptr(), kv_layer.stride(0), tables.data_ptr(), tables.shape[1],
             qsl.data_ptr(), lens.data_ptr(), out.data_ptr(), b, hq, hkv, d, bs, scale, scratch.data_ptr(), threads)

@@ -243,3 +243,39 @@ def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
 def silu_and_mul_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``silu_and_mul_ref`` whose output [T, I] is quantized per token: (q, scale)."""
     return quant_per_token_ref(silu_and_mul_ref(x))
+
+
+# ---- LoRA: many adapters in one batch -------------------------------------------------
+# Each token t of a step has an adapter slot token_slots[t] in [0, S), or -1: the base
+# model (no delta; also a captured graph's padding rows). The adapters of one layer part
+# are stacked: a [S, R, K] (each adapter's A zero-padded to R rows), b [S, N, R] (its B,
+# zero-padded to R columns and multiplied by its scaling). The kernels take the tokens
+# grouped by slot (``group_by_slot``): slot s's tokens are
+# sorted_tokens[slot_start[s]:slot_start[s] + slot_count[s]], in step order, slot 0's first;
+# the base tokens come last and belong to no slot.
+
+def group_by_slot(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """token_slots [T] (values in [-1, num_slots)) -> (sorted_tokens [T], slot_start [S], slot_count [S]), int32."""
+    key = torch.where(token_slots < 0, num_slots, token_slots.long())
+    sorted_tokens = torch.argsort(key, stable=True)
+    count = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    start = torch.cumsum(count, 0) - count
+    return sorted_tokens.to(torch.int32), start.to(torch.int32), count.to(torch.int32)
+
+
+def lora_delta_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sorted_tokens: torch.Tensor,
+                   slot_start: torch.Tensor, slot_count: torch.Tensor) -> None:
+    """In place: ``y[t] += (x[t] @ a[s].T) @ b[s].T`` for every token t of every slot s
+    (``group_by_slot``'s layout); the rows of no slot are left as they are.
+
+    x [T, K]; a [S, R, K]; b [S, N, R]; y [T, N] (e.g. a column slice of a merged layer's
+    output). Two matmuls in x's dtype (the first product rounded to it, as torch rounds it),
+    the delta rounded to y's dtype before the add.
+
+    NOTE: reads the slot counts on the host (a device sync on accelerators): not for graphs.
+    """
+    for s, (start, n) in enumerate(zip(slot_start.tolist(), slot_count.tolist())):
+        if n:
+            rows = sorted_tokens[start:start + n].long()
+            delta = (x.index_select(0, rows) @ a[s].t()) @ b[s].t()
+            y.index_add_(0, rows, delta.to(y.dtype))

@@ -1221,3 +1221,45 @@ void pd_linear_bf16(const uint16_t *x, long sx, const uint16_t *packed, const ui
     if (m > 0 && n > 0)
         linear_gemm((const char *)x, sx, (const char *)packed, bias, (char *)out, so, m, n, k, 1, threads);
 }
+
+/* ---- One Llama-family decoder layer in one call: the ops above in the order the model's
+ * Python forward calls them, on the same buffers, so the result is the same to the bit; the
+ * per-op call overhead (a dozen calls per layer) is paid once. ---- */
+
+typedef struct {
+    const void *input_norm, *post_norm;                          /* [hidden] */
+    const void *qkv, *qkv_bias, *o, *o_bias, *gate_up, *down;    /* packed weights; biases [n] or NULL */
+    float eps, scale;
+    int hidden, hq, hkv, d, inter;
+} pd_layer_weights;
+
+typedef struct {
+    int rows, batch, width, bs, threads, first;                  /* first: no residual yet */
+    const int64_t *positions, *slots;
+    const float *cos_sin;
+    const int32_t *tables, *qsl, *lens;
+    void *x, *res;              /* [rows, hidden]: the layer's input (its output on return); the residual */
+    void *qkv, *attn, *h, *gate_up, *act;                        /* workspace rows */
+    float *scratch;             /* threads * pd_attention_scratch_floats(...) */
+} pd_layer_step;
+
+#define DECODER_LAYER(SUF, T)                                                                  \
+void pd_decoder_layer_##SUF(const pd_layer_weights *w, const pd_layer_step *s, T *kv, size_t stride) { \
+    int hid = w->hidden, qn = w->hq * w->d, kvn = w->hkv * w->d, qkvn = qn + 2 * kvn, i2 = 2 * w->inter; \
+    int rows = s->rows, th = s->threads;                                                     \
+    T *x = s->x, *res = s->res, *h = s->h, *qkv = s->qkv, *attn = s->attn;                   \
+    pd_rms_norm_##SUF(x, hid, s->first ? NULL : res, hid, w->input_norm, h, res, rows, hid, w->eps, th); \
+    pd_linear_##SUF(h, hid, w->qkv, w->qkv_bias, qkv, qkvn, rows, qkvn, hid, th);           \
+    pd_rotary_store_##SUF(qkv, qkvn, qkv + qn, qkvn, qkv + qn + kvn, qkvn, s->positions, s->cos_sin, kv, \
+                          stride, s->slots, rows, w->hq, w->hkv, w->d, s->bs, th);           \
+    pd_paged_attention_##SUF(qkv, qkvn, kv, stride, s->tables, s->width, s->qsl, s->lens, attn, \
+                             s->batch, w->hq, w->hkv, w->d, s->bs, w->scale, s->scratch, th); \
+    pd_linear_##SUF(attn, qn, w->o, w->o_bias, h, hid, rows, hid, qn, th);                   \
+    pd_rms_norm_##SUF(h, hid, res, hid, w->post_norm, x, res, rows, hid, w->eps, th);        \
+    pd_linear_##SUF(x, hid, w->gate_up, NULL, s->gate_up, i2, rows, i2, hid, th);            \
+    pd_silu_and_mul_##SUF(s->gate_up, i2, s->act, rows, w->inter, th);                       \
+    pd_linear_##SUF(s->act, w->inter, w->down, NULL, x, hid, rows, hid, w->inter, th);       \
+}
+
+DECODER_LAYER(f32, float)
+DECODER_LAYER(bf16, uint16_t)

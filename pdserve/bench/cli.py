@@ -5,7 +5,7 @@ import importlib
 import sys
 
 BENCHES = {"offline": "pdserve.bench.offline", "gpu": "pdserve.bench.gpu", "serve": "pdserve.bench.serve",
-           "topology": "pdserve.bench.topology"}
+           "topology": "pdserve.bench.topology", "lora": "pdserve.bench.lora"}
 
 
 def main(name: str, argv: list[str]) -> int:

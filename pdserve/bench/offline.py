@@ -2,7 +2,10 @@
 
 N random prompts of P tokens, O output tokens each with ignore_eos. pdserve gets all
 prompts at once (continuous batching); transformers gets them in padded batches.
-Prints output tokens/s for both and the ratio.
+Prints output tokens/s for both and the ratio. With ``--batch B`` pdserve keeps B requests
+in flight (a closed loop) and also reports TTFT and inter-token latency, and at B = 1 the
+decode step against the bytes-read roofline with the memory bandwidth measured in the
+same run (``latency``); transformers then generates in batches of B.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
                    help="LoRA adapters name=path,...: the prompts are spread evenly over them (mixed batches)")
     p.add_argument("--against", default="",
                    help="compare with this second model on pdserve (e.g. the unquantized one) instead of transformers")
+    p.add_argument("--batch", type=int, default=0,
+                   help="keep this many requests in flight; report TTFT and inter-token latency too "
+                        "(at 1: the decode step against the memory roofline)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat pdserve then transformers this many times (noisy hosts); prints the median ratio")
     return p.parse_args(argv)
@@ -58,6 +64,8 @@ def run_pdserve(args, prompts) -> tuple[float, int]:
     try:
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
         llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+        if args.batch:
+            return _run_latency(llm, args, prompts)
         _sync(args.device_type)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, adapter=per_prompt)
@@ -66,6 +74,26 @@ def run_pdserve(args, prompts) -> tuple[float, int]:
     finally:
         llm.engine.close()  # NOTE: stops the rank processes of tp > 1
     return elapsed, sum(len(o.token_ids) for o in outs)
+
+
+def _run_latency(llm, args, prompts) -> tuple[float, int]:
+    from pdserve.bench import latency
+    from pdserve.bench.gpu import weight_bytes_read
+
+    report = latency.run(llm, prompts, args.batch, args.output_len, args.device_type)
+    for line in report.lines():
+        print(line, flush=True)
+    if args.batch == 1 and args.tp == 1:
+        engine = llm.engine
+        _, weights = weight_bytes_read(engine.executor.rank.runner.model)
+        bandwidth = latency.read_bandwidth(args.device_type)
+        roof = latency.decode_roofline_ms(weights, engine.block_bytes() // engine.config.block_size,
+                                          args.prompt_len + args.output_len / 2, bandwidth)
+        step = statistics.median(report.itl_ms)
+        print(f"  memory read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weights / 1e6:.0f} MB; "
+              f"roofline {roof:.2f} ms per step; median step {step:.2f} ms = {step / roof:.2f}x the roofline",
+              flush=True)
+    return report.seconds, report.tokens
 
 
 def run_hf(args, prompts) -> tuple[float, int]:
@@ -118,6 +146,10 @@ def _sync(device_type: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = _args(argv)
+    if args.batch:
+        if args.adapters:
+            raise SystemExit("--batch runs the base model only: leave out --adapters")
+        args.max_batch_size = args.hf_batch_size = args.batch
     from pdserve.common.model_source import resolve_model
     from pdserve.engine.models.loader import load_config
 

@@ -1,7 +1,7 @@
 """asyncio front of the engine, for servers: many concurrent generate streams, one step loop.
 
-Owns: the step loop task, the worker thread the model runs on (so the event loop
-never blocks on a forward pass), the per-request output queues, and the commands
+Owns: the step loop task, the worker thread the model is loaded and run on (so the
+event loop never blocks on a forward pass), the per-request output queues, and the commands
 (add, abort) queued for the engine. Lifecycle: ``AsyncEngine(config)`` loads the
 model; ``await start()`` launches the loop; ``generate()`` streams outputs;
 ``await stop()`` aborts what is left and ends the loop.
@@ -58,12 +58,16 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
-        self.engine = LLMEngine(config)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-step")
+        # NOTE: loaded on the thread that runs the steps: every OpenMP parallel region of the
+        # engine then starts from one thread, so one OpenMP team exists; a second team (from a
+        # load on the event loop's thread) makes libgomp count more threads than cores and stop
+        # spinning at barriers, which doubled the CPU decode step
+        self.engine = self._pool.submit(LLMEngine, config).result()
         self._streams: dict[str, _Stream] = {}
         self._commands: list[Callable[[], None]] = []
         self._unscheduled: dict[str, Request] = {}  # added, not stamped first_scheduled_time yet
         self._wake = asyncio.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-step")
         self._task: asyncio.Task | None = None
         self._stats = self.engine.stats()
         self._tokenizer: Tokenizer | None = None

@@ -95,6 +95,7 @@ class Scorer:
         self.model = load_model(self.source, cfg, ctx, self.device)
         self.backend = platform.backend()
         prepare_weights(self.model, self.backend)
+        self.model.fuse_layers(self.backend)
 
     @property
     def tokenizer(self):

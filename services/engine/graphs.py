@@ -12,6 +12,9 @@ NOTE: the captured attention was launched with ``max_seq_len = max_model_len`` a
 block tables ``ceil(max_model_len / block_size)`` wide, so any context up to the
 model's length replays correctly; the split count of the decode kernel is the one
 chosen for that bound. The query offsets are constant (one token per row).
+NOTE (LoRA): layers wrapped by ``LoRALinearMethod`` were captured with their delta kernels,
+which read each token's adapter slot from ``lora.rows.StepRows``' buffer; the rank writes
+it (padding rows: slot -1) before ``run``, on the same stream.
 """
 from __future__ import annotations
 

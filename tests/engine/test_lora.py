@@ -1,7 +1,8 @@
 """LoRA adapters in the engine: random PEFT adapters made here with ``peft`` on tiny random
 models; greedy output per adapter token-identical (float32) to transformers + peft, one
 mixed batch of base and adapter rows equal to each alone, the prefix cache kept apart per
-adapter, tp=2 with the adapters' shards following their layers, and clear refusals."""
+adapter, tp=2 with the adapters' shards following their layers, the Triton kernels inside
+padded decode graphs (CPU interpreter, stand-in graphs), and clear refusals."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,10 @@ import torch
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
+from pdserve.engine.backends.triton_backend import TritonBackend
+from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from tests.engine.conftest import hf_greedy, prompt_set
+from tests.engine.test_triton_backend import ReplayPlatform
 
 peft = pytest.importorskip("peft")
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
@@ -165,3 +169,29 @@ def test_more_adapters_than_device_slots_swap_in_by_lru(tiny_models, adapters):
     assert [o.token_ids for o in got] == [expected[n][prompts.index(p)] for p, n in mixed]
     stats = engine.stats()
     assert stats["lora_swaps_total"] >= 4 and stats["kv_blocks_used"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-interpreter test; on a GPU test_lora_gpu.py runs it")
+def test_adapters_in_padded_decode_graphs_on_the_triton_backend(tiny_models, adapters):
+    """Every linear layer is wrapped before the graphs are captured, so the graphs hold the
+    LoRA kernels; each replay reads the step's slots (padding rows: -1) from the buffer the
+    rank wrote. 7 rows of three adapters and the base model, in the graph of 8."""
+    base = tiny_models["llama"]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    names = [None, *adapters]
+    prompts = prompt_set(49152, seed=29, lengths=(3, 11, 6, 9, 4, 12, 7))
+    per_prompt = [names[i % len(names)] for i in range(len(prompts))]
+    specs = tuple(f"{n}={p}" for n, p in adapters.items())
+    expected = LLM(base, num_blocks=64, adapters=specs).generate(prompts, params, adapter=per_prompt)
+    llm = LLM(base, num_blocks=64, max_batch_size=8, compiled_cpu_kernels=False, adapters=specs)
+    engine, rank = llm.engine, llm.engine.executor.rank
+    cfg = RunnerConfig(engine.config.block_size, engine.max_model_len, graph_batch_sizes(8))
+    rank.runner = ModelRunner(rank.model, engine.kv_cache, TritonBackend(), ReplayPlatform(), engine.device, cfg)
+    with rank.lora.capturing():
+        rank.runner.capture_graphs()
+    replays = []
+    for size, (graph, _) in rank.runner.graphs.graphs.items():
+        graph.replay = (lambda g=graph, size=size: (replays.append(size), type(g).replay(g)))
+    got = llm.generate(prompts, params, adapter=per_prompt)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert replays and set(replays) == {8}

@@ -1,7 +1,8 @@
 """The backend interface and the per-step attention metadata it consumes.
 
 Owns: ``AttentionMetadata`` (built once per step by the model runner, passed down
-explicitly through every layer; never stored globally), the ``Backend``
+explicitly through every layer; never stored globally), ``LoRAMapping`` (each token's
+adapter slot, views of buffers owned by the rank's ``lora.rows.StepRows``), the ``Backend``
 protocol, and ``rotary_then_store`` (the unfused path of ``rotary_store_kv``). A
 backend is stateless apart from what it caches for one step.
 
@@ -10,7 +11,7 @@ KV layout per layer: ``kv_layer[num_blocks, 2, block_size, num_kv_heads, head_di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -36,6 +37,21 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
 
+@dataclass(frozen=True)
+class LoRAMapping:
+    """Which LoRA adapter slot each of a step's T tokens uses, and the tokens grouped by slot
+    (``kernels/reference.py``: ``group_by_slot``): slot s's tokens are
+    ``sorted_tokens[slot_start[s]:slot_start[s] + slot_count[s]]``. All int32 on the device.
+
+    NOTE: views of device buffers that outlive the step, so a captured graph replays with
+    whatever slots the next step writes into them.
+    """
+    token_slots: torch.Tensor  # [T]: the token's slot, -1 = the base model (no adapter)
+    sorted_tokens: torch.Tensor  # [T]: token indices, slot 0's first, base tokens last
+    slot_start: torch.Tensor  # [S]
+    slot_count: torch.Tensor  # [S]
+
+
 class Backend(Protocol):
     name: str
 
@@ -59,6 +75,17 @@ class Backend(Protocol):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T (+ bias)`` for an nn.Linear weight [N, K], or what ``prepare_linear_weight``
         made of one."""
+
+    def lora_delta(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   lora: LoRAMapping) -> None:
+        """In place, for one layer part: ``y[t] += (x[t] @ a[s].T) @ b[s].T`` for every token t
+        whose slot s = ``lora.token_slots[t]`` is >= 0; rows of slot -1 are untouched.
+
+        Args:
+            y: [T, N] the part's output columns (``LinearBase.target_slice`` of the layer's output).
+            x: [T, K] the layer's input.
+            a: [S, R, K] the part's stacked A; b: [S, N, R] its stacked, scaled B.
+        """
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
@@ -97,6 +124,37 @@ class Backend(Protocol):
         k and v [T, Hkv, D] are this step's fresh keys/values, which a backend may
         use directly for sequences with no cached prefix.
         """
+
+    # ---- a whole decoder stack in few calls (where a backend has it) -------------------
+    def fuse_decoder_layers(self, layers: list[DecoderLayerWeights]) -> object | None:
+        """Once, after ``prepare_linear_weight``: this backend's fused form of a stack of plain
+        decoder layers, or None where it has none (the model then runs op by op)."""
+
+    def run_fused_decoder(self, fused: object, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                          kv_cache: torch.Tensor, meta: AttentionMetadata,
+                          on_layer_done: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer of ``fused`` over the embeddings x [T, hidden] (which it may overwrite):
+        (the last layer's output, the residual stream), as the op-by-op forward computes them."""
+
+
+@dataclass(frozen=True)
+class DecoderLayerWeights:
+    """A plain Llama-family decoder layer's tensors, as prepared for the backend: RMSNorm ->
+    qkv (one merged weight) -> rotary, KV store, attention -> o -> RMSNorm -> gate_up (merged)
+    -> SiLU-and-mul -> down, with no adapters, quantization, q/k norms or collectives."""
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
 
 
 def rotary_then_store(be: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

@@ -8,7 +8,8 @@ rotary-then-store run as single fused passes; so do the W8A8 ops (per-token int8
 quantization, alone or fused into RMSNorm and SiLU-and-multiply, and the int8 GEMM
 for weights packed once at load by ``CpuKernels.prepack_int8_weight``). Float32 and
 bfloat16 linear layers multiply with the compiled GEMM over weights packed once at
-load (``prepare_linear_weight``), where the build vectorizes that dtype.
+load (``prepare_linear_weight``), where the build vectorizes that dtype; a model of
+such plain layers runs each decoder layer as one compiled call (``fuse_decoder_layers``).
 Every case the kernels do not cover runs the torch code it inherits.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.kernels.cpu import CpuKernels
+from pdserve.kernels.cpu_layer import FusedDecoder
 from pdserve.engine.backends.base import AttentionMetadata
 from pdserve.engine.backends.torch_backend import TorchBackend
 
@@ -38,6 +40,17 @@ class CpuBackend(TorchBackend):
 
     def prepare_linear_weight(self, weight):
         return self.kernels.prepack_linear_weight(weight)
+
+    def fuse_decoder_layers(self, layers):
+        """One compiled call per layer (``kernels/cpu_layer.py``) where every layer's weights are
+        packed in one vectorized dtype; else None."""
+        if not layers or not all(FusedDecoder.supports(self.kernels, layer) for layer in layers):
+            return None
+        return FusedDecoder(self.kernels, layers)
+
+    def run_fused_decoder(self, fused, x, positions, cos_sin, kv_cache, meta: AttentionMetadata, on_layer_done):
+        return fused.run(x, positions, cos_sin, kv_cache, meta.slot_mapping, meta.query_start_loc, meta.seq_lens,
+                         meta.block_tables, on_layer_done)
 
     def linear(self, x, weight, bias=None):
         """The compiled GEMM for a weight packed at load (``CpuKernels.prepack_linear_weight``), for

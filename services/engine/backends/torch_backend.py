@@ -13,7 +13,7 @@ import functools
 import torch
 
 from pdserve.kernels import reference as ref
-from pdserve.engine.backends.base import AttentionMetadata, rotary_then_store
+from pdserve.engine.backends.base import AttentionMetadata, LoRAMapping, rotary_then_store
 
 
 class TorchBackend:
@@ -34,8 +34,17 @@ class TorchBackend:
     def prepare_linear_weight(self, weight):
         return weight
 
+    def fuse_decoder_layers(self, layers):
+        return None
+
+    def run_fused_decoder(self, fused, x, positions, cos_sin, kv_cache, meta, on_layer_done):
+        raise NotImplementedError(f"{self.name} has no fused decoder layers")
+
     def linear(self, x, weight, bias=None):
         return torch.nn.functional.linear(x, weight, bias)
+
+    def lora_delta(self, y, x, a, b, lora: LoRAMapping) -> None:
+        ref.lora_delta_ref(y, x, a, b, lora.sorted_tokens, lora.slot_start, lora.slot_count)
 
     def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
         return ref.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels import activation, attention, gemv, int8, kv_store, moe, norm, rotary
-from pdserve.engine.backends.base import AttentionMetadata, rotary_then_store
+from pdserve.kernels import activation, attention, gemv, int8, kv_store, lora, moe, norm, rotary
+from pdserve.engine.backends.base import AttentionMetadata, LoRAMapping, rotary_then_store
 
 
 class TritonBackend:
@@ -36,6 +36,12 @@ class TritonBackend:
     def prepare_linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
+    def fuse_decoder_layers(self, layers):
+        return None
+
+    def run_fused_decoder(self, fused, x, positions, cos_sin, kv_cache, meta, on_layer_done):
+        raise NotImplementedError(f"{self.name} has no fused decoder layers")
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # NOTE: a single row (a batch-1 decode step) in 16-bit: our GEMV streams the weight
         # faster than cuBLAS (kernels/gemv.py); float32 keeps cuBLAS's summation order.
@@ -47,6 +53,13 @@ class TritonBackend:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return activation.silu_and_mul(x)
+
+    def lora_delta(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   mapping: LoRAMapping) -> None:
+        # NOTE: reads only the grouped tokens on the device (two launches, grids fixed by the
+        # shapes): a decode step with adapters is captured and replayed like any other.
+        lora.lora_delta(y, x if x.stride(-1) == 1 else x.contiguous(), a, b, mapping.sorted_tokens,
+                        mapping.slot_start, mapping.slot_count)
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,16 @@ the last step it sampled (inputs of an overlapped next step).
 
 Lifecycle: ``RankWorker(config, ...)`` loads the model -> ``block_bytes`` /
 ``blocks_that_fit`` size the cache -> ``allocate(num_blocks, max_model_len)``
-allocates the shard and captures graphs -> ``execute(plan)`` per step (applies
-the plan's request changes, tells the KV connector's layer sender which rows
-run, runs the model, launches sampling) and
-``collect(pending)`` (waits for that step's tokens) -> ``forget_all()`` after a
+allocates the shard and captures graphs (with LoRA on, every linear layer is wrapped
+already: the graphs hold the adapter kernels) -> ``execute(plan)`` per step (applies
+the plan's request changes and adapter swaps, writes each token's adapter slot,
+tells the KV connector's layer sender which rows run, runs the model, launches
+sampling) and ``collect(pending)`` (waits for that step's tokens) -> ``forget_all()`` after a
 failed step. Only a rank that samples (rank 0) returns tokens.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +56,7 @@ class RankConfig:
     tp_rank: int = 0
     tp_size: int = 1
     ep_size: int = 1  # 1, or tp_size: the ranks split the experts of MoE layers
+    max_step_tokens: int = 2048  # the most tokens one step computes (the scheduler's max_prefill_tokens)
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 64
@@ -86,8 +89,9 @@ class RankWorker:
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
         self.backend = self.platform.backend(config.compiled_cpu_kernels)
         prepare_weights(self.model, self.backend)
-        self.lora = (AdapterSlots(self.model, config.max_loras, config.max_lora_rank, self.device, ctx.dtype)
-                     if config.enable_lora else None)
+        if not config.enable_lora:  # NOTE: adapters wrap single layers: those run op by op
+            self.model.fuse_layers(self.backend)
+        self.lora = self._adapter_slots(ctx.dtype) if config.enable_lora else None
         self.kv_heads = self.model.kv_heads_per_rank()
         self.kv_cache: torch.Tensor | None = None
         self.runner: ModelRunner | None = None
@@ -120,7 +124,16 @@ class RankWorker:
         graphs = self.platform.supports_graphs and c.graphs
         runner_cfg = RunnerConfig(c.block_size, max_model_len, graph_batch_sizes(c.max_batch_size) if graphs else ())
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.platform, self.device, runner_cfg)
-        self.runner.capture_graphs()
+        with self.lora.capturing() if self.lora is not None else contextlib.nullcontext():
+            self.runner.capture_graphs()
+
+    def _adapter_slots(self, dtype: torch.dtype) -> AdapterSlots:
+        """LoRA slots (every linear layer wrapped now, before the graphs are captured) with room
+        in their per-token buffers for the longest step and the largest captured batch."""
+        c = self.config
+        max_tokens = max(c.max_step_tokens, graph_batch_sizes(c.max_batch_size)[-1])
+        return AdapterSlots(self.model, c.max_loras, c.max_lora_rank, self.device, dtype, max_tokens,
+                            pin_memory=self.platform.pin_memory and self.device.type != "cpu")
 
     # ---- steps -------------------------------------------------------------------------
     @torch.inference_mode()

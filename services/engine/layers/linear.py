@@ -106,6 +106,13 @@ class LinearBase(nn.Module):
         if prepare is not None:
             prepare(self, be)
 
+    def plain_weight(self) -> torch.Tensor | None:
+        """The prepared weight where this layer is a plain ``x @ W.T (+ bias)`` on one rank (not
+        quantized, no adapter, no collective), for a backend that fuses whole layers; else None."""
+        if self.ctx.tp_size != 1 or type(self.method) is not UnquantizedLinearMethod:
+            return None
+        return self.weight
+
     @property
     def takes_int8_input(self) -> bool:
         """Whether the producer of this layer's input should quantize it (per token) in the

@@ -2,28 +2,37 @@
 beside the linear layers they target.
 
 Owns: the registered adapters' weights in host memory (each checked against the model
-and sliced for this rank once, at registration); ``max_loras`` device slots; for each
-(layer, part) any adapter has targeted,
-the stacked ``A [max_loras, max_lora_rank, in]`` and ``B [max_loras, out,
-max_lora_rank]`` (an adapter zero-padded to the maximum rank, ``B`` pre-multiplied by
-its scaling, each sliced for this rank like the base layer's weight: column-parallel
-layers split ``B``'s rows, row-parallel layers ``A``'s columns, whose partial products
-the layer's all-reduce then sums); the adapter names by slot; the rows of the current
-step by slot.
+and sliced for this rank once, at registration); ``max_loras`` device slots; for every
+part of every linear layer of the model (q, k, v, o, gate, up, down, ...) the stacked
+``A [max_loras, max_lora_rank, in]`` and ``B [max_loras, out, max_lora_rank]`` (an
+adapter zero-padded to the maximum rank, ``B`` pre-multiplied by its scaling, each
+sliced for this rank like the base layer's weight: column-parallel layers split ``B``'s
+rows, row-parallel layers ``A``'s columns, whose partial products the layer's
+all-reduce then sums); the adapter names by slot; the step's slot per token
+(``rows.StepRows``).
 
-Lifecycle: ``AdapterSlots(model, capacity, max_rank, ...)`` -> ``register(adapter)``
-(at start or at run time: checked against the model first, so a bad adapter changes
-nothing) -> ``activate(slot, name)`` when the scheduler's plan puts it in a slot
-(the first adapter to target a layer wraps its ``LinearMethod`` with
-``LoRALinearMethod``; the slot's previous adapter is gone from the device) -> per step
-``set_rows`` (each row's slot, -1 for the base model) before the forward -> the
-wrapped layers add ``(x @ A[s].T) @ B[s].T`` to the rows of each slot ``s`` ->
-``unload(name)`` forgets it and zeroes its slot if it has one.
+Lifecycle: ``AdapterSlots(model, capacity, max_rank, ...)`` makes every stack (zeros) and
+wraps every linear layer's ``LinearMethod`` with ``LoRALinearMethod``, before the rank
+captures its decode graphs (inside ``capturing()``), so the graphs hold the LoRA kernels
+-> ``register(adapter)`` (at start or at run time: checked against the model first, so a
+bad adapter changes nothing) -> ``activate(slot, name)`` when the scheduler's plan puts it
+in a slot (the slot's previous adapter is gone from the device; stacks it does not target
+stay zero for it) -> per step ``set_rows`` (each row's slot, -1 for the base model)
+before the forward -> each wrapped layer adds ``(x @ A[s].T) @ B[s].T`` to the tokens of
+each slot ``s``, one ``Backend.lora_delta`` per layer part -> ``unload(name)`` forgets it
+and zeroes its slot if it has one.
 
-NOTE: rows are grouped by slot with index tensors (a segmented gather/scatter per
-adapter present in the step); steps with adapters run eagerly (no captured graphs).
+NOTE (memory): the stacks take ``max_loras * max_lora_rank * (in + out) * dtype size`` per
+layer part, whichever modules the adapters target: for Llama-3-8B in bf16 (in + out summed
+over q, k, v, o, gate, up, down: 81,920 per layer; 32 layers) 1.34 GB at 16 slots x rank
+16 or at the default 4 slots x rank 64, 5.4 GB at 64 slots x rank 16. They are allocated
+before the KV cache is sized, so the cache gets what is left.
+NOTE (W8A8): a wrapped layer takes float input (the delta needs it), so with LoRA on, the
+op before an int8 layer no longer quantizes in its own pass; the int8 method does.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -31,19 +40,13 @@ from torch import nn
 from pdserve.engine.backends.base import Backend
 from pdserve.engine.layers import LinearBase, LinearMethod
 from pdserve.engine.lora.peft_format import PeftAdapter
+from pdserve.engine.lora.rows import StepRows
 
 Parts = dict[object, tuple[torch.Tensor, torch.Tensor]]  # part of a merged layer -> (A stack, B stack)
 
 
-class StepRows:
-    """The current step's rows, grouped by adapter slot."""
-
-    def __init__(self) -> None:
-        self.groups: list[tuple[int, torch.Tensor]] = []
-
-
 class LoRALinearMethod:
-    """The base layer's matmul plus the LoRA delta of each row's adapter."""
+    """The base layer's matmul plus the LoRA delta of each token's adapter."""
 
     def __init__(self, base: LinearMethod, parts: Parts, rows: StepRows):
         self.base, self.parts, self.rows = base, parts, rows
@@ -53,11 +56,10 @@ class LoRALinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, be: Backend, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.base.apply(layer, x, be, bias)
-        for slot, rows in self.rows.groups:
-            xs = x.index_select(0, rows)
+        mapping = self.rows.mapping(x.shape[0])
+        if mapping is not None:
             for part, (a, b) in self.parts.items():
-                delta = (xs @ a[slot].t()) @ b[slot].t()
-                layer.target_slice(y, y.dim() - 1, part).index_add_(0, rows, delta.to(y.dtype))
+                be.lora_delta(layer.target_slice(y, y.dim() - 1, part), x, a, b, mapping)
         return y
 
 
@@ -65,22 +67,42 @@ Placed = list[tuple[str, object, torch.Tensor, torch.Tensor]]  # (layer, part, A
 
 
 class AdapterSlots:
-    def __init__(self, model: nn.Module, capacity: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+    """One rank's adapters: host copies, device slots, and the wrapped linear layers.
+
+    Args:
+        capacity: ``max_loras`` device slots; max_rank: ``max_lora_rank``.
+        max_tokens: the most tokens of a step whose slots live in the graphs' buffers
+            (at least the largest captured batch).
+        pin_memory: copy each step's slots from page-locked memory (accelerators).
+    """
+
+    def __init__(self, model: nn.Module, capacity: int, max_rank: int, device: torch.device, dtype: torch.dtype,
+                 max_tokens: int = 2048, pin_memory: bool = False):
         self.capacity, self.max_rank = capacity, max_rank
-        self.rows = StepRows()
+        self.rows = StepRows(capacity, max_tokens, device, pin_memory)
         self._model, self._modules = model, dict(model.named_modules())
         self._device, self._dtype = device, dtype
         self._host: dict[str, Placed] = {}  # every registered adapter, in host memory
         self._slot: dict[str, int] = {}  # the resident ones
-        self._stacks: dict[str, Parts] = {}  # layer path -> its parts' stacks (made on first use)
+        self._stacks: dict[str, Parts] = self._wrap_linear_layers()  # layer path -> its parts' stacks
 
     @property
     def names(self) -> list[str]:
         return sorted(self._host)
 
+    @property
+    def stack_bytes(self) -> int:
+        """Device memory of all A and B stacks."""
+        return sum(t.numel() * t.element_size() for parts in self._stacks.values()
+                   for pair in parts.values() for t in pair)
+
     def slot(self, name: str | None) -> int:
         """The slot of adapter ``name`` (-1: the base model); KeyError when not resident."""
         return -1 if name is None else self._slot[name]
+
+    def capturing(self) -> contextlib.AbstractContextManager[None]:
+        """Context of the decode graphs' capture: the wrapped layers launch their kernels."""
+        return self.rows.capturing()
 
     def register(self, adapter: PeftAdapter) -> None:
         """Check an adapter against the model and keep this rank's slices of it in host
@@ -94,7 +116,7 @@ class AdapterSlots:
                                      (b * adapter.scaling).to(self._dtype).contiguous())
                                     for layer, part, a, b in placed]
 
-    @torch.inference_mode()  # NOTE: the stacks are made inside a step's inference mode; only it may write them
+    @torch.inference_mode()  # NOTE: the stacks are made inside inference mode; only it may write them
     def activate(self, slot: int, name: str) -> None:
         """Copy registered adapter ``name`` into device slot ``slot`` (whatever was there is gone)."""
         if not 0 <= slot < self.capacity:
@@ -103,7 +125,7 @@ class AdapterSlots:
             del self._slot[other]
         self._zero(slot)
         for layer, part, a, b in self._host[name]:
-            a_stack, b_stack = self._stack(layer, part, a.shape[1], b.shape[0])
+            a_stack, b_stack = self._stacks[layer][part]
             a_stack[slot, :a.shape[0]].copy_(a, non_blocking=True)
             b_stack[slot, :, :b.shape[1]].copy_(b, non_blocking=True)
         self._slot[name] = slot
@@ -123,26 +145,25 @@ class AdapterSlots:
                 b_stack[slot].zero_()
 
     def set_rows(self, slots: list[int], counts: list[int]) -> None:
-        """Row i of the step has ``counts[i]`` tokens and adapter ``slots[i]``."""
-        if all(s < 0 for s in slots):
-            self.rows.groups = []
-            return
-        per_token = torch.repeat_interleave(torch.tensor(slots, dtype=torch.long), torch.tensor(counts))
-        self.rows.groups = [(s, (per_token == s).nonzero().flatten().to(self._device))
-                            for s in sorted(set(slots)) if s >= 0]
+        """Row i of the step has ``counts[i]`` tokens and adapter slot ``slots[i]`` (-1: none)."""
+        per_token = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32),
+                                            torch.tensor(counts, dtype=torch.long))
+        self.rows.write(per_token)
 
-    def _stack(self, path: str, part: object, in_local: int, out_local: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (A, B) stacks of one layer's part, made (and the layer wrapped) on first use."""
-        parts = self._stacks.get(path)
-        if parts is None:
-            parts = self._stacks[path] = {}
-            layer = self._modules[path]
-            layer.method = LoRALinearMethod(layer.method, parts, self.rows)
-        if part not in parts:
-            parts[part] = (torch.zeros(self.capacity, self.max_rank, in_local, dtype=self._dtype, device=self._device),
-                           torch.zeros(self.capacity, out_local, self.max_rank, dtype=self._dtype,
-                                       device=self._device))
-        return parts[part]
+    @torch.inference_mode()
+    def _wrap_linear_layers(self) -> dict[str, Parts]:
+        """Zero stacks for every part of every linear layer, each layer's method wrapped."""
+        stacks: dict[str, Parts] = {}
+        for path, layer in self._modules.items():
+            if isinstance(layer, LinearBase):
+                parts = stacks[path] = {part: self._new_stack(layer, part) for part in layer.shards()}
+                layer.method = LoRALinearMethod(layer.method, parts, self.rows)
+        return stacks
+
+    def _new_stack(self, layer: LinearBase, part: object) -> tuple[torch.Tensor, torch.Tensor]:
+        out_local = layer.target_slice(torch.empty(layer.output_size, device="meta"), 0, part).shape[0]
+        return (torch.zeros(self.capacity, self.max_rank, layer.input_size, dtype=self._dtype, device=self._device),
+                torch.zeros(self.capacity, out_local, self.max_rank, dtype=self._dtype, device=self._device))
 
     def _place(self, adapter: PeftAdapter, path: str, a: torch.Tensor,
                b: torch.Tensor) -> tuple[str, object, torch.Tensor, torch.Tensor]:
@@ -162,4 +183,4 @@ class AdapterSlots:
         return routed.module, routed.shard, a_local, b_local
 
 
-__all__ = ["AdapterSlots", "LoRALinearMethod", "StepRows"]
+__all__ = ["AdapterSlots", "LoRALinearMethod"]

@@ -28,6 +28,10 @@ class CausalLM(Protocol):
     def prepare(self, device: torch.device) -> None:
         """Fill non-weight tables (rotary) once the weights are on ``device``."""
 
+    def fuse_layers(self, be: Backend) -> bool:
+        """Once, after the weights are prepared for ``be``: use its fused decoder layers where
+        the model's layers allow (True if it does)."""
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, be: Backend, on_layer_done: LayerHook | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; ``kv_cache`` is [L, N, 2, bs, Hkv, D]."""

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from pdserve.engine.backends.base import AttentionMetadata, Backend
+from pdserve.engine.backends.base import AttentionMetadata, Backend, DecoderLayerWeights
 from pdserve.engine.layers import (LayerContext, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                    QuantizedActivation, RMSNorm, RotaryEmbedding, RowParallelLinear,
                                    VocabParallelEmbedding, load_into)
@@ -58,6 +58,11 @@ class Attention(nn.Module):
         o = be.attention(q, k, v, kv_layer, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size), be)
 
+    def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(qkv, o) prepared weights where both are plain and there are no q/k norms; else None."""
+        qkv, o = self.qkv_proj.plain_weight(), self.o_proj.plain_weight()
+        return None if qkv is None or o is None or self.q_norm is not None else (qkv, o)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext, prefix: str, size: int | None = None):
@@ -79,6 +84,11 @@ class MLP(nn.Module):
             act = be.silu_and_mul(gate_up)
         return self.down_proj(act, be)
 
+    def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up, down) prepared weights where both are plain; else None."""
+        gate_up, down = self.gate_up_proj.plain_weight(), self.down_proj.plain_weight()
+        return None if gate_up is None or down is None else (gate_up, down)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext, mlp: nn.Module, prefix: str):
@@ -93,6 +103,19 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, positions, cos_sin, kv_layer, meta, be)
         h, residual = self.post_attention_layernorm(h, be, residual, self.mlp.takes_int8_input)
         return self.mlp(h, be), residual
+
+    def plain_weights(self) -> DecoderLayerWeights | None:
+        """This layer's tensors for a backend's fused layer, where it is a plain dense layer."""
+        attn = self.self_attn.plain_weights()
+        mlp = self.mlp.plain_weights() if isinstance(self.mlp, MLP) else None
+        if attn is None or mlp is None:
+            return None
+        a = self.self_attn
+        return DecoderLayerWeights(
+            input_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
+            eps=self.input_layernorm.eps, qkv=attn[0], qkv_bias=a.qkv_proj.bias, o=attn[1], o_bias=a.o_proj.bias,
+            gate_up=mlp[0], down=mlp[1], num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+            scale=a.scale)
 
 
 class LlamaModel(nn.Module):
@@ -110,6 +133,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, ctx, lambda index: self.build_mlp(cfg, ctx, index))
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, cfg.rope_scaling_dict)
+        self.fused: object | None = None  # the backend's fused decoder stack (``fuse_layers``)
 
     def build_mlp(self, cfg: ModelConfig, ctx: LayerContext, index: int) -> nn.Module:
         """The MLP of decoder layer ``index`` (mixture-of-experts models override it)."""
@@ -121,11 +145,21 @@ class LlamaForCausalLM(nn.Module):
     def prepare(self, device: torch.device) -> None:
         self.rotary.prepare(device)
 
+    def fuse_layers(self, be: Backend) -> bool:
+        """Once, after the weights are prepared: run the decoder stack as ``be``'s fused layers
+        where every layer is plain and ``be`` has them (then ``forward`` must get ``be``)."""
+        layers = [layer.plain_weights() for layer in self.model.layers]
+        self.fused = None if None in layers else be.fuse_decoder_layers(layers)
+        return self.fused is not None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, be: Backend, on_layer_done: LayerHook | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm. kv_cache is [L, N, 2, bs, Hkv, D]."""
         x = self.model.embed_tokens(input_ids)
         residual, cos_sin = None, self.rotary.cos_sin
+        if self.fused is not None:
+            x, residual = be.run_fused_decoder(self.fused, x, positions, cos_sin, kv_cache, meta, on_layer_done)
+            return self.model.norm(x, be, residual)[0]
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, positions, cos_sin, kv_cache[i], meta, be)
             if on_layer_done is not None:

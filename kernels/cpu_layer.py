@@ -1,0 +1,109 @@
+"""Llama-family decoder layers, one compiled call each, on the CPU.
+
+Owns: the two C structs ``pd_decoder_layer_*`` reads (``csrc/cpu_kernels.c``): a layer's
+weights and sizes (``_Weights``, made once per layer at load) and one step's rows,
+positions, cache tables and workspace (``_Step``, made once per step and read by every
+layer), and ``FusedDecoder``, a model's stack of such layers. A layer call runs RMSNorm,
+the qkv projection, rotary + KV store, paged attention, the output projection, RMSNorm,
+gate_up, SiLU-and-mul and down in that order on the same kernels the per-op path calls,
+so the result is the same to the bit; at batch 1 a dozen Python calls per layer cost as
+much as the layer's work.
+
+Lifecycle: ``FusedDecoder(kernels, layers)`` once after the weights are packed (each
+layer any object with ``DecoderLayerWeights``' fields: ``pdserve.engine.backends.base``);
+``run(...)`` per step returns the last layer's output and the residual stream (the model
+applies its final norm). The decoder holds references to the weights it points at.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pdserve.kernels.cpu import CpuKernels
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+class _Weights(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("qkv", _P), ("qkv_bias", _P), ("o", _P),
+                ("o_bias", _P), ("gate_up", _P), ("down", _P), ("eps", _F), ("scale", _F), ("hidden", _I),
+                ("hq", _I), ("hkv", _I), ("d", _I), ("inter", _I)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("rows", _I), ("batch", _I), ("width", _I), ("bs", _I), ("threads", _I), ("first", _I),
+                ("positions", _P), ("slots", _P), ("cos_sin", _P), ("tables", _P), ("qsl", _P), ("lens", _P),
+                ("x", _P), ("res", _P), ("qkv", _P), ("attn", _P), ("h", _P), ("gate_up", _P), ("act", _P),
+                ("scratch", _P)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class FusedDecoder:
+    """A model's decoder layers as compiled calls over weights packed for ``CpuKernels.linear``."""
+
+    def __init__(self, kernels: CpuKernels, layers: Sequence[Any]):
+        first = layers[0]
+        self.kernels, self.dtype = kernels, first.qkv.dtype
+        self.hidden, self.inter = first.input_norm.shape[0], first.gate_up.shape[0] // 2
+        self.hq, self.hkv, self.d = first.num_heads, first.num_kv_heads, first.head_dim
+        self._tensors = list(layers)  # NOTE: keeps every pointed-at tensor alive
+        self._weights = [self._pack(layer) for layer in layers]
+
+    @staticmethod
+    def supports(kernels: CpuKernels, layer: Any) -> bool:
+        """Whether ``layer``'s tensors are what the fused call reads: weights packed, one dtype."""
+        dtype = layer.qkv.dtype
+        packed = all(kernels.is_packed_linear(w) and w.is_contiguous() and w.dtype == dtype
+                     for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        vectors = all(t is None or (t.dtype == dtype and t.is_contiguous())
+                      for t in (layer.input_norm, layer.post_norm, layer.qkv_bias, layer.o_bias))
+        return dtype in kernels.linear_vec and packed and vectors
+
+    def _pack(self, layer: Any) -> _Weights:
+        return _Weights(_ptr(layer.input_norm), _ptr(layer.post_norm), _ptr(layer.qkv), _ptr(layer.qkv_bias),
+                        _ptr(layer.o), _ptr(layer.o_bias), _ptr(layer.gate_up), _ptr(layer.down), layer.eps,
+                        layer.scale, self.hidden, self.hq, self.hkv, self.d, self.inter)
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
+            slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+            block_tables: torch.Tensor, on_layer_done: Callable[[int], None] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer over x [T, hidden] (overwritten); kv_cache [L, N, 2, bs, Hkv, D]. Returns
+        (the last layer's output, the residual stream), both [T, hidden]."""
+        rows = x.shape[0]
+        if x.dtype != self.dtype or x.dim() != 2 or not x.is_contiguous():
+            raise ValueError(f"CPU kernel: unsupported decoder input {x.dtype} {tuple(x.shape)}")
+        if kv_cache.dtype != self.dtype or kv_cache.shape[0] == 0 or not kv_cache[0, 0].is_contiguous():
+            raise ValueError("CPU kernel: unsupported KV layout (a block must be contiguous)")
+        threads = torch.get_num_threads()
+        qkvn = (self.hq + 2 * self.hkv) * self.d
+        sizes = (qkvn, self.hq * self.d, self.hidden, 2 * self.inter, self.inter)
+        work = torch.empty(rows * sum(sizes), dtype=self.dtype)
+        qkv, attn, h, gate_up, act = (t.view(rows, n) for t, n in zip(work.split([rows * n for n in sizes]), sizes))
+        res = torch.empty_like(x)
+        index = [t.contiguous() for t in (positions.to(torch.int64), slot_mapping.to(torch.int64),
+                                            block_tables, query_start_loc, seq_lens)]
+        cos_sin = cos_sin.contiguous()
+        bs = kv_cache.shape[3]
+        per_thread = self.kernels.attention_scratch_floats(self.hq, self.hkv, self.d, bs)
+        scratch = torch.empty(threads * per_thread, dtype=torch.float32)
+        step = _Step(rows, seq_lens.shape[0], index[2].shape[1], bs, threads, 1, *(_ptr(t) for t in index[:2]),
+                     _ptr(cos_sin), *(_ptr(t) for t in index[2:]), _ptr(x), _ptr(res), _ptr(qkv), _ptr(attn),
+                     _ptr(h), _ptr(gate_up), _ptr(act), _ptr(scratch))
+        step_ref, stride = ctypes.byref(step), kv_cache.stride(1)
+        layer_bytes = kv_cache.stride(0) * kv_cache.element_size()
+        base = kv_cache.data_ptr()
+        for i, weights in enumerate(self._weights):
+            self.kernels.decoder_layer(self.dtype, ctypes.byref(weights), step_ref, base + i * layer_bytes, stride)
+            step.first = 0
+            if on_layer_done is not None:
+                on_layer_done(i)
+        return x, res
+
+
+__all__ = ["FusedDecoder"]
