@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.dot import dot_args
+
 
 def lora_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sorted_tokens: torch.Tensor,
                slot_start: torch.Tensor, slot_count: torch.Tensor, *, block_m: int | None = None,
@@ -72,7 +74,7 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     columns = triton.cdiv(columns or (256 if n <= 8192 else 512), block_n) * block_n
     partial = torch.empty((splits, tokens, rank), dtype=torch.float32, device=x.device)
     common = dict(BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                  S_PAD=max(16, triton.next_power_of_2(num_slots)), **_dot_args(x))
+                  S_PAD=max(16, triton.next_power_of_2(num_slots)), **dot_args(x))
     _shrink_kernel[(blocks, splits)](
         x, a, partial, sorted_tokens, slot_start, slot_count, num_slots, k, rank, k_per_split,
         x.stride(0), a.stride(0), a.stride(1), partial.stride(0), partial.stride(1), BLOCK_K=block_k, **common)
@@ -92,18 +94,6 @@ def _check(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
                          f"b {tuple(b.shape)}")
     if any(v.stride(-1) != 1 for v in (y, x, a, b)):
         raise ValueError("y, x, a and b need a contiguous last dim")
-
-
-def _dot_args(x: torch.Tensor) -> dict:
-    """Operand dtype and precision of ``tl.dot``: float32 must not be rounded to tf32.
-
-    NOTE: Triton's CPU interpreter multiplies bfloat16 operands as raw integers, so
-    off-GPU they are widened to float32 first (exact: bf16 products fit in fp32).
-    """
-    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
-        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
-    dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
-    return dict(DOT_DTYPE=dot_dtype, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
 
 
 @triton.jit

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.dot import dot_args
+
 try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAS_GDC = True
@@ -134,7 +136,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     partial = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
     routing = topk_weights.to(torch.float32).reshape(-1).contiguous()
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x))
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_args(x))
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, cfg.block_n),)](
         x, w13, act, *plan, max_blocks, pairs, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), TOP_K=top_k, **launch,
@@ -277,18 +279,6 @@ def _down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_H=cfg.down_block_h, BLOCK_K=cfg.down_block_k,
         WAIT=cfg.pdl, num_warps=cfg.down_num_warps, **pdl,
     )
-
-
-def _dot_args(x: torch.Tensor) -> dict:
-    """Operand dtype and precision of the GEMMs' ``tl.dot``: float32 must not be rounded to tf32.
-
-    NOTE: Triton's CPU interpreter multiplies bfloat16 operands as raw integers, so
-    off-GPU they are widened to float32 first (exact: bf16 products fit in fp32).
-    """
-    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
-        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
-    dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
-    return dict(DOT_DTYPE=dot_dtype, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
 
 
 @triton.jit

@@ -25,8 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pdserve.bench.cpu_int8 import measure
-from pdserve.kernels.cpu import load_cpu_kernels
+from pdserve.bench.cpu_int8 import load_for_bench, measure
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
           "lm_head": (49152, 576), "4096x4096": (4096, 4096)}  # name: (N, K)
@@ -49,11 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="bf16,fp32")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=",".join(SHAPES))
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kernels = load_cpu_kernels()
+    kernels = load_for_bench(args.threads)
     if kernels is None:
-        print("no C compiler: the CPU kernels are not built")
         return 1
     vec = ", ".join(sorted(str(t).removeprefix("torch.") for t in kernels.linear_vec)) or "none"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; vectorized: {vec}; "

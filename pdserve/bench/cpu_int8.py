@@ -77,16 +77,23 @@ def _paths(kernels, n: int, k: int, m: int) -> dict[str, Callable[[], object]]:
             "fp32": lambda: F.linear(x32, w32)}
 
 
+def load_for_bench(threads: int | None):
+    """The compiled kernels with ``threads`` torch threads (None: torch's), or None (said why)."""
+    if threads:
+        torch.set_num_threads(threads)
+    kernels = load_cpu_kernels()
+    if kernels is None:
+        print("no C compiler: the CPU kernels are not built")
+    return kernels
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="samples per path (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kernels = load_cpu_kernels()
+    kernels = load_for_bench(args.threads)
     if kernels is None:
-        print("no C compiler: the CPU kernels are not built")
         return 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GFLOP/s (2*M*N*K / time), "
           f"median of {args.rounds} rounds; int_mm: int32 out, C: bf16 out with the epilogue")
