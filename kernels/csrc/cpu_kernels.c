@@ -272,21 +272,27 @@ static inline void chunk_pair_bf16(const uint16_t *q, const uint16_t *k, const u
                                    int group, int d, float scale, float *m, float *l, float *acc) {
     __m512i vp[8 * 16];
     pair_values_bf16(v, n, tok, d, vp);
+    __mmask16 keep = (__mmask16)((1u << n) - 1u);
+    __m512 e[group];
+    float corr[group];
+    /* stage by stage over the group's heads: each stage's chains are independent, so they
+     * overlap (one head's scores -> max -> exp -> sum -> P.V is a long dependent chain) */
+    for (int g = 0; g < group; g++) e[g] = scores16_bf16(q + (size_t)g * d, k, n, tok, d, scale);
     for (int g = 0; g < group; g++) {
-        __m512 s = scores16_bf16(q + (size_t)g * d, k, n, tok, d, scale);
-        float mx = _mm512_reduce_max_ps(s);
+        float mx = _mm512_reduce_max_ps(e[g]);
         mx = m[g] > mx ? m[g] : mx;
-        __m512 e = exp512(_mm512_sub_ps(s, _mm512_set1_ps(mx)));
-        e = _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1u), e);
-        float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);
-        l[g] = l[g] * corr + _mm512_reduce_add_ps(e);
+        e[g] = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(e[g], _mm512_set1_ps(mx))));
+        corr[g] = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);
         m[g] = mx;
+    }
+    for (int g = 0; g < group; g++) {
+        l[g] = l[g] * corr[g] + _mm512_reduce_add_ps(e[g]);
         int32_t pp[8];
-        _mm256_storeu_si256((__m256i *)pp, (__m256i)_mm512_cvtneps_pbh(e));
+        _mm256_storeu_si256((__m256i *)pp, (__m256i)_mm512_cvtneps_pbh(e[g]));
         float *ag = acc + (size_t)g * d;
         for (int x0 = 0; x0 < d; x0 += 64) {
             __m512 a[4];
-            for (int u = 0; u < 4; u++) a[u] = _mm512_mul_ps(_mm512_loadu_ps(ag + x0 + 16 * u), _mm512_set1_ps(corr));
+            for (int u = 0; u < 4; u++) a[u] = _mm512_mul_ps(_mm512_loadu_ps(ag + x0 + 16 * u), _mm512_set1_ps(corr[g]));
             for (int tp = 0; 2 * tp < n; tp++) {
                 __m512bh pb = (__m512bh)_mm512_set1_epi32(pp[tp]);
                 for (int u = 0; u < 4; u++)
