@@ -217,3 +217,13 @@ def test_tied_head_without_room_for_a_copy_reads_the_table(monkeypatch) -> None:
     assert tied.head_weight is None
     x = torch.randn(2, 40)
     check_linear(tied.logits(x, be), x, table, None)
+
+
+def test_untied_models_input_table_gets_no_head_copy() -> None:
+    from pdserve.engine.backends.cpu_backend import CpuBackend
+    from pdserve.engine.layers import LayerContext, VocabParallelEmbedding
+
+    table = VocabParallelEmbedding(50, 40, LayerContext(), serves_logits=False)
+    table.load_weight("weight", torch.randn(50, 40))
+    table.prepare_weights(CpuBackend(KERNELS))
+    assert table.head_weight is None

@@ -8,8 +8,8 @@ model with tied embeddings computes its logits with the embedding itself.
 
 Logits multiply by the table in the form the backend's ``linear`` reads fastest
 (``Backend.prepare_linear_weight``: packed on CPU), made once after loading by
-``prepare_weights``. The untied head replaces its table with it; the embedding keeps it
-as a copy beside the table its lookup reads, where the copy takes at most
+``prepare_weights``. The untied head replaces its table with it; a tied embedding keeps it
+as a copy beside the table its lookup reads (an untied model's embedding makes none), where the copy takes at most
 ``HEAD_COPY_MAX_SHARE`` of the host's available memory (else logits read the table as it is).
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ HEAD_COPY_MAX_SHARE = 0.25
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, ctx: LayerContext):
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: LayerContext, serves_logits: bool = True):
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.serves_logits = ctx, serves_logits  # False: an untied model's input table only
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         per = -(-vocab_size // ctx.tp_size)
         self.start = min(ctx.tp_rank * per, vocab_size)
@@ -53,7 +53,10 @@ class VocabParallelEmbedding(nn.Module):
         return out.float()
 
     def prepare_weights(self, be: Backend) -> None:
-        """Once, after loading: a copy of the table as ``be.linear`` reads it fastest, where it fits."""
+        """Once, after loading: a copy of the table as ``be.linear`` reads it fastest, where it fits
+        (none for a table that never computes logits)."""
+        if not self.serves_logits:
+            return
         table = self.weight.data
         if table.device.type != "cpu" or table.nbytes <= HEAD_COPY_MAX_SHARE * _available_host_bytes():
             self.head_weight = be.prepare_linear_weight(table)

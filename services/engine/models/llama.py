@@ -121,7 +121,8 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext, mlp: Callable[[int], nn.Module]):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx,
+                                                   serves_logits=cfg.tie_word_embeddings)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, mlp(i), f"model.layers.{i}") for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
