@@ -146,6 +146,8 @@ def _sync(device_type: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = _args(argv)
+    if args.batch < 0:
+        raise SystemExit(f"--batch must be 1 or more (0: no latency run), not {args.batch}")
     if args.batch:
         if args.adapters:
             raise SystemExit("--batch runs the base model only: leave out --adapters")

@@ -37,3 +37,8 @@ def test_bench_offline_batch_reports_latency_and_the_roofline(tiny_models, capsy
 def test_bench_offline_batch_refuses_adapters(tiny_models) -> None:
     with pytest.raises(SystemExit, match="--batch runs the base model only"):
         main(["--model", tiny_models["llama"], "--batch", "1", "--adapters", "a=/nowhere", "--skip-hf"])
+
+
+def test_bench_offline_batch_must_be_positive(tiny_models) -> None:
+    with pytest.raises(SystemExit, match="--batch must be 1 or more"):
+        main(["--model", tiny_models["llama"], "--batch", "-2", "--skip-hf"])
