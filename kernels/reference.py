@@ -264,18 +264,24 @@ def group_by_slot(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tens
 
 
 def lora_delta_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sorted_tokens: torch.Tensor,
-                   slot_start: torch.Tensor, slot_count: torch.Tensor) -> None:
-    """In place: ``y[t] += (x[t] @ a[s].T) @ b[s].T`` for every token t of every slot s
-    (``group_by_slot``'s layout); the rows of no slot are left as they are.
+                   slot_start: torch.Tensor, slot_count: torch.Tensor, part_ends: tuple[int, ...] | None = None) -> None:
+    """In place: ``y[t, part p] += (x[t] @ a[s, rows of p].T) @ b[s, part p].T`` for every token t
+    of every slot s (``group_by_slot``'s layout) and every part p; the rows of no slot are left
+    as they are.
 
-    x [T, K]; a [S, R, K]; b [S, N, R]; y [T, N] (e.g. a column slice of a merged layer's
-    output). Two matmuls in x's dtype (the first product rounded to it, as torch rounds it),
-    the delta rounded to y's dtype before the add.
+    x [T, K]; a [S, P * R, K] (part p's A in rows [p R, (p + 1) R)); b [S, N, R] (part p's B in
+    rows [part_ends[p - 1], part_ends[p])); y [T, N]; part_ends default (N,): one part. Two
+    matmuls in x's dtype (the first product rounded to it, as torch rounds it), the delta
+    rounded to y's dtype before the add.
 
     NOTE: reads the slot counts on the host (a device sync on accelerators): not for graphs.
     """
+    ends = tuple(part_ends) if part_ends is not None else (y.shape[-1],)
+    rank = a.shape[1] // len(ends)
     for s, (start, n) in enumerate(zip(slot_start.tolist(), slot_count.tolist())):
         if n:
             rows = sorted_tokens[start:start + n].long()
-            delta = (x.index_select(0, rows) @ a[s].t()) @ b[s].t()
-            y.index_add_(0, rows, delta.to(y.dtype))
+            shrunk = x.index_select(0, rows) @ a[s].t()  # every part's shrink in one matmul
+            for p, (lo, hi) in enumerate(zip((0,) + ends[:-1], ends)):
+                delta = shrunk[:, p * rank:(p + 1) * rank] @ b[s, lo:hi].t()
+                y[:, lo:hi].index_add_(0, rows, delta.to(y.dtype))

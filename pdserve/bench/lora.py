@@ -76,12 +76,14 @@ def write_adapter(directory: str, cfg: ModelConfig, rank: int, seed: int) -> str
     return directory
 
 
-def measure(llm: "LLM", args: argparse.Namespace, vocab: int, names: list[str | None], tag: str) -> dict:
-    """Fill ``args.batch`` sequences (request i with adapter names[i % len]), then time decode steps."""
-    engine = llm.engine
+def measure(llm: "LLM", args: argparse.Namespace, vocab: int, names: list[str | None], tag: str,
+            batch: int | None = None) -> dict:
+    """Fill ``batch`` (default ``args.batch``) sequences (request i with adapter names[i % len]),
+    then time decode steps."""
+    engine, batch = llm.engine, batch or args.batch
     params = SamplingParams(max_tokens=args.steps + 64, temperature=0.0, ignore_eos=True)
-    ids = [f"{tag}-{i}" for i in range(args.batch)]
-    for i, (rid, prompt) in enumerate(zip(ids, _prompts(args.batch, args.context, vocab, args.seed))):
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for i, (rid, prompt) in enumerate(zip(ids, _prompts(batch, args.context, vocab, args.seed))):
         engine.add_request(rid, prompt, params, adapter=names[i % len(names)])
     while any(engine.requests[r].num_output_tokens < 4 for r in ids):
         engine.step()
@@ -91,15 +93,40 @@ def measure(llm: "LLM", args: argparse.Namespace, vocab: int, names: list[str | 
         engine.step()
         step_ms.append((time.perf_counter() - t0) * 1e3)
     graphs = engine.executor.rank.runner.graphs
-    padded = graphs.padded_size(args.batch) if graphs is not None else 0
+    padded = graphs.padded_size(batch) if graphs is not None else 0
     fwd_ms = _median_ms(graphs.graphs[padded][0].replay, args.device_type) if padded else float("nan")
     for r in ids:
         engine.abort(r)
     while engine.has_unfinished():  # NOTE: a step launched before the aborts is still in flight
         engine.step()
     step = statistics.median(step_ms)
-    return {"config": tag, "adapters": len({n for n in names if n}), "step_ms": step, "forward_ms": fwd_ms,
-            "tok_per_s": args.batch / step * 1e3}
+    return {"config": tag, "batch": batch, "adapters": len({n for n in names if n}), "step_ms": step,
+            "forward_ms": fwd_ms, "tok_per_s": batch / step * 1e3}
+
+
+def load_times(llm: "LLM", path: str, repeats: int = 3) -> dict:
+    """Median wall time to load one adapter at run time (read, check, slice into host memory)
+    and to swap it into a device slot (the copy a request's first step waits for).
+
+    NOTE: writes slot 0 behind the scheduler's back: the last thing a run does."""
+    engine, slots = llm.engine, llm.engine.executor.rank.lora
+    load_ms, swap_ms = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        engine.load_adapter(f"fresh{i}", path)
+        load_ms.append((time.perf_counter() - t0) * 1e3)
+        _sync(llm)
+        t0 = time.perf_counter()
+        slots.activate(0, f"fresh{i}")
+        _sync(llm)
+        swap_ms.append((time.perf_counter() - t0) * 1e3)
+        engine.unload_adapter(f"fresh{i}")
+    return {"load_ms": statistics.median(load_ms), "swap_in_ms": statistics.median(swap_ms)}
+
+
+def _sync(llm: "LLM") -> None:
+    if torch.cuda.is_available() and llm.engine.executor.rank.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _engine(args: argparse.Namespace, **lora: object) -> "LLM":
@@ -123,13 +150,15 @@ def main(argv: list[str]) -> int:
     llm = _engine(args)
     results.append(measure(llm, args, cfg.vocab_size, [None], "base (LoRA off)"))
     _print(results[-1], results[0])
+    single = [measure(llm, args, cfg.vocab_size, [None], "base, batch 1", batch=1)]
+    _print(single[-1], single[0])
     llm.engine.close()
     del llm
     gc.collect()
     with tempfile.TemporaryDirectory() as tmp:
         files = [write_adapter(os.path.join(tmp, f"a{i}"), cfg, args.rank, args.seed + i) for i in range(args.distinct)]
         most = max(max(counts), 1)
-        llm = _engine(args, enable_lora=True, max_loras=most, max_cpu_loras=most, max_lora_rank=args.rank)
+        llm = _engine(args, enable_lora=True, max_loras=most, max_cpu_loras=most + 1, max_lora_rank=args.rank)
         for i in range(most):
             llm.engine.load_adapter(f"a{i}", files[i % len(files)])
         print(f"LoRA stacks: {llm.engine.executor.rank.lora.stack_bytes / 1e9:.2f} GB", flush=True)
@@ -137,9 +166,17 @@ def main(argv: list[str]) -> int:
             names = [f"a{i}" for i in range(count)] or [None]
             results.append(measure(llm, args, cfg.vocab_size, names, f"LoRA on, {count} adapters"))
             _print(results[-1], results[0])
+        for names in ([None], ["a0"]):
+            single.append(measure(llm, args, cfg.vocab_size, names, f"LoRA on, batch 1, {len([n for n in names if n])} adapter",
+                                  batch=1))
+            _print(single[-1], single[0])
+        loading = load_times(llm, files[0])
+        print(f"one adapter at run time: load {loading['load_ms']:.1f} ms, swap into a slot "
+              f"{loading['swap_in_ms']:.2f} ms", flush=True)
+        results += single
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results}, fh, indent=1)
+            json.dump({"args": vars(args), "results": results, "loading": loading}, fh, indent=1)
     return 0
 
 

@@ -59,6 +59,7 @@ def test_every_linear_layer_part_is_wrapped_with_zero_stacks(tiny_models):
     # 2 layers x (q 64+64, k 64+32, v 64+32, o 64+64, gate 64+128, up 64+128, down 128+64) x 3 slots x rank 8 x 4 bytes
     assert lora.stack_bytes == 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192) * 3 * 8 * 4
     qkv = layers[0]
-    assert {part: (a.shape, b.shape) for part, (a, b) in qkv.method.parts.items()} == {
-        "q": ((3, 8, 64), (3, 64, 8)), "k": ((3, 8, 64), (3, 32, 8)), "v": ((3, 8, 64), (3, 32, 8))}
-    assert not any(t.any() for parts in lora._stacks.values() for pair in parts.values() for t in pair)
+    stack = qkv.method.stack  # q, k, v in one stack: A's rows part by part, B's in the output's order
+    assert (stack.a.shape, stack.b.shape) == ((3, 3 * 8, 64), (3, 128, 8))
+    assert stack.parts == ("q", "k", "v") and stack.part_ends == (64, 96, 128)
+    assert not any(t.any() for m in layers for t in (m.method.stack.a, m.method.stack.b))

@@ -1,6 +1,6 @@
 """``lora_delta`` (the segmented shrink/expand LoRA kernels) against the torch reference and a
 float64 loop over tokens: mixed slots with base-model tokens (-1), adapters of smaller ranks
-zero-padded in the stacks, several parts of one merged output, K splits; on the GPU at a
+zero-padded in the stacks, the parts of one merged output in one call, K splits; on the GPU at a
 Llama-3-8B layer's shapes and replayed in a CUDA graph with other slots."""
 from __future__ import annotations
 
@@ -71,21 +71,28 @@ def test_lora_delta_matches_the_references(tokens, k, n, num_slots, ranks, split
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_lora_delta_into_the_parts_of_a_merged_output(dtype, device, check_close):
-    """q, k, v parts of one [T, Nq + 2 Nkv] output: each call adds into its column slice only."""
-    tokens, k, sizes, num_slots = 13, 48, (32, 16, 16), 3
+@pytest.mark.parametrize("sizes,columns", [((32, 16, 16), None), ((40, 24, 8), 16), ((24, 0, 40, 17), 16)])
+def test_lora_delta_into_the_parts_of_a_merged_output(sizes, columns, dtype, device, check_close):
+    """q, k, v (or gate, up) parts of one [T, sum N_p] output in one call: part p adds its own
+    rank rows of A times its B rows into its columns only (parts not a multiple of the tile
+    wide, an empty part, column ranges that end at a part's end)."""
+    tokens, k, num_slots, rank = 13, 48, 3, 8
     x = torch.randn(tokens, k, dtype=dtype, device=device)
     token_slots = _slots(tokens, num_slots, "mixed", device)
     grouped = group_by_slot(token_slots, num_slots)
     y = (0.1 * torch.randn(tokens, sum(sizes), device=device)).to(dtype)
+    stacks = [_stacks(num_slots, rank, k, n, dtype, device, [8, 4]) for n in sizes]
+    a, b = torch.cat([s[0] for s in stacks], 1), torch.cat([s[1] for s in stacks], 1)
+    ends = tuple(int(e) for e in torch.tensor(sizes).cumsum(0))
     expected, offset = y.double().clone(), 0
-    for n in sizes:
-        a, b = _stacks(num_slots, 8, k, n, dtype, device, [8, 4])
-        part = y.narrow(1, offset, n)
-        lora_delta(part, x, a, b, *grouped)
-        expected[:, offset:offset + n] = _expected(expected[:, offset:offset + n], x, a, b, token_slots)
+    for n, (a_p, b_p) in zip(sizes, stacks):
+        expected[:, offset:offset + n] = _expected(expected[:, offset:offset + n], x, a_p, b_p, token_slots)
         offset += n
-    check_close(y, expected, dtype)
+    ref = y.clone()
+    lora_delta(y, x, a, b, *grouped, ends, columns=columns, block_n=16 if columns else 128)
+    lora_delta_ref(ref, x, a, b, *grouped, ends)
+    check_close(y, expected, dtype, "triton")
+    check_close(ref, expected, dtype, "reference")
 
 
 def test_group_by_slot_layout():
@@ -104,6 +111,10 @@ def test_lora_delta_rejects_bad_shapes(device):
         lora_delta(torch.zeros(4, 7, device=device), x, a, b, *grouped)
     with pytest.raises(ValueError, match="contiguous last dim"):
         lora_delta(torch.zeros(6, 4, device=device).t(), x, a, b, *grouped)
+    with pytest.raises(ValueError, match="part_ends"):
+        lora_delta(torch.zeros(4, 6, device=device), x, a, b, *grouped, (4, 5))
+    with pytest.raises(ValueError, match="shapes disagree"):  # 2 parts need A rows of 2 x B's rank
+        lora_delta(torch.zeros(4, 6, device=device), x, a, b, *grouped, (4, 6))
 
 
 @pytest.mark.gpu

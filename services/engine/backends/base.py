@@ -77,14 +77,17 @@ class Backend(Protocol):
         made of one."""
 
     def lora_delta(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   lora: LoRAMapping) -> None:
-        """In place, for one layer part: ``y[t] += (x[t] @ a[s].T) @ b[s].T`` for every token t
-        whose slot s = ``lora.token_slots[t]`` is >= 0; rows of slot -1 are untouched.
+                   lora: LoRAMapping, part_ends: tuple[int, ...]) -> None:
+        """In place, for one layer (all its parts at once): ``y[t, part p] += (x[t] @ a[s, rows
+        of p].T) @ b[s, part p].T`` for every token t whose slot s = ``lora.token_slots[t]`` is
+        >= 0; rows of slot -1 are untouched.
 
         Args:
-            y: [T, N] the part's output columns (``LinearBase.target_slice`` of the layer's output).
+            y: [T, N] the layer's output, its parts side by side.
             x: [T, K] the layer's input.
-            a: [S, R, K] the part's stacked A; b: [S, N, R] its stacked, scaled B.
+            a: [S, P * R, K] the parts' stacked A (part p in rows [p R, (p + 1) R));
+                b: [S, N, R] their stacked, scaled B (rows in y's column order).
+            part_ends: the column where each part ends in y (the last is N).
         """
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -43,8 +43,8 @@ class TorchBackend:
     def linear(self, x, weight, bias=None):
         return torch.nn.functional.linear(x, weight, bias)
 
-    def lora_delta(self, y, x, a, b, lora: LoRAMapping) -> None:
-        ref.lora_delta_ref(y, x, a, b, lora.sorted_tokens, lora.slot_start, lora.slot_count)
+    def lora_delta(self, y, x, a, b, lora: LoRAMapping, part_ends: tuple[int, ...]) -> None:
+        ref.lora_delta_ref(y, x, a, b, lora.sorted_tokens, lora.slot_start, lora.slot_count, part_ends)
 
     def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
         return ref.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)

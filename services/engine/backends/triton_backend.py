@@ -55,11 +55,11 @@ class TritonBackend:
         return activation.silu_and_mul(x)
 
     def lora_delta(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   mapping: LoRAMapping) -> None:
-        # NOTE: reads only the grouped tokens on the device (two launches, grids fixed by the
-        # shapes): a decode step with adapters is captured and replayed like any other.
+                   mapping: LoRAMapping, part_ends: tuple[int, ...]) -> None:
+        # NOTE: reads only the grouped tokens on the device (two launches per layer, grids fixed
+        # by the shapes): a decode step with adapters is captured and replayed like any other.
         lora.lora_delta(y, x if x.stride(-1) == 1 else x.contiguous(), a, b, mapping.sorted_tokens,
-                        mapping.slot_start, mapping.slot_count)
+                        mapping.slot_start, mapping.slot_count, part_ends)
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,12 @@ beside the linear layers they target.
 
 Owns: the registered adapters' weights in host memory (each checked against the model
 and sliced for this rank once, at registration); ``max_loras`` device slots; for every
-part of every linear layer of the model (q, k, v, o, gate, up, down, ...) the stacked
-``A [max_loras, max_lora_rank, in]`` and ``B [max_loras, out, max_lora_rank]`` (an
-adapter zero-padded to the maximum rank, ``B`` pre-multiplied by its scaling, each
-sliced for this rank like the base layer's weight: column-parallel layers split ``B``'s
-rows, row-parallel layers ``A``'s columns, whose partial products the layer's
+linear layer of the model (qkv, o, gate_up, down, ...) the stacked
+``A [max_loras, parts * max_lora_rank, in]`` (part p of a merged layer in rows
+[p R, (p + 1) R)) and ``B [max_loras, out, max_lora_rank]`` (rows in the layer's output
+order) (an adapter zero-padded to the maximum rank, ``B`` pre-multiplied by its scaling,
+each sliced for this rank like the base layer's weight: column-parallel layers split
+``B``'s rows, row-parallel layers ``A``'s columns, whose partial products the layer's
 all-reduce then sums); the adapter names by slot; the step's slot per token
 (``rows.StepRows``).
 
@@ -19,11 +20,12 @@ bad adapter changes nothing) -> ``activate(slot, name)`` when the scheduler's pl
 in a slot (the slot's previous adapter is gone from the device; stacks it does not target
 stay zero for it) -> per step ``set_rows`` (each row's slot, -1 for the base model)
 before the forward -> each wrapped layer adds ``(x @ A[s].T) @ B[s].T`` to the tokens of
-each slot ``s``, one ``Backend.lora_delta`` per layer part -> ``unload(name)`` forgets it
+each slot ``s``, one ``Backend.lora_delta`` per layer (all its parts: one shrink of the
+shared input) -> ``unload(name)`` forgets it
 and zeroes its slot if it has one.
 
 NOTE (memory): the stacks take ``max_loras * max_lora_rank * (in + out) * dtype size`` per
-layer part, whichever modules the adapters target: for Llama-3-8B in bf16 (in + out summed
+layer part (q, k, v, o, gate, up, down), whichever modules the adapters target: for Llama-3-8B in bf16 (in + out summed
 over q, k, v, o, gate, up, down: 81,920 per layer; 32 layers) 1.34 GB at 16 slots x rank
 16 or at the default 4 slots x rank 64, 5.4 GB at 64 slots x rank 16. They are allocated
 before the KV cache is sized, so the cache gets what is left.
@@ -33,6 +35,7 @@ op before an int8 layer no longer quantizes in its own pass; the int8 method doe
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,14 +45,32 @@ from pdserve.engine.layers import LinearBase, LinearMethod
 from pdserve.engine.lora.peft_format import PeftAdapter
 from pdserve.engine.lora.rows import StepRows
 
-Parts = dict[object, tuple[torch.Tensor, torch.Tensor]]  # part of a merged layer -> (A stack, B stack)
+
+@dataclass(frozen=True)
+class LayerStack:
+    """One linear layer's A and B stacks over the slots, all its parts in each."""
+    a: torch.Tensor  # [slots, parts * R, in]
+    b: torch.Tensor  # [slots, out, R]
+    parts: tuple[object, ...]  # the layer's parts (shards), in output order
+    part_ends: tuple[int, ...]  # where each part's columns end in the layer's output
+
+    def part_a(self, slot: int, part: object) -> torch.Tensor:
+        """Rows of ``part``'s A in slot ``slot`` ([R, in])."""
+        rank = self.b.shape[2]
+        return self.a[slot].narrow(0, self.parts.index(part) * rank, rank)
+
+    def part_b(self, slot: int, part: object) -> torch.Tensor:
+        """Rows of ``part``'s B in slot ``slot`` ([its out, R])."""
+        i = self.parts.index(part)
+        begin = self.part_ends[i - 1] if i else 0
+        return self.b[slot].narrow(0, begin, self.part_ends[i] - begin)
 
 
 class LoRALinearMethod:
     """The base layer's matmul plus the LoRA delta of each token's adapter."""
 
-    def __init__(self, base: LinearMethod, parts: Parts, rows: StepRows):
-        self.base, self.parts, self.rows = base, parts, rows
+    def __init__(self, base: LinearMethod, stack: LayerStack, rows: StepRows):
+        self.base, self.stack, self.rows = base, stack, rows
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype):
         return self.base.create_weights(layer, input_size, output_size, dtype)
@@ -58,8 +79,7 @@ class LoRALinearMethod:
         y = self.base.apply(layer, x, be, bias)
         mapping = self.rows.mapping(x.shape[0])
         if mapping is not None:
-            for part, (a, b) in self.parts.items():
-                be.lora_delta(layer.target_slice(y, y.dim() - 1, part), x, a, b, mapping)
+            be.lora_delta(y, x, self.stack.a, self.stack.b, mapping, self.stack.part_ends)
         return y
 
 
@@ -84,7 +104,7 @@ class AdapterSlots:
         self._device, self._dtype = device, dtype
         self._host: dict[str, Placed] = {}  # every registered adapter, in host memory
         self._slot: dict[str, int] = {}  # the resident ones
-        self._stacks: dict[str, Parts] = self._wrap_linear_layers()  # layer path -> its parts' stacks
+        self._stacks: dict[str, LayerStack] = self._wrap_linear_layers()  # layer path -> its stacks
 
     @property
     def names(self) -> list[str]:
@@ -93,8 +113,7 @@ class AdapterSlots:
     @property
     def stack_bytes(self) -> int:
         """Device memory of all A and B stacks."""
-        return sum(t.numel() * t.element_size() for parts in self._stacks.values()
-                   for pair in parts.values() for t in pair)
+        return sum(t.numel() * t.element_size() for stack in self._stacks.values() for t in (stack.a, stack.b))
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter ``name`` (-1: the base model); KeyError when not resident."""
@@ -125,9 +144,9 @@ class AdapterSlots:
             del self._slot[other]
         self._zero(slot)
         for layer, part, a, b in self._host[name]:
-            a_stack, b_stack = self._stacks[layer][part]
-            a_stack[slot, :a.shape[0]].copy_(a, non_blocking=True)
-            b_stack[slot, :, :b.shape[1]].copy_(b, non_blocking=True)
+            stack = self._stacks[layer]
+            stack.part_a(slot, part)[:a.shape[0]].copy_(a, non_blocking=True)
+            stack.part_b(slot, part)[:, :b.shape[1]].copy_(b, non_blocking=True)
         self._slot[name] = slot
 
     @torch.inference_mode()
@@ -139,10 +158,9 @@ class AdapterSlots:
             self._zero(slot)
 
     def _zero(self, slot: int) -> None:
-        for parts in self._stacks.values():
-            for a_stack, b_stack in parts.values():
-                a_stack[slot].zero_()
-                b_stack[slot].zero_()
+        for stack in self._stacks.values():
+            stack.a[slot].zero_()
+            stack.b[slot].zero_()
 
     def set_rows(self, slots: list[int], counts: list[int]) -> None:
         """Row i of the step has ``counts[i]`` tokens and adapter slot ``slots[i]`` (-1: none)."""
@@ -151,19 +169,28 @@ class AdapterSlots:
         self.rows.write(per_token)
 
     @torch.inference_mode()
-    def _wrap_linear_layers(self) -> dict[str, Parts]:
-        """Zero stacks for every part of every linear layer, each layer's method wrapped."""
-        stacks: dict[str, Parts] = {}
+    def _wrap_linear_layers(self) -> dict[str, LayerStack]:
+        """Zero stacks for every linear layer, each layer's method wrapped."""
+        stacks: dict[str, LayerStack] = {}
         for path, layer in self._modules.items():
             if isinstance(layer, LinearBase):
-                parts = stacks[path] = {part: self._new_stack(layer, part) for part in layer.shards()}
-                layer.method = LoRALinearMethod(layer.method, parts, self.rows)
+                stacks[path] = self._new_stack(layer)
+                layer.method = LoRALinearMethod(layer.method, stacks[path], self.rows)
         return stacks
 
-    def _new_stack(self, layer: LinearBase, part: object) -> tuple[torch.Tensor, torch.Tensor]:
-        out_local = layer.target_slice(torch.empty(layer.output_size, device="meta"), 0, part).shape[0]
-        return (torch.zeros(self.capacity, self.max_rank, layer.input_size, dtype=self._dtype, device=self._device),
-                torch.zeros(self.capacity, out_local, self.max_rank, dtype=self._dtype, device=self._device))
+    def _new_stack(self, layer: LinearBase) -> LayerStack:
+        parts, ends = layer.shards(), []
+        for part in parts:  # NOTE: the parts must tile the output in order (one expand writes them all)
+            piece = layer.target_slice(torch.empty(layer.output_size, device="meta"), 0, part)
+            if piece.storage_offset() != (ends[-1] if ends else 0):
+                raise ValueError(f"{type(layer).__name__}: part {part!r} does not follow the one before it")
+            ends.append(piece.storage_offset() + piece.shape[0])
+        if ends[-1] != layer.output_size:
+            raise ValueError(f"{type(layer).__name__}: its parts do not cover its output")
+        zeros = dict(dtype=self._dtype, device=self._device)
+        return LayerStack(a=torch.zeros(self.capacity, len(parts) * self.max_rank, layer.input_size, **zeros),
+                          b=torch.zeros(self.capacity, layer.output_size, self.max_rank, **zeros),
+                          parts=tuple(parts), part_ends=tuple(ends))
 
     def _place(self, adapter: PeftAdapter, path: str, a: torch.Tensor,
                b: torch.Tensor) -> tuple[str, object, torch.Tensor, torch.Tensor]:
@@ -183,4 +210,4 @@ class AdapterSlots:
         return routed.module, routed.shard, a_local, b_local
 
 
-__all__ = ["AdapterSlots", "LoRALinearMethod"]
+__all__ = ["AdapterSlots", "LayerStack", "LoRALinearMethod"]
