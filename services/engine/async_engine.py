@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from pdserve.engine.plan import KVSendOrder
 from pdserve.engine.request import Request, Status, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+LOCKSTEP_IDLE_PAUSE = 0.002  # seconds between the empty steps of an idle replica that shares MoE layers
 
 
 @dataclass
@@ -234,9 +237,16 @@ class AsyncEngine:
             self._apply_commands()
             if not self.engine.has_unfinished():
                 self._wake.clear()
+                if not self.engine.lockstep:
+                    if not self._commands:
+                        await self._wake.wait()
+                    continue
+                # NOTE: replicas sharing MoE layers step together: an idle one keeps taking
+                # (empty) steps, pausing a little between them, so that a busy one never waits long
                 if not self._commands:
-                    await self._wake.wait()
-                continue
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), LOCKSTEP_IDLE_PAUSE)
+                self._apply_commands()
             started = time.monotonic()
             try:
                 outputs = await loop.run_in_executor(self._pool, self.engine.step)

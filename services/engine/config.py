@@ -33,6 +33,10 @@ class EngineConfig:
     tp: int = 1
     dp: int = 1
     ep: int = 1
+    # ep = dp x tp: this engine is replica ``dp_rank`` of ``dp`` that share the MoE layers; their
+    # group meets on 127.0.0.1:``dp_port`` (the worker that starts the replicas picks it)
+    dp_rank: int = 0
+    dp_port: int = 0
     adapters: tuple[str, ...] = ()  # LoRA adapters loaded at start, each "name=path" (a PEFT directory)
     enable_lora: bool = False  # LoRA adapters can be loaded (at run time too); implied by ``adapters``
     max_loras: int = 4  # adapters on the device at once (slots); a step mixes at most this many
@@ -62,9 +66,13 @@ class EngineConfig:
         for name in ("tp", "dp", "ep", "block_size", "max_batch_size", "max_prefill_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        if self.ep not in (1, self.tp):
-            raise ConfigError(f"ep={self.ep} with tp={self.tp}: ep must be 1 or equal tp (the worker's ranks share "
-                              "its MoE layers; ep across dp replicas is not supported yet)")
+        if self.ep not in (1, self.tp, self.tp * self.dp):
+            raise ConfigError(f"ep={self.ep} with tp={self.tp}, dp={self.dp}: ep must be 1, tp (a replica's ranks "
+                              "share its MoE layers) or dp x tp (every rank of every replica shares them)")
+        _check(isinstance(self.dp_rank, int) and 0 <= self.dp_rank < self.dp, "dp_rank", self.dp_rank,
+               f"an integer in [0, dp={self.dp})")
+        if self.ep_spans_replicas:
+            self._check_replica_group()
         if self.tp > 1 and self.device_type != "cpu":
             raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
         for name in ("max_lora_rank", "max_loras"):
@@ -86,6 +94,22 @@ class EngineConfig:
             _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1, "max_model_len",
                    self.max_model_len, "an integer >= 1")
         _check(bool(self.model), "model", self.model, "a model name or path")
+
+    @property
+    def ep_spans_replicas(self) -> bool:
+        """The dp replicas share the MoE layers (ep = dp x tp): attention data-parallel, experts
+        split over every rank, steps in lockstep."""
+        return self.dp > 1 and self.ep == self.dp * self.tp
+
+    def _check_replica_group(self) -> None:
+        if self.tp != 1:
+            raise ConfigError(f"ep={self.ep} across dp={self.dp} replicas with tp={self.tp}: the replicas share "
+                              "MoE layers with tp=1 in this version")
+        if self.device_type != "cpu":
+            raise ConfigError(f"ep={self.ep} across dp={self.dp} replicas with device_type={self.device_type!r}: "
+                              "runs on cpu in this version")
+        _check(isinstance(self.dp_port, int) and 0 <= self.dp_port < 65536, "dp_port", self.dp_port,
+               "a TCP port (0: the worker that starts the replicas picks one)")
 
     @property
     def lora_capacity(self) -> int:

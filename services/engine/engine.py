@@ -34,6 +34,7 @@ from pdserve.common.model_source import ModelSource, resolve_model
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import EngineConfig, SchedulerConfig
 from pdserve.engine.executor import Executor, InProcessExecutor, MultiprocExecutor, RankConfig, RankWorker
+from pdserve.engine.executor.replica_group import ReplicaGroup
 from pdserve.engine.kv_cache import KVCacheManager
 from pdserve.engine.kv_connector import KVConnectorScheduler, LayerSender
 from pdserve.engine.layers.linear import check_head_split
@@ -81,6 +82,7 @@ class _Counters:
     steps_total: int = 0
     preemptions_total: int = 0
     overlapped_steps_total: int = 0  # steps launched before the previous step's tokens were read
+    expert_only_steps_total: int = 0  # steps this replica had no tokens but ran the MoE layers for others
     last_step_seconds: float = 0.0
 
 
@@ -101,6 +103,7 @@ class LLMEngine:
         self.overlap = config.tp == 1 and (config.async_scheduling if config.async_scheduling is not None
                                            else self.executor.supports_overlap)
         self._launched: _Launched | None = None
+        self._replicas_busy = False  # another replica sharing the MoE layers ran the last step
         self._completing: _Launched | None = None  # the step ``step()`` is reading (kept for ``fail_all``)
         self._blocks_sent: dict[str, int] = {}  # requests the ranks know -> length of the table sent
         self._departed: list[str] = []  # requests the ranks may forget (told in the next plan)
@@ -308,7 +311,14 @@ class LLMEngine:
         return failed
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._launched is not None
+        """Work of this engine's, or (replicas sharing MoE layers) another replica's still stepping."""
+        return self.scheduler.has_work() or self._launched is not None or self._replicas_busy
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether this engine steps in lockstep with other replicas (they share its MoE layers):
+        its loop must keep calling ``step`` while idle, or the others wait for it."""
+        return self.config.ep_spans_replicas
 
     # ---- the step -----------------------------------------------------------
     @torch.inference_mode()
@@ -318,7 +328,10 @@ class LLMEngine:
         if current is None:
             current = self._launch(self.scheduler.schedule(), None)
             if current is None:
+                self._replicas_busy = self.lockstep and self.executor.idle_step()
+                self.counters.expert_only_steps_total += self._replicas_busy
                 return []
+            self._replicas_busy = self.lockstep
         self._completing = current
         if self._may_overlap(current):
             ending = self._advance(current)
@@ -466,6 +479,7 @@ class LLMEngine:
                 "kv_blocks_total": kv["total"], "tokens_computed_total": c.tokens_computed_total,
                 "steps_total": c.steps_total, "preemptions_total": c.preemptions_total,
                 "overlapped_steps_total": c.overlapped_steps_total, "last_step_seconds": c.last_step_seconds,
+                "expert_only_steps_total": c.expert_only_steps_total,
                 "rank_seconds": self.executor.rank_seconds(), "lora_adapters_loaded": len(self.adapters),
                 "lora_swaps_total": self.residency.swaps_total if self.residency is not None else 0,
                 "lora_resident": sorted(self.residency.resident()) if self.residency is not None else []}
@@ -482,6 +496,8 @@ class LLMEngine:
 
 def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> Executor:
     """One rank in this process for tp = 1; a process per rank otherwise."""
+    if config.ep_spans_replicas:
+        return _replica_executor(config, source, model_config)
     if config.dp != 1:
         raise ValueError(f"dp={config.dp}: one engine is one data-parallel replica; run replicas as workers "
                          "(pdserve worker --dp N starts N of them)")
@@ -490,6 +506,20 @@ def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConf
     check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)  # NOTE: before any rank starts
     check_expert_split(model_config, config.ep)
     return MultiprocExecutor(_rank_config(config), source, model_config, config.tp, step_timeout=config.rank_timeout)
+
+
+def _replica_executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> InProcessExecutor:
+    """Replica ``dp_rank`` of ``dp`` sharing the MoE layers: joins the replicas' group first."""
+    check_expert_split(model_config, config.ep)
+    if not config.dp_port:
+        raise ValueError(f"ep={config.ep} across dp={config.dp} replicas: dp_port (where the replicas meet) is not "
+                         "set; pdserve worker --dp N --ep N sets it for the replicas it starts")
+    group = ReplicaGroup(config.dp_rank, config.dp, config.dp_port, config.rank_timeout)
+    try:
+        return InProcessExecutor(RankWorker(_rank_config(config), source, model_config, replicas=group), group)
+    except BaseException:
+        group.close()
+        raise
 
 
 def check_expert_split(model_config: ModelConfig, ep: int) -> None:

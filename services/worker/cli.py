@@ -68,18 +68,19 @@ def read_secret_file(path: str | None) -> str | None:
 def main(name: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     from pdserve.worker.config import build_worker_config
-    from pdserve.worker.replicas import check_ranks_fit
+    from pdserve.worker.replicas import check_ranks_fit, is_replica
 
     try:
         args = vars(build_parser().parse_args(argv))
         config_path = args.pop("config")
         args["cluster_secret"] = read_secret_file(args.pop("cluster_secret_file"))
         config = build_worker_config(args, os.environ, config_path)
-        check_ranks_fit(config, os.environ, os.cpu_count() or 1)
+        if config.engine.dp == 1 or not is_replica(config):  # NOTE: a replica of a group was checked by its parent
+            check_ranks_fit(config, os.environ, os.cpu_count() or 1)
     except ConfigError as exc:
         print(f"pdserve {name}: error: {exc}", file=sys.stderr)
         return 2
-    if config.engine.dp > 1:
+    if not is_replica(config):
         from pdserve.worker.replicas import run_replicas
 
         return run_replicas(argv, config, os.environ, args.get("worker_id") or os.environ.get("PDSERVE_WORKER_ID"))

@@ -5,7 +5,10 @@ runs the same command with ``--dp 1``: its own engine, scheduler and KV cache
 (with its own ``tp`` ranks), its own gRPC server and its own etcd registration, so
 the router balances over them like over any workers. Fixed ports and an explicit
 worker id get the replica index added; on CUDA replica i sees GPUs
-``[i * tp, (i + 1) * tp)`` of the visible ones.
+``[i * tp, (i + 1) * tp)`` of the visible ones. With ``--ep`` = dp x tp the replicas
+share the MoE layers: each keeps ``--dp N`` and gets ``--dp-rank i --dp-port P`` (the
+port their group meets on, picked here), so every replica's engine joins one group
+(``engine/executor/replica_group.py``); the rest is as above.
 
 Lifecycle: ``run_replicas`` starts every replica, forwards SIGTERM/SIGINT to them
 (each drains), and returns once all have exited. If one exits on its own, the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,9 +31,14 @@ from pdserve.worker.config import WorkerConfig
 log = logging.getLogger(__name__)
 
 
-def replica_argv(argv: list[str], index: int, config: WorkerConfig, worker_id: str | None) -> list[str]:
-    """``argv`` for replica ``index``: the same flags, dp 1, distinct ports and id."""
-    out = [*argv, "--dp", "1"]
+def replica_argv(argv: list[str], index: int, config: WorkerConfig, worker_id: str | None,
+                 dp_port: int = 0) -> list[str]:
+    """``argv`` for replica ``index``: the same flags, dp 1 (or, replicas sharing MoE layers,
+    its dp rank and their group's port), distinct ports and id."""
+    if config.engine.ep_spans_replicas:
+        out = [*argv, "--dp-rank", str(index), "--dp-port", str(dp_port)]
+    else:
+        out = [*argv, "--dp", "1"]
     if config.grpc_port:
         out += ["--grpc-port", str(config.grpc_port + index)]
     if config.metrics_port:
@@ -79,7 +88,9 @@ def run_replicas(argv: list[str], config: WorkerConfig, environ: Mapping[str, st
                  worker_id: str | None, poll: float = 0.2) -> int:
     """Run ``config.engine.dp`` replicas until they exit; returns the worker's exit code."""
     devices = visible_gpus(environ) if config.engine.device_type == "cuda" else []
-    procs = [subprocess.Popen([sys.executable, "-m", "pdserve", "worker", *replica_argv(argv, i, config, worker_id)],
+    port = _free_port() if config.engine.ep_spans_replicas else 0
+    procs = [subprocess.Popen([sys.executable, "-m", "pdserve", "worker",
+                               *replica_argv(argv, i, config, worker_id, port)],
                               env=replica_env(environ, i, config, devices)) for i in range(config.engine.dp)]
     stopping = False
 
@@ -102,6 +113,19 @@ def run_replicas(argv: list[str], config: WorkerConfig, environ: Mapping[str, st
     return 0 if stopping and all(p.returncode == 0 for p in procs) else (first.returncode or 1)
 
 
+def is_replica(config: WorkerConfig) -> bool:
+    """Whether this worker process is one replica (it serves) rather than the parent of dp
+    replicas (it starts them): dp 1, or a replica sharing MoE layers with its group's port set."""
+    engine = config.engine
+    return engine.dp == 1 or (engine.ep_spans_replicas and engine.dp_port > 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _stop(procs: list[subprocess.Popen], grace: float) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -114,4 +138,4 @@ def _stop(procs: list[subprocess.Popen], grace: float) -> None:
             proc.kill()
 
 
-__all__ = ["check_ranks_fit", "replica_argv", "replica_env", "run_replicas", "visible_gpus"]
+__all__ = ["check_ranks_fit", "is_replica", "replica_argv", "replica_env", "run_replicas", "visible_gpus"]

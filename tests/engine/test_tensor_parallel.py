@@ -55,7 +55,7 @@ def test_expert_parallel_ep2_matches_hf(tiny_models, kind):
 
 
 def test_expert_parallel_config_errors(tiny_models):
-    with pytest.raises(ConfigError, match="ep=2 with tp=1: ep must be 1 or equal tp"):
+    with pytest.raises(ConfigError, match="ep=2 with tp=1, dp=1: ep must be 1, tp"):
         EngineConfig(ep=2)
     with pytest.raises(ValueError, match="ep=2 needs a mixture-of-experts model; LlamaForCausalLM has no experts"):
         LLM(tiny_models["llama"], tp=2, ep=2)

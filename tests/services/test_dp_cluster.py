@@ -1,6 +1,7 @@
 """Data parallelism: `pdserve worker --dp 2` runs two replicas, each its own engine, gRPC server
 and etcd registration; the router serves through both; when one replica dies the worker stops
-the other and exits non-zero, leaving no replica behind. One engine refuses dp itself."""
+the other and exits non-zero, leaving no replica behind. One engine refuses dp itself. With
+`--ep 2` the replicas share a MoE model's experts (steps in lockstep)."""
 from __future__ import annotations
 
 import signal
@@ -10,12 +11,15 @@ import psutil
 import pytest
 from pdserve.v1 import worker_pb2
 
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
 from pdserve.worker.config import build_worker_config
 from pdserve.engine.config import ConfigError
 from pdserve.worker.replicas import check_ranks_fit, replica_argv, replica_env
+from tests.disagg.helpers import tokens_of, worker_generate
+from tests.engine.conftest import make_tiny_model
 from tests.services.cluster_fixture import local_cluster
-from tests.services.clients import http_json, live_workers, wait_for, worker_stub
+from tests.services.clients import blocks_used, http_json, live_workers, wait_for, worker_stub
 
 
 def test_replicas_get_their_own_ports_ids_and_gpus():
@@ -65,6 +69,34 @@ def test_dp2_worker_serves_through_two_replicas_and_fails_as_a_whole(tmp_path):
         assert len(replicas) == 2
         replicas[0].send_signal(signal.SIGKILL)
         wait_for(lambda: parent.proc.poll() is not None, 60.0, what="the worker to exit")
+        assert parent.proc.returncode != 0
+        wait_for(lambda: not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in replicas), 15.0,
+                 what="every replica to be gone")
+
+
+def test_dp2_ep2_replicas_share_the_experts_of_a_moe_model(tmp_path):
+    """`--dp 2 --ep 2`: two replicas, each half of the experts, their own requests and KV; each
+    answers exactly as one engine with every expert does, also when only one of them has work
+    (the other lends its experts); a dead replica fails the worker as a whole."""
+    model = make_tiny_model("mixtral", str(tmp_path))
+    prompts = [list(range(10 + 40 * i, 10 + 40 * i + 5 + 11 * i)) for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = [list(o.token_ids) for o in LLM(model, num_blocks=64).generate(prompts, params)]
+    with local_cluster(hybrid=1, model=model, log_dir=str(tmp_path / "logs"),
+                       worker_args=("--dp", "2", "--ep", "2")) as cluster:
+        workers = wait_for(lambda: live_workers(cluster.http_url) if len(live_workers(cluster.http_url)) == 2
+                           else None, 120.0, what="both replicas to register")
+        first, second = (w["grpc_address"] for w in workers)
+        assert tokens_of(worker_generate(first, prompts[0], 8)) == expected[0]  # the other replica idles
+        jobs = [(first if i % 2 else second, p) for i, p in enumerate(prompts)]
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda job: tokens_of(worker_generate(job[0], job[1], 8)), jobs))
+        assert got == expected
+        wait_for(lambda: not any(blocks_used(cluster.http_url).values()), 15.0, what="every block free")
+        parent = cluster.workers[0]
+        replicas = psutil.Process(parent.pid).children()
+        replicas[1].send_signal(signal.SIGKILL)
+        wait_for(lambda: parent.proc.poll() is not None, 90.0, what="the worker to exit")
         assert parent.proc.returncode != 0
         wait_for(lambda: not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in replicas), 15.0,
                  what="every replica to be gone")

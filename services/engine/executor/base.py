@@ -28,6 +28,10 @@ class Executor(Protocol):
     def execute(self, plan: StepPlan) -> Any:
         """Launch the step; a handle for ``collect`` when a row samples, else None."""
 
+    def idle_step(self) -> bool:
+        """A step with nothing to run here: a replica whose MoE layers other replicas share joins
+        theirs; returns whether any replica ran a step (always False without such replicas)."""
+
     def collect(self, pending: Any) -> SampleResult:
         """The sampled tokens of a launched step (waits for them)."""
 

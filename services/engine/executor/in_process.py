@@ -1,11 +1,15 @@
 """The executor of one rank in the engine's own process (tp = 1).
 
-Owns: its ``RankWorker``. Lifecycle follows the rank's: built with the model
-loaded, ``allocate`` once, then ``execute``/``collect`` per step. The engine
+Owns: its ``RankWorker``, and the ``ReplicaGroup`` of a replica sharing MoE layers with
+other replicas (closed with the executor). Lifecycle follows the rank's: built with the
+model loaded, ``allocate`` once (a replica then waits until every replica is ready), then
+``execute``/``collect`` (or ``idle_step``) per step. The engine
 talks to every executor through the same methods, so rank processes (tp > 1)
 slot in behind them without the engine changing.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,10 +18,13 @@ from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.plan import StepPlan
 from pdserve.engine.sampler import PendingSample, SampleResult
 
+if TYPE_CHECKING:
+    from pdserve.engine.executor.replica_group import ReplicaGroup
+
 
 class InProcessExecutor:
-    def __init__(self, rank: RankWorker):
-        self.rank = rank
+    def __init__(self, rank: RankWorker, replicas: ReplicaGroup | None = None, ready_timeout: float = 600.0):
+        self.rank, self.replicas, self._ready_timeout = rank, replicas, ready_timeout
 
     def block_bytes(self) -> int:
         return self.rank.block_bytes()
@@ -31,9 +38,14 @@ class InProcessExecutor:
 
     def allocate(self, num_blocks: int, max_model_len: int) -> None:
         self.rank.allocate(num_blocks, max_model_len)
+        if self.replicas is not None:
+            self.replicas.wait_for_all(self._ready_timeout)
 
     def execute(self, plan: StepPlan) -> PendingSample | None:
         return self.rank.execute(plan)
+
+    def idle_step(self) -> bool:
+        return self.rank.idle_step()
 
     def attach_layer_sender(self, sender: LayerSender) -> None:
         self.rank.attach_layer_sender(sender)
@@ -43,7 +55,10 @@ class InProcessExecutor:
         return self.rank.platform.asynchronous
 
     def close(self) -> None:
-        """Nothing to stop: the rank lives in this process."""
+        """The rank lives in this process; a replica leaves its group."""
+        if self.replicas is not None:
+            self.replicas.close()
+            self.replicas = None
 
     def collect(self, pending: PendingSample) -> SampleResult:
         return self.rank.collect(pending)

@@ -182,6 +182,9 @@ class MultiprocExecutor:
     def allocate(self, num_blocks: int, max_model_len: int) -> None:
         self._each("allocate", num_blocks, max_model_len)
 
+    def idle_step(self) -> bool:
+        return False  # NOTE: replicas share MoE layers with tp = 1 only (EngineConfig refuses more)
+
     def execute(self, plan: StepPlan) -> _Launched | None:
         self._send_all("execute", plan)
         if not any(r.samples for r in plan.rows):
@@ -281,16 +284,29 @@ class MultiprocExecutor:
             status, value = conn.recv()
         except (EOFError, OSError):
             self._fail(f"rank {rank} exited with code {proc.exitcode}")
-        if status == "error":
-            self._fail(self._dead_rank() or self._stuck_ranks(rank, value) or value)
+        if status == "error":  # NOTE: the reporter itself exits after reporting: its own message is the cause
+            self._fail(self._dead_rank(skip=rank) or self._stuck_ranks(rank, value) or value)
         return value
 
-    def _dead_rank(self) -> str | None:
-        """A rank that has exited: the cause when the others report broken collectives."""
+    def _dead_rank(self, skip: int | None = None) -> str | None:
+        """A rank (other than ``skip``) that has exited: the cause when the others report broken
+        collectives."""
         time.sleep(0.2)  # NOTE: the survivors' collective fails as the dead rank's exit is being reaped
         for rank, proc in enumerate(self._procs):
-            if not proc.is_alive():
-                return f"rank {rank} exited with code {proc.exitcode}"
+            if rank != skip and not proc.is_alive():
+                return self._last_words(rank) or f"rank {rank} exited with code {proc.exitcode}"
+        return None
+
+    def _last_words(self, rank: int) -> str | None:
+        """The error an exited rank reported before leaving, if it did."""
+        conn = self._conns[rank]
+        try:
+            while conn.poll(0):
+                status, value = conn.recv()
+                if status == "error":
+                    return value
+        except (EOFError, OSError):
+            pass
         return None
 
     def _stuck_ranks(self, reporter: int, error: str) -> str | None:

@@ -14,9 +14,13 @@ already: the graphs hold the adapter kernels) -> ``execute(plan)`` per step (app
 the plan's request changes and adapter swaps, writes each token's adapter slot,
 tells the KV connector's layer sender which rows run, runs the model, launches
 sampling) and ``collect(pending)`` (waits for that step's tokens) -> ``forget_all()`` after a
-failed step. Only a rank that samples (rank 0) returns tokens.
+failed step. Only a rank that samples (rank 0) returns tokens. A replica whose MoE layers
+are shared with other replicas (``ReplicaGroup``) starts every step with the group's
+handshake, and steps with ``idle_step()`` when its engine has nothing to run.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import contextlib
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ from pdserve.common.kv_compat import rank_agent_name
 from pdserve.engine.kv_connector import LayerSender
 from pdserve.engine.kv_connector.rank_side import RankKVEndpoint
 from pdserve.engine.layers import Communicator, LayerContext, SingleRank, prepare_weights
+from pdserve.engine.layers.moe import FusedMoE
 from pdserve.engine.lora import AdapterSlots, load_peft_adapter
 from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from pdserve.engine.models.loader import load_model
@@ -41,6 +46,9 @@ from pdserve.engine.plan import KVSendOrder, NewRequest, StepPlan
 from pdserve.engine.quant import linear_methods
 from pdserve.engine.platforms import get_platform
 from pdserve.engine.sampler import PendingSample, SampleResult, Sampler
+
+if TYPE_CHECKING:
+    from pdserve.engine.executor.replica_group import ReplicaGroup
 
 
 @dataclass(frozen=True)
@@ -78,14 +86,16 @@ class RankRequest:
 
 class RankWorker:
     def __init__(self, config: RankConfig, source: ModelSource, model_config: ModelConfig,
-                 comm: Communicator | None = None):
+                 comm: Communicator | None = None, replicas: ReplicaGroup | None = None):
         self.config = config
         self.model_config = model_config
         self.platform = get_platform(config.device_type)
         self.device = self.platform.device()
+        self.replicas = replicas
+        shared = dict(ep_rank=replicas.rank, ep_comm=replicas.comm, replicas=replicas.size) if replicas else {}
         ctx = LayerContext(dtype=torch_dtype(config.dtype), tp_rank=config.tp_rank, tp_size=config.tp_size,
                            comm=comm or SingleRank(), quantization=linear_methods.for_checkpoint(model_config.quantization),
-                           ep_size=config.ep_size)
+                           ep_size=config.ep_size, **shared)
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
         self.backend = self.platform.backend(config.compiled_cpu_kernels)
         prepare_weights(self.model, self.backend)
@@ -139,6 +149,8 @@ class RankWorker:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> PendingSample | None:
         """Run the plan's forward and queue sampling for its sampling rows (None if none sample)."""
+        if self.replicas is not None:
+            self.replicas.sync(sum(len(row.token_ids) for row in plan.rows))
         self._apply(plan)
         for slot, name in plan.adapter_swaps:
             self.lora.activate(slot, name)
@@ -159,6 +171,17 @@ class RankWorker:
         pending = self.sampler.launch(logits, sampled)
         self._last_sampled = pending.tokens
         return pending
+
+    @torch.inference_mode()
+    def idle_step(self) -> bool:
+        """A step with nothing of this replica's to run: when another replica runs one, join its
+        MoE layers (their experts here serve its tokens). Returns whether any replica ran one."""
+        if self.replicas is None or not self.replicas.sync(0):
+            return False
+        for layer in self.model.modules():
+            if isinstance(layer, FusedMoE):
+                layer.join_without_tokens(self.backend)
+        return True
 
     def collect(self, pending: PendingSample) -> SampleResult:
         return self.sampler.collect(pending)

@@ -1,7 +1,8 @@
 """What a layer needs to know about its rank when it is built.
 
 Owns: ``LayerContext`` (frozen: tensor-parallel rank and size, the communicator
-of that group, the parameter dtype, a quantized checkpoint's linear methods)
+of that group, the expert-parallel rank, size and communicator, the parameter
+dtype, a quantized checkpoint's linear methods)
 and the ``Communicator`` interface layers use for their collectives.
 ``SingleRank`` is the communicator of one rank (every collective is the
 identity); the torch.distributed one lives with the rank processes that own
@@ -55,7 +56,12 @@ class LayerContext:
             (None: unquantized).
         ep_size: 1, or tp_size: the group's ranks then split the experts of MoE layers
             among them (expert parallelism; rank r holds the r-th share) instead of
-            splitting every expert's intermediate size.
+            splitting every expert's intermediate size; or tp_size x replicas: every
+            rank of ``replicas`` data-parallel replicas holds a share, and each MoE
+            layer gathers the replicas' tokens over ``ep_comm``.
+        ep_rank: this rank's share of the experts (default: tp_rank).
+        ep_comm: the collectives of the ranks that split the experts (default: comm).
+        replicas: data-parallel replicas sharing the MoE layers (1: none).
     """
 
     dtype: torch.dtype = torch.float32
@@ -64,13 +70,32 @@ class LayerContext:
     comm: Communicator = field(default_factory=SingleRank, compare=False)
     quantization: LinearMethods | None = None
     ep_size: int = 1
+    ep_rank: int | None = None
+    ep_comm: Communicator | None = field(default=None, compare=False)
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank={self.tp_rank} is outside a group of tp_size={self.tp_size}")
-        if self.ep_size not in (1, self.tp_size):
-            raise ValueError(f"ep={self.ep_size} must be 1 or equal tp={self.tp_size}: the ranks of one worker "
-                             "share its MoE layers")
+        if self.ep_size not in (1, self.tp_size, self.tp_size * self.replicas):
+            raise ValueError(f"ep={self.ep_size} must be 1, tp={self.tp_size} or tp x {self.replicas} replicas: "
+                             "the ranks that share the MoE layers")
+        if self.ep_size > 1 and not 0 <= self.expert_rank < self.ep_size:
+            raise ValueError(f"ep_rank={self.ep_rank} is outside ep={self.ep_size}")
+
+    @property
+    def expert_rank(self) -> int:
+        """This rank's share of the experts (with ep > 1)."""
+        return self.tp_rank if self.ep_rank is None else self.ep_rank
+
+    @property
+    def expert_comm(self) -> Communicator:
+        """The collectives of the ranks that split the experts."""
+        return self.comm if self.ep_comm is None else self.ep_comm
+
+    @property
+    def experts_span_replicas(self) -> bool:
+        return self.replicas > 1 and self.ep_size == self.tp_size * self.replicas
 
 
 def divide(total: int, parts: int, what: str) -> int:

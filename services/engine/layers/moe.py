@@ -9,10 +9,15 @@ size ``I``: gate_up is column-split, down row-split, and the partial sums are
 all-reduced, as a dense MLP's are. With ep (= tp) each rank holds whole experts, a
 ``E / ep`` share; every rank has every token (attention's output is all-reduced),
 so each computes the (token, expert) pairs of its own experts and the all-reduce
-combines them. The grouped expert computation is the backend's
-``fused_moe`` (Triton on CUDA, the torch reference elsewhere).
+combines them. With ep across dp replicas (ep = dp, tp = 1) each replica has only its
+own tokens: a layer gathers every replica's tokens and routing (padded to the
+longest), computes its experts' pairs among all of them, sums the replicas' outputs
+and keeps its own rows; a replica with no tokens this step still joins
+(``join_without_tokens``), since the others need its experts. The grouped expert
+computation is the backend's ``fused_moe`` (Triton on CUDA, the torch reference elsewhere).
 
-Lifecycle: built from a ``LayerContext``; weights loaded once; then only ``forward``.
+Lifecycle: built from a ``LayerContext``; weights loaded once; then only ``forward``
+(every replica calls it for every MoE layer of a step, in layer order).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ class FusedMoE(nn.Module):
         if ep > 1 and num_experts % ep:
             raise ValueError(f"ep={ep} must divide the number of experts ({num_experts})")
         self.local_experts = num_experts // ep
-        self.first_expert = ctx.tp_rank * self.local_experts if ep > 1 else 0
+        self.first_expert = ctx.expert_rank * self.local_experts if ep > 1 else 0
         self.inter = intermediate_size if ep > 1 else divide(intermediate_size, ctx.tp_size,
                                                              "expert intermediate size")
         self.w13 = nn.Parameter(torch.empty(self.local_experts, 2 * self.inter, hidden_size, dtype=ctx.dtype),
@@ -56,11 +61,38 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor, be: Backend) -> torch.Tensor:
         weights, ids = route(router_logits, self.top_k, self.renormalize)
+        if self.ctx.experts_span_replicas:
+            return self._across_replicas(x, weights, ids, be)
         if self.ctx.ep_size > 1:
             out = self._own_experts(x, weights, ids, be)
         else:
             out = be.fused_moe(x, self.w13, self.w2, weights, ids)
         return self.ctx.comm.all_reduce(out) if self.ctx.tp_size > 1 else out
+
+    def join_without_tokens(self, be: Backend) -> None:
+        """This replica has no tokens this step: compute its experts' share of the others'."""
+        empty = torch.empty(0, self.hidden_size, dtype=self.w13.dtype, device=self.w13.device)
+        self.forward(empty, torch.empty(0, self.num_experts, dtype=empty.dtype, device=empty.device), be)
+
+    def _across_replicas(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                         be: Backend) -> torch.Tensor:
+        """Every replica's tokens through this rank's experts; this replica's rows of the sum.
+
+        NOTE: the token counts are read on the host; expert parallelism across replicas runs on
+        CPU ranks for now."""
+        comm = self.ctx.expert_comm
+        counts = comm.all_gather(torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device), 0).tolist()
+        longest = max(counts)
+        if longest == 0:
+            return x
+        pad = longest - x.shape[0]
+        # padding rows route to expert E, which no rank holds: they get no pairs
+        x_all = comm.all_gather(nn.functional.pad(x, (0, 0, 0, pad)), 0)
+        w_all = comm.all_gather(nn.functional.pad(weights, (0, 0, 0, pad)), 0)
+        ids_all = comm.all_gather(nn.functional.pad(ids, (0, 0, 0, pad), value=self.num_experts), 0)
+        out = comm.all_reduce(self._own_experts(x_all, w_all, ids_all, be))
+        mine = self.ctx.expert_rank * longest
+        return out[mine:mine + x.shape[0]]
 
     def _own_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, be: Backend) -> torch.Tensor:
         """This rank's experts' share: its (token, expert) pairs, one pair per row.
