@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels import activation, attention, gemv, int8, kv_store, lora, moe, norm, rotary
+from pdserve.kernels import activation, attention, gemv, int8, int8_gemv, kv_store, lora, moe, norm, rotary
 from pdserve.engine.backends.base import AttentionMetadata, LoRAMapping, rotary_then_store
+
+GEMV_MAX_ROWS = 2  # int8 rows at or below which the W8A8 linear runs the dp4a GEMV
 
 
 class TritonBackend:
@@ -74,6 +76,8 @@ class TritonBackend:
 
     def int8_linear(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        if q.shape[0] <= GEMV_MAX_ROWS:  # NOTE: dp4a GEMV streams the weight faster at 1-2 rows (kernels/int8_gemv.py)
+            return int8_gemv.int8_gemv(q, q_scale, weight, weight_scale, bias, out_dtype)
         return int8.int8_gemm(q, q_scale, weight, weight_scale, bias, out_dtype)
 
     def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
