@@ -16,7 +16,7 @@ device memory instead (``DeviceFeed``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -60,13 +60,14 @@ class ModelRunner:
         self.config = config
         self.graphs: DecodeGraphs | None = None
 
-    def capture_graphs(self) -> None:
-        """Capture one decode graph per configured batch size (no-op without sizes)."""
+    def capture_graphs(self, adapters: Callable[[], ContextManager[None]] | None = None) -> None:
+        """Capture one decode graph per configured batch size (no-op without sizes); with LoRA
+        (``adapters``: the context its kernels are captured in) also one without them."""
         if not self.config.graph_batch_sizes:
             return
         graphs = DecodeGraphs(self.model, self.kv_cache, self.backend, self.platform, self.device,
                               self.config.graph_batch_sizes, self.config.block_size, self.config.max_model_len)
-        graphs.capture()
+        graphs.capture(adapters)
         self.graphs = graphs
 
     def _upload(self, arr: np.ndarray) -> torch.Tensor:
@@ -95,13 +96,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, rows: tuple[PlannedRow, ...], block_tables: list[list[int]],
-                on_layer_done: LayerHook | None = None, feed: DeviceFeed | None = None) -> torch.Tensor:
-        """Logits [S, vocab] (float32) for the rows that sample this step, in order."""
+                on_layer_done: LayerHook | None = None, feed: DeviceFeed | None = None,
+                adapters: bool = True) -> torch.Tensor:
+        """Logits [S, vocab] (float32) for the rows that sample this step, in order
+        (``adapters``: False when no row has a LoRA adapter)."""
         bs = self.config.block_size
         padded = self._graph_size(rows) if on_layer_done is None else 0
         if padded:
             batch = build_host_batch(rows, block_tables, bs, pad_to=padded)
-            return self.graphs.run(batch, len(rows), feed, self._upload)
+            return self.graphs.run(batch, len(rows), feed, self._upload, adapters)
         batch = build_host_batch(rows, block_tables, bs)
         max_q = max(s.num_new for s in rows)
         max_seq = max(s.start + s.num_new for s in rows)

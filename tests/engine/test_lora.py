@@ -175,7 +175,8 @@ def test_more_adapters_than_device_slots_swap_in_by_lru(tiny_models, adapters):
 def test_adapters_in_padded_decode_graphs_on_the_triton_backend(tiny_models, adapters):
     """Every linear layer is wrapped before the graphs are captured, so the graphs hold the
     LoRA kernels; each replay reads the step's slots (padding rows: -1) from the buffer the
-    rank wrote. 7 rows of three adapters and the base model, in the graph of 8."""
+    rank wrote. 7 rows of three adapters and the base model, in the graph of 8; a batch of
+    base-model rows only replays the graph captured without the LoRA kernels."""
     base = tiny_models["llama"]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     names = [None, *adapters]
@@ -187,11 +188,15 @@ def test_adapters_in_padded_decode_graphs_on_the_triton_backend(tiny_models, ada
     engine, rank = llm.engine, llm.engine.executor.rank
     cfg = RunnerConfig(engine.config.block_size, engine.max_model_len, graph_batch_sizes(8))
     rank.runner = ModelRunner(rank.model, engine.kv_cache, TritonBackend(), ReplayPlatform(), engine.device, cfg)
-    with rank.lora.capturing():
-        rank.runner.capture_graphs()
+    rank.runner.capture_graphs(rank.lora.capturing)
     replays = []
-    for size, (graph, _) in rank.runner.graphs.graphs.items():
-        graph.replay = (lambda g=graph, size=size: (replays.append(size), type(g).replay(g)))
+    for kind, graphs in (("lora", rank.runner.graphs.graphs), ("plain", rank.runner.graphs.plain)):
+        for size, (graph, _) in graphs.items():
+            graph.replay = (lambda g=graph, key=(kind, size): (replays.append(key), type(g).replay(g)))
     got = llm.generate(prompts, params, adapter=per_prompt)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
-    assert replays and set(replays) == {8}
+    assert replays and set(replays) == {("lora", 8)}
+    replays.clear()  # base-model rows only: the graphs captured without the LoRA kernels
+    base_only = llm.generate(prompts[:3], params)
+    assert [o.token_ids for o in base_only] == [o.token_ids for o in LLM(base, num_blocks=64).generate(prompts[:3], params)]
+    assert replays and set(replays) == {("plain", 4)}

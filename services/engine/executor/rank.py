@@ -10,7 +10,8 @@ the last step it sampled (inputs of an overlapped next step).
 Lifecycle: ``RankWorker(config, ...)`` loads the model -> ``block_bytes`` /
 ``blocks_that_fit`` size the cache -> ``allocate(num_blocks, max_model_len)``
 allocates the shard and captures graphs (with LoRA on, every linear layer is wrapped
-already: the graphs hold the adapter kernels) -> ``execute(plan)`` per step (applies
+already: each size is captured with the adapter kernels, and without them for steps
+where no row has an adapter) -> ``execute(plan)`` per step (applies
 the plan's request changes and adapter swaps, writes each token's adapter slot,
 tells the KV connector's layer sender which rows run, runs the model, launches
 sampling) and ``collect(pending)`` (waits for that step's tokens) -> ``forget_all()`` after a
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,8 +134,7 @@ class RankWorker:
         graphs = self.platform.supports_graphs and c.graphs
         runner_cfg = RunnerConfig(c.block_size, max_model_len, graph_batch_sizes(c.max_batch_size) if graphs else ())
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.platform, self.device, runner_cfg)
-        with self.lora.capturing() if self.lora is not None else contextlib.nullcontext():
-            self.runner.capture_graphs()
+        self.runner.capture_graphs(self.lora.capturing if self.lora is not None else None)
 
     def _adapter_slots(self, dtype: torch.dtype) -> AdapterSlots:
         """LoRA slots (every linear layer wrapped now, before the graphs are captured) with room
@@ -164,7 +163,8 @@ class RankWorker:
         hook = None
         if self.layer_sender is not None:
             hook = self.layer_sender.begin_step(plan.rows, tables, [r.kv_send for r in reqs])
-        logits = self.runner.execute(plan.rows, tables, hook, self._feed(plan))
+        adapters = self.lora is not None and self.lora.active
+        logits = self.runner.execute(plan.rows, tables, hook, self._feed(plan), adapters)
         sampled = [req for row, req in zip(plan.rows, reqs) if row.samples]
         if not sampled or not self.config.samples:
             return None

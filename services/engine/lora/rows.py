@@ -54,6 +54,11 @@ class StepRows:
             raise ValueError(f"{num_tokens} rows, but the slot buffers hold {self.max_tokens}")
         return self._view(self._buffer, self.max_tokens, num_tokens)
 
+    @property
+    def active(self) -> bool:
+        """Whether some token of the step has an adapter."""
+        return self._step is not None
+
     @torch.inference_mode()
     def write(self, token_slots: torch.Tensor) -> None:
         """This step's slot per token (host int32 [n], -1 = the base model)."""

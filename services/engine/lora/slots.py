@@ -119,6 +119,11 @@ class AdapterSlots:
         """The slot of adapter ``name`` (-1: the base model); KeyError when not resident."""
         return -1 if name is None else self._slot[name]
 
+    @property
+    def active(self) -> bool:
+        """Whether some token of the current step has an adapter."""
+        return self.rows.active
+
     def capturing(self) -> contextlib.AbstractContextManager[None]:
         """Context of the decode graphs' capture: the wrapped layers launch their kernels."""
         return self.rows.capturing()
