@@ -102,9 +102,6 @@ class EngineConfig:
         return self.dp > 1 and self.ep == self.dp * self.tp
 
     def _check_replica_group(self) -> None:
-        if self.tp != 1:
-            raise ConfigError(f"ep={self.ep} across dp={self.dp} replicas with tp={self.tp}: the replicas share "
-                              "MoE layers with tp=1 in this version")
         if self.device_type != "cpu":
             raise ConfigError(f"ep={self.ep} across dp={self.dp} replicas with device_type={self.device_type!r}: "
                               "runs on cpu in this version")

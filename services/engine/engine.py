@@ -514,6 +514,10 @@ def _replica_executor(config: EngineConfig, source: ModelSource, model_config: M
     if not config.dp_port:
         raise ValueError(f"ep={config.ep} across dp={config.dp} replicas: dp_port (where the replicas meet) is not "
                          "set; pdserve worker --dp N --ep N sets it for the replicas it starts")
+    if config.tp > 1:  # NOTE: each rank process joins the replicas' group itself
+        check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)
+        return MultiprocExecutor(_rank_config(config), source, model_config, config.tp,
+                                 step_timeout=config.rank_timeout)
     group = ReplicaGroup(config.dp_rank, config.dp, config.dp_port, config.rank_timeout)
     try:
         return InProcessExecutor(RankWorker(_rank_config(config), source, model_config, replicas=group), group)
@@ -536,4 +540,12 @@ def _rank_config(config: EngineConfig) -> RankConfig:
                       max_batch_size=config.max_batch_size, graphs=not config.enforce_eager,
                       max_step_tokens=config.max_prefill_tokens,
                       enable_lora=lora, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
-                      compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed, ep_size=config.ep)
+                      compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed, ep_size=config.ep,
+                      **_replica_fields(config))
+
+
+def _replica_fields(config: EngineConfig) -> dict:
+    """This replica's place among the replicas sharing the MoE layers (none: the defaults)."""
+    if not config.ep_spans_replicas:
+        return {}
+    return dict(dp_rank=config.dp_rank, dp_size=config.dp, dp_port=config.dp_port)

@@ -1,6 +1,6 @@
-"""Expert parallelism across data-parallel replicas (ep = dp = 2, tp = 1) on the CPU: two replica
-engines in two processes, each with its own requests and KV cache, share the MoE layers over
-gloo (each holds half of the experts). Every replica's greedy tokens equal Hugging Face's
+"""Expert parallelism across data-parallel replicas (ep = dp x tp) on the CPU: two replica
+engines in two processes (with tp = 2: each with two rank processes), each with its own
+requests and KV cache, share the MoE layers over gloo (each rank holds 1/ep of the experts). Every replica's greedy tokens equal Hugging Face's
 (float32), also when one replica runs out of work early and only lends its experts, through
 chunked prefill and prefix-cache hits; KV blocks all free at the end; no process left."""
 from __future__ import annotations
@@ -24,12 +24,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _replica(path: str, rank: int, port: int, rounds: list[list[list[int]]], params: list[SamplingParams],
+def _replica(path: str, rank: int, port: int, tp: int, rounds: list[list[list[int]]], params: list[SamplingParams],
              out: mp.Queue) -> None:
     """One replica: generate each round of prompts, then report the tokens, the KV blocks still
     used and its expert-only steps."""
     try:
-        llm = LLM(path, dp=2, ep=2, dp_rank=rank, dp_port=port, num_blocks=64, max_prefill_tokens=24)
+        llm = LLM(path, tp=tp, dp=2, ep=2 * tp, dp_rank=rank, dp_port=port, num_blocks=64, max_prefill_tokens=24)
         try:
             got = [[o.token_ids for o in llm.generate(prompts, p)] for prompts, p in zip(rounds, params)]
             stats = llm.engine.stats()
@@ -41,11 +41,11 @@ def _replica(path: str, rank: int, port: int, rounds: list[list[list[int]]], par
 
 
 def _run_replicas(path: str, rounds: dict[int, list[list[list[int]]]], params: dict[int, list[SamplingParams]],
-                  timeout: float = 240) -> dict:
+                  tp: int = 1, timeout: float = 240) -> dict:
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_replica, args=(path, r, port, rounds[r], params.get(r, [GREEDY] * len(rounds[r])), out))
-             for r in (0, 1)]
+    procs = [ctx.Process(target=_replica, args=(path, r, port, tp, rounds[r], params.get(r, [GREEDY] * len(rounds[r])),
+                                                out)) for r in (0, 1)]
     for p in procs:
         p.start()
     try:
@@ -63,8 +63,8 @@ def _run_replicas(path: str, rounds: dict[int, list[list[list[int]]]], params: d
     return results
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_replicas_sharing_experts_match_hf(tiny_models, kind):
+@pytest.mark.parametrize("kind,tp", [("mixtral", 1), ("qwen2_moe", 1), ("qwen3_moe", 1), ("mixtral", 2)])
+def test_replicas_sharing_experts_match_hf(tiny_models, kind, tp):
     from transformers import AutoModelForCausalLM
 
     path = tiny_models[kind]
@@ -75,7 +75,7 @@ def test_replicas_sharing_experts_match_hf(tiny_models, kind):
     # that ends early, so it idles (lending its experts) while replica 0 still runs
     rounds = {0: [prompts[:3], prompts[1:3]], 1: [prompts[3:], [prompts[4][:1]]]}
     expected_short = hf_greedy(hf, [prompts[4][:1]], 3)
-    results = _run_replicas(path, rounds, params={1: [GREEDY, SamplingParams(max_tokens=3, temperature=0.0)]})
+    results = _run_replicas(path, rounds, params={1: [GREEDY, SamplingParams(max_tokens=3, temperature=0.0)]}, tp=tp)
     for rank in (0, 1):
         got, (used, _) = results[rank]
         assert not isinstance(got, str), f"replica {rank}: {got}"
@@ -90,8 +90,8 @@ def test_replica_config_errors(tiny_models):
         EngineConfig(dp=2, ep=4)
     with pytest.raises(ConfigError, match="dp_rank"):
         EngineConfig(dp=2, ep=2, dp_rank=2)
-    with pytest.raises(ConfigError, match="tp=1 in this version"):
-        EngineConfig(dp=2, tp=2, ep=4)
+    with pytest.raises(ConfigError, match="runs on cpu in this version"):
+        EngineConfig(dp=2, ep=2, device_type="cuda")
     with pytest.raises(ValueError, match="dp_port .* is not set"):
         LLM(tiny_models["mixtral"], dp=2, ep=2)
     with pytest.raises(ValueError, match="needs a mixture-of-experts model"):

@@ -2,7 +2,7 @@
 
 Owns: its ``RankWorker``, and the ``ReplicaGroup`` of a replica sharing MoE layers with
 other replicas (closed with the executor). Lifecycle follows the rank's: built with the
-model loaded, ``allocate`` once (a replica then waits until every replica is ready), then
+model loaded, ``allocate`` once (a replica's rank then waits until every replica is ready), then
 ``execute``/``collect`` (or ``idle_step``) per step. The engine
 talks to every executor through the same methods, so rank processes (tp > 1)
 slot in behind them without the engine changing.
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 
 class InProcessExecutor:
-    def __init__(self, rank: RankWorker, replicas: ReplicaGroup | None = None, ready_timeout: float = 600.0):
-        self.rank, self.replicas, self._ready_timeout = rank, replicas, ready_timeout
+    def __init__(self, rank: RankWorker, replicas: ReplicaGroup | None = None):
+        self.rank, self.replicas = rank, replicas
 
     def block_bytes(self) -> int:
         return self.rank.block_bytes()
@@ -38,8 +38,6 @@ class InProcessExecutor:
 
     def allocate(self, num_blocks: int, max_model_len: int) -> None:
         self.rank.allocate(num_blocks, max_model_len)
-        if self.replicas is not None:
-            self.replicas.wait_for_all(self._ready_timeout)
 
     def execute(self, plan: StepPlan) -> PendingSample | None:
         return self.rank.execute(plan)

@@ -69,11 +69,18 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
     from pdserve.engine.executor.rank import RankWorker
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
-                            timeout=timedelta(seconds=collective_timeout))
+    replicas = None
+    if config.dp_size > 1:  # NOTE: the replicas share MoE layers: one group of every replica's ranks
+        from pdserve.engine.executor.replica_group import ReplicaGroup
+
+        replicas = ReplicaGroup(config.dp_rank, config.dp_size, config.dp_port, collective_timeout, rank, tp)
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
+                                timeout=timedelta(seconds=collective_timeout))
     try:
-        comm = ProcessGroupComm()
-        worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config, comm)
+        comm = replicas.tp_comm if replicas is not None else ProcessGroupComm()
+        worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config, comm,
+                            replicas)
         conn.send(("ready", None))
         _serve(worker, comm, conn, kv_conn)
     except Exception as exc:  # NOTE: reported to the engine, which fails the group
@@ -180,10 +187,13 @@ class MultiprocExecutor:
         return self._all("cache_tokens_per_seq")
 
     def allocate(self, num_blocks: int, max_model_len: int) -> None:
-        self._each("allocate", num_blocks, max_model_len)
+        # NOTE: replicas sharing MoE layers wait there for each other: the start-up timeout applies
+        self._send_all("allocate", num_blocks, max_model_len)
+        for rank in range(len(self._conns)):
+            self._receive(rank, self._timeout)
 
     def idle_step(self) -> bool:
-        return False  # NOTE: replicas share MoE layers with tp = 1 only (EngineConfig refuses more)
+        return self._all("idle_step")
 
     def execute(self, plan: StepPlan) -> _Launched | None:
         self._send_all("execute", plan)

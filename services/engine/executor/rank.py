@@ -63,7 +63,12 @@ class RankConfig:
     seed: int
     tp_rank: int = 0
     tp_size: int = 1
-    ep_size: int = 1  # 1, or tp_size: the ranks split the experts of MoE layers
+    ep_size: int = 1  # 1, tp_size, or tp_size x dp_size: the ranks split the experts of MoE layers
+    # dp_size > 1: replica dp_rank of dp_size sharing the MoE layers; their group meets on dp_port
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_port: int = 0
+    ready_timeout: float = 600.0  # seconds the replicas may take to be ready together
     max_step_tokens: int = 2048  # the most tokens one step computes (the scheduler's max_prefill_tokens)
     enable_lora: bool = False
     max_loras: int = 4
@@ -92,7 +97,7 @@ class RankWorker:
         self.platform = get_platform(config.device_type)
         self.device = self.platform.device()
         self.replicas = replicas
-        shared = dict(ep_rank=replicas.rank, ep_comm=replicas.comm, replicas=replicas.size) if replicas else {}
+        shared = dict(ep_rank=replicas.expert_rank, ep_comm=replicas.comm, replicas=replicas.size) if replicas else {}
         ctx = LayerContext(dtype=torch_dtype(config.dtype), tp_rank=config.tp_rank, tp_size=config.tp_size,
                            comm=comm or SingleRank(), quantization=linear_methods.for_checkpoint(model_config.quantization),
                            ep_size=config.ep_size, **shared)
@@ -135,6 +140,8 @@ class RankWorker:
         runner_cfg = RunnerConfig(c.block_size, max_model_len, graph_batch_sizes(c.max_batch_size) if graphs else ())
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.platform, self.device, runner_cfg)
         self.runner.capture_graphs(self.lora.capturing if self.lora is not None else None)
+        if self.replicas is not None:
+            self.replicas.wait_for_all(c.ready_timeout)
 
     def _adapter_slots(self, dtype: torch.dtype) -> AdapterSlots:
         """LoRA slots (every linear layer wrapped now, before the graphs are captured) with room

@@ -9,10 +9,11 @@ size ``I``: gate_up is column-split, down row-split, and the partial sums are
 all-reduced, as a dense MLP's are. With ep (= tp) each rank holds whole experts, a
 ``E / ep`` share; every rank has every token (attention's output is all-reduced),
 so each computes the (token, expert) pairs of its own experts and the all-reduce
-combines them. With ep across dp replicas (ep = dp, tp = 1) each replica has only its
+combines them. With ep across dp replicas (ep = dp x tp) each replica has only its
 own tokens: a layer gathers every replica's tokens and routing (padded to the
-longest), computes its experts' pairs among all of them, sums the replicas' outputs
-and keeps its own rows; a replica with no tokens this step still joins
+longest; with tp > 1 each replica's from its first rank, its other ranks holding the
+same), computes its experts' pairs among all of them, sums every rank's outputs and
+keeps its replica's rows; a replica with no tokens this step still joins
 (``join_without_tokens``), since the others need its experts. The grouped expert
 computation is the backend's ``fused_moe`` (Triton on CUDA, the torch reference elsewhere).
 
@@ -80,18 +81,21 @@ class FusedMoE(nn.Module):
 
         NOTE: the token counts are read on the host; expert parallelism across replicas runs on
         CPU ranks for now."""
-        comm = self.ctx.expert_comm
+        comm, tp = self.ctx.expert_comm, self.ctx.tp_size
         counts = comm.all_gather(torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device), 0).tolist()
         longest = max(counts)
         if longest == 0:
             return x
         pad = longest - x.shape[0]
+
+        def gathered(t: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+            """Every replica's rows (from each one's first rank), [replicas * longest, ...]."""
+            every = comm.all_gather(nn.functional.pad(t, (0, 0, 0, pad), value=value), 0)
+            return every.view(-1, longest, *t.shape[1:])[::tp].reshape(-1, *t.shape[1:])
         # padding rows route to expert E, which no rank holds: they get no pairs
-        x_all = comm.all_gather(nn.functional.pad(x, (0, 0, 0, pad)), 0)
-        w_all = comm.all_gather(nn.functional.pad(weights, (0, 0, 0, pad)), 0)
-        ids_all = comm.all_gather(nn.functional.pad(ids, (0, 0, 0, pad), value=self.num_experts), 0)
-        out = comm.all_reduce(self._own_experts(x_all, w_all, ids_all, be))
-        mine = self.ctx.expert_rank * longest
+        ids_all = gathered(ids, value=self.num_experts)
+        out = comm.all_reduce(self._own_experts(gathered(x), gathered(weights), ids_all, be))
+        mine = self.ctx.expert_rank // tp * longest
         return out[mine:mine + x.shape[0]]
 
     def _own_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, be: Backend) -> torch.Tensor:
