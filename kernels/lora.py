@@ -37,11 +37,11 @@ row blocks more of the card (at most 16, each at least 512 columns of K); an exp
 program walks 256 columns (512 where N > 8192) in tiles of 128.
 
 Measured on an H100 (2026-12-06, bf16, rank 16, T = 64 over 16 / 64 adapters, 10 calls per
-CUDA graph): 10-16 / 11-24 us per call for Llama-3-8B's parts; summed over a step's 224
-(layer, part) calls 2.78 / 3.86 ms, against 2.77 / 3.73 ms for the best of 24 launch shapes
-per part (block_n 64/128, splits 2-16, 256-1024 columns per program) and 3.19 / 4.15 ms for
-the first shape tried (64-column tiles, 512 columns, at most 8 splits). A call this small
-is bound by its chain of dependent loads and its two launches, not by bytes.
+CUDA graph, Llama-3-8B's layers): 8-15 / 13-42 us per call; summed over a step's 128
+(layer) calls 1.39 / 3.21 ms, against 1.38 / 3.12 ms for the best of 24 launch shapes per
+layer (splits 4-32, block_k 64-256, 256/512 columns per program). One part per call (224
+calls) took 2.78 / 3.86 ms. A call this small is bound by its chain of dependent loads
+and its two launches more than by bytes.
 """
 from __future__ import annotations
 
