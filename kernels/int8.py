@@ -177,10 +177,7 @@ def int8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
     n = weight.shape[0]
     if q_scale.numel() != m or weight_scale.numel() != n or (bias is not None and bias.numel() != n):
         raise ValueError("q_scale needs M, weight_scale and bias N elements")
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=q.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be {(m, n)} {out_dtype} with a contiguous last dim")
+    out = out_buffer(out, m, n, out_dtype, q.device)
     if m == 0 or n == 0:
         return out
     q, weight = _rows_contiguous(q), _rows_contiguous(weight)
@@ -214,6 +211,15 @@ def int8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
 # ---- host helpers ---------------------------------------------------------------------
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def out_buffer(out: torch.Tensor | None, m: int, n: int, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The GEMM's output: ``out`` checked ([M, N] of out_dtype, contiguous rows), or a new one."""
+    if out is None:
+        return torch.empty((m, n), dtype=out_dtype, device=device)
+    if out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be {(m, n)} {out_dtype} with a contiguous last dim")
+    return out
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:

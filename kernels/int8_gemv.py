@@ -49,7 +49,7 @@ import triton.language as tl
 
 # NOTE: the epilogue and the slice-summing kernel are int8_gemm's own, so both ops round
 # identically; they are private there, shared on purpose.
-from pdserve.kernels.int8 import _epilogue, _multiprocessors, _rows_contiguous, _sum_splits_kernel
+from pdserve.kernels.int8 import _epilogue, _multiprocessors, _rows_contiguous, _sum_splits_kernel, out_buffer
 
 MAX_ROWS = 4
 _WORD = 4  # int8 values per 32-bit word
@@ -106,10 +106,7 @@ def int8_gemv(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
     ``default_gemv_config``.
     """
     m, n, k = _check_args(q, q_scale, weight, weight_scale, bias)
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=q.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be {(m, n)} {out_dtype} with a contiguous last dim")
+    out = out_buffer(out, m, n, out_dtype, q.device)
     if m == 0 or n == 0:
         return out
     base = default_gemv_config(m, n, k, q.device)

@@ -17,7 +17,7 @@ import argparse
 import itertools
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -151,11 +151,17 @@ def compile_all(with_sweep: bool) -> None:
     if with_sweep:
         todo += [(m, n, k, cfg) for m, configs in SWEEP_BUCKETS for (n, k) in SHAPES.values() for cfg in configs]
     jobs = {(m == 1, cfg, k_splits(cfg, m, n, k, dev) > 1): (m, n, k, cfg) for m, n, k, cfg in todo}
+    compile_in_parallel(_compile_one, list(jobs.values()))
+
+
+def compile_in_parallel(compile_one: Callable[[Any], None], jobs: list[Any]) -> None:
+    """``compile_one(job)`` for every job in up to 16 spawned processes (Triton's disk cache
+    keeps what they compile); a crashed compiler stops it, and the run compiles the rest."""
     ctx = torch.multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(min(16, len(jobs)), mp_context=ctx) as pool:
-            list(pool.map(_compile_one, jobs.values()))
-    except BrokenProcessPool as exc:  # a compiler crash: the run compiles the rest itself
+            list(pool.map(compile_one, jobs))
+    except BrokenProcessPool as exc:
         print(f"parallel compile stopped: {exc}", flush=True)
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, replace
 from typing import Callable, Iterator
 
@@ -33,6 +31,7 @@ import triton
 
 from pdserve.kernels.gemv import gemv
 from pdserve.kernels.int8 import int8_gemm
+from pdserve.bench.int8 import compile_in_parallel
 from pdserve.kernels.int8_gemv import Int8GemvConfig, default_gemv_config, gemv_k_splits, int8_gemv
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -157,12 +156,7 @@ def compile_all(jobs: list[tuple[int, int, int, Int8GemvConfig]]) -> None:
     dev = torch.device("cuda")
     unique = {(m, replace(cfg, split_k=0), gemv_k_splits(cfg, n, k, dev) > 1): (m, n, k, cfg)
               for m, n, k, cfg in jobs}
-    ctx = torch.multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(min(16, len(unique)), mp_context=ctx) as pool:
-            list(pool.map(_compile_one, unique.values()))
-    except BrokenProcessPool as exc:  # a compiler crash: the run compiles the rest itself
-        print(f"parallel compile stopped: {exc}", flush=True)
+    compile_in_parallel(_compile_one, list(unique.values()))
 
 
 def _compile_one(job: tuple[int, int, int, Int8GemvConfig]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -58,3 +58,22 @@ def check_close(seed: int) -> Callable[..., None]:
         assert err < TOLERANCE[dtype], f"{what}: relative error {err:.3e} >= {TOLERANCE[dtype]:g}, seed={seed}"
 
     return check
+
+
+def capture_without_sync(step: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``step`` once with host syncs forbidden (one raises), once on a side stream, then
+    capture it: (the graph, what the captured call returned)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out

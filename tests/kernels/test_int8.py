@@ -16,7 +16,7 @@ from pdserve.kernels.int8 import (Int8GemmConfig, int8_gemm, quant_per_token, rm
 from pdserve.kernels.reference import (int8_linear_ref, quant_per_token_ref, rms_norm_quant_ref,
                                        silu_and_mul_quant_ref)
 
-from .conftest import HAS_CUDA
+from .conftest import HAS_CUDA, capture_without_sync
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GPU = pytest.mark.gpu
@@ -224,19 +224,7 @@ def test_w8a8_cuda_graph_no_sync(device: torch.device, seed: int) -> None:
             q, scale = silu_and_mul_quant(x)
             return q, scale, int8_gemm(q, scale, w, w_scale, None, torch.bfloat16)
 
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            q, scale, out = step()
+        graph, (q, scale, out) = capture_without_sync(step)
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()

@@ -15,6 +15,7 @@ from pdserve.kernels.int8 import int8_gemm
 from pdserve.kernels.int8_gemv import Int8GemvConfig, default_gemv_config, gemv_k_splits, int8_gemv
 
 from .test_int8 import _gemm_inputs, check_gemm
+from .conftest import capture_without_sync
 
 GPU = pytest.mark.gpu
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -143,19 +144,7 @@ def test_int8_gemv_cuda_graph_no_sync(device: torch.device, seed: int) -> None:
         def step() -> torch.Tensor:
             return int8_gemv(q, q_scale, w, w_scale, bias, torch.bfloat16, split_k=split_k)
 
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture_without_sync(step)
         q.copy_(torch.randint_like(q, -127, 128))
         graph.replay()
         torch.cuda.synchronize()
