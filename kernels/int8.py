@@ -169,14 +169,7 @@ def int8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
     q_scale and weight_scale are float32 (weight_scale may be [N, 1]); bias any float dtype;
     out_dtype float32, bfloat16 or float16. ``config`` overrides ``default_gemm_config``.
     """
-    if q.dim() != 2 or weight.dim() != 2 or q.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected q [M, K] and weight [N, K], got {tuple(q.shape)} and {tuple(weight.shape)}")
-    if q.dtype != torch.int8 or weight.dtype != torch.int8:
-        raise ValueError(f"q and weight must be int8, got {q.dtype} and {weight.dtype}")
-    m, k = q.shape
-    n = weight.shape[0]
-    if q_scale.numel() != m or weight_scale.numel() != n or (bias is not None and bias.numel() != n):
-        raise ValueError("q_scale needs M, weight_scale and bias N elements")
+    m, n, k = check_gemm_args(q, q_scale, weight, weight_scale, bias)
     out = out_buffer(out, m, n, out_dtype, q.device)
     if m == 0 or n == 0:
         return out
@@ -211,6 +204,20 @@ def int8_gemm(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
 # ---- host helpers ---------------------------------------------------------------------
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def check_gemm_args(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """(M, N, K) of an int8 GEMM's operands; ValueError naming what does not fit."""
+    if q.dim() != 2 or weight.dim() != 2 or q.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected q [M, K] and weight [N, K], got {tuple(q.shape)} and {tuple(weight.shape)}")
+    if q.dtype != torch.int8 or weight.dtype != torch.int8:
+        raise ValueError(f"q and weight must be int8, got {q.dtype} and {weight.dtype}")
+    m, k = q.shape
+    n = weight.shape[0]
+    if q_scale.numel() != m or weight_scale.numel() != n or (bias is not None and bias.numel() != n):
+        raise ValueError("q_scale needs M, weight_scale and bias N elements")
+    return m, n, k
 
 
 def out_buffer(out: torch.Tensor | None, m: int, n: int, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -49,7 +49,8 @@ import triton.language as tl
 
 # NOTE: the epilogue and the slice-summing kernel are int8_gemm's own, so both ops round
 # identically; they are private there, shared on purpose.
-from pdserve.kernels.int8 import _epilogue, _multiprocessors, _rows_contiguous, _sum_splits_kernel, out_buffer
+from pdserve.kernels.int8 import (_epilogue, _multiprocessors, _rows_contiguous, _sum_splits_kernel,
+                                  check_gemm_args, out_buffer)
 
 MAX_ROWS = 4
 _WORD = 4  # int8 values per 32-bit word
@@ -125,17 +126,9 @@ def int8_gemv(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weig
 
 def _check_args(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None) -> tuple[int, int, int]:
-    if q.dim() != 2 or weight.dim() != 2 or q.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected q [M, K] and weight [N, K], got {tuple(q.shape)} and {tuple(weight.shape)}")
-    if q.dtype != torch.int8 or weight.dtype != torch.int8:
-        raise ValueError(f"q and weight must be int8, got {q.dtype} and {weight.dtype}")
-    m, k = q.shape
-    n = weight.shape[0]
-    if m > MAX_ROWS:
-        raise ValueError(f"int8_gemv takes at most {MAX_ROWS} rows, got M = {m} (int8_gemm takes any)")
-    if q_scale.numel() != m or weight_scale.numel() != n or (bias is not None and bias.numel() != n):
-        raise ValueError("q_scale needs M, weight_scale and bias N elements")
-    return m, n, k
+    if q.dim() == 2 and q.shape[0] > MAX_ROWS:
+        raise ValueError(f"int8_gemv takes at most {MAX_ROWS} rows, got M = {q.shape[0]} (int8_gemm takes any)")
+    return check_gemm_args(q, q_scale, weight, weight_scale, bias)
 
 
 def _check_config(cfg: Int8GemvConfig) -> None:
