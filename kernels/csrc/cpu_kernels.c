@@ -44,7 +44,6 @@ static inline void store_bf16(const float *src, uint16_t *dst, int n) {
 }
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define PREFETCH_BLOCKS 2  /* how far ahead in a block table the next reads are requested */
 
 ALWAYS_INLINE float dot_f32(const float *a, const float *b, int n) {
     float acc = 0.f;
@@ -145,22 +144,21 @@ static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* r[t] = sum of the 16 lanes of a[t], t = 0..15, in 45 instructions (no per-vector
- * horizontal reduction). */
-static inline __m512 reduce16(const __m512 *a) {
-    __m512 b[8], c[4];
-    for (int k = 0; k < 8; k++)
-        b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
-    for (int k = 0; k < 4; k++) {
-        __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
-        c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    __m512 f01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                               _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    __m512 f23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                               _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(f01, f23, _MM_SHUFFLE(3, 1, 3, 1)));
+/* Horizontal sums of 16 vectors without a per-vector reduction (45 instructions):
+ * reduce4 leaves the partial sums of a[0..3] in the 4 lanes of each 128-bit lane, and
+ * reduce_join(x, y) makes of two such results for tokens a0..a3 and b0..b3 one for
+ * a0..a3, b0..b3 with half as many partial sums: join(join(c0, c1), join(c2, c3)) has
+ * the 16 full sums. */
+static inline __m512 reduce4(const __m512 *a) {
+    __m512 b0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    __m512 b1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    __m512d x = _mm512_castps_pd(b0), y = _mm512_castps_pd(b1);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+
+static inline __m512 reduce_join(__m512 x, __m512 y) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 /* exp(x) for x <= 88 (0 below -100): 2^(x log2 e), degree-6 polynomial on the fraction, scalef for the
@@ -183,131 +181,266 @@ static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* Scores of up to 16 tokens (rows of k, stride tok) against one query row; lanes past
- * n are -inf. f32: FMA over D; bf16: dot products of bf16 pairs (AVX512-BF16). */
-static inline __m512 scores16_f32(const float *q, const float *k, int n, int tok, int d, float scale) {
-    __m512 acc[16];
-    for (int t = 0; t < 16; t++) {
-        acc[t] = _mm512_setzero_ps();
-        if (t < n)
-            for (int i = 0; i < d; i += 16)
-                acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + (size_t)t * tok + i), acc[t]);
-    }
-    __m512 s = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
-    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << n) - 1u), s);
+/* acc += a * b over 16 float32 lanes / 32 bf16 lanes in pairs (vectors as loaded). */
+static inline __m512 fma_f32(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
 }
 
 #if defined(__AVX512BF16__)
-static inline __m512 scores16_bf16(const uint16_t *q, const uint16_t *k, int n, int tok, int d, float scale) {
-    __m512 acc[16];
-    for (int t = 0; t < 16; t++) {
-        acc[t] = _mm512_setzero_ps();
-        if (t < n)
-            for (int i = 0; i < d; i += 32)
-                acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(q + i),
-                                          (__m512bh)_mm512_loadu_si512(k + (size_t)t * tok + i));
-    }
-    __m512 s = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
-    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << n) - 1u), s);
+static inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 #define HAVE_BF16_VEC 1
 #endif
 
-/* Up to 16 tokens of one KV head for its `group` query heads: scores, online softmax,
- * P.V into acc[group * d] (float32). */
-#define CHUNK_VEC(NAME, T, SCORES, LOADV)                                                      \
-static inline void NAME(const T *q, const T *k, const T *v, int n, int tok, int group, int d, \
-                        float scale, float *m, float *l, float *acc) {                       \
-    float p[group][16];                                                                      \
-    for (int g = 0; g < group; g++) {                                                        \
-        __m512 s = SCORES(q + (size_t)g * d, k, n, tok, d, scale);                           \
-        float mx = _mm512_reduce_max_ps(s);                                                  \
-        mx = m[g] > mx ? m[g] : mx;                                                          \
-        __m512 e = exp512(_mm512_sub_ps(s, _mm512_set1_ps(mx)));                             \
-        e = _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1u), e);                             \
-        float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);                              \
-        l[g] = l[g] * corr + _mm512_reduce_add_ps(e);                                        \
-        m[g] = mx;                                                                           \
-        _mm512_storeu_ps(p[g], e);                                                           \
-        __m512 c = _mm512_set1_ps(corr);                                                     \
-        for (int i = 0; i < d; i += 16)                                                      \
-            _mm512_storeu_ps(acc + g * d + i, _mm512_mul_ps(_mm512_loadu_ps(acc + g * d + i), c)); \
-    }                                                                                        \
-    for (int t = 0; t < n; t++)                                                              \
-        for (int i = 0; i < d; i += 16) {                                                    \
-            __m512 vv = LOADV(v + (size_t)t * tok + i);                                      \
-            for (int g = 0; g < group; g++) {                                                \
-                float *a = acc + g * d + i;                                                  \
-                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g][t]), vv, _mm512_loadu_ps(a))); \
+/* Decode rows take the cache in spans of up to SPAN_CHUNKS chunks of up to 16 tokens
+ * (a chunk never crosses a block), one online-softmax update per span and query head:
+ * per chunk, scores -> max -> exp -> sum -> rescale -> P.V is one long dependent chain,
+ * so a span puts several chunks' independent work between the updates. The query heads
+ * of a KV head go in tiles of up to 3 (HEADS_MAX) that share each K and V load. */
+#define SPAN_CHUNKS 4
+#define HEADS_MAX 3
+
+typedef struct {
+    const char *k[SPAN_CHUNKS];  /* K of the chunk's first token (head 0); V is bs tokens on */
+    int start[SPAN_CHUNKS], cnt[SPAN_CHUNKS], nch, end;  /* end: the token after the span */
+} span_t;
+
+/* The span of a sequence's cache from token p, up to token `last` (byte strides). */
+static inline void span_at(span_t *s, const char *kv, size_t stride, const int32_t *table, int bs,
+                           size_t tok_bytes, int p, int last) {
+    for (s->nch = 0; s->nch < SPAN_CHUNKS && p < last; s->nch++) {
+        int off = p % bs, c = bs - off < 16 ? bs - off : 16;
+        c = last - p < c ? last - p : c;
+        s->k[s->nch] = kv + (size_t)table[p / bs] * stride + off * tok_bytes;
+        s->start[s->nch] = p;
+        s->cnt[s->nch] = c;
+        p += c;
+    }
+    s->end = p;
+}
+
+/* Asks for a span's K and V rows into L2, `lines` cache lines per step: spread over
+ * the work of the span before it, not in one burst that fills the queues. */
+typedef struct { const char *at[2 * SPAN_CHUNKS]; size_t len[2 * SPAN_CHUNKS], done; int parts, i; } ahead_t;
+
+static inline void ahead_of(ahead_t *a, const span_t *s, size_t v_bytes, size_t tok_bytes) {
+    a->parts = a->i = 0;
+    a->done = 0;
+    for (int c = 0; c < s->nch; c++)
+        for (int kv = 0; kv < 2; kv++) {
+            a->at[a->parts] = s->k[c] + kv * v_bytes;
+            a->len[a->parts++] = s->cnt[c] * tok_bytes;
+        }
+}
+
+static inline void ahead_step(ahead_t *a, int lines) {
+    for (; lines > 0 && a->i < a->parts; lines--) {
+        __builtin_prefetch(a->at[a->i] + a->done, 0, 2);
+        a->done += 64;
+        if (a->done >= a->len[a->i]) { a->i++; a->done = 0; }
+    }
+}
+
+/* Scores of up to 16 tokens (rows of k, stride tok) against G query rows (q, d apart)
+ * into s[0..G-1]; lanes past n are -inf. Each K load serves the G rows; TOKS (4 or 8)
+ * tokens at a time keep the accumulators and the G query vectors in registers (the
+ * choices, and where the partial sums are joined, are what GCC 12 allocates without
+ * spills in the hot loop). Rows past n read token n - 1 again (never past the chunk), so
+ * the loop needs no branch. f32: FMA over D; bf16: dot products of bf16 pairs. */
+#define SCORES(NAME, T, STEP, DOT, TOKS)                                                       \
+ALWAYS_INLINE void NAME(const T *q, int d, const T *k, int n, int tok, float scale, __m512 *s, \
+                        const int G) {                                                       \
+    __m512 part[4][HEADS_MAX];                                                               \
+    for (int t0 = 0; t0 < 16; t0 += TOKS) {                                                  \
+        __m512 acc[HEADS_MAX][TOKS];                                                         \
+        const T *kt[TOKS];                                                                   \
+        for (int t = 0; t < TOKS; t++) {                                                     \
+            kt[t] = k + (size_t)(t0 + t < n ? t0 + t : n - 1) * tok;                         \
+            for (int g = 0; g < G; g++) acc[g][t] = _mm512_setzero_ps();                     \
+        }                                                                                    \
+        for (int i = 0; i < d; i += STEP) {                                                  \
+            __m512i qi[HEADS_MAX];                                                           \
+            for (int g = 0; g < G; g++) qi[g] = _mm512_loadu_si512(q + (size_t)g * d + i);   \
+            for (int t = 0; t < TOKS; t++) {                                                 \
+                __m512i kv = _mm512_loadu_si512(kt[t] + i);                                  \
+                for (int g = 0; g < G; g++) acc[g][t] = DOT(acc[g][t], qi[g], kv);           \
             }                                                                                \
         }                                                                                    \
+        for (int g = 0; g < G; g++) {                                                        \
+            part[t0 / 4][g] = reduce4(acc[g]);                                               \
+            if (TOKS == 8) part[t0 / 4][g] = reduce_join(part[t0 / 4][g], reduce4(acc[g] + 4)); \
+        }                                                                                    \
+    }                                                                                        \
+    __mmask16 keep = (__mmask16)((1u << n) - 1u);                                            \
+    for (int g = 0; g < G; g++) {                                                            \
+        __m512 sum = TOKS == 8 ? reduce_join(part[0][g], part[2][g])                         \
+                               : reduce_join(reduce_join(part[0][g], part[1][g]), reduce_join(part[2][g], part[3][g])); \
+        s[g] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, _mm512_mul_ps(sum, _mm512_set1_ps(scale))); \
+    }                                                                                        \
 }
 
-CHUNK_VEC(chunk_vec_f32, float, scores16_f32, load16_f32)
+/* One query head's online-softmax update over a span: s[c] are its scores (-inf past
+ * n[c]) and become P = exp(s - m_new) (0 past n[c]); returns exp(m_old - m_new), the
+ * factor of the old accumulator. */
+static inline float span_softmax(__m512 *s, const int *n, int nch, float *m, float *l) {
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c < nch; c++) mv = _mm512_max_ps(mv, s[c]);
+    float mx = _mm512_reduce_max_ps(mv);
+    mx = *m > mx ? *m : mx;
+    __m512 sum = _mm512_setzero_ps(), mb = _mm512_set1_ps(mx);
+    for (int c = 0; c < nch; c++) {
+        s[c] = _mm512_maskz_mov_ps((__mmask16)((1u << n[c]) - 1u), exp512(_mm512_sub_ps(s[c], mb)));
+        sum = _mm512_add_ps(sum, s[c]);
+    }
+    /* exp512, not expf: a call would spill every live vector register */
+    float corr = *m == -INFINITY ? 0.f : _mm512_cvtss_f32(exp512(_mm512_set1_ps(*m - mx)));
+    *l = *l * corr + _mm512_reduce_add_ps(sum);
+    *m = mx;
+    return corr;
+}
+
+/* Scores and softmax of a span for G query heads: e[g][c] = P of chunk c, corr[g] the
+ * factor of head g's accumulator. */
+#define SPAN_P(NAME, T, SCORES)                                                                \
+ALWAYS_INLINE void NAME(const T *q, const span_t *sp, const int *n, int nch, size_t off, int tok, \
+                        int d, float scale, float *m, float *l, __m512 (*e)[SPAN_CHUNKS],   \
+                        float *corr, const int G) {                                          \
+    for (int c = 0; c < nch; c++) {                                                          \
+        __m512 s[HEADS_MAX];                                                                 \
+        SCORES(q, d, (const T *)sp->k[c] + off, n[c], tok, scale, s, G);                     \
+        for (int g = 0; g < G; g++) e[g][c] = s[g];                                          \
+    }                                                                                        \
+    for (int g = 0; g < G; g++) corr[g] = span_softmax(e[g], n, nch, m + g, l + g);         \
+}
+
+/* A span of one KV head for its `group` query heads, in tiles of up to HEADS_MAX (2 + 2
+ * rather than 3 + 1). */
+#define HEAD_TILES(NAME, T, HEADS)                                                             \
+static void NAME(const T *q, const span_t *sp, const int *n, int nch, size_t off, size_t v_off, \
+                 int tok, int group, int d, float scale, float *m, float *l, float *acc) {   \
+    for (int g = 0; g < group;) {                                                            \
+        int left = group - g, G = left >= 3 && left != 4 ? 3 : left >= 2 ? 2 : 1;           \
+        const T *qg = q + (size_t)g * d;                                                     \
+        float *ag = acc + (size_t)g * d;                                                     \
+        if (G == 3) HEADS(qg, sp, n, nch, off, v_off, tok, d, scale, m + g, l + g, ag, 3);   \
+        else if (G == 2) HEADS(qg, sp, n, nch, off, v_off, tok, d, scale, m + g, l + g, ag, 2); \
+        else HEADS(qg, sp, n, nch, off, v_off, tok, d, scale, m + g, l + g, ag, 1);          \
+        g += G;                                                                              \
+    }                                                                                        \
+}
+
+/* A span of one KV head for G of its query heads (q: theirs, d apart): the first n[c]
+ * tokens of chunk c < nch, K at k[c] + off, V v_off elements on; acc[G * d] float32,
+ * d % 32 == 0. P.V: each V load serves the G heads, W * 16 head dims at a time. */
+#define SPAN_VEC(NAME, T, SCORES, LOADV)                                                       \
+SPAN_P(NAME##_p, T, SCORES)                                                                  \
+ALWAYS_INLINE void NAME##_pv(const span_t *sp, const int *n, int nch, size_t voff, int tok, int d, \
+                             float (*p)[SPAN_CHUNKS][16], const float *corr, float *acc,     \
+                             const int G, const int W) {                                     \
+    __m512 a[HEADS_MAX][4];                                                                  \
+    for (int g = 0; g < G; g++)                                                              \
+        for (int u = 0; u < W; u++)                                                          \
+            a[g][u] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)g * d + 16 * u), _mm512_set1_ps(corr[g])); \
+    for (int c = 0; c < nch; c++) {                                                          \
+        const T *v = (const T *)sp->k[c] + voff;                                             \
+        for (int t = 0; t < n[c]; t++) {                                                     \
+            __m512 vt[4];                                                                    \
+            for (int u = 0; u < W; u++) vt[u] = LOADV(v + (size_t)t * tok + 16 * u);         \
+            for (int g = 0; g < G; g++) {                                                    \
+                __m512 pt = _mm512_set1_ps(p[g][c][t]);                                      \
+                for (int u = 0; u < W; u++) a[g][u] = _mm512_fmadd_ps(pt, vt[u], a[g][u]);    \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    for (int g = 0; g < G; g++)                                                              \
+        for (int u = 0; u < W; u++) _mm512_storeu_ps(acc + (size_t)g * d + 16 * u, a[g][u]); \
+}                                                                                            \
+ALWAYS_INLINE void NAME##_heads(const T *q, const span_t *sp, const int *n, int nch, size_t off, \
+                                size_t v_off, int tok, int d, float scale, float *m, float *l, \
+                                float *acc, const int G) {                                   \
+    float p[HEADS_MAX][SPAN_CHUNKS][16] __attribute__((aligned(64))), corr[HEADS_MAX];       \
+    __m512 e[HEADS_MAX][SPAN_CHUNKS];                                                        \
+    NAME##_p(q, sp, n, nch, off, tok, d, scale, m, l, e, corr, G);                           \
+    for (int g = 0; g < G; g++)                                                              \
+        for (int c = 0; c < nch; c++) _mm512_store_ps(p[g][c], e[g][c]);                     \
+    int x0 = 0;                                                                              \
+    for (; x0 + 64 <= d; x0 += 64) NAME##_pv(sp, n, nch, v_off + off + x0, tok, d, p, corr, acc + x0, G, 4); \
+    if (x0 < d) NAME##_pv(sp, n, nch, v_off + off + x0, tok, d, p, corr, acc + x0, G, 2);   \
+}                                                                                            \
+HEAD_TILES(NAME, T, NAME##_heads)
+
+SCORES(scores_f32, float, 16, fma_f32, 8)
+SPAN_VEC(span_vec_f32, float, scores_f32, load16_f32)
 #ifdef HAVE_BF16_VEC
-CHUNK_VEC(chunk_vec_bf16, uint16_t, scores16_bf16, load16_bf16)
+SCORES(scores_bf16, uint16_t, 32, dot_bf16, 4)
+SPAN_VEC(span_vec_bf16, uint16_t, scores_bf16, load16_bf16)
 
-/* vp[tp][x / 16] = head dims x..x+15 of tokens 2tp and 2tp+1 as bf16 pairs (tokens past
- * n are zeros, never read): P.V then runs as dot products of bf16 pairs. */
-static inline void pair_values_bf16(const uint16_t *v, int n, int tok, int d, __m512i *vp) {
-    static const uint16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-    static const uint16_t hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+#define PAIR_PV(d) ((d) % 64 == 0 && (d) <= 256)  /* decode P.V as bf16 pairs */
+
+/* The rows' head dims back in order after the pair P.V of span_pair_bf16, which keeps
+ * each 32 dims x in the order in-lane unpacks leave them: x + {0-3, 8-11, 16-19, 24-27},
+ * then x + {4-7, 12-15, 20-23, 28-31}. */
+static void unpair_rows(float *scratch, int rows, int per, int hq, int d) {
+    static const int32_t lo[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+    static const int32_t hi[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+    if (!PAIR_PV(d)) return;
     __m512i lo_idx = _mm512_loadu_si512(lo), hi_idx = _mm512_loadu_si512(hi);
-    for (int tp = 0; tp < 8; tp++)
-        for (int x = 0; x < d; x += 32) {
-            int ta = 2 * tp, tb = 2 * tp + 1;
-            __m512i a = ta < n ? _mm512_loadu_si512(v + (size_t)ta * tok + x) : _mm512_setzero_si512();
-            __m512i b = tb < n ? _mm512_loadu_si512(v + (size_t)tb * tok + x) : _mm512_setzero_si512();
-            vp[tp * (d / 16) + x / 16] = _mm512_permutex2var_epi16(a, lo_idx, b);
-            vp[tp * (d / 16) + x / 16 + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
+    for (int r = 0; r < rows; r++)
+        for (int x = 0; x < hq * d; x += 32) {
+            float *a = scratch + (size_t)r * per + x;
+            __m512 u = _mm512_loadu_ps(a), w = _mm512_loadu_ps(a + 16);
+            _mm512_storeu_ps(a, _mm512_permutex2var_ps(u, lo_idx, w));
+            _mm512_storeu_ps(a + 16, _mm512_permutex2var_ps(u, hi_idx, w));
         }
 }
 
-/* chunk_vec_bf16 with P.V as bf16 pair dot products (P rounded to bf16, as torch's
- * bf16 attention does): V is paired once for the group's heads, the accumulators stay
- * in registers across the chunk's tokens. d % 64 == 0, d <= 256. */
-static inline void chunk_pair_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int n, int tok,
-                                   int group, int d, float scale, float *m, float *l, float *acc) {
-    __m512i vp[8 * 16];
-    pair_values_bf16(v, n, tok, d, vp);
-    __mmask16 keep = (__mmask16)((1u << n) - 1u);
-    __m512 e[group];
-    float corr[group];
-    /* stage by stage over the group's heads: each stage's chains are independent, so they
-     * overlap (one head's scores -> max -> exp -> sum -> P.V is a long dependent chain) */
-    for (int g = 0; g < group; g++) e[g] = scores16_bf16(q + (size_t)g * d, k, n, tok, d, scale);
-    for (int g = 0; g < group; g++) {
-        float mx = _mm512_reduce_max_ps(e[g]);
-        mx = m[g] > mx ? m[g] : mx;
-        e[g] = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(e[g], _mm512_set1_ps(mx))));
-        corr[g] = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);
-        m[g] = mx;
-    }
-    for (int g = 0; g < group; g++) {
-        l[g] = l[g] * corr[g] + _mm512_reduce_add_ps(e[g]);
-        int32_t pp[8];
-        _mm256_storeu_si256((__m256i *)pp, (__m256i)_mm512_cvtneps_pbh(e[g]));
-        float *ag = acc + (size_t)g * d;
-        for (int x0 = 0; x0 < d; x0 += 64) {
-            __m512 a[4];
-            for (int u = 0; u < 4; u++) a[u] = _mm512_mul_ps(_mm512_loadu_ps(ag + x0 + 16 * u), _mm512_set1_ps(corr[g]));
-            for (int tp = 0; 2 * tp < n; tp++) {
-                __m512bh pb = (__m512bh)_mm512_set1_epi32(pp[tp]);
-                for (int u = 0; u < 4; u++)
-                    a[u] = _mm512_dpbf16_ps(a[u], pb, (__m512bh)vp[tp * (d / 16) + x0 / 16 + u]);
+/* P.V of a span into 64 head dims of G heads as dot products of bf16 pairs (P rounded
+ * to bf16, as torch's bf16 attention does): tokens 2i and 2i+1 of V are paired by
+ * in-lane unpacks (head dims in unpair_rows' order) right where they are used. */
+ALWAYS_INLINE void span_pair_pv(const span_t *sp, const int *n, int nch, size_t voff, int tok, int d,
+                                int32_t (*pp)[SPAN_CHUNKS][8], const float *corr, float *acc, const int G) {
+    __m512 a[HEADS_MAX][4];
+    for (int g = 0; g < G; g++)
+        for (int u = 0; u < 4; u++)
+            a[g][u] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)g * d + 16 * u), _mm512_set1_ps(corr[g]));
+    for (int c = 0; c < nch; c++) {
+        const uint16_t *v = (const uint16_t *)sp->k[c] + voff;
+        for (int tp = 0; 2 * tp < n[c]; tp++) {
+            const uint16_t *va = v + (size_t)(2 * tp) * tok, *vb = va + tok;
+            __mmask32 kb = 2 * tp + 1 < n[c] ? ~0u : 0u;  /* V past n may be anything, even NaN */
+            __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 32);
+            __m512i b0 = _mm512_maskz_loadu_epi16(kb, vb), b1 = _mm512_maskz_loadu_epi16(kb, vb + 32);
+            __m512i w[4] = {_mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
+                            _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1)};
+            for (int g = 0; g < G; g++) {
+                __m512i pb = _mm512_set1_epi32(pp[g][c][tp]);
+                for (int u = 0; u < 4; u++) a[g][u] = dot_bf16(a[g][u], w[u], pb);
             }
-            for (int u = 0; u < 4; u++) _mm512_storeu_ps(ag + x0 + 16 * u, a[u]);
         }
     }
+    for (int g = 0; g < G; g++)
+        for (int u = 0; u < 4; u++) _mm512_storeu_ps(acc + (size_t)g * d + 16 * u, a[g][u]);
 }
 
-/* bf16 chunks: pair P.V where the head size allows, else the plain vector chunk. */
-static inline void chunk_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int n, int tok,
-                              int group, int d, float scale, float *m, float *l, float *acc) {
-    if (d % 64 == 0 && d <= 256) chunk_pair_bf16(q, k, v, n, tok, group, d, scale, m, l, acc);
-    else chunk_vec_bf16(q, k, v, n, tok, group, d, scale, m, l, acc);
+ALWAYS_INLINE void span_pair_heads(const uint16_t *q, const span_t *sp, const int *n, int nch, size_t off,
+                                   size_t v_off, int tok, int d, float scale, float *m, float *l, float *acc,
+                                   const int G) {
+    float corr[HEADS_MAX];
+    __m512 e[HEADS_MAX][SPAN_CHUNKS];
+    int32_t pp[HEADS_MAX][SPAN_CHUNKS][8] __attribute__((aligned(32)));
+    span_vec_bf16_p(q, sp, n, nch, off, tok, d, scale, m, l, e, corr, G);
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < nch; c++) _mm256_store_si256((__m256i *)pp[g][c], (__m256i)_mm512_cvtneps_pbh(e[g][c]));
+    for (int x0 = 0; x0 < d; x0 += 64) span_pair_pv(sp, n, nch, v_off + off + x0, tok, d, pp, corr, acc + x0, G);
+}
+HEAD_TILES(span_pair_bf16, uint16_t, span_pair_heads)
+
+/* bf16 spans: pair P.V where the head size allows, else the plain vector span. */
+static inline void span_bf16(const uint16_t *q, const span_t *sp, const int *n, int nch, size_t off, size_t v_off,
+                             int tok, int group, int d, float scale, float *m, float *l, float *acc) {
+    if (PAIR_PV(d)) span_pair_bf16(q, sp, n, nch, off, v_off, tok, group, d, scale, m, l, acc);
+    else span_vec_bf16(q, sp, n, nch, off, v_off, tok, group, d, scale, m, l, acc);
 }
 #endif
 
@@ -332,49 +465,74 @@ static void normalize_rows(float *scratch, int rows, int per, int hq, int d) {
 }
 
 /* A tile of consecutive query rows of one sequence, vectorized: row r attends keys
- * [0, ctx0 + r). Blocks are walked once for the whole tile (a block stays in cache
- * while every row that needs it reads it), 16 tokens at a time, every KV head.
+ * [0, ctx0 + r). The cache is walked once for the whole tile, a span at a time (it
+ * stays in cache while every row that needs it reads it), every KV head. The next span
+ * is requested into L2 spread over the current one's work; the first one all at once
+ * (its blocks are scattered, so the hardware would find them one miss at a time).
  * Scratch per row: acc[Hq*D], m[Hq], l[Hq]. Output rows are rounded to T. */
-#define ATTN_VEC_TILE(NAME, T, CHUNK, STORE)                                                    \
+#define ATTN_VEC_TILE(NAME, T, SPAN, STORE, ORDER)                                             \
 static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t *table,      \
                  int ctx0, int rows, T *out, int hq, int hkv, int d, int bs, float scale,    \
                  float *scratch) {                                                           \
     int group = hq / hkv, tok = hkv * d, per = hq * d + 2 * hq, last = ctx0 + rows - 1;       \
+    size_t tb = (size_t)tok * sizeof(T), sb = stride * sizeof(T), v_off = (size_t)bs * tok;  \
+    span_t sp, next;                                                                         \
+    ahead_t ahead;                                                                           \
     init_rows(scratch, rows, per, hq, d);                                                    \
-    for (int j = 0; j * bs < last; j++) {                                                    \
-        const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;           \
-        const char *ahead = (j + PREFETCH_BLOCKS) * bs < last                                  \
-            ? (const char *)(kv + (size_t)table[j + PREFETCH_BLOCKS] * stride) : NULL;         \
-        size_t ahead_bytes = (size_t)2 * bs * tok * sizeof(T), ahead_done = 0;               \
-        int quota = (int)(ahead_bytes / 64 / (hkv * ((bs + 15) / 16))) + 1;                   \
-        int first = j * bs + 1 - ctx0 > 0 ? j * bs + 1 - ctx0 : 0;                           \
+    span_at(&sp, (const char *)kv, sb, table, bs, tb, 0, last);                              \
+    ahead_of(&ahead, &sp, v_off * sizeof(T), tb);                                            \
+    ahead_step(&ahead, 1 << 30);                                                             \
+    while (sp.nch > 0) {                                                                     \
+        span_at(&next, (const char *)kv, sb, table, bs, tb, sp.end, last);                   \
+        ahead_of(&ahead, &next, v_off * sizeof(T), tb);                                      \
+        int first = sp.start[0] + 1 - ctx0 > 0 ? sp.start[0] + 1 - ctx0 : 0;                 \
+        int quota = (int)((next.end - sp.end) * 2 * tb / 64 / ((rows - first) * hkv)) + 1; \
         for (int r = first; r < rows; r++) {                                                 \
-            int n = ctx0 + r - j * bs < bs ? ctx0 + r - j * bs : bs;                         \
+            int n[SPAN_CHUNKS], nch = 0, seen = ctx0 + r;                                    \
+            for (; nch < sp.nch && sp.start[nch] < seen; nch++)                              \
+                n[nch] = seen - sp.start[nch] < sp.cnt[nch] ? seen - sp.start[nch] : sp.cnt[nch]; \
             float *acc = scratch + (size_t)r * per, *m = acc + hq * d, *l = m + hq;          \
-            for (int t0 = 0; t0 < n; t0 += 16) {                                             \
-                int c = n - t0 < 16 ? n - t0 : 16;                                           \
-                for (int h = 0; h < hkv; h++) {                                              \
-                    /* spread over the block's work, not in one burst that fills the queues */  \
-                    for (int x = 0; ahead && x < quota && ahead_done < ahead_bytes; x++, ahead_done += 64) \
-                        __builtin_prefetch(ahead + ahead_done, 0, 2);                         \
-                    CHUNK(q + r * sq + (size_t)h * group * d, kb + (size_t)t0 * tok + h * d, \
-                          vb + (size_t)t0 * tok + h * d, c, tok, group, d, scale,            \
-                          m + h * group, l + h * group, acc + (size_t)h * group * d);       \
-                }                                                                            \
+            for (int h = 0; h < hkv; h++) {                                                  \
+                ahead_step(&ahead, quota);                                                   \
+                SPAN(q + r * sq + (size_t)h * group * d, &sp, n, nch, (size_t)h * d, v_off, tok, \
+                     group, d, scale, m + h * group, l + h * group, acc + (size_t)h * group * d); \
             }                                                                                \
         }                                                                                    \
-        for (; ahead && ahead_done < ahead_bytes; ahead_done += 64) __builtin_prefetch(ahead + ahead_done, 0, 2); \
+        ahead_step(&ahead, 1 << 30);                                                         \
+        sp = next;                                                                           \
     }                                                                                        \
+    ORDER(scratch, rows, per, hq, d);                                                        \
     normalize_rows(scratch, rows, per, hq, d);                                               \
     for (int r = 0; r < rows; r++) STORE(scratch + (size_t)r * per, out + (size_t)r * hq * d, hq * d); \
 }
 
-ATTN_VEC_TILE(attn_vec_tile_f32, float, chunk_vec_f32, store_f32)
+static inline void in_order(float *scratch, int rows, int per, int hq, int d) {
+    (void)scratch, (void)rows, (void)per, (void)hq, (void)d;
+}
+ATTN_VEC_TILE(attn_vec_tile_f32, float, span_vec_f32, store_f32, in_order)
 #ifdef HAVE_BF16_VEC
-ATTN_VEC_TILE(attn_vec_tile_bf16, uint16_t, chunk_bf16, store_bf16)
+ATTN_VEC_TILE(attn_vec_tile_bf16, uint16_t, span_bf16, store_bf16, unpair_rows)
 #endif
 
 #ifdef HAVE_BF16_VEC
+/* vp[tp][x / 16] = head dims x..x+15 of tokens 2tp and 2tp+1 as bf16 pairs (tokens past
+ * n are zeros, never read): P.V then runs as dot products of bf16 pairs. */
+static inline void pair_values_bf16(const uint16_t *v, int n, int tok, int d, __m512i *vp) {
+    static const uint16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    static const uint16_t hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    __m512i lo_idx = _mm512_loadu_si512(lo), hi_idx = _mm512_loadu_si512(hi);
+    for (int tp = 0; tp < 8; tp++)
+        for (int x = 0; x < d; x += 32) {
+            int ta = 2 * tp, tb = 2 * tp + 1;
+            __m512i a = ta < n ? _mm512_loadu_si512(v + (size_t)ta * tok + x) : _mm512_setzero_si512();
+            __m512i b = tb < n ? _mm512_loadu_si512(v + (size_t)tb * tok + x) : _mm512_setzero_si512();
+            vp[tp * (d / 16) + x / 16] = _mm512_permutex2var_epi16(a, lo_idx, b);
+            vp[tp * (d / 16) + x / 16 + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
+        }
+}
+
 /* Four (row, head) pairs against one 16-token chunk (kt, vp as in attn_pair_tile_bf16):
  * scores, online softmax update, P.V; the four are independent, so their chains overlap. */
 static inline void pair_chunk4(const int32_t *const *qd, const __m512i *kt, const __m512i *vp,

@@ -39,7 +39,7 @@ def built(build: str):
 @pytest.mark.parametrize("name", ["decode", "mixed", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
-@pytest.mark.parametrize("head_dim", [64, 128, 80])
+@pytest.mark.parametrize("head_dim", [64, 128, 80, 96])
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_paged_attention(group: int, head_dim: int, block_size: int, dtype: torch.dtype, name: str, build: str,
                          check_close) -> None:
@@ -59,6 +59,18 @@ def test_paged_attention(group: int, head_dim: int, block_size: int, dtype: torc
                                   batch.block_tables, scale)
     check_close(out, reference(batch, scale), dtype)
 
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [2, 5, 8])
+def test_paged_attention_decode_head_tiles(group: int, dtype: torch.dtype, check_close) -> None:
+    """Decode rows take the query heads of a KV head in tiles of up to 3 (5 = 3 + 2,
+    8 = 3 + 3 + 2) and the cache in spans of several 16-token chunks."""
+    seq_lens = [1, 15, 16, 17, 63, 64, 65, 129, 300]
+    batch = make_batch([1] * len(seq_lens), seq_lens, group * 2, 2, 64, 16, dtype, torch.device("cpu"))
+    out = KERNELS.paged_attention(batch.q, batch.kv_layer, batch.query_start_loc, batch.seq_lens,
+                                  batch.block_tables, 0.125)
+    check_close(out, reference(batch, 0.125), dtype)
 
 @needs_kernels
 def test_paged_attention_refuses_what_it_cannot_read() -> None:
