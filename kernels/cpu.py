@@ -116,6 +116,8 @@ class CpuKernels:
         for suffix in _TYPES.values():
             fn = getattr(lib, f"pd_decoder_layer_{suffix}")
             fn.restype, fn.argtypes = None, [_P, _P, _P, _S]
+            fn = getattr(lib, f"pd_moe_experts_{suffix}")
+            fn.restype, fn.argtypes = None, [_P, _P, _I, _P, _S, _P, _S, _P, _P, _P, _I, _I, _I, _I]
         lib.pd_int8_prepack.restype = None
         lib.pd_int8_prepack.argtypes = [_P, _L, _I, _I, _P, _I]
         lib.pd_int8_gemm_vnni.restype = ctypes.c_int
@@ -309,6 +311,37 @@ class CpuKernels:
         portable C loop and bf16 without AVX512-BF16 are tested, not chosen)."""
         ok = weight.dim() == 2 and weight.dtype in self.linear_vec and weight.device.type == "cpu"
         return self.pack_linear_weight(weight) if ok else weight
+
+    def prepack_expert_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """What a sparse MLP should hold as its stacked experts [E, N, K] on this CPU: each expert
+        packed (``pack_linear_weight``; [E, N, KG, G]) where this build's ``linear`` for the dtype
+        is vectorized, for ``moe_experts``; else ``weights`` itself."""
+        ok = weights.dim() == 3 and weights.dtype in self.linear_vec and weights.device.type == "cpu"
+        return torch.stack([self.pack_linear_weight(w) for w in weights]) if ok else weights
+
+    @staticmethod
+    def is_packed_experts(weights: torch.Tensor) -> bool:
+        return weights.dim() == 4 and CpuKernels.is_packed_linear(weights[0])
+
+    def moe_experts(self, rows: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair's ``down(silu(gate) * up)``: rows [P, H] sorted by expert
+        (expert e's rows ``offsets[e]:offsets[e + 1]``, int32 [E + 1]), w13 / w2 from
+        ``prepack_expert_weights`` of [E, 2I, H] / [E, H, I]. Returns [P, H] in rows' dtype.
+        One call: the experts' GEMMs share one parallel region per projection."""
+        experts, inter2, _, _ = w13.shape
+        p, hidden = rows.shape
+        _require(w13.dtype == w2.dtype == rows.dtype and rows.is_contiguous() and w13.is_contiguous()
+                 and w2.is_contiguous() and w2.shape[:2] == (experts, hidden) and offsets.numel() == experts + 1
+                 and offsets.dtype == torch.int32, "moe_experts operands (see prepack_expert_weights)")
+        inter = inter2 // 2
+        h = torch.empty(p, inter2, dtype=rows.dtype)
+        act = torch.empty(p, inter, dtype=rows.dtype)
+        out = torch.empty(p, hidden, dtype=rows.dtype)
+        self._fn("moe_experts", rows.dtype)(
+            rows.data_ptr(), offsets.data_ptr(), experts, w13.data_ptr(), w13[0].numel(), w2.data_ptr(),
+            w2[0].numel(), h.data_ptr(), act.data_ptr(), out.data_ptr(), p, hidden, inter, torch.get_num_threads())
+        return out
 
     @staticmethod
     def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -1297,37 +1297,68 @@ LIN_ALL_TILES(bf16, 1)
                       LIN_ROW(SUF, 6)}
 static const lin_tile_fn LIN_TILE_FNS[2][LIN_MR][LIN_NR + 1] = {LIN_FNS(f32), LIN_FNS(bf16)};
 
+static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, const void *bias, char *out,
+                      size_t sob, int r0, int r1, int b0, int b1, int n, int k, int bf16);
+
 /* Work split: the column blocks evenly over the threads, rows too when there are fewer
- * blocks than threads (no more threads than parts wake up). Within a part, each column tile
- * runs all its row tiles before the next: its weights come from the cache after the first. */
+ * blocks than threads (no more threads than parts wake up). */
 static void linear_gemm(const char *x, long sx, const char *packed, const void *bias, char *out, long so, int m,
                         int n, int k, int bf16, int threads) {
-    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16, full = n / 16, tw = n % 16;
+    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16;
     size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
     int nparts = blocks < threads ? blocks : threads;
     int mparts = threads / nparts, mtiles = (m + LIN_MR - 1) / LIN_MR;
     mparts = mparts < mtiles ? mparts : mtiles;
-    const lin_tile_fn (*fns)[LIN_NR + 1] = LIN_TILE_FNS[bf16];
     _Pragma("omp parallel for schedule(static) num_threads(nparts * mparts)")
     for (int part = 0; part < nparts * mparts; part++) {
         int pn = part % nparts, pm = part / nparts;
         int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
         int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
-        int r1 = t1 * LIN_MR < m ? t1 * LIN_MR : m;
-        for (int b = b0; b < b1; b += LIN_NR) {
-            int nr = b1 - b < LIN_NR ? b1 - b : LIN_NR;
-            int nfull = b + nr <= full ? nr : full - b;  /* the tail block, if here, is the chunk's last */
-            for (int r = t0 * LIN_MR; r < r1; r += LIN_MR) {
-                int mr = r1 - r < LIN_MR ? r1 - r : LIN_MR;
-                const char *xr = x + (size_t)r * sxb;
-                char *orow = out + (size_t)r * sob;
-                if (nfull > 0)
-                    fns[mr - 1][nfull](xr, sxb, packed + (size_t)b * bs, bs, 0, 0, k, bias, orow, sob, b * 16);
-                if (nfull < nr)
-                    fns[mr - 1][0](xr, sxb, packed + (size_t)full * bs, bs, (size_t)tw * 4,
-                                   (__mmask16)((1u << tw) - 1u), k, bias, orow, sob, full * 16);
-            }
+        lin_range(x, sxb, packed, bs, bias, out, sob, t0 * LIN_MR, t1 * LIN_MR < m ? t1 * LIN_MR : m, b0, b1, n, k,
+                  bf16);
+    }
+}
+
+/* Rows [r0, r1) times column blocks [b0, b1) of one packed weight (n columns, bs bytes per
+ * block); each column tile runs all its row tiles before the next: its weights come from the
+ * cache after the first. */
+static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, const void *bias, char *out,
+                      size_t sob, int r0, int r1, int b0, int b1, int n, int k, int bf16) {
+    int full = n / 16, tw = n % 16;
+    const lin_tile_fn (*fns)[LIN_NR + 1] = LIN_TILE_FNS[bf16];
+    for (int b = b0; b < b1; b += LIN_NR) {
+        int nr = b1 - b < LIN_NR ? b1 - b : LIN_NR;
+        int nfull = b + nr <= full ? nr : full - b;  /* the tail block, if here, is the chunk's last */
+        for (int r = r0; r < r1; r += LIN_MR) {
+            int mr = r1 - r < LIN_MR ? r1 - r : LIN_MR;
+            const char *xr = x + (size_t)r * sxb;
+            char *orow = out + (size_t)r * sob;
+            if (nfull > 0)
+                fns[mr - 1][nfull](xr, sxb, packed + (size_t)b * bs, bs, 0, 0, k, bias, orow, sob, b * 16);
+            if (nfull < nr)
+                fns[mr - 1][0](xr, sxb, packed + (size_t)full * bs, bs, (size_t)tw * 4,
+                               (__mmask16)((1u << tw) - 1u), k, bias, orow, sob, full * 16);
         }
+    }
+}
+
+#define GROUP_BLOCKS 8  /* column blocks of 16 per task of a grouped GEMM */
+
+/* Expert e multiplies rows [offsets[e], offsets[e + 1]) of x by its own packed weight (at
+ * packed + e * estride bytes): one parallel region over (expert, 128-column chunk) tasks, so
+ * the few rows each expert gets in a decode step still spread over every thread, and
+ * experts without rows cost nothing. */
+static void grouped_gemm(const char *x, long sx, const char *packed, size_t estride, const int32_t *offsets,
+                         int experts, char *out, long so, int n, int k, int bf16, int threads) {
+    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16;
+    int chunks = (blocks + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
+    size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
+    _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")
+    for (long t = 0; t < (long)experts * chunks; t++) {
+        int e = (int)(t / chunks), b0 = (int)(t % chunks) * GROUP_BLOCKS;
+        if (offsets[e] < offsets[e + 1])
+            lin_range(x, sxb, packed + (size_t)e * estride, bs, NULL, out, sob, offsets[e], offsets[e + 1], b0,
+                      b0 + GROUP_BLOCKS < blocks ? b0 + GROUP_BLOCKS : blocks, n, k, bf16);
     }
 }
 #else
@@ -1364,6 +1395,18 @@ static void linear_gemm(const char *x, long sx, const char *packed, const void *
 }
 #endif
 
+#if !HAVE_LINEAR_VEC
+/* Portable: each expert with rows through the linear GEMM. */
+static void grouped_gemm(const char *x, long sx, const char *packed, size_t estride, const int32_t *offsets,
+                         int experts, char *out, long so, int n, int k, int bf16, int threads) {
+    int elt = bf16 ? 2 : 4;
+    for (int e = 0; e < experts; e++)
+        if (offsets[e] < offsets[e + 1])
+            linear_gemm(x + (size_t)offsets[e] * sx * elt, sx, packed + (size_t)e * estride, NULL,
+                        out + (size_t)offsets[e] * so * elt, so, offsets[e + 1] - offsets[e], n, k, bf16, threads);
+}
+#endif
+
 /* Which linear paths are vectorized: bit 0 float32 (AVX-512 FMA), bit 1 bfloat16 with the
  * AVX512-BF16 dot products (without them, bf16 runs as float32 FMAs: tested, not chosen). */
 int pd_linear_vec(void) {
@@ -1385,6 +1428,25 @@ void pd_linear_bf16(const uint16_t *x, long sx, const uint16_t *packed, const ui
     if (m > 0 && n > 0)
         linear_gemm((const char *)x, sx, (const char *)packed, bias, (char *)out, so, m, n, k, 1, threads);
 }
+
+/* ---- The experts of a sparse MLP, grouped: rows [P, hidden] are the (token, expert) pairs
+ * sorted by expert (expert e's rows [offsets[e], offsets[e + 1])); w13 [E] packed [2I, hidden]
+ * weights (gate rows, then up rows) s13 elements apart, w2 [E] packed [hidden, I] s2 apart.
+ * h [P, 2I] and act [P, I] are scratch; out [P, hidden] gets each pair's
+ * down(silu(gate) * up), the SiLU product rounded to T as the op-by-op path rounds it. */
+#define MOE_EXPERTS(SUF, T, BF16)                                                              \
+void pd_moe_experts_##SUF(const T *rows, const int32_t *offsets, int experts, const T *w13, size_t s13, \
+                          const T *w2, size_t s2, T *h, T *act, T *out, int p, int hidden, int inter,   \
+                          int threads) {                                                     \
+    if (p <= 0) return;                                                                      \
+    grouped_gemm((const char *)rows, hidden, (const char *)w13, s13 * sizeof(T), offsets, experts, \
+                 (char *)h, 2 * inter, 2 * inter, hidden, BF16, threads);                    \
+    pd_silu_and_mul_##SUF(h, 2 * inter, act, p, inter, threads);                             \
+    grouped_gemm((const char *)act, inter, (const char *)w2, s2 * sizeof(T), offsets, experts, \
+                 (char *)out, hidden, hidden, inter, BF16, threads);                         \
+}
+MOE_EXPERTS(f32, float, 0)
+MOE_EXPERTS(bf16, uint16_t, 1)
 
 /* ---- One Llama-family decoder layer in one call: the ops above in the order the model's
  * Python forward calls them, on the same buffers, so the result is the same to the bit; the

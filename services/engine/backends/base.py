@@ -90,10 +90,15 @@ class Backend(Protocol):
             part_ends: the column where each part ends in y (the last is N).
         """
 
+    def prepare_expert_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The form of a sparse MLP's stacked expert weights [E, N, K] this backend's ``fused_moe``
+        reads fastest; called once per layer and stack after loading."""
+
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts of a sparse MLP: ``sum_k w[t, k] * down_e(silu(gate_e(x)) * up_e(x))``,
-        ``e = topk_ids[t, k]``; w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]."""
+        ``e = topk_ids[t, k]``; w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], or what
+        ``prepare_expert_weights`` made of them."""
 
     # ---- W8A8: int8 weights (per output channel) x int8 activations (per token) -------
     def prepare_int8_weight(self, weight: torch.Tensor) -> torch.Tensor:

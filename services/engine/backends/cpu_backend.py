@@ -63,25 +63,40 @@ class CpuBackend(TorchBackend):
         out = self.kernels.linear(rows, weight, bias)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[1])
 
+    def prepare_expert_weights(self, weights):
+        return self.kernels.prepack_expert_weights(weights)
+
     def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
-        """The (token, expert) pairs sorted by expert and gathered once; per expert with
-        pairs two matmuls in the model's dtype and the fused SiLU-and-mul on a contiguous
-        slice; the routing weights and the sum over the top-k once at the end (float32)."""
+        """The (token, expert) pairs sorted by expert and gathered once; with packed experts
+        (``prepare_expert_weights``) every expert's two GEMMs and the SiLU-and-mul in one
+        compiled call, else per expert with pairs two matmuls in the model's dtype and the
+        fused SiLU-and-mul on a contiguous slice; the routing weights and the sum over the
+        top-k once at the end (float32)."""
         tokens, top_k = topk_ids.shape
         experts = topk_ids.reshape(-1)
         order = torch.argsort(experts, stable=True)
-        counts = torch.bincount(experts, minlength=w13.shape[0]).tolist()
+        counts = torch.bincount(experts, minlength=w13.shape[0])
         pair_token = order // top_k
         rows = x[pair_token]
-        out_rows = torch.empty((rows.shape[0], w2.shape[1]), dtype=x.dtype)
+        if self.kernels.is_packed_experts(w13):
+            offsets = torch.zeros(w13.shape[0] + 1, dtype=torch.int32)
+            torch.cumsum(counts, 0, out=offsets[1:])
+            out_rows = self.kernels.moe_experts(rows.contiguous(), offsets, w13, w2)
+        else:
+            out_rows = self._experts_one_by_one(rows, counts.tolist(), w13, w2)
+        weighted = out_rows.float() * topk_weights.reshape(-1)[order, None].float()
+        hidden = w2.shape[1]
+        return torch.zeros((tokens, hidden), dtype=torch.float32).index_add_(0, pair_token, weighted).to(x.dtype)
+
+    def _experts_one_by_one(self, rows, counts, w13, w2):
+        out_rows = torch.empty((rows.shape[0], w2.shape[1]), dtype=rows.dtype)
         start = 0
         for expert in (e for e, n in enumerate(counts) if n):
             end = start + counts[expert]
             act = self.silu_and_mul(torch.mm(rows[start:end], w13[expert].t()))
             torch.mm(act, w2[expert].t(), out=out_rows[start:end])
             start = end
-        weighted = out_rows.float() * topk_weights.reshape(-1)[order, None].float()
-        return torch.zeros((tokens, w2.shape[1]), dtype=torch.float32).index_add_(0, pair_token, weighted).to(x.dtype)
+        return out_rows
 
     def silu_and_mul(self, x):
         if not self._rows(x):

@@ -34,6 +34,9 @@ class TorchBackend:
     def prepare_linear_weight(self, weight):
         return weight
 
+    def prepare_expert_weights(self, weights):
+        return weights
+
     def fuse_decoder_layers(self, layers):
         return None
 

@@ -35,6 +35,9 @@ class TritonBackend:
             return rotary.rotary(q, k, positions, cos_sin)
         return rotary.rotary(q, k, positions, cos_sin, out=(q, k))
 
+    def prepare_expert_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights
+
     def prepare_linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 

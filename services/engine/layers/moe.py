@@ -17,7 +17,8 @@ keeps its replica's rows; a replica with no tokens this step still joins
 (``join_without_tokens``), since the others need its experts. The grouped expert
 computation is the backend's ``fused_moe`` (Triton on CUDA, the torch reference elsewhere).
 
-Lifecycle: built from a ``LayerContext``; weights loaded once; then only ``forward``
+Lifecycle: built from a ``LayerContext``; weights loaded once, then ``prepare_weights``
+(the backend's packing, e.g. per expert on the CPU); then only ``forward``
 (every replica calls it for every MoE layer of a step, in layer order).
 """
 from __future__ import annotations
@@ -70,9 +71,14 @@ class FusedMoE(nn.Module):
             out = be.fused_moe(x, self.w13, self.w2, weights, ids)
         return self.ctx.comm.all_reduce(out) if self.ctx.tp_size > 1 else out
 
+    def prepare_weights(self, be: Backend) -> None:
+        """Once, after loading: the experts in the form the backend's ``fused_moe`` reads fastest."""
+        self.w13 = nn.Parameter(be.prepare_expert_weights(self.w13.data), requires_grad=False)
+        self.w2 = nn.Parameter(be.prepare_expert_weights(self.w2.data), requires_grad=False)
+
     def join_without_tokens(self, be: Backend) -> None:
         """This replica has no tokens this step: compute its experts' share of the others'."""
-        empty = torch.empty(0, self.hidden_size, dtype=self.w13.dtype, device=self.w13.device)
+        empty = torch.empty(0, self.hidden_size, dtype=self.ctx.dtype, device=self.w13.device)
         self.forward(empty, torch.empty(0, self.num_experts, dtype=empty.dtype, device=empty.device), be)
 
     def _across_replicas(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
