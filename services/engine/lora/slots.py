@@ -25,8 +25,8 @@ shared input) -> ``unload(name)`` forgets it
 and zeroes its slot if it has one.
 
 NOTE (memory): the stacks take ``max_loras * max_lora_rank * (in + out) * dtype size`` per
-layer part (q, k, v, o, gate, up, down), whichever modules the adapters target: for Llama-3-8B in bf16 (in + out summed
-over q, k, v, o, gate, up, down: 81,920 per layer; 32 layers) 1.34 GB at 16 slots x rank
+layer part (q, k, v, o, gate, up, down), whichever modules the adapters target: for
+Llama-3-8B in bf16 (in + out summed over the seven: 81,920 per layer; 32 layers) 1.34 GB at 16 slots x rank
 16 or at the default 4 slots x rank 64, 5.4 GB at 64 slots x rank 16. They are allocated
 before the KV cache is sized, so the cache gets what is left.
 NOTE (W8A8): a wrapped layer takes float input (the delta needs it), so with LoRA on, the
