@@ -495,29 +495,24 @@ class LLMEngine:
 
 
 def _executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> Executor:
-    """One rank in this process for tp = 1; a process per rank otherwise."""
-    if config.ep_spans_replicas:
-        return _replica_executor(config, source, model_config)
-    if config.dp != 1:
+    """One rank in this process for tp = 1; a process per rank otherwise. A replica sharing the
+    MoE layers with other replicas joins their group (its rank processes do, with tp > 1)."""
+    if config.dp != 1 and not config.ep_spans_replicas:
         raise ValueError(f"dp={config.dp}: one engine is one data-parallel replica; run replicas as workers "
                          "(pdserve worker --dp N starts N of them)")
+    if config.ep_spans_replicas and not config.dp_port:
+        raise ValueError(f"ep={config.ep} across dp={config.dp} replicas: dp_port (where the replicas meet) is not "
+                         "set; pdserve worker --dp N --ep N sets it for the replicas it starts")
+    check_expert_split(model_config, config.ep)  # NOTE: before any rank starts or group forms
     if config.tp == 1:
-        return InProcessExecutor(RankWorker(_rank_config(config), source, model_config))
-    check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)  # NOTE: before any rank starts
-    check_expert_split(model_config, config.ep)
+        return _in_process(config, source, model_config)
+    check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)
     return MultiprocExecutor(_rank_config(config), source, model_config, config.tp, step_timeout=config.rank_timeout)
 
 
-def _replica_executor(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> InProcessExecutor:
-    """Replica ``dp_rank`` of ``dp`` sharing the MoE layers: joins the replicas' group first."""
-    check_expert_split(model_config, config.ep)
-    if not config.dp_port:
-        raise ValueError(f"ep={config.ep} across dp={config.dp} replicas: dp_port (where the replicas meet) is not "
-                         "set; pdserve worker --dp N --ep N sets it for the replicas it starts")
-    if config.tp > 1:  # NOTE: each rank process joins the replicas' group itself
-        check_head_split(model_config.num_heads, model_config.num_kv_heads, config.tp)
-        return MultiprocExecutor(_rank_config(config), source, model_config, config.tp,
-                                 step_timeout=config.rank_timeout)
+def _in_process(config: EngineConfig, source: ModelSource, model_config: ModelConfig) -> InProcessExecutor:
+    if not config.ep_spans_replicas:
+        return InProcessExecutor(RankWorker(_rank_config(config), source, model_config))
     group = ReplicaGroup(config.dp_rank, config.dp, config.dp_port, config.rank_timeout)
     try:
         return InProcessExecutor(RankWorker(_rank_config(config), source, model_config, replicas=group), group)
