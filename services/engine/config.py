@@ -20,6 +20,7 @@ from pdserve.engine.platforms import platform_names
 
 DEVICE_TYPES = platform_names()
 DTYPES = MODEL_DTYPES
+TP_BACKENDS = ("auto", "nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,10 @@ class EngineConfig:
     # tp > 1: a rank that stops answering (alive but stuck) fails the worker after this many seconds of
     # a step: its peers' collectives time out, and the engine stops waiting for any rank's answer
     rank_timeout: float = 60.0
+    # collectives between tp ranks: "auto" = NCCL on cuda (one GPU per rank), gloo on cpu; "gloo" on cuda
+    # lets a worker's ranks share GPUs (rank i on visible GPU i mod count) and runs steps eagerly, since
+    # gloo's collectives cannot be captured in a CUDA graph
+    tp_backend: str = "auto"
     device_type: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
@@ -73,8 +78,9 @@ class EngineConfig:
                f"an integer in [0, dp={self.dp})")
         if self.ep_spans_replicas:
             self._check_replica_group()
-        if self.tp > 1 and self.device_type != "cpu":
-            raise ConfigError(f"tp={self.tp} with device_type={self.device_type!r}: tp > 1 runs on cpu in this version")
+        _check(self.tp_backend in TP_BACKENDS, "tp_backend", self.tp_backend, f"one of {TP_BACKENDS}")
+        if self.tp_backend == "nccl" and self.device_type != "cuda":
+            raise ConfigError(f"tp_backend='nccl' needs device_type='cuda', got {self.device_type!r}")
         for name in ("max_lora_rank", "max_loras"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, getattr(self, name),
                    "an integer >= 1")
@@ -107,6 +113,13 @@ class EngineConfig:
                               "runs on cpu in this version")
         _check(isinstance(self.dp_port, int) and 0 <= self.dp_port < 65536, "dp_port", self.dp_port,
                "a TCP port (0: the worker that starts the replicas picks one)")
+
+    @property
+    def collectives(self) -> str:
+        """The torch.distributed backend between tp ranks: ``tp_backend`` with "auto" resolved."""
+        if self.tp_backend != "auto":
+            return self.tp_backend
+        return "nccl" if self.device_type == "cuda" else "gloo"
 
     @property
     def lora_capacity(self) -> int:

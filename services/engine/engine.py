@@ -531,8 +531,10 @@ def check_expert_split(model_config: ModelConfig, ep: int) -> None:
 
 def _rank_config(config: EngineConfig) -> RankConfig:
     lora = config.lora_enabled
+    # NOTE: gloo's collectives cannot be captured in a CUDA graph
+    graphs = not config.enforce_eager and (config.tp == 1 or config.collectives == "nccl")
     return RankConfig(device_type=config.device_type, dtype=config.dtype, block_size=config.block_size,
-                      max_batch_size=config.max_batch_size, graphs=not config.enforce_eager,
+                      max_batch_size=config.max_batch_size, graphs=graphs, collectives=config.collectives,
                       max_step_tokens=config.max_prefill_tokens,
                       enable_lora=lora, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
                       compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed, ep_size=config.ep,

@@ -50,13 +50,21 @@ def replica_argv(argv: list[str], index: int, config: WorkerConfig, worker_id: s
 
 def replica_env(environ: Mapping[str, str], index: int, config: WorkerConfig,
                 devices: list[str] | None = None) -> dict[str, str]:
-    """The environment of replica ``index``: on CUDA, its ``tp`` of the visible GPUs."""
+    """The environment of replica ``index``: on CUDA, its share of the visible GPUs."""
     env = dict(environ)
     if config.engine.device_type == "cuda":
-        tp = config.engine.tp
         devices = devices if devices is not None else visible_gpus(environ)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * tp:(index + 1) * tp])
+        share = gpus_per_replica(config, len(devices))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[index * share:(index + 1) * share])
     return env
+
+
+def gpus_per_replica(config: WorkerConfig, visible: int) -> int:
+    """A GPU per rank with NCCL; with gloo the ranks may share: up to ``tp``, as far as ``visible`` goes."""
+    tp = config.engine.tp
+    if config.engine.collectives == "nccl":
+        return tp
+    return max(1, min(tp, visible // config.engine.dp))
 
 
 def visible_gpus(environ: Mapping[str, str]) -> list[str]:
@@ -70,14 +78,16 @@ def visible_gpus(environ: Mapping[str, str]) -> list[str]:
 
 
 def check_ranks_fit(config: WorkerConfig, environ: Mapping[str, str], cores: int) -> None:
-    """dp x tp ranks need as many visible GPUs (ConfigError naming the values). On CPU
-    more ranks than cores still run (slower; the rank processes share the cores), so a
-    warning says so."""
+    """dp x tp ranks need as many visible GPUs (with tp_backend gloo, a GPU per replica:
+    its ranks may share), else ConfigError naming the values. On CPU more ranks than
+    cores still run (slower; the rank processes share the cores), so a warning says so."""
     tp, dp = config.engine.tp, config.engine.dp
     if config.engine.device_type == "cuda":
         gpus = visible_gpus(environ)
-        if tp * dp > len(gpus):
-            raise ConfigError(f"dp={dp} x tp={tp} = {tp * dp} ranks need {tp * dp} GPUs, but {len(gpus)} are visible "
+        need = tp * dp if config.engine.collectives == "nccl" else dp
+        if need > len(gpus):
+            raise ConfigError(f"dp={dp} x tp={tp} = {tp * dp} ranks need {need} GPUs with "
+                              f"{config.engine.collectives}, but {len(gpus)} are visible "
                               f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
     elif tp * dp > cores:
         log.warning("dp=%d x tp=%d = %d rank processes on %d cores: they share the cores and run slower", dp, tp,

@@ -84,10 +84,15 @@ def test_a_dead_rank_fails_the_engine_and_no_rank_is_left(tiny_models):
     assert not any(p.is_alive() for p in procs)
 
 
-def test_tp_combinations_not_built_yet_are_refused(tiny_models):
+def test_tp_configurations(tiny_models):
     EngineConfig(tp=2, role="prefill")  # P/D across tp: tests/disagg/test_pd_tp.py
-    with pytest.raises(ConfigError, match="tp=2 with device_type='cuda'"):
-        EngineConfig(tp=2, device_type="cuda")
+    assert EngineConfig(tp=2, device_type="cuda").collectives == "nccl"
+    assert EngineConfig(tp=2).collectives == "gloo"
+    assert EngineConfig(tp=2, device_type="cuda", tp_backend="gloo").collectives == "gloo"
+    with pytest.raises(ConfigError, match="tp_backend='nccl' needs device_type='cuda', got 'cpu'"):
+        EngineConfig(tp=2, tp_backend="nccl")
+    with pytest.raises(ConfigError, match="tp_backend"):
+        EngineConfig(tp=2, tp_backend="mpi")
     with pytest.raises(ValueError, match="attention heads=4 cannot be split evenly over tp=3"):
         LLM(tiny_models["llama"], tp=3)  # refused before any rank process starts
 

@@ -34,9 +34,19 @@ def test_replicas_get_their_own_ports_ids_and_gpus():
 def test_ranks_must_fit_the_visible_gpus(caplog):
     cuda = build_worker_config({"etcd": "http://x:1", "dp": "2", "device_type": "cuda"}, {}, None)
     check_ranks_fit(cuda, {"CUDA_VISIBLE_DEVICES": "0,1"}, cores=2)
-    with pytest.raises(ConfigError, match=r"dp=2 x tp=1 = 2 ranks need 2 GPUs, but 1 are visible "
+    with pytest.raises(ConfigError, match=r"dp=2 x tp=1 = 2 ranks need 2 GPUs with nccl, but 1 are visible "
                                           r"\(CUDA_VISIBLE_DEVICES=3\)"):
         check_ranks_fit(cuda, {"CUDA_VISIBLE_DEVICES": "3"}, cores=64)
+    tp2 = build_worker_config({"etcd": "http://x:1", "tp": "2", "device_type": "cuda"}, {}, None)
+    with pytest.raises(ConfigError, match=r"tp=2 = 2 ranks need 2 GPUs with nccl, but 1 are visible"):
+        check_ranks_fit(tp2, {"CUDA_VISIBLE_DEVICES": "0"}, cores=64)
+    shared = build_worker_config({"etcd": "http://x:1", "tp": "2", "dp": "2", "device_type": "cuda",
+                                  "tp_backend": "gloo"}, {}, None)
+    check_ranks_fit(shared, {"CUDA_VISIBLE_DEVICES": "0,1"}, cores=64)  # gloo: a replica's ranks share its GPU
+    with pytest.raises(ConfigError, match=r"ranks need 2 GPUs with gloo, but 1 are visible"):
+        check_ranks_fit(shared, {"CUDA_VISIBLE_DEVICES": "0"}, cores=64)
+    assert [replica_env({"CUDA_VISIBLE_DEVICES": "4,5"}, i, shared)["CUDA_VISIBLE_DEVICES"] for i in (0, 1)] == \
+        ["4", "5"]
     cpu = build_worker_config({"etcd": "http://x:1", "tp": "3"}, {}, None)
     check_ranks_fit(cpu, {}, cores=2)  # runs, the rank processes share the cores
     assert "3 rank processes on 2 cores" in caplog.text

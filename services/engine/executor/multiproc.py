@@ -5,7 +5,8 @@ pipes: the engine's calls, and the KV connector's commands and events, which a
 rank serves between calls), the port their process group meets on, and their
 shutdown. Every rank builds a
 ``RankWorker`` with its ``LayerContext`` (its slice of every layer, its shard of
-the KV cache) and a ``ProcessGroupComm`` (gloo on CPU); rank 0 samples.
+the KV cache) and a ``ProcessGroupComm`` (gloo on CPU; on CUDA NCCL, rank i on
+visible GPU i, or gloo with ranks sharing GPUs); rank 0 samples.
 
 Lifecycle: ``MultiprocExecutor(...)`` spawns the ranks and waits until each has
 loaded its model -> ``allocate`` -> per step ``execute(plan)`` sends the plan to
@@ -70,17 +71,19 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     replicas = None
-    if config.dp_size > 1:  # NOTE: the replicas share MoE layers: one group of every replica's ranks
-        from pdserve.engine.executor.replica_group import ReplicaGroup
-
-        replicas = ReplicaGroup(config.dp_rank, config.dp_size, config.dp_port, collective_timeout, rank, tp)
-    else:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
-                                timeout=timedelta(seconds=collective_timeout))
     try:
+        index = _device_index(rank, tp, config)
+        if config.dp_size > 1:  # NOTE: the replicas share MoE layers: one group of every replica's ranks
+            from pdserve.engine.executor.replica_group import ReplicaGroup
+
+            replicas = ReplicaGroup(config.dp_rank, config.dp_size, config.dp_port, collective_timeout, rank, tp)
+        else:
+            extra = {"device_id": torch.device("cuda", index)} if config.collectives == "nccl" else {}
+            dist.init_process_group(config.collectives, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=tp, timeout=timedelta(seconds=collective_timeout), **extra)
         comm = replicas.tp_comm if replicas is not None else ProcessGroupComm()
-        worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0), source, model_config, comm,
-                            replicas)
+        worker = RankWorker(replace(config, tp_rank=rank, tp_size=tp, samples=rank == 0, device_index=index), source,
+                            model_config, comm, replicas)
         conn.send(("ready", None))
         _serve(worker, comm, conn, kv_conn)
     except Exception as exc:  # NOTE: reported to the engine, which fails the group
@@ -91,6 +94,22 @@ def _rank_main(rank: int, tp: int, port: int, config: RankConfig, source: ModelS
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _device_index(rank: int, tp: int, config: RankConfig) -> int:
+    """The device of this rank, made the process's current one on CUDA: with NCCL GPU ``rank``
+    of the visible ones (each rank its own), with gloo ``rank`` modulo their count."""
+    if config.device_type != "cuda":
+        return 0
+    import torch
+
+    count = torch.cuda.device_count()
+    if config.collectives == "nccl" and count < tp:
+        raise ValueError(f"tp={tp} with NCCL needs a GPU per rank, but {count} are visible "
+                         "(tp_backend='gloo' lets the ranks share GPUs, without CUDA graphs)")
+    index = rank if config.collectives == "nccl" else rank % max(count, 1)
+    torch.cuda.set_device(index)
+    return index
 
 
 def _serve(worker: Any, comm: Any, conn: Connection, kv_conn: Connection) -> None:
@@ -147,9 +166,10 @@ def _call(worker: Any, comm: Any, method: str, args: tuple) -> Any:
 class MultiprocExecutor:
     def __init__(self, config: RankConfig, source: ModelSource, model_config: ModelConfig, tp: int,
                  timeout: float = 600.0, step_timeout: float = 60.0):
-        if config.device_type != "cpu":
-            raise ValueError(f"tp={tp} on device_type={config.device_type!r} is not built yet; tp > 1 runs on cpu")
         self._timeout = timeout
+        self._device_type = config.device_type
+        # NOTE: ranks that share one memory (the host's, or a GPU under gloo) each take their share of it
+        self._sharing = 1 if config.collectives == "nccl" else tp
         # NOTE: the peers of a stuck rank raise first (collective timeout); the engine's own
         # deadline is later so that their message, which names the cause, is the one reported
         self._step_timeout = step_timeout * 1.5 + 1.0
@@ -179,8 +199,7 @@ class MultiprocExecutor:
         return self._all("block_bytes")
 
     def blocks_that_fit(self, memory_fraction: float) -> int:
-        # NOTE: the ranks share this host's memory (cpu): each may take its share of the fraction
-        return min(self._each("blocks_that_fit", memory_fraction / len(self._procs)))
+        return min(self._each("blocks_that_fit", memory_fraction / self._sharing))
 
     @property
     def cache_tokens_per_seq(self) -> int:
@@ -239,9 +258,10 @@ class MultiprocExecutor:
 
     @property
     def device(self) -> Any:
+        """The ranks' device type (no index: this process never touches a GPU)."""
         import torch
 
-        return torch.device("cpu")
+        return torch.device(self._device_type)
 
     @property
     def supports_overlap(self) -> bool:

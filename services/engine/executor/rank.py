@@ -74,6 +74,8 @@ class RankConfig:
     max_loras: int = 4
     max_lora_rank: int = 64
     samples: bool = True  # the rank that samples (rank 0); the others only run the forward
+    collectives: str = "gloo"  # the torch.distributed backend between tp ranks ("gloo" | "nccl")
+    device_index: int = 0  # which device of its type this rank runs on
 
 
 @dataclass(eq=False)
@@ -95,7 +97,7 @@ class RankWorker:
         self.config = config
         self.model_config = model_config
         self.platform = get_platform(config.device_type)
-        self.device = self.platform.device()
+        self.device = self.platform.device(config.device_index)
         self.replicas = replicas
         shared = dict(ep_rank=replicas.expert_rank, ep_comm=replicas.comm, replicas=replicas.size) if replicas else {}
         ctx = LayerContext(dtype=torch_dtype(config.dtype), tp_rank=config.tp_rank, tp_size=config.tp_size,
