@@ -2,8 +2,11 @@
 
 Owns: ``ProcessGroupComm``, the ``Communicator`` layers use when a group has more
 than one rank (gloo on CPU, NCCL on CUDA), and the host seconds spent in its
-collectives (``seconds``, for the per-rank metrics; gloo's calls block until done). The process group itself is created
-and destroyed by whoever starts the rank processes; this object only uses it.
+collectives (``seconds``, for the per-rank metrics: gloo's calls block until done;
+NCCL's only queue the collective on the GPU, and inside a CUDA graph they are not
+called at all, so there the figure is launch time, not transfer time). The process
+group itself is created and destroyed by whoever starts the rank processes; this
+object only uses it.
 """
 from __future__ import annotations
 
