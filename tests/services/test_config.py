@@ -27,7 +27,8 @@ def test_precedence_yaml_env_flags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, needle", [
     ({"role": "sideways", "etcd": "http://x:1"}, "role="),
-    ({"tp": "2", "device_type": "cuda", "etcd": "http://x:1"}, "tp=2"),
+    ({"tp": "0", "etcd": "http://x:1"}, "tp=0"),
+    ({"tp": "2", "tp_backend": "nccl", "etcd": "http://x:1"}, "tp_backend='nccl' needs device_type='cuda'"),
     ({"model": "", "etcd": "http://x:1"}, "model="),
     ({}, "etcd is missing"),
     ({"etcd": "http://x:1", "grpc_port": "99999"}, "grpc_port="),
