@@ -164,7 +164,7 @@ def bench_decode(llm, batch: int, args, vocab: int, ceil: Ceilings, weight_bytes
         engine.step()
         step_ms.append((time.perf_counter() - t0) * 1e3)
     contexts = [engine.requests[r].num_tokens for r in ids]
-    graphs = engine.executor.rank.runner.graphs
+    graphs = engine.local_rank().graphs
     padded = graphs.padded_size(batch) if graphs is not None else 0
     fwd_ms = _median_ms(graphs.graphs[padded][0].replay, args.device_type) if padded else float("nan")
     if args.profile and padded:
@@ -235,7 +235,7 @@ def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int 
 def _prefill_flops_run(engine, n: int, length: int, experts: Experts) -> float:
     """FLOPs the prefill step really does: every layer's matmuls on every token (its top-k
     experts only), the LM head on the n sampled rows only, and causal attention (QK^T and PV)."""
-    model, m = engine.executor.rank.runner.model, engine.model_config
+    model, m = engine.local_rank().model, engine.model_config
     layer_params = sum(p.numel() for name, p in model.named_parameters() if name.startswith("model.layers."))
     if experts.num_experts:
         layer_params -= experts.params - experts.params * experts.top_k // experts.num_experts
@@ -290,7 +290,7 @@ def run_engine_phases(args, vocab: int, ceil: Ceilings) -> dict:
               num_blocks=args.num_prompts * per_seq_blocks + 64, max_batch_size=args.num_prompts,
               max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
               async_scheduling=args.async_scheduling)
-    model = llm.engine.executor.rank.runner.model
+    model = llm.engine.local_rank().model
     params, weight_bytes = weight_bytes_read(model)
     experts = routed_experts(model)
     quantization = llm.engine.model_info()["quantization"]

@@ -92,7 +92,7 @@ def measure(llm: "LLM", args: argparse.Namespace, vocab: int, names: list[str | 
         t0 = time.perf_counter()
         engine.step()
         step_ms.append((time.perf_counter() - t0) * 1e3)
-    graphs = engine.executor.rank.runner.graphs
+    graphs = engine.local_rank().graphs
     padded = graphs.padded_size(batch) if graphs is not None else 0
     fwd_ms = _median_ms(graphs.graphs[padded][0].replay, args.device_type) if padded else float("nan")
     for r in ids:
@@ -109,7 +109,7 @@ def load_times(llm: "LLM", path: str, repeats: int = 3) -> dict:
     and to swap it into a device slot (the copy a request's first step waits for).
 
     NOTE: writes slot 0 behind the scheduler's back: the last thing a run does."""
-    engine, slots = llm.engine, llm.engine.executor.rank.lora
+    engine, slots = llm.engine, llm.engine.local_rank().lora
     load_ms, swap_ms = [], []
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def load_times(llm: "LLM", path: str, repeats: int = 3) -> dict:
 
 
 def _sync(llm: "LLM") -> None:
-    if torch.cuda.is_available() and llm.engine.executor.rank.device.type == "cuda":
+    if torch.cuda.is_available() and llm.engine.device.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
         llm = _engine(args, enable_lora=True, max_loras=most, max_cpu_loras=most + 1, max_lora_rank=args.rank)
         for i in range(most):
             llm.engine.load_adapter(f"a{i}", files[i % len(files)])
-        print(f"LoRA stacks: {llm.engine.executor.rank.lora.stack_bytes / 1e9:.2f} GB", flush=True)
+        print(f"LoRA stacks: {llm.engine.local_rank().lora.stack_bytes / 1e9:.2f} GB", flush=True)
         for count in counts:
             names = [f"a{i}" for i in range(count)] or [None]
             results.append(measure(llm, args, cfg.vocab_size, names, f"LoRA on, {count} adapters"))

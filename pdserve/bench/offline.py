@@ -85,7 +85,7 @@ def _run_latency(llm, args, prompts) -> tuple[float, int]:
         print(line, flush=True)
     if args.batch == 1 and args.tp == 1:
         engine = llm.engine
-        _, weights = weight_bytes_read(engine.executor.rank.runner.model)
+        _, weights = weight_bytes_read(engine.local_rank().model)
         bandwidth = latency.read_bandwidth(args.device_type)
         roof = latency.decode_roofline_ms(weights, engine.block_bytes() // engine.config.block_size,
                                           args.prompt_len + args.output_len / 2, bandwidth)

@@ -148,6 +148,11 @@ class LLMEngine:
         None when the ranks run in their own processes (see ``kv_links``)."""
         return self.executor.kv_cache
 
+    def local_rank(self) -> RankWorker:
+        """The rank running in this process (tp = 1): its model, graphs and adapter slots, for
+        benchmarks and tools; ValueError when the ranks run in processes of their own."""
+        return self.executor.local_rank()
+
     def kv_links(self) -> list:
         """Each rank process's KV command/event pipe (empty when the one rank is in this process)."""
         return self.executor.kv_links()

@@ -69,6 +69,8 @@ def test_tp2_under_preemption(tiny_models):
     try:
         assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
         assert llm.engine.stats()["preemptions_total"] > 0
+        with pytest.raises(ValueError, match="2 ranks run in processes of their own"):
+            llm.engine.local_rank()
     finally:
         llm.engine.close()
 

@@ -53,6 +53,10 @@ class Executor(Protocol):
     def rank_seconds(self) -> list[tuple[float, float]]:
         """Per rank process: (seconds in steps, of which in collectives); empty for one in-process rank."""
 
+    def local_rank(self) -> Any:
+        """The ``RankWorker`` running in this process (benchmarks look inside it); ValueError when
+        the ranks run in processes of their own."""
+
     @property
     def supports_overlap(self) -> bool:
         """Whether a step may be launched before the previous one's tokens are read."""

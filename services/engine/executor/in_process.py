@@ -85,6 +85,9 @@ class InProcessExecutor:
     def unload_adapter(self, name: str) -> None:
         self.rank.unload_adapter(name)
 
+    def local_rank(self) -> RankWorker:
+        return self.rank
+
     def rank_seconds(self) -> list[tuple[float, float]]:
         return []  # NOTE: one rank, no collectives: the engine's step time says it all
 

@@ -233,6 +233,9 @@ class MultiprocExecutor:
     def unload_adapter(self, name: str) -> None:
         self._each("unload_adapter", name)
 
+    def local_rank(self) -> Any:
+        raise ValueError(f"the {len(self._procs)} ranks run in processes of their own: none is in this process")
+
     def rank_seconds(self) -> list[tuple[float, float]]:
         """Per rank: (seconds in steps, of which in collectives) since the start."""
         return [(t.step, t.collective) for t in self._timings]

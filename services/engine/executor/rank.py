@@ -49,6 +49,7 @@ from pdserve.engine.sampler import PendingSample, SampleResult, Sampler
 
 if TYPE_CHECKING:
     from pdserve.engine.executor.replica_group import ReplicaGroup
+    from pdserve.engine.graphs import DecodeGraphs
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,11 @@ class RankWorker:
         self.requests: dict[str, RankRequest] = {}
         self.layer_sender: LayerSender | None = None
         self._last_sampled: torch.Tensor | None = None
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        """The captured decode graphs; None before ``allocate`` or without graphs."""
+        return self.runner.graphs if self.runner is not None else None
 
     # ---- sizing and allocation -------------------------------------------------------
     def block_bytes(self) -> int:
