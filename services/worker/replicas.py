@@ -84,7 +84,7 @@ def check_ranks_fit(config: WorkerConfig, environ: Mapping[str, str], cores: int
     tp, dp = config.engine.tp, config.engine.dp
     if config.engine.device_type == "cuda":
         gpus = visible_gpus(environ)
-        need = tp * dp if config.engine.collectives == "nccl" else dp
+        need = dp * gpus_per_replica(config, dp)  # NOTE: with gloo, the fewest: one GPU per replica
         if need > len(gpus):
             raise ConfigError(f"dp={dp} x tp={tp} = {tp * dp} ranks need {need} GPUs with "
                               f"{config.engine.collectives}, but {len(gpus)} are visible "
