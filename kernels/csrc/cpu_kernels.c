@@ -1206,11 +1206,15 @@ ALWAYS_INLINE __m512 lin_madd(__m512 acc, __m512i x, __m512i w, int bf16) {
  * its w columns (gs bytes, mask lm). `last`: bf16's final half group of an odd K, whose
  * activation pair is (x[k - 1], 0): the row may end at x[k - 1]. */
 ALWAYS_INLINE void lin_step(__m512 acc[LIN_MR][LIN_NR], const char *x, size_t sx, const char *w, size_t bs,
-                            size_t gs, __mmask16 lm, int g, int k, int mr, int nr, int tail, int last, int bf16) {
+                            size_t gs, __mmask16 lm, int g, int k, int mr, int nr, int tail, int last, int bf16,
+                            const char *pf) {
     __m512i wv[LIN_NR];
 #pragma GCC unroll 8
     for (int j = 0; j < nr; j++)
         wv[j] = tail ? _mm512_maskz_loadu_epi32(lm, w + j * bs + g * gs) : _mm512_loadu_si512(w + j * bs + g * gs);
+    if (pf)
+#pragma GCC unroll 8
+        for (int j = 0; j < LIN_NR; j++) _mm_prefetch(pf + j * bs + (size_t)g * LIN_GROUP_BYTES, _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
         int32_t v;
@@ -1249,9 +1253,11 @@ ALWAYS_INLINE void lin_store(__m512 v, const void *bias, int c, __mmask16 lm, ch
 
 /* A register tile: mr rows (x, out: row strides in bytes) times nr blocks of 16 columns
  * from c0, over all of K. A single row sums even and odd groups apart, so that more than
- * nr dependency chains overlap. */
+ * nr dependency chains overlap. pf: the next column tile's weights, fetched into L2 along
+ * the way (NULL: none). */
 ALWAYS_INLINE void lin_tile(const char *x, size_t sx, const char *w, size_t bs, size_t gs, __mmask16 lm, int k,
-                            const void *bias, char *out, size_t so, int c0, int mr, int nr, int tail, int bf16) {
+                            const void *bias, char *out, size_t so, int c0, int mr, int nr, int tail, int bf16,
+                            const char *pf) {
     __m512 acc[2][LIN_MR][LIN_NR];
     int split = mr == 1 ? 2 : 1, kg = bf16 ? k / 2 : k, g = 0;
     if (!tail) gs = LIN_GROUP_BYTES, lm = 0xffff;
@@ -1263,9 +1269,9 @@ ALWAYS_INLINE void lin_tile(const char *x, size_t sx, const char *w, size_t bs, 
             for (int j = 0; j < nr; j++) acc[u][i][j] = _mm512_setzero_ps();
     for (; g + split <= kg; g += split)
 #pragma GCC unroll 2
-        for (int u = 0; u < split; u++) lin_step(acc[u], x, sx, w, bs, gs, lm, g + u, k, mr, nr, tail, 0, bf16);
-    for (; g < kg; g++) lin_step(acc[0], x, sx, w, bs, gs, lm, g, k, mr, nr, tail, 0, bf16);
-    if (bf16 && (k & 1)) lin_step(acc[0], x, sx, w, bs, gs, lm, g, k, mr, nr, tail, 1, bf16);
+        for (int u = 0; u < split; u++) lin_step(acc[u], x, sx, w, bs, gs, lm, g + u, k, mr, nr, tail, 0, bf16, pf);
+    for (; g < kg; g++) lin_step(acc[0], x, sx, w, bs, gs, lm, g, k, mr, nr, tail, 0, bf16, pf);
+    if (bf16 && (k & 1)) lin_step(acc[0], x, sx, w, bs, gs, lm, g, k, mr, nr, tail, 1, bf16, pf);
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
             __m512 v = split == 2 ? _mm512_add_ps(acc[0][i][j], acc[1][i][j]) : acc[0][i][j];
@@ -1275,12 +1281,14 @@ ALWAYS_INLINE void lin_tile(const char *x, size_t sx, const char *w, size_t bs, 
 }
 
 typedef void (*lin_tile_fn)(const char *, size_t, const char *, size_t, size_t, __mmask16, int, const void *, char *,
-                            size_t, int);
+                            size_t, int, const char *);
+/* pf is tested once per tile: a tile without it compiles to the loop without prefetches */
 #define LIN_TILE(SUF, BF16, MR, NR, TAIL)                                                      \
 static void lin_tile_##SUF##_##MR##x##NR##_##TAIL(const char *x, size_t sx, const char *w, size_t bs, size_t gs, \
                                                   __mmask16 lm, int k, const void *bias, char *out, size_t so, \
-                                                  int c0) {                                  \
-    lin_tile(x, sx, w, bs, gs, lm, k, bias, out, so, c0, MR, NR, TAIL, BF16);                 \
+                                                  int c0, const char *pf) {                  \
+    if (pf) lin_tile(x, sx, w, bs, gs, lm, k, bias, out, so, c0, MR, NR, TAIL, BF16, pf);      \
+    else lin_tile(x, sx, w, bs, gs, lm, k, bias, out, so, c0, MR, NR, TAIL, BF16, NULL);       \
 }
 #define LIN_TILES(SUF, BF16, MR)                                                               \
     LIN_TILE(SUF, BF16, MR, 1, 0) LIN_TILE(SUF, BF16, MR, 2, 0) LIN_TILE(SUF, BF16, MR, 3, 0) \
@@ -1321,7 +1329,10 @@ static void linear_gemm(const char *x, long sx, const char *packed, const void *
 
 /* Rows [r0, r1) times column blocks [b0, b1) of one packed weight (n columns, bs bytes per
  * block); each column tile runs all its row tiles before the next: its weights come from the
- * cache after the first. */
+ * cache after the first. With more than one row tile, the second fetches the next column
+ * tile's weights into L2, so the next first pass, which would wait on memory, reads them from
+ * there (the rows of the passes after the first are compute-bound: the loads hide under
+ * them; a single pass is already a memory stream the hardware prefetches well). */
 static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, const void *bias, char *out,
                       size_t sob, int r0, int r1, int b0, int b1, int n, int k, int bf16) {
     int full = n / 16, tw = n % 16;
@@ -1329,15 +1340,17 @@ static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, 
     for (int b = b0; b < b1; b += LIN_NR) {
         int nr = b1 - b < LIN_NR ? b1 - b : LIN_NR;
         int nfull = b + nr <= full ? nr : full - b;  /* the tail block, if here, is the chunk's last */
+        const char *next = b + nr < b1 ? packed + (size_t)(b + nr) * bs : NULL;
         for (int r = r0; r < r1; r += LIN_MR) {
             int mr = r1 - r < LIN_MR ? r1 - r : LIN_MR;
             const char *xr = x + (size_t)r * sxb;
             char *orow = out + (size_t)r * sob;
+            const char *pf = r == r0 + LIN_MR ? next : NULL;
             if (nfull > 0)
-                fns[mr - 1][nfull](xr, sxb, packed + (size_t)b * bs, bs, 0, 0, k, bias, orow, sob, b * 16);
+                fns[mr - 1][nfull](xr, sxb, packed + (size_t)b * bs, bs, 0, 0, k, bias, orow, sob, b * 16, pf);
             if (nfull < nr)
                 fns[mr - 1][0](xr, sxb, packed + (size_t)full * bs, bs, (size_t)tw * 4,
-                               (__mmask16)((1u << tw) - 1u), k, bias, orow, sob, full * 16);
+                               (__mmask16)((1u << tw) - 1u), k, bias, orow, sob, full * 16, NULL);
         }
     }
 }
