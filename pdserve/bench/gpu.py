@@ -194,7 +194,7 @@ def _profile(engine, replay, steps: int = 8) -> None:
         for _ in range(3):
             replay()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(steps):

@@ -115,6 +115,18 @@ def run_hf(args, prompts) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
+def _hf_model_type(architecture: str) -> str:
+    """transformers' model type of an architecture name (``Qwen3MoeForCausalLM`` -> ``qwen3_moe``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # NOTE: several model types may share a class (LlamaForCausalLM): take the one it is named after
+    types = [t for t, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name == architecture]
+    named = [t for t in types if architecture.lower().startswith(t.replace("_", ""))]
+    if not types:
+        raise ValueError(f"transformers has no causal LM named {architecture!r}")
+    return (named or types)[0]
+
+
 def _hf_model(args):
     import os
 
@@ -132,8 +144,7 @@ def _hf_model(args):
         m = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype)
     else:
         values = dict(PRESETS[src.preset])
-        values.pop("architectures")
-        cfg = AutoConfig.for_model("llama" if "qwen" not in src.preset else "qwen2", **values)
+        cfg = AutoConfig.for_model(_hf_model_type(values.pop("architectures")[0]), **values)
         with torch.device(args.device_type):
             m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return m.to(args.device_type).eval()

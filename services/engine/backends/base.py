@@ -94,6 +94,10 @@ class Backend(Protocol):
         """The form of a sparse MLP's stacked expert weights [E, N, K] this backend's ``fused_moe``
         reads fastest; called once per layer and stack after loading."""
 
+    def route(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sparse MLP's routing: (weights float32 [T, K], expert ids int64 [T, K]) of the router's
+        logits [T, E], as ``reference.moe_route_ref``."""
+
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts of a sparse MLP: ``sum_k w[t, k] * down_e(silu(gate_e(x)) * up_e(x))``,

@@ -49,6 +49,9 @@ class TorchBackend:
     def lora_delta(self, y, x, a, b, lora: LoRAMapping, part_ends: tuple[int, ...]) -> None:
         ref.lora_delta_ref(y, x, a, b, lora.sorted_tokens, lora.slot_start, lora.slot_count, part_ends)
 
+    def route(self, logits, top_k, renormalize):
+        return ref.moe_route_ref(logits, top_k, renormalize)
+
     def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
         return ref.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
 

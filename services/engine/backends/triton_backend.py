@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels import activation, attention, gemv, int8, int8_gemv, kv_store, lora, moe, norm, rotary
+from pdserve.kernels import (activation, attention, gemv, int8, int8_gemv, kv_store, lora, moe, moe_route, norm,
+                             rotary)
+from pdserve.kernels import reference as ref
 from pdserve.engine.backends.base import AttentionMetadata, LoRAMapping, rotary_then_store
 
 GEMV_MAX_ROWS = 2  # int8 rows at or below which the W8A8 linear runs the dp4a GEMV
@@ -65,6 +67,12 @@ class TritonBackend:
         # by the shapes): a decode step with adapters is captured and replayed like any other.
         lora.lora_delta(y, x if x.stride(-1) == 1 else x.contiguous(), a, b, mapping.sorted_tokens,
                         mapping.slot_start, mapping.slot_count, part_ends)
+
+    def route(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # NOTE: one launch where torch's softmax, topk and renormalisation take four or five
+        if logits.stride(-1) == 1 and logits.shape[-1] <= moe_route.MAX_EXPERTS:
+            return moe_route.moe_route(logits, top_k, renormalize)
+        return ref.moe_route_ref(logits, top_k, renormalize)
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

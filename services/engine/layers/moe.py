@@ -2,9 +2,9 @@
 
 Owns: ``FusedMoE``, the experts' weights stacked per layer (``w13 [E, 2I, H]``: each
 expert's gate rows then its up rows; ``w2 [E, H, I]``), their loaders (one checkpoint
-tensor per expert and projection, sliced for this rank), and ``route``, the top-k
-routing of the router's logits (softmax in float32, top-k, renormalised where the
-model says so). With tp each rank holds every expert's slice of the intermediate
+tensor per expert and projection, sliced for this rank), and the routing of the router's
+logits to them (the backend's ``route``: softmax in float32, top-k, renormalised where
+the model says so). With tp each rank holds every expert's slice of the intermediate
 size ``I``: gate_up is column-split, down row-split, and the partial sums are
 all-reduced, as a dense MLP's are. With ep (= tp) each rank holds whole experts, a
 ``E / ep`` share; every rank has every token (attention's output is all-reduced),
@@ -31,15 +31,6 @@ from pdserve.engine.layers.context import LayerContext, divide
 from pdserve.engine.layers.loading import CheckpointSlice, Shard, WeightSpec, read
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights float32 [T, K], expert ids [T, K]) of the router's logits [T, E]."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
-
-
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
                  ctx: LayerContext):
@@ -62,7 +53,7 @@ class FusedMoE(nn.Module):
                                requires_grad=False)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor, be: Backend) -> torch.Tensor:
-        weights, ids = route(router_logits, self.top_k, self.renormalize)
+        weights, ids = be.route(router_logits, self.top_k, self.renormalize)
         if self.ctx.experts_span_replicas:
             return self._across_replicas(x, weights, ids, be)
         if self.ctx.ep_size > 1:
@@ -147,4 +138,4 @@ class FusedMoE(nn.Module):
             self.w2.data[expert].copy_(read(tensor.narrow(1, start, self.inter)))
 
 
-__all__ = ["FusedMoE", "route"]
+__all__ = ["FusedMoE"]
