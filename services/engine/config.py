@@ -38,6 +38,10 @@ class EngineConfig:
     # group meets on 127.0.0.1:``dp_port`` (the worker that starts the replicas picks it)
     dp_rank: int = 0
     dp_port: int = 0
+    # ep across dp replicas: a MoE layer's tokens travel by all-to-all (each token only to the ranks
+    # owning one of its experts) in steps where some replica has at least this many tokens, by a
+    # padded all-gather below (no per-rank counts; faster at decode sizes). 0: always all-to-all
+    expert_all_to_all_tokens: int = 256
     adapters: tuple[str, ...] = ()  # LoRA adapters loaded at start, each "name=path" (a PEFT directory)
     enable_lora: bool = False  # LoRA adapters can be loaded (at run time too); implied by ``adapters``
     max_loras: int = 4  # adapters on the device at once (slots); a step mixes at most this many
@@ -89,6 +93,8 @@ class EngineConfig:
                    self.max_cpu_loras, f"an integer >= max_loras={self.max_loras}")
         if len(self.adapter_paths()) > self.lora_capacity:
             raise ConfigError(f"adapters: {len(self.adapters)} given but max_cpu_loras={self.lora_capacity}")
+        _check(isinstance(self.expert_all_to_all_tokens, int) and self.expert_all_to_all_tokens >= 0,
+               "expert_all_to_all_tokens", self.expert_all_to_all_tokens, "an integer >= 0")
         _check(isinstance(self.rank_timeout, (int, float)) and self.rank_timeout > 0, "rank_timeout",
                self.rank_timeout, "a number of seconds > 0")
         _check(self.block_size & (self.block_size - 1) == 0, "block_size", self.block_size, "a power of two")

@@ -550,4 +550,5 @@ def _replica_fields(config: EngineConfig) -> dict:
     """This replica's place among the replicas sharing the MoE layers (none: the defaults)."""
     if not config.ep_spans_replicas:
         return {}
-    return dict(dp_rank=config.dp_rank, dp_size=config.dp, dp_port=config.dp_port)
+    return dict(dp_rank=config.dp_rank, dp_size=config.dp, dp_port=config.dp_port,
+                expert_all_to_all_tokens=config.expert_all_to_all_tokens)

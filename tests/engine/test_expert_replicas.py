@@ -25,11 +25,12 @@ def _free_port() -> int:
 
 
 def _replica(path: str, rank: int, port: int, tp: int, rounds: list[list[list[int]]], params: list[SamplingParams],
-             out: mp.Queue) -> None:
+             out: mp.Queue, all_to_all: int) -> None:
     """One replica: generate each round of prompts, then report the tokens, the KV blocks still
     used and its expert-only steps."""
     try:
-        llm = LLM(path, tp=tp, dp=2, ep=2 * tp, dp_rank=rank, dp_port=port, num_blocks=64, max_prefill_tokens=24)
+        llm = LLM(path, tp=tp, dp=2, ep=2 * tp, dp_rank=rank, dp_port=port, num_blocks=64, max_prefill_tokens=24,
+                  expert_all_to_all_tokens=all_to_all)
         try:
             got = [[o.token_ids for o in llm.generate(prompts, p)] for prompts, p in zip(rounds, params)]
             stats = llm.engine.stats()
@@ -41,11 +42,11 @@ def _replica(path: str, rank: int, port: int, tp: int, rounds: list[list[list[in
 
 
 def _run_replicas(path: str, rounds: dict[int, list[list[list[int]]]], params: dict[int, list[SamplingParams]],
-                  tp: int = 1, timeout: float = 240) -> dict:
+                  tp: int = 1, timeout: float = 240, all_to_all: int = 256) -> dict:
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_replica, args=(path, r, port, tp, rounds[r], params.get(r, [GREEDY] * len(rounds[r])),
-                                                out)) for r in (0, 1)]
+                                                out, all_to_all)) for r in (0, 1)]
     for p in procs:
         p.start()
     try:
@@ -63,8 +64,12 @@ def _run_replicas(path: str, rounds: dict[int, list[list[list[int]]]], params: d
     return results
 
 
-@pytest.mark.parametrize("kind,tp", [("mixtral", 1), ("qwen2_moe", 1), ("qwen3_moe", 1), ("mixtral", 2)])
-def test_replicas_sharing_experts_match_hf(tiny_models, kind, tp):
+# all_to_all: the step size from which MoE layers exchange tokens all-to-all: 256 = never here (steps
+# of at most 24 tokens: the padded gather), 0 = always, 8 = prefill steps all-to-all, decode gathered
+@pytest.mark.parametrize("kind,tp,all_to_all", [("mixtral", 1, 256), ("qwen2_moe", 1, 256), ("qwen3_moe", 1, 256),
+                                                ("mixtral", 2, 256), ("qwen3_moe", 1, 0), ("qwen2_moe", 1, 8),
+                                                ("mixtral", 2, 8)])
+def test_replicas_sharing_experts_match_hf(tiny_models, kind, tp, all_to_all):
     from transformers import AutoModelForCausalLM
 
     path = tiny_models[kind]
@@ -75,7 +80,8 @@ def test_replicas_sharing_experts_match_hf(tiny_models, kind, tp):
     # that ends early, so it idles (lending its experts) while replica 0 still runs
     rounds = {0: [prompts[:3], prompts[1:3]], 1: [prompts[3:], [prompts[4][:1]]]}
     expected_short = hf_greedy(hf, [prompts[4][:1]], 3)
-    results = _run_replicas(path, rounds, params={1: [GREEDY, SamplingParams(max_tokens=3, temperature=0.0)]}, tp=tp)
+    results = _run_replicas(path, rounds, params={1: [GREEDY, SamplingParams(max_tokens=3, temperature=0.0)]}, tp=tp,
+                            all_to_all=all_to_all)
     for rank in (0, 1):
         got, (used, _) = results[rank]
         assert not isinstance(got, str), f"replica {rank}: {got}"
@@ -90,6 +96,8 @@ def test_replica_config_errors(tiny_models):
         EngineConfig(dp=2, ep=4)
     with pytest.raises(ConfigError, match="dp_rank"):
         EngineConfig(dp=2, ep=2, dp_rank=2)
+    with pytest.raises(ConfigError, match="expert_all_to_all_tokens=-1 is invalid"):
+        EngineConfig(dp=2, ep=2, expert_all_to_all_tokens=-1)
     with pytest.raises(ConfigError, match="runs on cpu in this version"):
         EngineConfig(dp=2, ep=2, device_type="cuda")
     with pytest.raises(ValueError, match="dp_port .* is not set"):

@@ -37,5 +37,18 @@ class ProcessGroupComm:
         self.seconds += time.perf_counter() - start
         return torch.cat(parts, dim=dim)
 
+    def all_to_all(self, x: torch.Tensor, send_rows: list[int],
+                   recv_rows: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        start = time.perf_counter()
+        if recv_rows is None:
+            counts = torch.tensor(send_rows, dtype=torch.int64, device=x.device)
+            received = torch.empty_like(counts)
+            dist.all_to_all_single(received, counts, group=self.group)
+            recv_rows = received.tolist()
+        out = x.new_empty((sum(recv_rows), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_rows, list(send_rows), group=self.group)
+        self.seconds += time.perf_counter() - start
+        return out, recv_rows
+
 
 __all__ = ["ProcessGroupComm"]

@@ -69,6 +69,7 @@ class RankConfig:
     dp_rank: int = 0
     dp_size: int = 1
     dp_port: int = 0
+    expert_all_to_all_tokens: int = 256  # EngineConfig's: where shared MoE layers switch to all-to-all
     ready_timeout: float = 600.0  # seconds the replicas may take to be ready together
     max_step_tokens: int = 2048  # the most tokens one step computes (the scheduler's max_prefill_tokens)
     enable_lora: bool = False
@@ -100,7 +101,8 @@ class RankWorker:
         self.platform = get_platform(config.device_type)
         self.device = self.platform.device(config.device_index)
         self.replicas = replicas
-        shared = dict(ep_rank=replicas.expert_rank, ep_comm=replicas.comm, replicas=replicas.size) if replicas else {}
+        shared = dict(ep_rank=replicas.expert_rank, ep_comm=replicas.comm, replicas=replicas.size,
+                      all_to_all_tokens=config.expert_all_to_all_tokens) if replicas else {}
         ctx = LayerContext(dtype=torch_dtype(config.dtype), tp_rank=config.tp_rank, tp_size=config.tp_size,
                            comm=comm or SingleRank(), quantization=linear_methods.for_checkpoint(model_config.quantization),
                            ep_size=config.ep_size, **shared)

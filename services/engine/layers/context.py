@@ -26,6 +26,12 @@ class Communicator(Protocol):
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """The ranks' ``x`` concatenated along ``dim``, in rank order."""
 
+    def all_to_all(self, x: torch.Tensor, send_rows: list[int],
+                   recv_rows: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Rows ``x[sum(send_rows[:i]):][:send_rows[i]]`` to rank i; returns the rows every rank sent
+        here (in rank order) and how many came from each. ``recv_rows``, when the caller knows
+        them (a reply), saves exchanging the counts."""
+
 
 class LinearMethods(Protocol):
     """A quantized checkpoint's choice of linear method per layer (``pdserve.engine.quant``)."""
@@ -45,6 +51,10 @@ class SingleRank:
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x
 
+    def all_to_all(self, x: torch.Tensor, send_rows: list[int],
+                   recv_rows: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        return x, list(send_rows)
+
 
 @dataclass(frozen=True)
 class LayerContext:
@@ -62,6 +72,8 @@ class LayerContext:
         ep_rank: this rank's share of the experts (default: tp_rank).
         ep_comm: the collectives of the ranks that split the experts (default: comm).
         replicas: data-parallel replicas sharing the MoE layers (1: none).
+        all_to_all_tokens: with replicas, a MoE layer exchanges tokens all-to-all when some replica
+            has at least this many in the step (else by a padded all-gather).
     """
 
     dtype: torch.dtype = torch.float32
@@ -73,6 +85,7 @@ class LayerContext:
     ep_rank: int | None = None
     ep_comm: Communicator | None = field(default=None, compare=False)
     replicas: int = 1
+    all_to_all_tokens: int = 256
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:
