@@ -3,10 +3,11 @@
 Owns: the rotary kernels; ``build_cos_sin_cache`` (built once by the engine at load time, with any
 llama3 frequency scaling folded in), ``rotary`` (neox-style rotate-half on q
 and k in one launch) and ``rotary_store_kv`` (the same in place, plus the KV
-store of ``kv_store.store_kv`` in the same launch: one kernel less per layer,
-which matters in small decode steps). Stateless. Numerics follow
-``reference.rotary_ref`` and ``reference.store_kv_ref``, with the rotation
-computed in float32 and rounded once.
+store of ``kv_store.store_kv`` in the same launch, and optionally the per-head RMSNorm
+of q and k before the rotation (Qwen3's q_norm / k_norm): two or three kernels less
+per layer, which matters in small decode steps). Stateless. Numerics follow
+``reference.rms_norm_ref``, ``reference.rotary_ref`` and ``reference.store_kv_ref``,
+with the rotation computed in float32 and rounded once.
 """
 from __future__ import annotations
 
@@ -57,14 +58,30 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: t
 
 
 @triton.jit
+def _norm_heads(x1, x2, w_ptr, eps, ty, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """RMSNorm of each head row [HEADS_PAD, 2 * HALF] held as its halves (float32, zero past
+    the end), rounded where ``rms_norm_ref`` rounds: the normed row, then its product with w."""
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+    offs_d = tl.arange(0, HALF_PAD)
+    w1 = tl.load(w_ptr + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    h1 = (x1 * rstd[:, None]).to(ty).to(tl.float32)
+    h2 = (x2 * rstd[:, None]).to(ty).to(tl.float32)
+    return (w1[None, :] * h1).to(ty).to(tl.float32), (w2[None, :] * h2).to(ty).to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(src, dst, stride_src, stride_dst, cos, sin,
-                  HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                  HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                  w_ptr, eps, NORM: tl.constexpr):
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HALF_PAD)
     mask = (offs_h[:, None] < HEADS) & (offs_d[None, :] < HALF)
     src_1 = src + offs_h[:, None] * stride_src + offs_d[None, :]
     x1 = tl.load(src_1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src_1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        x1, x2 = _norm_heads(x1, x2, w_ptr, eps, src.dtype.element_ty, HALF, HALF_PAD)
     dst_1 = dst + offs_h[:, None] * stride_dst + offs_d[None, :]
     ty = dst.dtype.element_ty
     tl.store(dst_1, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
@@ -92,18 +109,21 @@ def _rotary_kernel(
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
     _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, stride_qh, stride_qoh, cos, sin,
-                  Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
+                  Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD, q_ptr, 0.0, False)
     _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, cos, sin,
-                  K_HEADS, K_HEADS_PAD, HALF, HALF_PAD)
+                  K_HEADS, K_HEADS_PAD, HALF, HALF_PAD, k_ptr, 0.0, False)
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                    cos_sin: torch.Tensor, kv_layer: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    cos_sin: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor,
+                    head_norms: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place, and write the rotated k and v
     [T, Hkv, D] into kv_layer [blocks, 2, block_size, Hkv, D] at slot_mapping [T]
     (slots < 0 are not stored). q, k and v may be strided views with a contiguous
-    last dim (e.g. of a fused QKV output). Returns (q, k)."""
+    last dim (e.g. of a fused QKV output). ``head_norms`` (q weight [D], k weight [D],
+    eps): each head of q and k is RMS-normed first, as ``rms_norm_ref`` of the head rows.
+    Returns (q, k)."""
     if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"expected q [T, Hq, D], k and v [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -118,16 +138,20 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         raise ValueError(f"positions and slot_mapping must be [{q.shape[0]}]")
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("q, k and v need a contiguous last dim (they are rotated in place)")
+    q_weight, k_weight, eps = head_norms if head_norms is not None else (q, k, 0.0)
+    if head_norms is not None and not all(w.shape == (head_dim,) and w.dtype == q.dtype and w.is_contiguous()
+                                          for w in (q_weight, k_weight)):
+        raise ValueError(f"head norm weights must be contiguous [{head_dim}] of {q.dtype}")
     tokens = q.shape[0]
     if tokens == 0:
         return q, k
     half = head_dim // 2
     k_heads_pad = triton.next_power_of_2(k.shape[1])
     _rotary_store_kernel[(tokens,)](
-        q, k, v, positions, cos_sin, slot_mapping, kv_layer,
+        q, k, v, positions, cos_sin, slot_mapping, kv_layer, q_weight, k_weight, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        Q_HEADS=q.shape[1], K_HEADS=k.shape[1],
+        NORM=head_norms is not None, Q_HEADS=q.shape[1], K_HEADS=k.shape[1],
         Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), K_HEADS_PAD=k_heads_pad,
         HALF=half, HALF_PAD=triton.next_power_of_2(half), DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=kv_layer.shape[2],
@@ -138,23 +162,26 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 
 @triton.jit
 def _rotary_store_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kv_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kv_ptr, qw_ptr, kw_ptr, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-    stride_cb, stride_ckv, stride_cslot, stride_ch,
+    stride_cb, stride_ckv, stride_cslot, stride_ch, NORM: tl.constexpr,
     Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, HALF_PAD)
     q_row = q_ptr + t * stride_qt
-    _rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
-    # k: load once, rotate, store in place and (unless padding) into the cache
+    _rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD, qw_ptr, eps,
+                  NORM)
+    # k: load once, (norm,) rotate, store in place and (unless padding) into the cache
     offs = tl.arange(0, HALF_PAD)
     offs_h = tl.arange(0, K_HEADS_PAD)
     mask = (offs_h[:, None] < K_HEADS) & (offs[None, :] < HALF)
     k_1 = k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs[None, :]
     x1 = tl.load(k_1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(k_1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        x1, x2 = _norm_heads(x1, x2, kw_ptr, eps, k_ptr.dtype.element_ty, HALF, HALF_PAD)
     r1 = x1 * cos[None, :] - x2 * sin[None, :]
     r2 = x2 * cos[None, :] + x1 * sin[None, :]
     k_ty = k_ptr.dtype.element_ty

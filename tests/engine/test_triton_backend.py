@@ -59,7 +59,7 @@ def _prompts() -> list[list[int]]:
 
 
 @interpreted
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3_moe"])  # qwen3: q/k norms in the rotary launch
 def test_triton_backend_matches_torch(tiny_models, kind):
     path = tiny_models[kind]
     prompts = _prompts()

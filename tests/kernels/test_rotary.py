@@ -121,3 +121,47 @@ def test_rotary_store_kv(q_heads: int, kv_heads: int, head_dim: int, dtype: torc
     written = expected[:, 0].isfinite()
     assert torch.equal(cache[:, 0].isfinite(), written) and cache[:, 1].isnan().all()
     check_close(cache[:, 0][written], expected[:, 0][written].double(), dtype, "cache")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 2, 32), (9, 3, 64), (32, 4, 128), (5, 1, 80)])
+def test_rotary_store_kv_with_head_norms(q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                                         device: torch.device, check_close) -> None:
+    """With head norms (Qwen3's q_norm / k_norm) one launch = ``rms_norm`` of every q and k head,
+    then ``rotary`` in place and ``store_kv``: as the three ops one after another (the same
+    roundings; in float32 equal within the float32 bound)."""
+    from pdserve.kernels.reference import rms_norm_ref, store_kv_ref
+    from pdserve.kernels.rotary import rotary_store_kv
+
+    tokens, blocks, block_size, eps = 19, 4, 16, 1e-6
+    cos_sin = build_cos_sin_cache(head_dim, 4096, 1000000.0).to(device)
+    qkv = 3 * torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=device)
+    q, k, v = qkv[:, :q_heads], qkv[:, q_heads:q_heads + kv_heads], qkv[:, q_heads + kv_heads:]
+    q_w, k_w = (1 + 0.5 * torch.randn(2, head_dim, device=device)).to(dtype).unbind(0)
+    positions = torch.randint(0, 4096, (tokens,), device=device)
+    slots = torch.randperm(blocks * block_size, device=device)[:tokens]
+    slots[-1] = -1
+    cache = torch.full((blocks, 2, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    q_n, k_n = rms_norm_ref(q, q_w, eps)[0], rms_norm_ref(k, k_w, eps)[0]
+    q_ref, k_ref = rotary_ref(q_n.double(), k_n.double(), positions, cos_sin.double())
+    expected = cache.clone()
+    store_kv_ref(k_ref.to(dtype), v, expected, slots)
+    got_q, got_k = rotary_store_kv(q, k, v, positions, cos_sin, cache, slots, head_norms=(q_w, k_w, eps))
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
+    check_close(q, q_ref, dtype, "q")
+    check_close(k, k_ref, dtype, "k")
+    written = expected.isfinite()
+    assert torch.equal(cache.isfinite(), written)
+    check_close(cache[written], expected[written].double(), dtype, "cache")
+
+
+def test_rotary_store_kv_rejects_bad_head_norms(device: torch.device) -> None:
+    from pdserve.kernels.rotary import rotary_store_kv
+
+    q, k, v = torch.randn(2, 4, 8, device=device), torch.randn(2, 2, 8, device=device), torch.randn(2, 2, 8, device=device)
+    cache = torch.zeros(1, 2, 16, 2, 8, device=device)
+    cos_sin = build_cos_sin_cache(8, 64, 10000.0).to(device)
+    pos, slots = torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device)
+    with pytest.raises(ValueError, match=r"head norm weights must be contiguous \[8\]"):
+        rotary_store_kv(q, k, v, pos, cos_sin, cache, slots, head_norms=(torch.ones(4, device=device),
+                                                                         torch.ones(8, device=device), 1e-6))

@@ -3,7 +3,8 @@
 Owns: ``AttentionMetadata`` (built once per step by the model runner, passed down
 explicitly through every layer; never stored globally), ``LoRAMapping`` (each token's
 adapter slot, views of buffers owned by the rank's ``lora.rows.StepRows``), the ``Backend``
-protocol, and ``rotary_then_store`` (the unfused path of ``rotary_store_kv``). A
+protocol, ``HeadNorms`` (the per-head q/k norms ``rotary_store_kv`` may apply first), and
+``rotary_then_store`` / ``norm_heads`` (the unfused path of ``rotary_store_kv``). A
 backend is stateless apart from what it caches for one step.
 
 KV layout per layer: ``kv_layer[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
@@ -35,6 +36,14 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+
+@dataclass(frozen=True)
+class HeadNorms:
+    """RMSNorm of each q and k head before the rotary (Qwen3's q_norm / k_norm): weights [D]."""
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
 
 
 @dataclass(frozen=True)
@@ -125,9 +134,10 @@ class Backend(Protocol):
         """``silu_and_mul`` with its output quantized per token: (q, scale)."""
 
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                        cos_sin: torch.Tensor, kv_layer: torch.Tensor,
-                        meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rotary`` then ``store_kv`` of the rotated k and v; returns the rotated (q, k)."""
+                        cos_sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                        norms: HeadNorms | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``rms_norm`` of each q and k head with ``norms``,) ``rotary``, then ``store_kv`` of the
+        rotated k and v; returns the rotated (q, k)."""
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -169,10 +179,19 @@ class DecoderLayerWeights:
     scale: float
 
 
+def norm_heads(be: Backend, q: torch.Tensor, k: torch.Tensor,
+               norms: HeadNorms | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head norms of ``rotary_store_kv`` as two ``rms_norm`` ops (q and k unchanged without)."""
+    if norms is None:
+        return q, k
+    return be.rms_norm(q, norms.q_weight, norms.eps)[0], be.rms_norm(k, norms.k_weight, norms.eps)[0]
+
+
 def rotary_then_store(be: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                      cos_sin: torch.Tensor, kv_layer: torch.Tensor,
-                      meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rotary_store_kv`` as two ops: the path of backends without a fused one."""
+                      cos_sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                      norms: HeadNorms | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary_store_kv`` as separate ops: the path of backends without a fused one."""
+    q, k = norm_heads(be, q, k, norms)
     q, k = be.rotary(q, k, positions, cos_sin)
     be.store_kv(k, v, kv_layer, meta)
     return q, k

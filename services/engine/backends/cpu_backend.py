@@ -18,7 +18,7 @@ import torch
 
 from pdserve.kernels.cpu import CpuKernels
 from pdserve.kernels.cpu_layer import FusedDecoder
-from pdserve.engine.backends.base import AttentionMetadata
+from pdserve.engine.backends.base import AttentionMetadata, HeadNorms, norm_heads
 from pdserve.engine.backends.torch_backend import TorchBackend
 
 
@@ -134,7 +134,9 @@ class CpuBackend(TorchBackend):
             return super().silu_and_mul_quant(x)
         return self.kernels.silu_and_mul_quant(x)
 
-    def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
+    def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata,
+                        norms: HeadNorms | None = None):
+        q, k = norm_heads(self, q, k, norms)
         heads_packed = all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (q, k, v))
         if not (heads_packed and q.dtype == k.dtype == v.dtype == kv_layer.dtype and self.kernels.supports(q.dtype)):
             return super().rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta)

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from pdserve.kernels import reference as ref
-from pdserve.engine.backends.base import AttentionMetadata, LoRAMapping, rotary_then_store
+from pdserve.engine.backends.base import AttentionMetadata, HeadNorms, LoRAMapping, rotary_then_store
 
 
 class TorchBackend:
@@ -78,8 +78,9 @@ class TorchBackend:
     def silu_and_mul_quant(self, x):
         return ref.silu_and_mul_quant_ref(x)
 
-    def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata):
-        return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta)
+    def rotary_store_kv(self, q, k, v, positions, cos_sin, kv_layer, meta: AttentionMetadata,
+                        norms: HeadNorms | None = None):
+        return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta, norms)
 
     def attention(self, q, k, v, kv_layer, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)

@@ -13,7 +13,7 @@ import torch
 from pdserve.kernels import (activation, attention, gemv, int8, int8_gemv, kv_store, lora, moe, moe_route, norm,
                              rotary)
 from pdserve.kernels import reference as ref
-from pdserve.engine.backends.base import AttentionMetadata, LoRAMapping, rotary_then_store
+from pdserve.engine.backends.base import AttentionMetadata, HeadNorms, LoRAMapping, rotary_then_store
 
 GEMV_MAX_ROWS = 2  # int8 rows at or below which the W8A8 linear runs the dp4a GEMV
 
@@ -105,11 +105,13 @@ class TritonBackend:
         kv_store.store_kv(k, v, kv_layer, meta.slot_mapping)
 
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                        cos_sin: torch.Tensor, kv_layer: torch.Tensor,
-                        meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                        cos_sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                        norms: HeadNorms | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-            return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta)
-        return rotary.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping)
+            return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta, norms)
+        # NOTE: with head norms (Qwen3) the norms run in the same launch: two kernels less per layer
+        head_norms = None if norms is None else (norms.q_weight, norms.k_weight, norms.eps)
+        return rotary.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping, head_norms)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from pdserve.engine.backends.base import AttentionMetadata, Backend, DecoderLayerWeights
+from pdserve.engine.backends.base import AttentionMetadata, Backend, DecoderLayerWeights, HeadNorms
 from pdserve.engine.layers import (LayerContext, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                    QuantizedActivation, RMSNorm, RotaryEmbedding, RowParallelLinear,
                                    VocabParallelEmbedding, load_into)
@@ -51,10 +51,8 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q, be)[0]
-            k = self.k_norm(k, be)[0]
-        q, k = be.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta)
+        norms = None if self.q_norm is None else HeadNorms(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        q, k = be.rotary_store_kv(q, k, v, positions, cos_sin, kv_layer, meta, norms)
         o = be.attention(q, k, v, kv_layer, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size), be)
 
