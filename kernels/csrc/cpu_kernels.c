@@ -712,6 +712,32 @@ ATTN_KERNEL(bf16, uint16_t, VEC_BF16, PAIR_BF16)
 
 /* out = w * (h / rms(h)) with h = x (+ residual); res_out = h (as the reference returns it).
  * x, residual, out, res_out: [rows, n] with row strides; residual may be NULL. */
+/* bf16 rows 16 at a time (GCC leaves the scalar rounding below unvectorized: 3.6x slower
+ * than float32 at 2,048 rows); float32's loops vectorize as written. i: where they stop. */
+#if defined(HAVE_BF16_VEC)
+#define RMS_SUM_bf16(xr, rr, hr, i, n, ss)                                                     \
+    {                                                                                        \
+        __m512 acc = _mm512_setzero_ps();                                                    \
+        for (; i + 16 <= n; i += 16) {                                                       \
+            __m512 h = load16_bf16(xr + i);                                                  \
+            if (rr) h = round_bf16_512(_mm512_add_ps(h, load16_bf16(rr + i)));               \
+            _mm256_storeu_si256((__m256i *)(hr + i), (__m256i)_mm512_cvtneps_pbh(h));        \
+            acc = _mm512_fmadd_ps(h, h, acc);                                                \
+        }                                                                                    \
+        ss += _mm512_reduce_add_ps(acc);                                                     \
+    }
+#define RMS_SCALE_bf16(hr, w, orow, inv, i, n)                                                 \
+    for (; i + 16 <= n; i += 16) {                                                           \
+        __m512 y = _mm512_mul_ps(load16_bf16(w + i),                                         \
+                                 round_bf16_512(_mm512_mul_ps(load16_bf16(hr + i), _mm512_set1_ps(inv)))); \
+        _mm256_storeu_si256((__m256i *)(orow + i), (__m256i)_mm512_cvtneps_pbh(y));          \
+    }
+#else
+#define RMS_SUM_bf16(xr, rr, hr, i, n, ss)
+#define RMS_SCALE_bf16(hr, w, orow, inv, i, n)
+#endif
+#define RMS_SUM_f32(xr, rr, hr, i, n, ss)
+#define RMS_SCALE_f32(hr, w, orow, inv, i, n)
 #define RMS_NORM(SUF, T)                                                                       \
 void pd_rms_norm_##SUF(const T *x, long sx, const T *res, long sr, const T *w, T *out,       \
                        T *res_out, int rows, int n, float eps, int threads) {                \
@@ -720,16 +746,20 @@ void pd_rms_norm_##SUF(const T *x, long sx, const T *res, long sr, const T *w, T
         const T *xr = x + r * sx, *rr = res ? res + r * sr : NULL;                           \
         T *hr = res_out + (size_t)r * n, *orow = out + (size_t)r * n;                        \
         float ss = 0.f;                                                                      \
+        int i = 0;                                                                           \
+        RMS_SUM_##SUF(xr, rr, hr, i, n, ss)                                                  \
         _Pragma("omp simd reduction(+:ss)")                                                  \
-        for (int i = 0; i < n; i++) {                                                        \
-            float h = rr ? ROUND_##SUF(GET_##SUF(xr, i) + GET_##SUF(rr, i)) : GET_##SUF(xr, i); \
-            PUT_##SUF(hr, i, h);                                                             \
+        for (int j = i; j < n; j++) {                                                        \
+            float h = rr ? ROUND_##SUF(GET_##SUF(xr, j) + GET_##SUF(rr, j)) : GET_##SUF(xr, j); \
+            PUT_##SUF(hr, j, h);                                                             \
             ss += h * h;                                                                     \
         }                                                                                    \
         float inv = 1.f / sqrtf(ss / n + eps);                                               \
+        i = 0;                                                                               \
+        RMS_SCALE_##SUF(hr, w, orow, inv, i, n)                                              \
         _Pragma("omp simd")                                                                  \
-        for (int i = 0; i < n; i++)                                                          \
-            PUT_##SUF(orow, i, GET_##SUF(w, i) * ROUND_##SUF(GET_##SUF(hr, i) * inv));       \
+        for (int j = i; j < n; j++)                                                          \
+            PUT_##SUF(orow, j, GET_##SUF(w, j) * ROUND_##SUF(GET_##SUF(hr, j) * inv));       \
     }                                                                                        \
 }
 

@@ -104,13 +104,14 @@ def test_cpu_backend_falls_back_without_a_compiler(monkeypatch, tmp_path) -> Non
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm(dtype: torch.dtype, with_residual: bool, build: str, check_close) -> None:
+@pytest.mark.parametrize("n", [576, 100])  # 100: a row's last 4 past the 16-wide vectors
+def test_rms_norm(dtype: torch.dtype, with_residual: bool, n: int, build: str, check_close) -> None:
     from pdserve.kernels.reference import rms_norm_ref
 
     wide = torch.randn(37, 700, dtype=dtype)
-    x = wide[:, :576]  # strided rows, as a view of a wider buffer
-    residual = torch.randn(37, 576, dtype=dtype) if with_residual else None
-    weight = torch.randn(576, dtype=dtype)
+    x = wide[:, :n]  # strided rows, as a view of a wider buffer
+    residual = torch.randn(37, n, dtype=dtype) if with_residual else None
+    weight = torch.randn(n, dtype=dtype)
     out, res = built(build).rms_norm(x, weight, 1e-5, residual)
     ref_out, ref_res = rms_norm_ref(x.float(), weight.float(), 1e-5, None if residual is None else residual.float())
     check_close(out, ref_out, dtype, "normed")
