@@ -166,9 +166,9 @@ def bench_decode(llm, batch: int, args, vocab: int, ceil: Ceilings, weight_bytes
     contexts = [engine.requests[r].num_tokens for r in ids]
     graphs = engine.local_rank().graphs
     padded = graphs.padded_size(batch) if graphs is not None else 0
-    fwd_ms = _median_ms(graphs.graphs[padded][0].replay, args.device_type) if padded else float("nan")
+    fwd_ms = _median_ms(lambda: graphs.replay(padded), args.device_type) if padded else float("nan")
     if args.profile and padded:
-        _profile(engine, graphs.graphs[padded][0].replay)
+        _profile(engine, lambda: graphs.replay(padded))
     for r in ids:
         engine.abort(r)
     while engine.has_unfinished():  # NOTE: a step launched before the aborts is still in flight

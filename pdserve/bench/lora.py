@@ -94,7 +94,7 @@ def measure(llm: "LLM", args: argparse.Namespace, vocab: int, names: list[str | 
         step_ms.append((time.perf_counter() - t0) * 1e3)
     graphs = engine.local_rank().graphs
     padded = graphs.padded_size(batch) if graphs is not None else 0
-    fwd_ms = _median_ms(graphs.graphs[padded][0].replay, args.device_type) if padded else float("nan")
+    fwd_ms = _median_ms(lambda: graphs.replay(padded), args.device_type) if padded else float("nan")
     for r in ids:
         engine.abort(r)
     while engine.has_unfinished():  # NOTE: a step launched before the aborts is still in flight

@@ -63,6 +63,14 @@ class DecodeGraphs:
         """The smallest captured batch size that holds num_seqs, or 0 if none does."""
         return next((b for b in self.sizes if b >= num_seqs), 0)
 
+    def replay(self, b: int, adapters: bool = True) -> None:
+        """Replay captured size b on whatever inputs the last step left (a benchmark's forward-only
+        timing); ``adapters`` as in ``run``."""
+        self._captured(b, adapters)[0].replay()
+
+    def _captured(self, b: int, adapters: bool) -> tuple[Graph, torch.Tensor]:
+        return self.graphs[b] if adapters or b not in self.plain else self.plain[b]
+
     @torch.inference_mode()
     def capture(self, adapters: Callable[[], ContextManager[None]] | None = None) -> None:
         """Capture every size (``adapters``: the context in which the layers launch their LoRA
@@ -94,7 +102,7 @@ class DecodeGraphs:
         ``feed`` overwrites input tokens with ones on the device (``upload`` moves its indices);
         ``adapters``: some row has a LoRA adapter (False picks the graph without their kernels)."""
         b = batch.num_rows
-        graph, logits = self.graphs[b] if adapters or b not in self.plain else self.plain[b]
+        graph, logits = self._captured(b, adapters)
         self.copied.synchronize()  # the last step's copies have left the host mirrors
         tokens, tables = self.host_np["tokens"], self.host_np["block_tables"]
         tokens[0, :b], tokens[1, :b], tokens[2, :b] = batch.input_ids, batch.positions, batch.slot_mapping
