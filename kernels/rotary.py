@@ -58,9 +58,11 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: t
 
 
 @triton.jit
-def _norm_heads(x1, x2, w_ptr, eps, ty, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+def _norm_heads(x1, x2, w_ptr, eps, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
     """RMSNorm of each head row [HEADS_PAD, 2 * HALF] held as its halves (float32, zero past
-    the end), rounded where ``rms_norm_ref`` rounds: the normed row, then its product with w."""
+    the end), rounded where ``rms_norm_ref`` rounds (to w's dtype, the rows' own): the normed
+    row, then its product with w."""
+    ty = w_ptr.dtype.element_ty
     rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
     offs_d = tl.arange(0, HALF_PAD)
     w1 = tl.load(w_ptr + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
@@ -81,7 +83,7 @@ def _rotate_heads(src, dst, stride_src, stride_dst, cos, sin,
     x1 = tl.load(src_1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src_1 + HALF, mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        x1, x2 = _norm_heads(x1, x2, w_ptr, eps, src.dtype.element_ty, HALF, HALF_PAD)
+        x1, x2 = _norm_heads(x1, x2, w_ptr, eps, HALF, HALF_PAD)
     dst_1 = dst + offs_h[:, None] * stride_dst + offs_d[None, :]
     ty = dst.dtype.element_ty
     tl.store(dst_1, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
@@ -181,7 +183,7 @@ def _rotary_store_kernel(
     x1 = tl.load(k_1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(k_1 + HALF, mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        x1, x2 = _norm_heads(x1, x2, kw_ptr, eps, k_ptr.dtype.element_ty, HALF, HALF_PAD)
+        x1, x2 = _norm_heads(x1, x2, kw_ptr, eps, HALF, HALF_PAD)
     r1 = x1 * cos[None, :] - x2 * sin[None, :]
     r2 = x2 * cos[None, :] + x1 * sin[None, :]
     k_ty = k_ptr.dtype.element_ty
