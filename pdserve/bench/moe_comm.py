@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pdserve.engine.executor.collectives import ProcessGroupComm
+
 SCHEMES = ("gather+allreduce", "gather+reduce-scatter", "all-to-all")
 
 
@@ -63,16 +65,13 @@ def _gather_reduce_scatter(x: torch.Tensor, rank: int, ranks: int) -> torch.Tens
 
 
 def _all_to_all(x: torch.Tensor, owners: torch.Tensor, ranks: int) -> torch.Tensor:
-    """owners [T, R] bool: which ranks own one of the token's experts."""
+    """owners [T, R] bool: which ranks own one of the token's experts. The engine's exchange
+    (``ProcessGroupComm.all_to_all``, as the MoE layer calls it)."""
+    comm = ProcessGroupComm()
     dest, token = owners.t().nonzero(as_tuple=True)  # rows grouped by destination rank
-    send_counts = torch.bincount(dest, minlength=ranks)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts)
-    send, recv = send_counts.tolist(), recv_counts.tolist()
-    arrived = torch.empty(sum(recv), x.shape[1], dtype=x.dtype)
-    dist.all_to_all_single(arrived, x[token], recv, send)
-    back = torch.empty(len(token), x.shape[1], dtype=x.dtype)
-    dist.all_to_all_single(back, arrived, send, recv)  # NOTE: stands for the partial outputs
+    send = torch.bincount(dest, minlength=ranks).tolist()
+    arrived, recv = comm.all_to_all(x[token], send)
+    back, _ = comm.all_to_all(arrived, recv, send)  # NOTE: stands for the partial outputs
     return torch.zeros_like(x).index_add_(0, token, back)
 
 
