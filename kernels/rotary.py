@@ -116,6 +116,11 @@ def _rotary_kernel(
                   K_HEADS, K_HEADS_PAD, HALF, HALF_PAD, k_ptr, 0.0, False)
 
 
+def takes_head_norms(q: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor) -> bool:
+    """Whether ``rotary_store_kv`` can apply these head-norm weights to q: contiguous [D] of q's dtype."""
+    return all(w.shape == (q.shape[-1],) and w.dtype == q.dtype and w.is_contiguous() for w in (q_weight, k_weight))
+
+
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_sin: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor,
                     head_norms: tuple[torch.Tensor, torch.Tensor, float] | None = None
@@ -141,8 +146,7 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("q, k and v need a contiguous last dim (they are rotated in place)")
     q_weight, k_weight, eps = head_norms if head_norms is not None else (q, k, 0.0)
-    if head_norms is not None and not all(w.shape == (head_dim,) and w.dtype == q.dtype and w.is_contiguous()
-                                          for w in (q_weight, k_weight)):
+    if head_norms is not None and not takes_head_norms(q, q_weight, k_weight):
         raise ValueError(f"head norm weights must be contiguous [{head_dim}] of {q.dtype}")
     tokens = q.shape[0]
     if tokens == 0:

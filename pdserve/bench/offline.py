@@ -121,9 +121,9 @@ def _hf_model_type(architecture: str) -> str:
 
     # NOTE: several model types may share a class (LlamaForCausalLM): take the one it is named after
     types = [t for t, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name == architecture]
-    named = [t for t in types if architecture.lower().startswith(t.replace("_", ""))]
     if not types:
         raise ValueError(f"transformers has no causal LM named {architecture!r}")
+    named = [t for t in types if architecture.lower().startswith(t.replace("_", ""))]
     return (named or types)[0]
 
 

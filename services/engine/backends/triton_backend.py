@@ -107,8 +107,7 @@ class TritonBackend:
     def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
                         norms: HeadNorms | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        fusable_norms = norms is None or all(w.dtype == q.dtype and w.is_contiguous()
-                                             for w in (norms.q_weight, norms.k_weight))
+        fusable_norms = norms is None or rotary.takes_head_norms(q, norms.q_weight, norms.k_weight)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or not fusable_norms:
             return rotary_then_store(self, q, k, v, positions, cos_sin, kv_layer, meta, norms)
         # NOTE: with head norms (Qwen3) the norms run in the same launch: two kernels less per layer

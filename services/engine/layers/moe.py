@@ -20,8 +20,8 @@ only to the ranks that own one of its experts (with tp > 1 a replica's tokens ar
 dealt out over its ranks) and comes back as one partial sum per rank (measured by
 ``pdserve.bench.moe_comm``: 1.2-1.5x faster from 256 tokens on gloo). A replica with
 no tokens this step still joins (``join_without_tokens``), since the others need its
-experts. The grouped expert
-computation is the backend's ``fused_moe`` (Triton on CUDA, the torch reference elsewhere).
+experts. The grouped expert computation is the backend's ``fused_moe`` (Triton on CUDA,
+the torch reference elsewhere).
 
 Lifecycle: built from a ``LayerContext``; weights loaded once, then ``prepare_weights``
 (the backend's packing, e.g. per expert on the CPU); then only ``forward``
