@@ -207,7 +207,12 @@ def test_decode_worker_times_a_remote_prefill(live: LiveWorker, tmp_path) -> Non
         wait_for(lambda: all(stats(w).kv_peers >= 1 for w in workers(cluster)), 30.0, what="KV peers loaded")
         responses = router_generate(cluster, list(range(200, 300)), 4)  # above the local-prefill threshold
         assert next(r for r in responses if r.token_ids).prefill_worker_id.startswith("prefill-")
-        decode = metrics(workers(cluster, "decode")[0])
+        # NOTE: the decode worker records a request's histograms when its stream closes, which may
+        # be just after the router has passed the last token on
+        decode_worker = workers(cluster, "decode")[0]
+        wait_for(lambda: serving(metrics(decode_worker), "request_prefill_time_seconds_count") >= 1, 10.0,
+                 what="the request's histograms on the decode worker")
+        decode = metrics(decode_worker)
         prefill = metrics(workers(cluster, "prefill")[0])
     assert serving(decode, "request_prefill_time_seconds_count") == 1
     ttft = serving(decode, "time_to_first_token_seconds_sum")
