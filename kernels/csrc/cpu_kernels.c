@@ -1385,23 +1385,161 @@ static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, 
     }
 }
 
-#define GROUP_BLOCKS 8  /* column blocks of 16 per task of a grouped GEMM */
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_LINEAR_VEC 1
+#define HAVE_LINEAR_AVX2 1
+/* AVX2 + FMA (no AVX-512): the same packed weight, 8 lanes per register, so a 64-byte group
+ * is two halves (columns 0-7, 8-15). A register tile is up to LIN2_MR rows times one block
+ * of 16 columns over all of K: float32 one FMA per half and row; bfloat16 two (the pair's
+ * k as float32, each a shift or a mask of the 32-bit lane), the weight halves widened once
+ * per group and shared by the rows. A single row sums four interleaved chains of groups
+ * (and two rows two), so enough FMAs are in flight. The tail block (N mod 16 columns) runs
+ * in plain C: at most 15 columns. */
+#define LIN2_MR 6
+#define LIN_GROUP_BYTES 64
 
-/* Expert e multiplies rows [offsets[e], offsets[e + 1]) of x by its own packed weight (at
- * packed + e * estride bytes): one parallel region over (expert, 128-column chunk) tasks, so
- * the few rows each expert gets in a decode step still spread over every thread, and
- * experts without rows cost nothing. */
-static void grouped_gemm(const char *x, long sx, const char *packed, size_t estride, const int32_t *offsets,
-                         int experts, char *out, long so, int n, int k, int bf16, int threads) {
+ALWAYS_INLINE __m256 lin2_lo(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+ALWAYS_INLINE __m256 lin2_hi(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* One group g of mr rows against one block (w: the block's first group). `last`: bf16's
+ * final half group of an odd K, whose activation pair is (x[k - 1], 0). */
+ALWAYS_INLINE void lin2_step(__m256 acc[LIN2_MR][2], const char *x, size_t sx, const char *w, int g, int k, int mr,
+                             int last, int bf16) {
+    __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + (size_t)g * LIN_GROUP_BYTES));
+    __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + (size_t)g * LIN_GROUP_BYTES + 32));
+    if (!bf16) {
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            __m256 xb = _mm256_broadcast_ss((const float *)(x + i * sx) + g);
+            acc[i][0] = _mm256_fmadd_ps(xb, _mm256_castsi256_ps(w0), acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(xb, _mm256_castsi256_ps(w1), acc[i][1]);
+        }
+        return;
+    }
+    __m256 a0 = lin2_lo(w0), b0 = lin2_hi(w0), a1 = lin2_lo(w1), b1 = lin2_hi(w1);
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        int32_t v;
+        if (last) v = ((const uint16_t *)(x + i * sx))[k - 1];
+        else memcpy(&v, x + i * sx + (size_t)g * 4, 4);
+        __m256i xv = _mm256_set1_epi32(v);
+        __m256 xl = lin2_lo(xv), xh = lin2_hi(xv);
+        acc[i][0] = _mm256_fmadd_ps(xh, b0, _mm256_fmadd_ps(xl, a0, acc[i][0]));
+        acc[i][1] = _mm256_fmadd_ps(xh, b1, _mm256_fmadd_ps(xl, a1, acc[i][1]));
+    }
+}
+
+ALWAYS_INLINE void lin2_store(__m256 v, const void *bias, int c, char *out, int bf16) {
+    if (!bf16) {
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps((const float *)bias + c));
+        _mm256_storeu_ps((float *)out, v);
+        return;
+    }
+    float f[8];
+    _mm256_storeu_ps(f, v);
+    for (int j = 0; j < 8; j++)
+        ((uint16_t *)out)[j] = f32_to_bf16(f[j] + (bias ? bf16_to_f32(((const uint16_t *)bias)[c + j]) : 0.f));
+}
+
+/* mr rows (x, out: row strides in bytes) times the full block w of 16 columns from c0, over all of K. */
+ALWAYS_INLINE void lin2_tile(const char *x, size_t sx, const char *w, int k, const void *bias, char *out,
+                             size_t so, int c0, int mr, int bf16) {
+    enum { CHAINS = 4 };
+    __m256 acc[CHAINS][LIN2_MR][2];
+    int split = mr == 1 ? 4 : mr == 2 ? 2 : 1, kg = bf16 ? k / 2 : k, g = 0;
+#pragma GCC unroll 8
+    for (int u = 0; u < split; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) acc[u][i][0] = acc[u][i][1] = _mm256_setzero_ps();
+    for (; g + split <= kg; g += split)
+#pragma GCC unroll 4
+        for (int u = 0; u < split; u++) lin2_step(acc[u], x, sx, w, g + u, k, mr, 0, bf16);
+    for (; g < kg; g++) lin2_step(acc[0], x, sx, w, g, k, mr, 0, bf16);
+    if (bf16 && (k & 1)) lin2_step(acc[0], x, sx, w, g, k, mr, 1, bf16);
+    for (int i = 0; i < mr; i++)
+        for (int h = 0; h < 2; h++) {
+            __m256 v = acc[0][i][h];
+            for (int u = 1; u < split; u++) v = _mm256_add_ps(v, acc[u][i][h]);
+            int c = c0 + 8 * h;
+            lin2_store(v, bias, c, out + i * so + (size_t)c * (bf16 ? 2 : 4), bf16);
+        }
+}
+
+typedef void (*lin2_tile_fn)(const char *, size_t, const char *, int, const void *, char *, size_t, int);
+#define LIN2_TILE(SUF, BF16, MR)                                                               \
+static void lin2_tile_##SUF##_##MR(const char *x, size_t sx, const char *w, int k, const void *bias, char *out, \
+                                   size_t so, int c0) {                                      \
+    lin2_tile(x, sx, w, k, bias, out, so, c0, MR, BF16);                                     \
+}
+#define LIN2_TILES(SUF, BF16)                                                                  \
+    LIN2_TILE(SUF, BF16, 1) LIN2_TILE(SUF, BF16, 2) LIN2_TILE(SUF, BF16, 3)                   \
+    LIN2_TILE(SUF, BF16, 4) LIN2_TILE(SUF, BF16, 5) LIN2_TILE(SUF, BF16, 6)
+LIN2_TILES(f32, 0)
+LIN2_TILES(bf16, 1)
+#define LIN2_FNS(SUF) {lin2_tile_##SUF##_1, lin2_tile_##SUF##_2, lin2_tile_##SUF##_3, lin2_tile_##SUF##_4, \
+                       lin2_tile_##SUF##_5, lin2_tile_##SUF##_6}
+static const lin2_tile_fn LIN2_TILE_FNS[2][LIN2_MR] = {LIN2_FNS(f32), LIN2_FNS(bf16)};
+
+/* The tail block's tw < 16 columns (from c0) for rows [r0, r1), in plain C. */
+static void lin2_tail(const char *x, size_t sxb, const char *w, int tw, int k, const void *bias, char *out,
+                      size_t sob, int c0, int r0, int r1, int bf16) {
+    int gk = bf16 ? 2 : 1;
+    for (int r = r0; r < r1; r++) {
+        float acc[16] = {0};
+        for (int kk = 0; kk < k; kk++) {
+            size_t at = (size_t)(kk / gk) * tw * gk + kk % gk;  /* element of column 0 */
+            float xv = bf16 ? bf16_to_f32(((const uint16_t *)(x + r * sxb))[kk]) : ((const float *)(x + r * sxb))[kk];
+            for (int c = 0; c < tw; c++)
+                acc[c] += xv * (bf16 ? bf16_to_f32(((const uint16_t *)w)[at + (size_t)c * gk]) : ((const float *)w)[at + c]);
+        }
+        for (int c = 0; c < tw; c++) {
+            if (bf16)
+                ((uint16_t *)(out + r * sob))[c0 + c] =
+                    f32_to_bf16(acc[c] + (bias ? bf16_to_f32(((const uint16_t *)bias)[c0 + c]) : 0.f));
+            else
+                ((float *)(out + r * sob))[c0 + c] = acc[c] + (bias ? ((const float *)bias)[c0 + c] : 0.f);
+        }
+    }
+}
+
+/* Rows [r0, r1) times column blocks [b0, b1) of one packed weight (n columns, bs bytes per
+ * block); each block runs all its row tiles before the next, its weights from the cache after
+ * the first. */
+static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, const void *bias, char *out,
+                      size_t sob, int r0, int r1, int b0, int b1, int n, int k, int bf16) {
+    int full = n / 16;
+    const lin2_tile_fn *fns = LIN2_TILE_FNS[bf16];
+    for (int b = b0; b < b1; b++) {
+        if (b >= full) {
+            lin2_tail(x, sxb, packed + (size_t)full * bs, n % 16, k, bias, out, sob, full * 16, r0, r1, bf16);
+            continue;
+        }
+        for (int r = r0; r < r1; r += LIN2_MR) {
+            int mr = r1 - r < LIN2_MR ? r1 - r : LIN2_MR;
+            fns[mr - 1](x + (size_t)r * sxb, sxb, packed + (size_t)b * bs, k, bias, out + (size_t)r * sob, sob, b * 16);
+        }
+    }
+}
+
+/* Work split as the AVX-512 path's: column blocks evenly over the threads, rows too when there
+ * are fewer blocks than threads. */
+static void linear_gemm(const char *x, long sx, const char *packed, const void *bias, char *out, long so, int m,
+                        int n, int k, int bf16, int threads) {
     int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16;
-    int chunks = (blocks + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
     size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
-    _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")
-    for (long t = 0; t < (long)experts * chunks; t++) {
-        int e = (int)(t / chunks), b0 = (int)(t % chunks) * GROUP_BLOCKS;
-        if (offsets[e] < offsets[e + 1])
-            lin_range(x, sxb, packed + (size_t)e * estride, bs, NULL, out, sob, offsets[e], offsets[e + 1], b0,
-                      b0 + GROUP_BLOCKS < blocks ? b0 + GROUP_BLOCKS : blocks, n, k, bf16);
+    int nparts = blocks < threads ? blocks : threads;
+    int mparts = threads / nparts, mtiles = (m + LIN2_MR - 1) / LIN2_MR;
+    mparts = mparts < mtiles ? mparts : mtiles;
+    _Pragma("omp parallel for schedule(static) num_threads(nparts * mparts)")
+    for (int part = 0; part < nparts * mparts; part++) {
+        int pn = part % nparts, pm = part / nparts;
+        int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
+        int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
+        lin_range(x, sxb, packed, bs, bias, out, sob, t0 * LIN2_MR, t1 * LIN2_MR < m ? t1 * LIN2_MR : m, b0, b1, n,
+                  k, bf16);
     }
 }
 #else
@@ -1438,7 +1576,27 @@ static void linear_gemm(const char *x, long sx, const char *packed, const void *
 }
 #endif
 
-#if !HAVE_LINEAR_VEC
+#if HAVE_LINEAR_VEC
+#define GROUP_BLOCKS 8  /* column blocks of 16 per task of a grouped GEMM */
+
+/* Expert e multiplies rows [offsets[e], offsets[e + 1]) of x by its own packed weight (at
+ * packed + e * estride bytes): one parallel region over (expert, 128-column chunk) tasks, so
+ * the few rows each expert gets in a decode step still spread over every thread, and
+ * experts without rows cost nothing. */
+static void grouped_gemm(const char *x, long sx, const char *packed, size_t estride, const int32_t *offsets,
+                         int experts, char *out, long so, int n, int k, int bf16, int threads) {
+    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16;
+    int chunks = (blocks + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
+    size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
+    _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")
+    for (long t = 0; t < (long)experts * chunks; t++) {
+        int e = (int)(t / chunks), b0 = (int)(t % chunks) * GROUP_BLOCKS;
+        if (offsets[e] < offsets[e + 1])
+            lin_range(x, sxb, packed + (size_t)e * estride, bs, NULL, out, sob, offsets[e], offsets[e + 1], b0,
+                      b0 + GROUP_BLOCKS < blocks ? b0 + GROUP_BLOCKS : blocks, n, k, bf16);
+    }
+}
+#else
 /* Portable: each expert with rows through the linear GEMM. */
 static void grouped_gemm(const char *x, long sx, const char *packed, size_t estride, const int32_t *offsets,
                          int experts, char *out, long so, int n, int k, int bf16, int threads) {
@@ -1450,10 +1608,12 @@ static void grouped_gemm(const char *x, long sx, const char *packed, size_t estr
 }
 #endif
 
-/* Which linear paths are vectorized: bit 0 float32 (AVX-512 FMA), bit 1 bfloat16 with the
- * AVX512-BF16 dot products (without them, bf16 runs as float32 FMAs: tested, not chosen). */
+/* Which linear paths are vectorized: bit 0 float32, bit 1 bfloat16. AVX-512: float32 FMAs, and
+ * bfloat16 with the AVX512-BF16 dot products (without them, bf16 runs as float32 FMAs: tested,
+ * not chosen). AVX2 + FMA: both, bfloat16 as float32 FMAs (torch's own bf16 matmul has no
+ * faster path on such a CPU). */
 int pd_linear_vec(void) {
-#if HAVE_LINEAR_VEC && defined(__AVX512BF16__)
+#if HAVE_LINEAR_VEC && (defined(__AVX512BF16__) || defined(HAVE_LINEAR_AVX2))
     return 3;
 #else
     return HAVE_LINEAR_VEC;

@@ -12,6 +12,10 @@ from pdserve.kernels.cpu import CpuKernels, load_cpu_kernels
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 CPU_FLAGS = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+# Compiler flags of the variant builds: plain C (no vector extensions the code tests for),
+# and AVX2 + FMA without AVX-512 (on an AVX-512 CPU; on an AVX2-only CPU it equals native).
+PORTABLE = ("-mno-avx512f", "-mno-avx2", "-mno-fma")
+AVX2 = ("-mno-avx512f",)
 
 
 def builds(variants: dict[str, tuple[str, ...]]) -> dict[str, CpuKernels | None]:

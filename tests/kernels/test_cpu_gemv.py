@@ -1,8 +1,9 @@
 """pdserve's compiled CPU linear (kernels/cpu.py ``linear`` over ``pack_linear_weight``) against a float64 matmul.
 
 Each build of the library is tested: native (AVX-512 FMA for float32, AVX512-BF16 dot
-products for bfloat16), AVX-512 without BF16 (bf16 pairs as float32 FMAs) and portable C
-(``-mno-avx512f``). The kernel sums in float32 and rounds once, so every output is within
+products for bfloat16), AVX-512 without BF16 (bf16 pairs as float32 FMAs), AVX2 + FMA (8-lane
+halves of each 16-column block; bf16 pairs as float32 FMAs) and portable C
+(no AVX-512, AVX2 or FMA). The kernel sums in float32 and rounds once, so every output is within
 the float32 summation bound of the exact value (plus, in bfloat16, half a unit in the last
 place of the rounding). Shapes cover register tiles cut short on
 both sides: rows not a multiple of the tile's 6, K odd or not a multiple of 32, N not a
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 from pdserve.kernels.cpu import CpuKernels
-from tests.kernels.cpu_builds import CPU_FLAGS, builds, built as built_kernels
+from tests.kernels.cpu_builds import AVX2, CPU_FLAGS, PORTABLE, builds, built as built_kernels
 
-VARIANTS = {"portable": ("-mno-avx512f",), "no-avx512bf16": ("-mno-avx512bf16",)}
+VARIANTS = {"portable": PORTABLE, "avx2": AVX2, "no-avx512bf16": ("-mno-avx512bf16",)}
 BUILDS = builds(VARIANTS)
 KERNELS = BUILDS["native"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -130,10 +131,12 @@ def test_packed_layout_order() -> None:
 @pytest.mark.parametrize("build", sorted(BUILDS))
 def test_prepack_packs_where_the_dtype_is_vectorized(build: str) -> None:
     kernels = built(build)
-    expected = {"native": {torch.float32, torch.bfloat16} if "avx512_bf16" in CPU_FLAGS else {torch.float32},
-                "no-avx512bf16": {torch.float32}, "portable": set()}[build]
-    if "avx512f" not in CPU_FLAGS:
-        expected = set()
+    both, avx2 = {torch.float32, torch.bfloat16}, "avx2" in CPU_FLAGS and "fma" in CPU_FLAGS
+    if "avx512f" in CPU_FLAGS:
+        native = both if "avx512_bf16" in CPU_FLAGS else {torch.float32}
+        expected = {"native": native, "no-avx512bf16": {torch.float32}, "avx2": both, "portable": set()}[build]
+    else:  # every variant but the portable one is this CPU's AVX2 build (or plain C without AVX2)
+        expected = both if avx2 and build != "portable" else set()
     assert kernels.linear_vec == expected
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         weight = torch.randn(40, 24).to(dtype)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pdserve.kernels import reference as ref
-from tests.kernels.cpu_builds import CPU_FLAGS, builds, built as built_kernels
+from tests.kernels.cpu_builds import CPU_FLAGS, PORTABLE, builds, built as built_kernels
 
-VARIANTS = {"portable": ("-mno-avx512f",), "no-avx512vnni": ("-mno-avx512vnni",),
+VARIANTS = {"portable": PORTABLE, "no-avx512vnni": ("-mno-avx512vnni",),
             "no-avx512bf16": ("-mno-avx512bf16",)}
 BUILDS = builds(VARIANTS)
 KERNELS = BUILDS["native"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pdserve.kernels.cpu import load_cpu_kernels
+from tests.kernels.cpu_builds import AVX2, PORTABLE
 from tests.kernels.test_attention import make_batch, reference, scenario
 
 KERNELS = load_cpu_kernels()
@@ -20,9 +21,9 @@ needs_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler to bui
 
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-# The code paths of other x86 CPUs, built here by switching features off: no AVX-512 at
-# all (portable C), and AVX-512 without its BF16 dot products.
-VARIANTS = {"portable": ("-mno-avx512f",), "no-avx512bf16": ("-mno-avx512bf16",)}
+# The code paths of other x86 CPUs, built here by switching features off: plain C, AVX2 + FMA
+# without AVX-512, and AVX-512 without its BF16 dot products.
+VARIANTS = {"portable": PORTABLE, "avx2": AVX2, "no-avx512bf16": ("-mno-avx512bf16",)}
 BUILDS = {"native": KERNELS, **{name: load_cpu_kernels(extra_flags=flags) if KERNELS is not None and X86 else None
                                 for name, flags in VARIANTS.items()}}
 

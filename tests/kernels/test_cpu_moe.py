@@ -14,9 +14,9 @@ import torch
 
 from pdserve.engine.backends.cpu_backend import CpuBackend
 from pdserve.kernels.reference import fused_moe_ref
-from tests.kernels.cpu_builds import builds, built as built_kernels
+from tests.kernels.cpu_builds import AVX2, PORTABLE, builds, built as built_kernels
 
-BUILDS = builds({"portable": ("-mno-avx512f",)})
+BUILDS = builds({"portable": PORTABLE, "avx2": AVX2})
 DTYPES = [torch.float32, torch.bfloat16]
 CASES = [  # tokens, experts, top_k, hidden, inter
     (1, 8, 2, 64, 48),
