@@ -84,16 +84,26 @@ class Tracing:
         ``time.monotonic()`` value) or now; end it with ``end_span``."""
         if self._tracer is None:
             return INVALID_SPAN
-        context = trace.set_span_in_context(parent) if isinstance(parent, Span) else parent
-        return self._tracer.start_span(name, context=context if context is not None else Context(), kind=kind,
-                                       attributes=attributes() if attributes is not None else None,
-                                       start_time=_wall_ns(start) if start is not None else None)
+        return self._start(name, parent, attributes, _wall_ns(start) if start is not None else None, kind)
 
     def record(self, name: str, parent: Parent, start: float, end: float, attributes: Attributes | None = None,
                error: str | None = None) -> None:
-        """A span that is already over: from ``start`` to ``end`` (``time.monotonic()`` values)."""
-        if self._tracer is not None:
-            end_span(self.span(name, parent, attributes, start), error, end)
+        """A span that is already over: from ``start`` to ``end`` (``time.monotonic()`` values).
+        Both ends take one clock offset, so the span lasts exactly ``end - start``."""
+        if self._tracer is None:
+            return
+        offset = _wall_offset_ns()
+        span = self._start(name, parent, attributes, offset + int(start * 1e9), SpanKind.INTERNAL)
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end(offset + int(end * 1e9))
+
+    def _start(self, name: str, parent: Parent, attributes: Attributes | None, start_ns: int | None,
+               kind: SpanKind) -> Span:
+        context = trace.set_span_in_context(parent) if isinstance(parent, Span) else parent
+        return self._tracer.start_span(name, context=context if context is not None else Context(), kind=kind,
+                                       attributes=attributes() if attributes is not None else None,
+                                       start_time=start_ns)
 
     def inject(self, span: Span) -> tuple[tuple[str, str], ...] | None:
         """gRPC metadata carrying ``span``'s trace context; None when off or without a span."""
@@ -158,4 +168,10 @@ def endpoint_problem(endpoint: str) -> str | None:
 
 def _wall_ns(monotonic: float) -> int:
     """The ``time.time_ns()`` of the moment ``time.monotonic()`` read ``monotonic``."""
-    return time.time_ns() - time.monotonic_ns() + int(monotonic * 1e9)
+    return _wall_offset_ns() + int(monotonic * 1e9)
+
+
+def _wall_offset_ns() -> int:
+    """``time.time_ns()`` minus ``time.monotonic_ns()`` now (two reads: can move by a few
+    microseconds between calls on a busy machine)."""
+    return time.time_ns() - time.monotonic_ns()
