@@ -625,16 +625,148 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
 DECODE_TASK(decode_task_f32, float, load_f32, store_f32)
 DECODE_TASK(decode_task_bf16, uint16_t, load_bf16, store_bf16)
 
-/* The same tile in portable C: one row at a time (the query row is copied to float). */
-#define ATTN_TILE(NAME, T, TASK)                                                                \
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+/* AVX2 + FMA (no AVX-512): one query row over the paged cache, 8 tokens at a time. Per
+ * (query head, 8 tokens): 8 dot products as 8-lane FMA chains over D, reduced together
+ * into one vector of 8 scores (hsum8), one vector exp for the online softmax, then P.V as
+ * FMAs of each token's V into the head's accumulator. K and V are read from the cache in
+ * place (bf16 widened on load); the query heads of a KV head re-read them from L1. Needs
+ * D % 8 == 0 (else the portable task runs). Scratch: qf[Hq*D], acc[Hq*D], m[Hq], l[Hq]. */
+ALWAYS_INLINE __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+ALWAYS_INLINE __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* lane t = the sum of v[t]'s 8 lanes */
+ALWAYS_INLINE __m256 hsum8(const __m256 *v) {
+    __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+ALWAYS_INLINE float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+ALWAYS_INLINE float hadd8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp_approx on 8 lanes (same polynomial, exponent clamped to [-126, 126]). */
+ALWAYS_INLINE __m256 exp256(__m256 x) {
+    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504f));
+    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-126.f)), _mm256_set1_ps(126.f));
+    __m256 fl = _mm256_floor_ps(t), f = _mm256_sub_ps(t, fl), r = _mm256_set1_ps(1.5403530e-4f);
+    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(1.3333558e-3f));
+    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(9.6181291e-3f));
+    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(5.5504109e-2f));
+    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(2.4022651e-1f));
+    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(6.9314718e-1f));
+    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fl), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(r, _mm256_castsi256_ps(e));
+}
+
+/* One query head against c <= 8 tokens (k, v: the first token's head slice, `tok` apart);
+ * `whole`: the block has slots for all 8 (their K may be read, whatever they hold). */
+#define ATTEND8(NAME, T, LOAD8)                                                                \
+ALWAYS_INLINE void NAME(const float *qh, const T *k, const T *v, int c, int whole, int tok, int d, \
+                        float *m, float *l, float *acc) {                                    \
+    __m256 s[8];                                                                             \
+    for (int t = 0; t < 8; t++) s[t] = _mm256_setzero_ps();                                  \
+    if (whole) /* 8 tokens' slots in the block: scores of slots past c are computed, then dropped */ \
+        for (int x = 0; x < d; x += 8) {                                                     \
+            __m256 qv = _mm256_loadu_ps(qh + x);                                             \
+            for (int t = 0; t < 8; t++) s[t] = _mm256_fmadd_ps(qv, LOAD8(k + (size_t)t * tok + x), s[t]); \
+        }                                                                                    \
+    else                                                                                     \
+        for (int x = 0; x < d; x += 8) {                                                     \
+            __m256 qv = _mm256_loadu_ps(qh + x);                                             \
+            for (int t = 0; t < c; t++) s[t] = _mm256_fmadd_ps(qv, LOAD8(k + (size_t)t * tok + x), s[t]); \
+        }                                                                                    \
+    __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(c),              \
+                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))); \
+    __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(s), keep);                 \
+    float mx = hmax8(sc);                                                                    \
+    mx = *m > mx ? *m : mx;                                                                  \
+    __m256 p = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(mx))), keep);           \
+    float corr = *m == -INFINITY ? 0.f : exp_approx(*m - mx), pp[8];                         \
+    *l = *l * corr + hadd8(p);                                                               \
+    *m = mx;                                                                                 \
+    _mm256_storeu_ps(pp, p);                                                                 \
+    for (int x0 = 0; x0 < d; x0 += 64) { /* up to 8 accumulators: 8 independent FMA chains */ \
+        __m256 a[8];                                                                         \
+        for (int j = 0; j < 8; j++)                                                          \
+            if (x0 + 8 * j < d) a[j] = _mm256_mul_ps(_mm256_loadu_ps(acc + x0 + 8 * j), _mm256_set1_ps(corr)); \
+        for (int t = 0; t < c; t++) {                                                        \
+            __m256 pt = _mm256_set1_ps(pp[t]);                                               \
+            for (int j = 0; j < 8; j++)                                                      \
+                if (x0 + 8 * j < d) a[j] = _mm256_fmadd_ps(pt, LOAD8(v + (size_t)t * tok + x0 + 8 * j), a[j]); \
+        }                                                                                    \
+        for (int j = 0; j < 8; j++)                                                          \
+            if (x0 + 8 * j < d) _mm256_storeu_ps(acc + x0 + 8 * j, a[j]);                    \
+    }                                                                                        \
+}                                                                                            \
+/* head sizes with their own copy (constant trip counts unroll into registers) */            \
+static void NAME##_any(const float *qh, const T *k, const T *v, int c, int whole, int tok, int d, \
+                       float *m, float *l, float *acc) {                                     \
+    if (d == 64) NAME(qh, k, v, c, whole, tok, 64, m, l, acc);                               \
+    else if (d == 128) NAME(qh, k, v, c, whole, tok, 128, m, l, acc);                        \
+    else NAME(qh, k, v, c, whole, tok, d, m, l, acc);                                        \
+}
+ATTEND8(attend8_f32, float, load8_f32)
+ATTEND8(attend8_bf16, uint16_t, load8_bf16)
+
+#define DECODE_TASK2(NAME, T, LOAD, STORE, ATTEND)                                             \
+static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,             \
+                 int hq, int hkv, int d, int bs, size_t stride, float scale, float *scratch) { \
+    int group = hq / hkv, tok = hkv * d;                                                     \
+    float *qf = scratch, *acc = qf + hq * d, *m = acc + hq * d, *l = m + hq;                 \
+    LOAD(q, qf, hq * d);                                                                     \
+    for (int i = 0; i < hq * d; i++) { qf[i] *= scale; acc[i] = 0.f; }                       \
+    for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                           \
+    for (int j = 0; j * bs < len; j++) {                                                     \
+        int n = len - j * bs < bs ? len - j * bs : bs;                                       \
+        const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;           \
+        for (int t0 = 0; t0 < n; t0 += 8)                                                    \
+            for (int hd = 0; hd < hq; hd++) {                                                \
+                size_t at = (size_t)t0 * tok + (size_t)(hd / group) * d;                     \
+                ATTEND(qf + hd * d, kb + at, vb + at, n - t0 < 8 ? n - t0 : 8, t0 + 8 <= bs, tok, d, m + hd, \
+                       l + hd, acc + hd * d);                                                \
+            }                                                                                \
+    }                                                                                        \
+    for (int hd = 0; hd < hq; hd++) {                                                        \
+        float inv = 1.f / l[hd], *ah = acc + hd * d;                                         \
+        for (int i = 0; i < d; i++) ah[i] *= inv;                                            \
+    }                                                                                        \
+    STORE(acc, out, hq * d);                                                                 \
+}
+DECODE_TASK2(decode_task2_f32, float, load_f32, store_f32, attend8_f32_any)
+DECODE_TASK2(decode_task2_bf16, uint16_t, load_bf16, store_bf16, attend8_bf16_any)
+#define ROW_TASK(SUF, d) ((d) % 8 == 0 ? decode_task2_##SUF : decode_task_##SUF)
+#else
+#define ROW_TASK(SUF, d) decode_task_##SUF
+#endif
+
+/* The same tile without AVX-512: one row at a time (the query row is copied to float), in
+ * AVX2 where the build has it, else portable C. */
+#define ATTN_TILE(NAME, T, SUF)                                                                \
 static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t *table,      \
                  int ctx0, int rows, T *out, int hq, int hkv, int d, int bs, float scale,    \
                  float *scratch) {                                                           \
     for (int r = 0; r < rows; r++)                                                           \
-        TASK(q + r * sq, kv, table, ctx0 + r, out + (size_t)r * hq * d, hq, hkv, d, bs, stride, scale, scratch); \
+        ROW_TASK(SUF, d)(q + r * sq, kv, table, ctx0 + r, out + (size_t)r * hq * d, hq, hkv, d, bs, stride, \
+                         scale, scratch);                                                    \
 }
-ATTN_TILE(attn_tile_f32, float, decode_task_f32)
-ATTN_TILE(attn_tile_bf16, uint16_t, decode_task_bf16)
+ATTN_TILE(attn_tile_f32, float, f32)
+ATTN_TILE(attn_tile_bf16, uint16_t, bf16)
 
 #define TILE_ROWS 32
 #define PAIR_MIN_ROWS 4  /* tiles with fewer rows (decode) do not repay the pair transposes */

@@ -39,7 +39,7 @@ def built(build: str):
 @pytest.mark.parametrize("build", sorted(BUILDS))
 @pytest.mark.parametrize("name", ["decode", "mixed", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("block_size", [8, 12, 16, 32])  # 12: a block not a whole number of 8-token chunks
 @pytest.mark.parametrize("head_dim", [64, 128, 80, 96])
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_paged_attention(group: int, head_dim: int, block_size: int, dtype: torch.dtype, name: str, build: str,
