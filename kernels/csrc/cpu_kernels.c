@@ -1345,6 +1345,7 @@ void pd_int8_linear_bf16(const int8_t *a, long sa, const float *as, const int8_t
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HAVE_LINEAR_VEC 1
 #define LIN_MR 6  /* rows per register tile */
+#define LIN_ROWS LIN_MR
 #define LIN_NR 4  /* blocks of 16 columns per register tile: 24 accumulators + 4 weights */
 #define LIN_GROUP_BYTES 64
 
@@ -1467,28 +1468,6 @@ LIN_ALL_TILES(bf16, 1)
                       LIN_ROW(SUF, 6)}
 static const lin_tile_fn LIN_TILE_FNS[2][LIN_MR][LIN_NR + 1] = {LIN_FNS(f32), LIN_FNS(bf16)};
 
-static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, const void *bias, char *out,
-                      size_t sob, int r0, int r1, int b0, int b1, int n, int k, int bf16);
-
-/* Work split: the column blocks evenly over the threads, rows too when there are fewer
- * blocks than threads (no more threads than parts wake up). */
-static void linear_gemm(const char *x, long sx, const char *packed, const void *bias, char *out, long so, int m,
-                        int n, int k, int bf16, int threads) {
-    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16;
-    size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
-    int nparts = blocks < threads ? blocks : threads;
-    int mparts = threads / nparts, mtiles = (m + LIN_MR - 1) / LIN_MR;
-    mparts = mparts < mtiles ? mparts : mtiles;
-    _Pragma("omp parallel for schedule(static) num_threads(nparts * mparts)")
-    for (int part = 0; part < nparts * mparts; part++) {
-        int pn = part % nparts, pm = part / nparts;
-        int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
-        int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
-        lin_range(x, sxb, packed, bs, bias, out, sob, t0 * LIN_MR, t1 * LIN_MR < m ? t1 * LIN_MR : m, b0, b1, n, k,
-                  bf16);
-    }
-}
-
 /* Rows [r0, r1) times column blocks [b0, b1) of one packed weight (n columns, bs bytes per
  * block); each column tile runs all its row tiles before the next: its weights come from the
  * cache after the first. With more than one row tile, the second fetches the next column
@@ -1529,6 +1508,7 @@ static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, 
  * (and two rows two), so enough FMAs are in flight. The tail block (N mod 16 columns) runs
  * in plain C: at most 15 columns. */
 #define LIN2_MR 6
+#define LIN_ROWS LIN2_MR
 #define LIN_GROUP_BYTES 64
 
 ALWAYS_INLINE __m256 lin2_lo(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
@@ -1656,24 +1636,6 @@ static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, 
     }
 }
 
-/* Work split as the AVX-512 path's: column blocks evenly over the threads, rows too when there
- * are fewer blocks than threads. */
-static void linear_gemm(const char *x, long sx, const char *packed, const void *bias, char *out, long so, int m,
-                        int n, int k, int bf16, int threads) {
-    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16;
-    size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
-    int nparts = blocks < threads ? blocks : threads;
-    int mparts = threads / nparts, mtiles = (m + LIN2_MR - 1) / LIN2_MR;
-    mparts = mparts < mtiles ? mparts : mtiles;
-    _Pragma("omp parallel for schedule(static) num_threads(nparts * mparts)")
-    for (int part = 0; part < nparts * mparts; part++) {
-        int pn = part % nparts, pm = part / nparts;
-        int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
-        int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
-        lin_range(x, sxb, packed, bs, bias, out, sob, t0 * LIN2_MR, t1 * LIN2_MR < m ? t1 * LIN2_MR : m, b0, b1, n,
-                  k, bf16);
-    }
-}
 #else
 #define HAVE_LINEAR_VEC 0
 /* Portable: the same packed weight, one block of columns and one row at a time. */
@@ -1709,6 +1671,25 @@ static void linear_gemm(const char *x, long sx, const char *packed, const void *
 #endif
 
 #if HAVE_LINEAR_VEC
+/* Work split: the column blocks evenly over the threads, rows too when there are fewer
+ * blocks than threads (no more threads than parts wake up). */
+static void linear_gemm(const char *x, long sx, const char *packed, const void *bias, char *out, long so, int m,
+                        int n, int k, int bf16, int threads) {
+    int elt = bf16 ? 2 : 4, kg = bf16 ? (k + 1) / 2 : k, blocks = (n + 15) / 16;
+    size_t bs = (size_t)kg * LIN_GROUP_BYTES, sxb = (size_t)sx * elt, sob = (size_t)so * elt;
+    int nparts = blocks < threads ? blocks : threads;
+    int mparts = threads / nparts, mtiles = (m + LIN_ROWS - 1) / LIN_ROWS;
+    mparts = mparts < mtiles ? mparts : mtiles;
+    _Pragma("omp parallel for schedule(static) num_threads(nparts * mparts)")
+    for (int part = 0; part < nparts * mparts; part++) {
+        int pn = part % nparts, pm = part / nparts;
+        int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
+        int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
+        lin_range(x, sxb, packed, bs, bias, out, sob, t0 * LIN_ROWS, t1 * LIN_ROWS < m ? t1 * LIN_ROWS : m, b0, b1, n, k,
+                  bf16);
+    }
+}
+
 #define GROUP_BLOCKS 8  /* column blocks of 16 per task of a grouped GEMM */
 
 /* Expert e multiplies rows [offsets[e], offsets[e + 1]) of x by its own packed weight (at
