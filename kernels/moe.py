@@ -4,8 +4,7 @@ Owns: ``fused_moe`` (gate_up, SiLU-and-mul, down, routing weights and the sum ov
 the top-k) and ``align_pairs``, the routing plan it runs on. Stateless; every call
 allocates its scratch. Numerics follow ``reference.fused_moe_ref``: float32
 accumulation, the SiLU-and-mul intermediate rounded once to x's dtype, routing
-weights applied and the K contributions summed in float32, one final rounding (the
-grouped path rounds each weighted contribution to x's dtype before that sum: see below).
+weights applied and the K contributions summed in float32, one final rounding.
 
 Two launch shapes, chosen by the number of (token, k) pairs (``use_pairs_path``); neither
 waits for the host, so a call can be captured in a CUDA graph.
@@ -26,11 +25,8 @@ Grouped path (prefill), five launches (four for T*K <= 64):
 - ``_gate_up_kernel``: per (row block, column tile), the block's gathered x rows @ its
   expert's w13.T, gate and up column tiles side by side, SiLU-and-mul in the epilogue
   -> ``act [T*K, I]`` in x's dtype (row = pair id ``t * K + k``).
-- ``_down_kernel``: act rows @ w2[e].T times the pair's routing weight -> ``partial [T*K, H]``
-  in x's dtype; ``_sum_topk_kernel`` adds each token's K rows in float32 into ``out``. The
-  partials are T*K rows of H, written and read once: in float32 they were about a fifth of
-  the grouped path's time at prefill sizes, so 16-bit x keeps them in its own dtype (one more
-  rounding per contribution, as other engines' MoE kernels do).
+- ``_down_kernel``: act rows @ w2[e].T times the pair's routing weight -> float32
+  ``partial [T*K, H]``; ``_sum_topk_kernel`` adds each token's K rows into ``out``.
 """
 from __future__ import annotations
 
@@ -137,7 +133,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     plan = align_pairs(topk_ids, num_experts, cfg.block_m)
     max_blocks = plan.block_experts.shape[0]
     act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
-    partial = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
+    partial = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
     routing = topk_weights.to(torch.float32).reshape(-1).contiguous()
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_args(x))
@@ -435,8 +431,8 @@ def _down_kernel(act_ptr, w_ptr, partial_ptr, routing_ptr, sorted_ids_ptr, block
         b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     acc *= tl.load(routing_ptr + pairs, mask=row_ok, other=0.0)[:, None]
-    tl.store(partial_ptr + pairs[:, None] * stride_partial + cols[None, :],
-             acc.to(partial_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(partial_ptr + pairs[:, None] * stride_partial + cols[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -446,7 +442,7 @@ def _sum_topk_kernel(partial_ptr, out_ptr, hidden, stride_out, TOP_K: tl.constex
     ok = cols < hidden
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in range(TOP_K):
-        acc += tl.load(partial_ptr + (token * TOP_K + k) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(partial_ptr + (token * TOP_K + k) * hidden + cols, mask=ok, other=0.0)
     tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
