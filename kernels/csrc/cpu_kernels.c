@@ -57,6 +57,14 @@ ALWAYS_INLINE void axpy_f32(float p, const float *x, float *y, int n) {
     for (int i = 0; i < n; i++) y[i] += p * x[i];
 }
 
+/* 2^f for f in [0, 1): a degree-6 polynomial (relative error ~2e-7) in Horner steps, written
+ * once for every vector width: MULADD(a, b, c) = a * b + c, SET(c) the constant c. */
+#define EXP2_FRACTION(f, MULADD, SET)                                                        \
+    MULADD(MULADD(MULADD(MULADD(MULADD(MULADD(SET(1.5403530e-4f), f, SET(1.3333558e-3f)), f, \
+    SET(9.6181291e-3f)), f, SET(5.5504109e-2f)), f, SET(2.4022651e-1f)), f, SET(6.9314718e-1f)), f, SET(1.0f))
+#define SCALAR_MULADD(a, b, c) ((a) * (b) + (c))
+#define SCALAR_SET(c) (c)
+
 /* exp(x), vectorizable (no calls, no branches): 2^(x log2 e) with a degree-6 polynomial
  * for the fraction; relative error ~2e-7; the exponent is clamped to [-126, 126]. */
 ALWAYS_INLINE float exp_approx(float x) {
@@ -64,13 +72,7 @@ ALWAYS_INLINE float exp_approx(float x) {
     t = t < -126.f ? -126.f : (t > 126.f ? 126.f : t);
     float fl = (float)(int)t;
     fl = fl > t ? fl - 1.f : fl;  /* floor */
-    float f = t - fl, r = 1.5403530e-4f;
-    r = r * f + 1.3333558e-3f;
-    r = r * f + 9.6181291e-3f;
-    r = r * f + 5.5504109e-2f;
-    r = r * f + 2.4022651e-1f;
-    r = r * f + 6.9314718e-1f;
-    r = r * f + 1.0f;
+    float f = t - fl, r = EXP2_FRACTION(f, SCALAR_MULADD, SCALAR_SET);
     int32_t bits = ((int32_t)fl + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
@@ -113,6 +115,20 @@ static void attend_block_any(const float *qf, const float *kf, const float *vf, 
     else attend_block(qf, kf, vf, n, tok, group, d, bs, s, m, l, acc);
 }
 
+/* A query row's online-softmax state: q (in float) scaled, accumulators zero, no max yet;
+ * then, after every block, each head's accumulator divided by its sum. */
+ALWAYS_INLINE void row_start(float *qf, float *acc, float *m, float *l, int hq, int d, float scale) {
+    for (int i = 0; i < hq * d; i++) { qf[i] *= scale; acc[i] = 0.f; }
+    for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }
+}
+
+ALWAYS_INLINE void row_finish(float *acc, const float *l, int hq, int d) {
+    for (int hd = 0; hd < hq; hd++) {
+        float inv = 1.f / l[hd], *ah = acc + hd * d;
+        for (int i = 0; i < d; i++) ah[i] *= inv;
+    }
+}
+
 /* One query row (portable C): every query head over the row's `len` keys, one block
  * at a time (K and V of a block converted to float32 once for all heads). Scratch:
  * qf[Hq*D], acc[Hq*D], kf[bs*Hkv*D], vf[bs*Hkv*D], s[group*bs], m[Hq], l[Hq]. */
@@ -123,8 +139,7 @@ static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,
     float *qf = scratch, *acc = qf + hq * d, *kf = acc + hq * d, *vf = kf + bs * tok;       \
     float *s = vf + bs * tok, *m = s + group * bs, *l = m + hq;                              \
     LOAD(q, qf, hq * d);                                                                     \
-    for (int i = 0; i < hq * d; i++) { qf[i] *= scale; acc[i] = 0.f; }                       \
-    for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                           \
+    row_start(qf, acc, m, l, hq, d, scale);                                                 \
     for (int j = 0; j * bs < len; j++) {                                                     \
         int n = len - j * bs < bs ? len - j * bs : bs;                                       \
         const T *kb = kv + (size_t)table[j] * stride;                                  \
@@ -134,10 +149,7 @@ static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,
             attend_block_any(qf + h * group * d, kf + h * d, vf + h * d, n, tok, group, d,  \
                              bs, s, m + h * group, l + h * group, acc + h * group * d);     \
     }                                                                                        \
-    for (int hd = 0; hd < hq; hd++) {                                                        \
-        float inv = 1.f / l[hd], *ah = acc + hd * d;                                         \
-        for (int i = 0; i < d; i++) ah[i] *= inv;                                            \
-    }                                                                                        \
+    row_finish(acc, l, hq, d);                                                               \
     STORE(acc, out, hq * d);                                                                 \
 }
 
@@ -166,13 +178,7 @@ static inline __m512 reduce_join(__m512 x, __m512 y) {
 static inline __m512 exp512(__m512 x) {
     __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
     __m512 fl = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, fl), r = _mm512_set1_ps(1.5403530e-4f);
-    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.3333558e-3f));
-    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(9.6181291e-3f));
-    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(5.5504109e-2f));
-    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(2.4022651e-1f));
-    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(6.9314718e-1f));
-    r = _mm512_fmadd_ps(r, f, _mm512_set1_ps(1.0f));
+    __m512 f = _mm512_sub_ps(t, fl), r = EXP2_FRACTION(f, _mm512_fmadd_ps, _mm512_set1_ps);
     return _mm512_scalef_ps(r, fl);
 }
 
@@ -663,13 +669,7 @@ ALWAYS_INLINE float hadd8(__m256 v) {
 ALWAYS_INLINE __m256 exp256(__m256 x) {
     __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504f));
     t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-126.f)), _mm256_set1_ps(126.f));
-    __m256 fl = _mm256_floor_ps(t), f = _mm256_sub_ps(t, fl), r = _mm256_set1_ps(1.5403530e-4f);
-    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(1.3333558e-3f));
-    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(9.6181291e-3f));
-    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(5.5504109e-2f));
-    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(2.4022651e-1f));
-    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(6.9314718e-1f));
-    r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(1.0f));
+    __m256 fl = _mm256_floor_ps(t), f = _mm256_sub_ps(t, fl), r = EXP2_FRACTION(f, _mm256_fmadd_ps, _mm256_set1_ps);
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fl), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(r, _mm256_castsi256_ps(e));
 }
@@ -730,8 +730,7 @@ static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,
     int group = hq / hkv, tok = hkv * d;                                                     \
     float *qf = scratch, *acc = qf + hq * d, *m = acc + hq * d, *l = m + hq;                 \
     LOAD(q, qf, hq * d);                                                                     \
-    for (int i = 0; i < hq * d; i++) { qf[i] *= scale; acc[i] = 0.f; }                       \
-    for (int g = 0; g < hq; g++) { m[g] = -INFINITY; l[g] = 0.f; }                           \
+    row_start(qf, acc, m, l, hq, d, scale);                                                 \
     for (int j = 0; j * bs < len; j++) {                                                     \
         int n = len - j * bs < bs ? len - j * bs : bs;                                       \
         const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;           \
@@ -742,10 +741,7 @@ static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,
                        l + hd, acc + hd * d);                                                \
             }                                                                                \
     }                                                                                        \
-    for (int hd = 0; hd < hq; hd++) {                                                        \
-        float inv = 1.f / l[hd], *ah = acc + hd * d;                                         \
-        for (int i = 0; i < d; i++) ah[i] *= inv;                                            \
-    }                                                                                        \
+    row_finish(acc, l, hq, d);                                                               \
     STORE(acc, out, hq * d);                                                                 \
 }
 DECODE_TASK2(decode_task2_f32, float, load_f32, store_f32, attend8_f32_any)
@@ -1342,6 +1338,15 @@ void pd_int8_linear_bf16(const int8_t *a, long sa, const float *as, const int8_t
  * columns that one vdpbf16ps (bf16 pairs) or one FMA (f32) multiplies by a broadcast group
  * of one activation row. ---- */
 
+/* Group g of one activation row (32 bits: one float32, or a bf16 pair); `last`: bf16's final
+ * half group of an odd K, the pair (x[k - 1], 0), since the row may end at x[k - 1]. */
+ALWAYS_INLINE int32_t lin_group_of_row(const char *row, int g, int k, int last) {
+    int32_t v;
+    if (last) v = ((const uint16_t *)row)[k - 1];
+    else memcpy(&v, row + (size_t)g * 4, 4);
+    return v;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HAVE_LINEAR_VEC 1
 #define LIN_MR 6  /* rows per register tile */
@@ -1380,9 +1385,7 @@ ALWAYS_INLINE void lin_step(__m512 acc[LIN_MR][LIN_NR], const char *x, size_t sx
         for (int j = 0; j < LIN_NR; j++) _mm_prefetch(pf + j * bs + (size_t)g * LIN_GROUP_BYTES, _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
-        int32_t v;
-        if (last) v = ((const uint16_t *)(x + i * sx))[k - 1];
-        else memcpy(&v, x + i * sx + (size_t)g * 4, 4);
+        int32_t v = lin_group_of_row(x + i * sx, g, k, last);
         __m512i xb = _mm512_set1_epi32(v);
 #pragma GCC unroll 8
         for (int j = 0; j < nr; j++) acc[i][j] = lin_madd(acc[i][j], xb, wv[j], bf16);
@@ -1534,9 +1537,7 @@ ALWAYS_INLINE void lin2_step(__m256 acc[LIN2_MR][2], const char *x, size_t sx, c
     __m256 a0 = lin2_lo(w0), b0 = lin2_hi(w0), a1 = lin2_lo(w1), b1 = lin2_hi(w1);
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
-        int32_t v;
-        if (last) v = ((const uint16_t *)(x + i * sx))[k - 1];
-        else memcpy(&v, x + i * sx + (size_t)g * 4, 4);
+        int32_t v = lin_group_of_row(x + i * sx, g, k, last);
         __m256i xv = _mm256_set1_epi32(v);
         __m256 xl = lin2_lo(xv), xh = lin2_hi(xv);
         acc[i][0] = _mm256_fmadd_ps(xh, b0, _mm256_fmadd_ps(xl, a0, acc[i][0]));
