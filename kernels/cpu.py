@@ -120,9 +120,10 @@ class CpuKernels:
             fn.restype, fn.argtypes = None, [_P, _P, _I, _P, _S, _P, _S, _P, _P, _P, _I, _I, _I, _I]
         lib.pd_int8_prepack.restype = None
         lib.pd_int8_prepack.argtypes = [_P, _L, _I, _I, _P, _I]
-        lib.pd_int8_gemm_vnni.restype = ctypes.c_int
-        lib.pd_int8_gemm_vnni.argtypes = []
-        self.int8_gemm_vnni = bool(lib.pd_int8_gemm_vnni())
+        lib.pd_int8_gemm_vec.restype = ctypes.c_int
+        lib.pd_int8_gemm_vec.argtypes = []
+        # the vector int8 GEMM this build runs (None: the portable loop, slower than torch._int_mm)
+        self.int8_gemm_vec = {2: "avx512_vnni", 1: "avx2"}.get(lib.pd_int8_gemm_vec())
         lib.pd_linear_vec.restype = ctypes.c_int
         lib.pd_linear_vec.argtypes = []
         vec = lib.pd_linear_vec()
@@ -257,11 +258,11 @@ class CpuKernels:
     def prepack_int8_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """What a W8A8 layer should hold as its weight on this CPU; call once, at load.
 
-        The int8 weight [N, K] packed (``pack_int8_weight``) where this build's GEMM is the
-        AVX512-VNNI one, else ``weight`` itself: then ``CpuBackend.int8_linear`` multiplies
-        with ``torch._int_mm`` (oneDNN), far faster than the portable C loop.
+        The int8 weight [N, K] packed (``pack_int8_weight``) where this build's GEMM is a
+        vector one (AVX512-VNNI or AVX2), else ``weight`` itself: then ``CpuBackend.int8_linear``
+        multiplies with ``torch._int_mm``, faster than the portable C loop.
         """
-        return self.pack_int8_weight(weight) if self.int8_gemm_vnni else weight
+        return self.pack_int8_weight(weight) if self.int8_gemm_vec else weight
 
     def pack_int8_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """An int8 weight [N, K] (an nn.Linear's layout) packed for ``int8_linear``, in any build.

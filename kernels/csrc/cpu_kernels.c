@@ -4,7 +4,7 @@
  * chunks in one call), K and V read in place through the block tables (no gather),
  * online softmax in float32. Row-wise fused ops: RMSNorm (+ residual), SiLU-and-mul,
  * rotary + KV store. W8A8: per-token int8 quantization (alone and fused into RMSNorm
- * and SiLU-and-mul) and the int8 GEMM over a pre-packed weight (AVX512-VNNI). Dense
+ * and SiLU-and-mul) and the int8 GEMM over a pre-packed weight (AVX512-VNNI, AVX2). Dense
  * float32 / bfloat16 linear layers over a weight packed at load (FMA, AVX512-BF16). The KV
  * layout of one layer is [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0
  * of dim 1 is K.
@@ -1139,9 +1139,17 @@ static inline void store_row_f64(const double *v, int len, void *out, long so, i
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)  /* every VNNI CPU has all three */
-#define HAVE_VNNI_GEMM 1
-#define GEMM_MR 6  /* rows per register tile */
-#define GEMM_NR 4  /* blocks of 16 columns per register tile: 24 accumulators + 4 weights */
+#define INT8_GEMM_VEC 2
+#define INT8_MR 6  /* rows per register tile */
+#define INT8_NR 4  /* blocks of 16 columns per register tile: 24 accumulators + 4 weights */
+typedef uint8_t int8_act_t;  /* the activations as the tiles read them: q + 128 */
+
+/* One row of activations as the tiles read them, padded to su (whole groups). */
+static inline void int8_act_row(const int8_t *src, int k, uint8_t *dst, int su) {
+    int i = 0;
+    for (; i < k; i++) dst[i] = (uint8_t)src[i] ^ 0x80u;
+    for (; i < su; i++) dst[i] = 0x80;
+}
 
 static inline __m256i f32_to_bf16_512(__m512 x) {
 #if defined(__AVX512BF16__)
@@ -1186,9 +1194,9 @@ static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
 }
 
 /* One group of 4 k: acc[i][j] += row i's 4 bytes . block j's 16 columns. */
-ALWAYS_INLINE void vnni_step(__m512i acc[GEMM_MR][GEMM_NR], const uint8_t *a, size_t sa, const int8_t *w,
+ALWAYS_INLINE void vnni_step(__m512i acc[INT8_MR][INT8_NR], const uint8_t *a, size_t sa, const int8_t *w,
                              size_t bw, int g, int mr, int nr) {
-    __m512i wv[GEMM_NR];
+    __m512i wv[INT8_NR];
 #pragma GCC unroll 8
     for (int j = 0; j < nr; j++) wv[j] = _mm512_loadu_si512(w + j * bw + (size_t)g * W_GROUP_BYTES);
 #pragma GCC unroll 8
@@ -1207,7 +1215,7 @@ ALWAYS_INLINE void vnni_step(__m512i acc[GEMM_MR][GEMM_NR], const uint8_t *a, si
 ALWAYS_INLINE void vnni_tile(const uint8_t *a, size_t sa, const int8_t *w, size_t bw, int groups, int mr,
                              int nr, int r0, int c0, int n, const float *as, const float *ws, const float *bias,
                              void *out, long so, int bf16) {
-    __m512i acc[2][GEMM_MR][GEMM_NR];
+    __m512i acc[2][INT8_MR][INT8_NR];
     int split = mr == 1 ? 2 : 1, g = 0;
 #pragma GCC unroll 8
     for (int u = 0; u < split; u++)
@@ -1229,8 +1237,6 @@ ALWAYS_INLINE void vnni_tile(const uint8_t *a, size_t sa, const int8_t *w, size_
     }
 }
 
-typedef void (*vnni_tile_fn)(const uint8_t *, size_t, const int8_t *, size_t, int, int, int, int, const float *,
-                             const float *, const float *, void *, long, int);
 #define VNNI_TILE(MR, NR)                                                                      \
 static void vnni_tile_##MR##x##NR(const uint8_t *a, size_t sa, const int8_t *w, size_t bw, int groups, int r0, \
                                   int c0, int n, const float *as, const float *ws, const float *bias, void *out, \
@@ -1240,8 +1246,104 @@ static void vnni_tile_##MR##x##NR(const uint8_t *a, size_t sa, const int8_t *w, 
 #define VNNI_TILES(MR) VNNI_TILE(MR, 1) VNNI_TILE(MR, 2) VNNI_TILE(MR, 3) VNNI_TILE(MR, 4)
 VNNI_TILES(1) VNNI_TILES(2) VNNI_TILES(3) VNNI_TILES(4) VNNI_TILES(5) VNNI_TILES(6)
 #define VNNI_ROW(MR) {vnni_tile_##MR##x1, vnni_tile_##MR##x2, vnni_tile_##MR##x3, vnni_tile_##MR##x4}
-static const vnni_tile_fn VNNI_TILE_FNS[GEMM_MR][GEMM_NR] = {
-    VNNI_ROW(1), VNNI_ROW(2), VNNI_ROW(3), VNNI_ROW(4), VNNI_ROW(5), VNNI_ROW(6)};
+#define INT8_TILE_TABLE {VNNI_ROW(1), VNNI_ROW(2), VNNI_ROW(3), VNNI_ROW(4), VNNI_ROW(5), VNNI_ROW(6)}
+
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define INT8_GEMM_VEC 1
+#define INT8_MR 3  /* rows per register tile: 4 accumulators each */
+#define INT8_NR 1
+/* AVX2 without VNNI: the same packed weight, signed products. Each 16-byte quarter of a
+ * group (4 columns x 4 k) is widened to int16 once (vpmovsxbw) and shared by the tile's
+ * rows; a row's 4 activations, kept widened, are broadcast to the 4 columns and vpmaddwd
+ * sums each column's products in pairs into int32: exact for every int8 value (vpmaddubsw's
+ * 16-bit pair sums could saturate) and with no unsigned offset, so the column sums are not
+ * read. A quarter's accumulator holds two partial sums per column, added at the end. */
+typedef int16_t int8_act_t;
+
+static inline void int8_act_row(const int8_t *src, int k, int16_t *dst, int su) {
+    int i = 0;
+    for (; i < k; i++) dst[i] = src[i];
+    for (; i < su; i++) dst[i] = 0;
+}
+
+/* One group of 4 k: acc[i][q] += row i's 4 activations . quarter q's 4 columns. */
+ALWAYS_INLINE void i8avx2_step(__m256i acc[INT8_MR][4], const int16_t *a, size_t sa, const int8_t *w, int g,
+                               int mr) {
+    const int8_t *wg = w + (size_t)g * W_GROUP_BYTES;
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        __m256i wq = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16 * q)));
+#pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+            int64_t x4;
+            memcpy(&x4, a + i * sa + (size_t)g * 4, sizeof x4);
+            acc[i][q] = _mm256_add_epi32(acc[i][q], _mm256_madd_epi16(_mm256_set1_epi64x(x4), wq));
+        }
+    }
+}
+
+/* Up to 8 outputs of row r from columns c.. (len of them): dequant1's float64 epilogue, in
+ * vectors where all 8 are real; no FMA contraction, so the values equal the reference's. */
+__attribute__((optimize("fp-contract=off")))
+static void dequant8(__m256i acc, float as, const float *ws, const float *bias, int len, void *out, long so, int r,
+                     int c, int bf16) {
+    int32_t s[8];
+    double v[8];
+    _mm256_storeu_si256((__m256i *)s, acc);
+    if (len < 8) {
+        for (int j = 0; j < len; j++) v[j] = dequant1(s[j], as, ws[c + j], bias, c + j);
+    } else {
+        __m256d a = _mm256_set1_pd((double)as);
+        for (int h = 0; h < 2; h++) {
+            __m256d x = _mm256_cvtepi32_pd(_mm_loadu_si128((const __m128i *)(s + 4 * h)));
+            x = _mm256_mul_pd(_mm256_mul_pd(x, a), _mm256_cvtps_pd(_mm_loadu_ps(ws + c + 4 * h)));
+            if (bias) x = _mm256_add_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(bias + c + 4 * h)));
+            _mm256_storeu_pd(v + 4 * h, x);
+        }
+    }
+    store_row_f64(v, len, out, so, r, c, bf16);
+}
+
+/* A register tile: mr rows of widened activations (row stride sa) times one packed block,
+ * over all `groups` groups of 4 k, then the epilogue. The quarters' pair sums are added
+ * (hadd gives columns 0 1 4 5 | 2 3 6 7; the permute puts them in order). */
+ALWAYS_INLINE void i8avx2_tile(const int16_t *a, size_t sa, const int8_t *w, int groups, int mr, int r0, int c0,
+                               int n, const float *as, const float *ws, const float *bias, void *out, long so,
+                               int bf16) {
+    __m256i acc[INT8_MR][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) acc[i][q] = _mm256_setzero_si256();
+    for (int g = 0; g < groups; g++) i8avx2_step(acc, a, sa, w, g, mr);
+    int len = n - c0 < 16 ? n - c0 : 16;
+    for (int i = 0; i < mr; i++)
+        for (int h = 0; h < 2 && 8 * h < len; h++) {
+            __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][2 * h], acc[i][2 * h + 1]), 0xd8);
+            dequant8(sum, as[r0 + i], ws, bias, len - 8 * h < 8 ? len - 8 * h : 8, out, so, r0 + i, c0 + 8 * h, bf16);
+        }
+}
+
+#define I8AVX2_TILE(MR)                                                                        \
+static void i8avx2_tile_##MR(const int16_t *a, size_t sa, const int8_t *w, size_t bw, int groups, int r0, int c0, \
+                             int n, const float *as, const float *ws, const float *bias, void *out, long so, \
+                             int bf16) {                                                     \
+    (void)bw;                                                                                \
+    i8avx2_tile(a, sa, w, groups, MR, r0, c0, n, as, ws, bias, out, so, bf16);                \
+}
+I8AVX2_TILE(1) I8AVX2_TILE(2) I8AVX2_TILE(3)
+#define INT8_TILE_TABLE {{i8avx2_tile_1}, {i8avx2_tile_2}, {i8avx2_tile_3}}
+#else
+#define INT8_GEMM_VEC 0
+#endif
+
+#if INT8_GEMM_VEC
+/* A register tile: rows [r0, r0 + MR) of the activations (as int8_act_row leaves them, row
+ * stride sa) times NR packed blocks (bw bytes apart) from column c0, with the epilogue. */
+typedef void (*int8_tile_fn)(const int8_act_t *, size_t, const int8_t *, size_t, int, int, int, int,
+                             const float *, const float *, const float *, void *, long, int);
+static const int8_tile_fn INT8_TILE_FNS[INT8_MR][INT8_NR] = INT8_TILE_TABLE;
 
 /* Work split: the column blocks evenly over the threads (a thread's columns stay in its
  * cache across all rows); rows too when there are fewer blocks than threads. */
@@ -1249,44 +1351,38 @@ static void int8_gemm(const int8_t *a, long sa, const float *as, const int8_t *p
                       const float *bias, void *out, long so, int m, int n, int k, int bf16, int threads) {
     int groups = (k + 3) / 4, blocks = (n + 15) / 16;
     size_t bw = packed_block_bytes(k), su = (size_t)groups * 4;
-    uint8_t *au = aligned_alloc(64, ((size_t)m * su / 64 + 1) * 64);  /* never 0 bytes (K = 0) */
-    if (!au) return;
+    size_t act_bytes = (size_t)m * su * sizeof(int8_act_t);
+    int8_act_t *act = aligned_alloc(64, (act_bytes / 64 + 1) * 64);  /* never 0 bytes (K = 0) */
+    if (!act) return;
     int nparts = blocks < threads ? blocks : threads;
-    int mparts = threads / nparts, mtiles = (m + GEMM_MR - 1) / GEMM_MR;
+    int mparts = threads / nparts, mtiles = (m + INT8_MR - 1) / INT8_MR;
     mparts = mparts < mtiles ? mparts : mtiles;
     _Pragma("omp parallel num_threads(threads)")
     {
         _Pragma("omp for schedule(static)")
-        for (int r = 0; r < m; r++) {  /* q + 128 as unsigned bytes, rows padded to whole groups */
-            const int8_t *src = a + (size_t)r * sa;
-            uint8_t *dst = au + (size_t)r * su;
-            int i = 0;
-            for (; i < k; i++) dst[i] = (uint8_t)src[i] ^ 0x80u;
-            for (; i < (int)su; i++) dst[i] = 0x80;
-        }
+        for (int r = 0; r < m; r++) int8_act_row(a + (size_t)r * sa, k, act + (size_t)r * su, (int)su);
         _Pragma("omp for schedule(static)")
         for (int part = 0; part < nparts * mparts; part++) {
             int pn = part % nparts, pm = part / nparts;
             int b0 = (int)((long)blocks * pn / nparts), b1 = (int)((long)blocks * (pn + 1) / nparts);
             int t0 = (int)((long)mtiles * pm / mparts), t1 = (int)((long)mtiles * (pm + 1) / mparts);
-            int r1 = t1 * GEMM_MR < m ? t1 * GEMM_MR : m;
-            for (int b = b0; b < b1; b += GEMM_NR) {
-                int nr = b1 - b < GEMM_NR ? b1 - b : GEMM_NR;
-                for (int r = t0 * GEMM_MR; r < r1; r += GEMM_MR) {
-                    int mr = r1 - r < GEMM_MR ? r1 - r : GEMM_MR;
-                    VNNI_TILE_FNS[mr - 1][nr - 1](au + (size_t)r * su, su, packed + (size_t)b * bw, bw, groups, r,
+            int r1 = t1 * INT8_MR < m ? t1 * INT8_MR : m;
+            for (int b = b0; b < b1; b += INT8_NR) {
+                int nr = b1 - b < INT8_NR ? b1 - b : INT8_NR;
+                for (int r = t0 * INT8_MR; r < r1; r += INT8_MR) {
+                    int mr = r1 - r < INT8_MR ? r1 - r : INT8_MR;
+                    INT8_TILE_FNS[mr - 1][nr - 1](act + (size_t)r * su, su, packed + (size_t)b * bw, bw, groups, r,
                                                   b * 16, n, as, ws, bias, out, so, bf16);
                 }
             }
         }
     }
-    free(au);
+    free(act);
 }
 #else
-#define HAVE_VNNI_GEMM 0
 /* Portable: the same packed weight, signed products (the column sums are not needed).
  * Slow (a few GFLOP/s): CpuKernels.prepack_int8_weight leaves weights unpacked in such
- * builds, so that the engine multiplies with torch._int_mm (oneDNN) instead. */
+ * builds, so that the engine multiplies with torch._int_mm instead. */
 static void int8_gemm(const int8_t *a, long sa, const float *as, const int8_t *packed, const float *ws,
                       const float *bias, void *out, long so, int m, int n, int k, int bf16, int threads) {
     int groups = (k + 3) / 4, blocks = (n + 15) / 16;
@@ -1311,8 +1407,8 @@ static void int8_gemm(const int8_t *a, long sa, const float *as, const int8_t *p
 }
 #endif
 
-/* Whether int8_linear runs the AVX512-VNNI GEMM (1) or the portable loop (0). */
-int pd_int8_gemm_vnni(void) { return HAVE_VNNI_GEMM; }
+/* Which int8 GEMM int8_linear runs: 2 AVX512-VNNI, 1 AVX2, 0 the portable loop. */
+int pd_int8_gemm_vec(void) { return INT8_GEMM_VEC; }
 
 /* a [m, k] int8 (row stride sa), a_scale [m], packed from pd_int8_prepack, w_scale [n],
  * bias [n] or NULL (all float32); out [m, n] (row stride so). */

@@ -5,7 +5,7 @@ Owns: the benchmark only. For SmolLM2-135M's projections (qkv, o, gate_up, down)
 
 - ``torch._int_mm`` (oneDNN; int32 out, no epilogue) on the [N, K] weight as stored,
 - the compiled kernel: ``CpuKernels.int8_linear`` on the weight packed at load
-  (``pack_int8_weight``), with the dequantizing epilogue, bfloat16 out (the AVX512-VNNI
+  (``pack_int8_weight``), with the dequantizing epilogue, bfloat16 out (the AVX512-VNNI or AVX2
   GEMM where the build has it, else the slow portable loop the engine does not use),
 - the whole W8A8 step the engine runs: ``quant_per_token`` of bf16 rows, then that kernel,
 - ``F.linear`` in bfloat16 and in float32,

@@ -1,8 +1,8 @@
 """pdserve's compiled CPU W8A8 kernels (kernels/cpu.py) against the int8 torch references.
 
-Each build of the library is tested: native, portable C (``-mno-avx512f``), AVX-512
-without VNNI (the GEMM's portable path beside vector quantization) and AVX-512 without
-BF16 (bf16 stores by bit arithmetic). int32 sums are exact and the GEMM's epilogue is
+Each build of the library is tested: native, portable C, AVX2 without AVX-512 (the AVX2
+GEMM beside portable quantization), AVX-512 without VNNI (the AVX2 GEMM beside vector
+quantization) and AVX-512 without BF16 (bf16 stores by bit arithmetic). int32 sums are exact and the GEMM's epilogue is
 the reference's float64 one, so ``int8_linear`` equals the reference; ``quant_per_token``
 equals it too (same division and rounding); the fused quantizers may move a value by
 one step where their normed / activated value differs from torch's in the last bit.
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pdserve.kernels import reference as ref
-from tests.kernels.cpu_builds import CPU_FLAGS, PORTABLE, builds, built as built_kernels
+from tests.kernels.cpu_builds import AVX2, CPU_FLAGS, PORTABLE, builds, built as built_kernels
 
-VARIANTS = {"portable": PORTABLE, "no-avx512vnni": ("-mno-avx512vnni",),
+VARIANTS = {"portable": PORTABLE, "avx2": AVX2, "no-avx512vnni": ("-mno-avx512vnni",),
             "no-avx512bf16": ("-mno-avx512bf16",)}
 BUILDS = builds(VARIANTS)
 KERNELS = BUILDS["native"]
@@ -95,11 +95,14 @@ def test_silu_and_mul_quant(rows: int, n: int, dtype: torch.dtype, build: str) -
 
 def int8_operands(rows: int, k: int, n: int) -> tuple[torch.Tensor, ...]:
     """q [rows, k] (strided rows, the full int8 range), q_scale, weight [n, k], weight_scale [n, 1]."""
-    q = torch.randint(-127, 128, (rows, k + 5), dtype=torch.int8)[:, 2:2 + k]
+    q = torch.randint(-128, 128, (rows, k + 5), dtype=torch.int8)[:, 2:2 + k]
     weight = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     if rows:
         q[0] = 127  # the largest sums
         weight[0] = 127
+    if rows > 1 and n > 1:  # -128 x -128 (where a 16-bit pair sum would overflow)
+        q[1] = -128
+        weight[1] = -128
     return q, torch.rand(rows, 1) / 100 + 1e-4, weight, torch.rand(n, 1) / 100 + 1e-4
 
 
@@ -147,13 +150,21 @@ def test_packed_layout_is_the_same_in_every_build() -> None:
             assert torch.equal(BUILDS[build].pack_int8_weight(weight), packed), build
 
 
+def expected_gemm(build: str) -> str | None:
+    """The vector int8 GEMM a build should run on this CPU."""
+    if build == "portable" or "avx2" not in CPU_FLAGS:
+        return None
+    vnni = "avx512_vnni" in CPU_FLAGS and build in ("native", "no-avx512bf16")
+    return "avx512_vnni" if vnni else "avx2"
+
+
 @pytest.mark.parametrize("build", sorted(BUILDS))
-def test_prepack_packs_only_for_the_vnni_gemm(build: str) -> None:
+def test_prepack_packs_only_for_a_vector_gemm(build: str) -> None:
     kernels = built(build)
     weight = torch.randint(-128, 128, (48, 64), dtype=torch.int8)
-    assert kernels.int8_gemm_vnni == (build in ("native", "no-avx512bf16") and "avx512_vnni" in CPU_FLAGS)
+    assert kernels.int8_gemm_vec == expected_gemm(build)
     prepacked = kernels.prepack_int8_weight(weight)
-    if kernels.int8_gemm_vnni:
+    if kernels.int8_gemm_vec:
         assert torch.equal(prepacked, kernels.pack_int8_weight(weight))
     else:  # the backend's torch._int_mm path takes it as it is
         assert prepacked is weight

@@ -115,7 +115,7 @@ class CpuBackend(TorchBackend):
 
     def int8_linear(self, q, q_scale, weight, weight_scale, bias, out_dtype):
         """The compiled GEMM for a weight packed at load (``CpuKernels.prepack_int8_weight``);
-        a plain [N, K] weight (also what prepacking leaves without AVX512-VNNI) runs the
+        a plain [N, K] weight (also what prepacking leaves without a vector int8 GEMM) runs the
         inherited torch path."""
         if not self.kernels.is_packed_int8(weight):
             return super().int8_linear(q, q_scale, weight, weight_scale, bias, out_dtype)
