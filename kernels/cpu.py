@@ -114,8 +114,9 @@ class CpuKernels:
                 fn.restype = None
                 fn.argtypes = argtypes
         for suffix in _TYPES.values():
-            fn = getattr(lib, f"pd_decoder_layer_{suffix}")
-            fn.restype, fn.argtypes = None, [_P, _P, _P, _S]
+            for layer in ("decoder_layer", "decoder_layer_w8a8"):
+                fn = getattr(lib, f"pd_{layer}_{suffix}")
+                fn.restype, fn.argtypes = None, [_P, _P, _P, _S]
             fn = getattr(lib, f"pd_moe_experts_{suffix}")
             fn.restype, fn.argtypes = None, [_P, _P, _I, _P, _S, _P, _S, _P, _P, _P, _I, _I, _I, _I]
         lib.pd_int8_prepack.restype = None
@@ -142,9 +143,10 @@ class CpuKernels:
         return self._lib.pd_attention_scratch_floats(hq, hkv, d, block_size)
 
     def decoder_layer(self, dtype: torch.dtype, weights: object, step: object, kv_layer_ptr: int,
-                      block_stride: int) -> None:
-        """One fused decoder layer; the structs and their checks are ``cpu_layer.FusedDecoder``'s."""
-        self._fn("decoder_layer", dtype)(weights, step, kv_layer_ptr, block_stride)
+                      block_stride: int, w8a8: bool = False) -> None:
+        """One fused decoder layer (``w8a8``: int8 projections); the structs and their checks
+        are ``cpu_layer.FusedDecoder``'s."""
+        self._fn("decoder_layer_w8a8" if w8a8 else "decoder_layer", dtype)(weights, step, kv_layer_ptr, block_stride)
 
     def paged_attention(self, q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
                         seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,13 +1,14 @@
 """Llama-family decoder layers, one compiled call each, on the CPU.
 
-Owns: the two C structs ``pd_decoder_layer_*`` reads (``csrc/cpu_kernels.c``): a layer's
-weights and sizes (``_Weights``, made once per layer at load) and one step's rows,
-positions, cache tables and workspace (``_Step``, made once per step and read by every
-layer), and ``FusedDecoder``, a model's stack of such layers. A layer call runs RMSNorm,
-the qkv projection, rotary + KV store, paged attention, the output projection, RMSNorm,
-gate_up, SiLU-and-mul and down in that order on the same kernels the per-op path calls,
-so the result is the same to the bit; at batch 1 a dozen Python calls per layer cost as
-much as the layer's work.
+Owns: the C structs ``pd_decoder_layer_*`` reads (``csrc/cpu_kernels.c``): a layer's
+weights and sizes (``_Weights``, or ``_W8A8Weights`` for int8 projections, made once per
+layer at load) and one step's rows, positions, cache tables and workspace (``_Step``, made
+once per step and read by every layer), and ``FusedDecoder``, a model's stack of such
+layers. A layer call runs RMSNorm, the qkv projection, rotary + KV store, paged attention,
+the output projection, RMSNorm, gate_up, SiLU-and-mul and down in that order on the same
+kernels the per-op path calls (W8A8: with each projection's input quantized per token, in
+the norm's or SiLU-and-mul's pass where the op-by-op path does so), so the result is the
+same to the bit; at batch 1 a dozen Python calls per layer cost as much as the layer's work.
 
 Lifecycle: ``FusedDecoder(kernels, layers)`` once after the weights are packed (each
 layer any object with ``DecoderLayerWeights``' fields: ``pdserve.engine.backends.base``);
@@ -32,11 +33,18 @@ class _Weights(ctypes.Structure):
                 ("hq", _I), ("hkv", _I), ("d", _I), ("inter", _I)]
 
 
+class _W8A8Weights(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P),
+                ("qkv_scale", _P), ("o_scale", _P), ("gate_up_scale", _P), ("down_scale", _P), ("qkv_bias", _P),
+                ("o_bias", _P), ("eps", _F), ("scale", _F), ("hidden", _I), ("hq", _I), ("hkv", _I), ("d", _I),
+                ("inter", _I)]
+
+
 class _Step(ctypes.Structure):
     _fields_ = [("rows", _I), ("batch", _I), ("width", _I), ("bs", _I), ("threads", _I), ("first", _I),
                 ("positions", _P), ("slots", _P), ("cos_sin", _P), ("tables", _P), ("qsl", _P), ("lens", _P),
                 ("x", _P), ("res", _P), ("qkv", _P), ("attn", _P), ("h", _P), ("gate_up", _P), ("act", _P),
-                ("scratch", _P)]
+                ("scratch", _P), ("q", _P), ("q_scale", _P)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -48,26 +56,44 @@ class FusedDecoder:
 
     def __init__(self, kernels: CpuKernels, layers: Sequence[Any]):
         first = layers[0]
-        self.kernels, self.dtype = kernels, first.qkv.dtype
-        self.hidden, self.inter = first.input_norm.shape[0], first.gate_up.shape[0] // 2
+        self.kernels, self.dtype, self.w8a8 = kernels, first.input_norm.dtype, first.w8a8
+        self.hidden = first.input_norm.shape[0]
+        self.inter = (first.gate_up_scale.numel() if self.w8a8 else first.gate_up.shape[0]) // 2
         self.hq, self.hkv, self.d = first.num_heads, first.num_kv_heads, first.head_dim
-        self._tensors = list(layers)  # NOTE: keeps every pointed-at tensor alive
-        self._weights = [self._pack(layer) for layer in layers]
+        self._tensors: list[Any] = list(layers)  # NOTE: keeps every pointed-at tensor alive
+        self._weights = [self._pack_w8a8(layer) if self.w8a8 else self._pack(layer) for layer in layers]
 
     @staticmethod
     def supports(kernels: CpuKernels, layer: Any) -> bool:
-        """Whether ``layer``'s tensors are what the fused call reads: weights packed, one dtype."""
-        dtype = layer.qkv.dtype
-        packed = all(kernels.is_packed_linear(w) and w.is_contiguous() and w.dtype == dtype
-                     for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        """Whether ``layer``'s tensors are what the fused call reads: weights packed (for the
+        vector linear, or W8A8 for the vector int8 GEMM), the rest in one activation dtype."""
+        dtype = layer.input_norm.dtype
+        projections = (layer.qkv, layer.o, layer.gate_up, layer.down)
+        if layer.w8a8:
+            packed = kernels.int8_gemm_vec is not None and all(
+                kernels.is_packed_int8(w) and w.is_contiguous() for w in projections)
+            ok_dtype = kernels.supports(dtype)
+        else:
+            packed = all(kernels.is_packed_linear(w) and w.is_contiguous() and w.dtype == dtype for w in projections)
+            ok_dtype = dtype in kernels.linear_vec
         vectors = all(t is None or (t.dtype == dtype and t.is_contiguous())
                       for t in (layer.input_norm, layer.post_norm, layer.qkv_bias, layer.o_bias))
-        return dtype in kernels.linear_vec and packed and vectors
+        return ok_dtype and packed and vectors
 
     def _pack(self, layer: Any) -> _Weights:
         return _Weights(_ptr(layer.input_norm), _ptr(layer.post_norm), _ptr(layer.qkv), _ptr(layer.qkv_bias),
                         _ptr(layer.o), _ptr(layer.o_bias), _ptr(layer.gate_up), _ptr(layer.down), layer.eps,
                         layer.scale, self.hidden, self.hq, self.hkv, self.d, self.inter)
+
+    def _pack_w8a8(self, layer: Any) -> _W8A8Weights:
+        """The int8 GEMM reads float32 scales and biases: vectors of them made here, kept alive."""
+        f32 = [None if t is None else t.detach().reshape(-1).to(torch.float32).contiguous()
+               for t in (layer.qkv_scale, layer.o_scale, layer.gate_up_scale, layer.down_scale, layer.qkv_bias,
+                         layer.o_bias)]
+        self._tensors.append(f32)
+        return _W8A8Weights(_ptr(layer.input_norm), _ptr(layer.post_norm), _ptr(layer.qkv), _ptr(layer.o),
+                            _ptr(layer.gate_up), _ptr(layer.down), *(_ptr(t) for t in f32), layer.eps, layer.scale,
+                            self.hidden, self.hq, self.hkv, self.d, self.inter)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
             slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
@@ -92,14 +118,18 @@ class FusedDecoder:
         bs = kv_cache.shape[3]
         per_thread = self.kernels.attention_scratch_floats(self.hq, self.hkv, self.d, bs)
         scratch = torch.empty(threads * per_thread, dtype=torch.float32)
+        # W8A8: each projection's input quantized per token (act is not used then)
+        q = torch.empty(rows * max(self.hidden, self.hq * self.d, self.inter) if self.w8a8 else 0, dtype=torch.int8)
+        q_scale = torch.empty(rows if self.w8a8 else 0, dtype=torch.float32)
         step = _Step(rows, seq_lens.shape[0], index[2].shape[1], bs, threads, 1, *(_ptr(t) for t in index[:2]),
                      _ptr(cos_sin), *(_ptr(t) for t in index[2:]), _ptr(x), _ptr(res), _ptr(qkv), _ptr(attn),
-                     _ptr(h), _ptr(gate_up), _ptr(act), _ptr(scratch))
+                     _ptr(h), _ptr(gate_up), _ptr(act), _ptr(scratch), _ptr(q), _ptr(q_scale))
         step_ref, stride = ctypes.byref(step), kv_cache.stride(1)
         layer_bytes = kv_cache.stride(0) * kv_cache.element_size()
         base = kv_cache.data_ptr()
         for i, weights in enumerate(self._weights):
-            self.kernels.decoder_layer(self.dtype, ctypes.byref(weights), step_ref, base + i * layer_bytes, stride)
+            self.kernels.decoder_layer(self.dtype, ctypes.byref(weights), step_ref, base + i * layer_bytes, stride,
+                                       self.w8a8)
             step.first = 0
             if on_layer_done is not None:
                 on_layer_done(i)

@@ -1872,6 +1872,17 @@ typedef struct {
     int hidden, hq, hkv, d, inter;
 } pd_layer_weights;
 
+/* A W8A8 layer: int8 weights packed by pd_int8_prepack with float32 per-column scales; the
+ * activations quantized per token on the way into each projection, as W8A8LinearMethod does. */
+typedef struct {
+    const void *input_norm, *post_norm;                          /* [hidden], the activation type */
+    const int8_t *qkv, *o, *gate_up, *down;                      /* packed */
+    const float *qkv_scale, *o_scale, *gate_up_scale, *down_scale;
+    const float *qkv_bias, *o_bias;                              /* float32 [n] or NULL */
+    float eps, scale;
+    int hidden, hq, hkv, d, inter;
+} pd_w8a8_layer_weights;
+
 typedef struct {
     int rows, batch, width, bs, threads, first;                  /* first: no residual yet */
     const int64_t *positions, *slots;
@@ -1880,6 +1891,8 @@ typedef struct {
     void *x, *res;              /* [rows, hidden]: the layer's input (its output on return); the residual */
     void *qkv, *attn, *h, *gate_up, *act;                        /* workspace rows */
     float *scratch;             /* threads * pd_attention_scratch_floats(...) */
+    int8_t *q;                  /* W8A8: [rows, max(hidden, hq * d, inter)] quantized rows */
+    float *q_scale;             /* W8A8: [rows] */
 } pd_layer_step;
 
 #define DECODER_LAYER(SUF, T)                                                                  \
@@ -1900,5 +1913,32 @@ void pd_decoder_layer_##SUF(const pd_layer_weights *w, const pd_layer_step *s, T
     pd_linear_##SUF(s->act, w->inter, w->down, NULL, x, hid, rows, hid, w->inter, th);       \
 }
 
+/* The W8A8 layer: RMSNorm + quantize -> int8 qkv -> rotary + KV store -> attention ->
+ * quantize -> int8 o -> RMSNorm + quantize -> int8 gate_up -> SiLU-and-mul + quantize -> int8
+ * down. The first layer's residual is its input itself (pd_rms_norm_quant writes none). */
+#define DECODER_LAYER_W8A8(SUF, T)                                                             \
+void pd_decoder_layer_w8a8_##SUF(const pd_w8a8_layer_weights *w, const pd_layer_step *s, T *kv, size_t stride) { \
+    int hid = w->hidden, qn = w->hq * w->d, kvn = w->hkv * w->d, qkvn = qn + 2 * kvn, i2 = 2 * w->inter; \
+    int rows = s->rows, th = s->threads;                                                     \
+    T *x = s->x, *res = s->res, *h = s->h, *qkv = s->qkv, *attn = s->attn;                   \
+    int8_t *q = s->q;                                                                        \
+    float *qs = s->q_scale;                                                                  \
+    if (s->first) memcpy(res, x, (size_t)rows * hid * sizeof(T));                            \
+    pd_rms_norm_quant_##SUF(x, hid, s->first ? NULL : res, hid, w->input_norm, q, qs, res, rows, hid, w->eps, th); \
+    pd_int8_linear_##SUF(q, hid, qs, w->qkv, w->qkv_scale, w->qkv_bias, qkv, qkvn, rows, qkvn, hid, th); \
+    pd_rotary_store_##SUF(qkv, qkvn, qkv + qn, qkvn, qkv + qn + kvn, qkvn, s->positions, s->cos_sin, kv, \
+                          stride, s->slots, rows, w->hq, w->hkv, w->d, s->bs, th);           \
+    pd_paged_attention_##SUF(qkv, qkvn, kv, stride, s->tables, s->width, s->qsl, s->lens, attn, \
+                             s->batch, w->hq, w->hkv, w->d, s->bs, w->scale, s->scratch, th); \
+    pd_quant_per_token_##SUF(attn, qn, q, qs, rows, qn, th);                                 \
+    pd_int8_linear_##SUF(q, qn, qs, w->o, w->o_scale, w->o_bias, h, hid, rows, hid, qn, th); \
+    pd_rms_norm_quant_##SUF(h, hid, res, hid, w->post_norm, q, qs, res, rows, hid, w->eps, th); \
+    pd_int8_linear_##SUF(q, hid, qs, w->gate_up, w->gate_up_scale, NULL, s->gate_up, i2, rows, i2, hid, th); \
+    pd_silu_and_mul_quant_##SUF(s->gate_up, i2, q, qs, rows, w->inter, th);                 \
+    pd_int8_linear_##SUF(q, w->inter, qs, w->down, w->down_scale, NULL, x, hid, rows, hid, w->inter, th); \
+}
+
 DECODER_LAYER(f32, float)
 DECODER_LAYER(bf16, uint16_t)
+DECODER_LAYER_W8A8(f32, float)
+DECODER_LAYER_W8A8(bf16, uint16_t)

@@ -90,6 +90,34 @@ def test_greedy_batches_of_a_w8a8_model_equal_one_at_a_time(llmc):
     assert together == alone
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: qkv bias
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_w8a8_layers_equal_op_by_op(llmc, kind, dtype, monkeypatch):
+    """The CPU backend's fused W8A8 layers (one compiled call per layer, where the build has a
+    vector int8 GEMM) give the op-by-op path's logprobs to the bit, through prefill chunks,
+    decode steps, a prefix-cache hit and mixed batches."""
+    from pdserve.engine.backends.cpu_backend import CpuBackend
+    from pdserve.kernels.cpu import load_cpu_kernels
+
+    kernels = load_cpu_kernels()
+    if kernels is None or kernels.int8_gemm_vec is None:
+        pytest.skip("no vector int8 GEMM in this build: W8A8 layers run op by op")
+    args = dict(dtype=dtype, num_blocks=128, max_batch_size=4, max_prefill_tokens=48)
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0)
+    fused = LLM(llmc[kind], **args)
+    assert fused.engine.executor.rank.model.fused is not None
+    with monkeypatch.context() as patch:
+        patch.setattr(CpuBackend, "fuse_decoder_layers", lambda self, layers: None)
+        plain = LLM(llmc[kind], **args)
+    assert plain.engine.executor.rank.model.fused is None
+    base = prompt_set(49152, seed=9, lengths=(1, 9, 40, 130))
+    prompts = base + [base[-1][:100] + [5, 6, 7]]
+    for _ in range(2):  # the second round hits the prefix cache
+        outs = [[(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in llm.generate(prompts, params)]
+                for llm in (fused, plain)]
+        assert outs[0] == outs[1]
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_w8a8_with_tp2_computes_the_per_rank_reference(llmc, kind):
     """Each rank rounds its own slice of a row-parallel layer's input (its own scale), as

@@ -163,7 +163,9 @@ class Backend(Protocol):
 class DecoderLayerWeights:
     """A plain Llama-family decoder layer's tensors, as prepared for the backend: RMSNorm ->
     qkv (one merged weight) -> rotary, KV store, attention -> o -> RMSNorm -> gate_up (merged)
-    -> SiLU-and-mul -> down, with no adapters, quantization, q/k norms or collectives."""
+    -> SiLU-and-mul -> down, with no adapters, q/k norms or collectives. Either every
+    projection is unquantized (the ``*_scale`` fields None) or every one is W8A8: int8
+    weights with their per-output-column scales, each input quantized per token."""
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
@@ -177,6 +179,14 @@ class DecoderLayerWeights:
     num_kv_heads: int
     head_dim: int
     scale: float
+    qkv_scale: torch.Tensor | None = None
+    o_scale: torch.Tensor | None = None
+    gate_up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+
+    @property
+    def w8a8(self) -> bool:
+        return self.qkv_scale is not None
 
 
 def norm_heads(be: Backend, q: torch.Tensor, k: torch.Tensor,

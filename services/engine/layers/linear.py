@@ -106,12 +106,17 @@ class LinearBase(nn.Module):
         if prepare is not None:
             prepare(self, be)
 
-    def plain_weight(self) -> torch.Tensor | None:
-        """The prepared weight where this layer is a plain ``x @ W.T (+ bias)`` on one rank (not
-        quantized, no adapter, no collective), for a backend that fuses whole layers; else None."""
-        if self.ctx.tp_size != 1 or type(self.method) is not UnquantizedLinearMethod:
+    def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """This layer's prepared tensors where it is a plain ``x @ W.T (+ bias)`` on one rank, for
+        a backend that fuses whole layers: (weight, None) unquantized, (int8 weight, per-column
+        scales) for W8A8 (its method's ``int8_weights``); None where an adapter, another method
+        or a collective is in the way."""
+        if self.ctx.tp_size != 1:
             return None
-        return self.weight
+        if type(self.method) is UnquantizedLinearMethod:
+            return self.weight, None
+        int8_weights = getattr(self.method, "int8_weights", None)
+        return None if int8_weights is None else int8_weights(self)
 
     @property
     def takes_int8_input(self) -> bool:

@@ -57,8 +57,9 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(-1, self.q_size), be)
 
     def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(qkv, o) prepared weights where both are plain and there are no q/k norms; else None."""
-        qkv, o = self.qkv_proj.plain_weight(), self.o_proj.plain_weight()
+        """(qkv, o) as ``LinearBase.fused_weight`` gives them where both are plain and there are
+        no q/k norms; else None."""
+        qkv, o = self.qkv_proj.fused_weight(), self.o_proj.fused_weight()
         return None if qkv is None or o is None or self.q_norm is not None else (qkv, o)
 
 
@@ -83,8 +84,8 @@ class MLP(nn.Module):
         return self.down_proj(act, be)
 
     def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(gate_up, down) prepared weights where both are plain; else None."""
-        gate_up, down = self.gate_up_proj.plain_weight(), self.down_proj.plain_weight()
+        """(gate_up, down) as ``LinearBase.fused_weight`` gives them where both are plain; else None."""
+        gate_up, down = self.gate_up_proj.fused_weight(), self.down_proj.fused_weight()
         return None if gate_up is None or down is None else (gate_up, down)
 
 
@@ -108,12 +109,16 @@ class DecoderLayer(nn.Module):
         mlp = self.mlp.plain_weights() if isinstance(self.mlp, MLP) else None
         if attn is None or mlp is None:
             return None
+        (qkv, qkv_scale), (o, o_scale), (gate_up, gate_up_scale), (down, down_scale) = *attn, *mlp
+        scales = (qkv_scale, o_scale, gate_up_scale, down_scale)
+        if any(s is None for s in scales) and any(s is not None for s in scales):
+            return None  # NOTE: part quantized (a checkpoint's ignore list): op by op
         a = self.self_attn
         return DecoderLayerWeights(
             input_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
-            eps=self.input_layernorm.eps, qkv=attn[0], qkv_bias=a.qkv_proj.bias, o=attn[1], o_bias=a.o_proj.bias,
-            gate_up=mlp[0], down=mlp[1], num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-            scale=a.scale)
+            eps=self.input_layernorm.eps, qkv=qkv, qkv_bias=a.qkv_proj.bias, o=o, o_bias=a.o_proj.bias,
+            gate_up=gate_up, down=down, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+            scale=a.scale, qkv_scale=qkv_scale, o_scale=o_scale, gate_up_scale=gate_up_scale, down_scale=down_scale)
 
 
 class LlamaModel(nn.Module):

@@ -36,6 +36,11 @@ class W8A8LinearMethod:
         """Once, after loading: the weight in the form ``be``'s int8 matmul reads (packed on CPU)."""
         layer.weight = nn.Parameter(be.prepare_int8_weight(layer.weight.data), requires_grad=False)
 
+    @staticmethod
+    def int8_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prepared int8 weight, the per-output-column scales) for a fusing backend."""
+        return layer.weight, layer.weight_scale
+
     def apply(self, layer: nn.Module, x: "torch.Tensor | QuantizedActivation", be: Backend,
               bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):
