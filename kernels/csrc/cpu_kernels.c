@@ -631,14 +631,24 @@ static void attn_pair_tile_bf16(const uint16_t *q, long sq, const uint16_t *kv, 
 DECODE_TASK(decode_task_f32, float, load_f32, store_f32)
 DECODE_TASK(decode_task_bf16, uint16_t, load_bf16, store_bf16)
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
-/* AVX2 + FMA (no AVX-512): one query row over the paged cache, 8 tokens at a time. Per
- * (query head, 8 tokens): 8 dot products as 8-lane FMA chains over D, reduced together
- * into one vector of 8 scores (hsum8), one vector exp for the online softmax, then P.V as
- * FMAs of each token's V into the head's accumulator. K and V are read from the cache in
- * place (bf16 widened on load); the query heads of a KV head re-read them from L1. Needs
- * D % 8 == 0 (else the portable task runs). Scratch: qf[Hq*D], acc[Hq*D], m[Hq], l[Hq]. */
+/* The two bfloat16 of each 32-bit lane as float32: the low one by a shift, the high one by a mask. */
+ALWAYS_INLINE __m256 bf16_lo8(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+ALWAYS_INLINE __m256 bf16_hi8(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* AVX2 + FMA (no AVX-512): one query row over the paged cache, in spans of up to 32 tokens
+ * of a block. Per (query head, 8 tokens): 8 dot products as 8-lane FMA chains over D,
+ * reduced together into one vector of 8 scores (hsum8); per span one online-softmax update
+ * (vector exp), then P.V as FMAs of each token's V into the head's accumulator registers.
+ * The query heads of a KV head go stage by stage (all scores, all updates, all P.V), so
+ * their latency chains overlap. K and V are read from the cache in place (bf16 widened on
+ * load) and re-read from L1 by the other heads. Needs D % 8 == 0 (else the portable task
+ * runs). Scratch: qf[Hq*D], acc[Hq*D], m[Hq], l[Hq]. */
 ALWAYS_INLINE __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 ALWAYS_INLINE __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -674,56 +684,137 @@ ALWAYS_INLINE __m256 exp256(__m256 x) {
     return _mm256_mul_ps(r, _mm256_castsi256_ps(e));
 }
 
-/* One query head against c <= 8 tokens (k, v: the first token's head slice, `tok` apart);
- * `whole`: the block has slots for all 8 (their K may be read, whatever they hold). */
-#define ATTEND8(NAME, T, LOAD8)                                                                \
-ALWAYS_INLINE void NAME(const float *qh, const T *k, const T *v, int c, int whole, int tok, int d, \
-                        float *m, float *l, float *acc) {                                    \
-    __m256 s[8];                                                                             \
-    for (int t = 0; t < 8; t++) s[t] = _mm256_setzero_ps();                                  \
-    if (whole) /* 8 tokens' slots in the block: scores of slots past c are computed, then dropped */ \
-        for (int x = 0; x < d; x += 8) {                                                     \
-            __m256 qv = _mm256_loadu_ps(qh + x);                                             \
-            for (int t = 0; t < 8; t++) s[t] = _mm256_fmadd_ps(qv, LOAD8(k + (size_t)t * tok + x), s[t]); \
-        }                                                                                    \
-    else                                                                                     \
-        for (int x = 0; x < d; x += 8) {                                                     \
-            __m256 qv = _mm256_loadu_ps(qh + x);                                             \
-            for (int t = 0; t < c; t++) s[t] = _mm256_fmadd_ps(qv, LOAD8(k + (size_t)t * tok + x), s[t]); \
-        }                                                                                    \
-    __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(c),              \
-                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))); \
-    __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(s), keep);                 \
-    float mx = hmax8(sc);                                                                    \
-    mx = *m > mx ? *m : mx;                                                                  \
-    __m256 p = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(mx))), keep);           \
-    float corr = *m == -INFINITY ? 0.f : exp_approx(*m - mx), pp[8];                         \
-    *l = *l * corr + hadd8(p);                                                               \
-    *m = mx;                                                                                 \
-    _mm256_storeu_ps(pp, p);                                                                 \
-    for (int x0 = 0; x0 < d; x0 += 64) { /* up to 8 accumulators: 8 independent FMA chains */ \
-        __m256 a[8];                                                                         \
-        for (int j = 0; j < 8; j++)                                                          \
-            if (x0 + 8 * j < d) a[j] = _mm256_mul_ps(_mm256_loadu_ps(acc + x0 + 8 * j), _mm256_set1_ps(corr)); \
-        for (int t = 0; t < c; t++) {                                                        \
-            __m256 pt = _mm256_set1_ps(pp[t]);                                               \
-            for (int j = 0; j < 8; j++)                                                      \
-                if (x0 + 8 * j < d) a[j] = _mm256_fmadd_ps(pt, LOAD8(v + (size_t)t * tok + x0 + 8 * j), a[j]); \
-        }                                                                                    \
-        for (int j = 0; j < 8; j++)                                                          \
-            if (x0 + 8 * j < d) _mm256_storeu_ps(acc + x0 + 8 * j, a[j]);                    \
-    }                                                                                        \
-}                                                                                            \
-/* head sizes with their own copy (constant trip counts unroll into registers) */            \
-static void NAME##_any(const float *qh, const T *k, const T *v, int c, int whole, int tok, int d, \
-                       float *m, float *l, float *acc) {                                     \
-    if (d == 64) NAME(qh, k, v, c, whole, tok, 64, m, l, acc);                               \
-    else if (d == 128) NAME(qh, k, v, c, whole, tok, 128, m, l, acc);                        \
-    else NAME(qh, k, v, c, whole, tok, d, m, l, acc);                                        \
-}
-ATTEND8(attend8_f32, float, load8_f32)
-ATTEND8(attend8_bf16, uint16_t, load8_bf16)
+/* The stages of a query head against a few tokens (k, v: the first token's slice of
+ * the head's KV head, `tokb` bytes apart). Element modes: 0 float32; 1 bfloat16, widened 8
+ * at a time; 2 bfloat16 with D % 16 == 0, read 16 at a time, each 32-bit lane's pair widened
+ * by a shift (the even element) and a mask (the odd one): one load and two ALU ops for 16
+ * values instead of two loads and four. In mode 2 the query row and the accumulators are
+ * kept in that pair order (per 16 elements: the 8 even ones, then the 8 odd ones). */
+#define XSTEP(mode) ((mode) == 2 ? 16 : 8)
 
+ALWAYS_INLINE __m256 kdot_step(__m256 s, const float *qh, const char *kt, int x, int mode) {
+    if (mode == 0) return _mm256_fmadd_ps(_mm256_loadu_ps(qh + x), load8_f32((const float *)kt + x), s);
+    if (mode == 1) return _mm256_fmadd_ps(_mm256_loadu_ps(qh + x), load8_bf16((const uint16_t *)kt + x), s);
+    __m256i kk = _mm256_loadu_si256((const __m256i *)((const uint16_t *)kt + x));
+    return _mm256_fmadd_ps(_mm256_loadu_ps(qh + x + 8), bf16_hi8(kk),
+                           _mm256_fmadd_ps(_mm256_loadu_ps(qh + x), bf16_lo8(kk), s));
+}
+
+/* The 8 scores as 8 FMA chains over D, reduced together (hsum8); lanes >= c are -inf.
+ * `whole`: the block has slots for all 8 tokens (their K may be read, whatever they hold). */
+ALWAYS_INLINE __m256 scores8(const float *qh, const char *k, int c, int whole, size_t tokb, int d, int mode) {
+    __m256 s[8];
+    for (int t = 0; t < 8; t++) s[t] = _mm256_setzero_ps();
+    if (whole)
+        for (int x = 0; x < d; x += XSTEP(mode))
+            for (int t = 0; t < 8; t++) s[t] = kdot_step(s[t], qh, k + t * tokb, x, mode);
+    else
+        for (int x = 0; x < d; x += XSTEP(mode))
+            for (int t = 0; t < c; t++) s[t] = kdot_step(s[t], qh, k + t * tokb, x, mode);
+    __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(c),
+                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(s), keep);
+}
+
+/* The online-softmax update over a span of c <= 8 * SPAN8 tokens (their scores sc[c / 8]):
+ * the head's max and sum, pp[c] the weights; returns the factor that rescales the accumulator. */
+#define SPAN8 4
+ALWAYS_INLINE float softmax_span(const __m256 *sc, int c, float *m, float *l, float *pp) {
+    int nch = (c + 7) / 8;
+    float mx = *m;
+    for (int ch = 0; ch < nch; ch++) {
+        float x = hmax8(sc[ch]);
+        mx = mx > x ? mx : x;
+    }
+    __m256 sum = _mm256_setzero_ps();
+    for (int ch = 0; ch < nch; ch++) {
+        __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(c - 8 * ch),
+                                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+        __m256 p = _mm256_and_ps(exp256(_mm256_sub_ps(sc[ch], _mm256_set1_ps(mx))), keep);
+        sum = _mm256_add_ps(sum, p);
+        _mm256_storeu_ps(pp + 8 * ch, p);
+    }
+    float corr = *m == -INFINITY ? 0.f : exp_approx(*m - mx);
+    *l = *l * corr + hadd8(sum);
+    *m = mx;
+    return corr;
+}
+
+/* acc = acc * corr + sum_t pp[t] V[t], in up to 8 accumulator registers per 64 elements. */
+ALWAYS_INLINE void pv8(float *acc, const float *pp, float corr, const char *v, int c, size_t tokb, int d, int mode) {
+    for (int x0 = 0; x0 < d; x0 += 64) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++)
+            if (x0 + 8 * j < d) a[j] = _mm256_mul_ps(_mm256_loadu_ps(acc + x0 + 8 * j), _mm256_set1_ps(corr));
+        for (int t = 0; t < c; t++) {
+            __m256 pt = _mm256_set1_ps(pp[t]);
+            const char *vt = v + t * tokb;
+            if (mode == 2) {
+                for (int j = 0; j < 4; j++)
+                    if (x0 + 16 * j < d) {
+                        __m256i vv = _mm256_loadu_si256((const __m256i *)((const uint16_t *)vt + x0 + 16 * j));
+                        a[2 * j] = _mm256_fmadd_ps(pt, bf16_lo8(vv), a[2 * j]);
+                        a[2 * j + 1] = _mm256_fmadd_ps(pt, bf16_hi8(vv), a[2 * j + 1]);
+                    }
+            } else {
+                for (int j = 0; j < 8; j++)
+                    if (x0 + 8 * j < d)
+                        a[j] = _mm256_fmadd_ps(pt, mode == 0 ? load8_f32((const float *)vt + x0 + 8 * j)
+                                                             : load8_bf16((const uint16_t *)vt + x0 + 8 * j), a[j]);
+            }
+        }
+        for (int j = 0; j < 8; j++)
+            if (x0 + 8 * j < d) _mm256_storeu_ps(acc + x0 + 8 * j, a[j]);
+    }
+}
+
+/* ng <= HEAD_TILE query heads of one KV head against a span of c <= 8 * SPAN8 tokens of a
+ * block (`room`: the block's slots from the span's first token), stage by stage, so that the
+ * heads' dependent chains (reductions, exp, the scalar max and sum) overlap; one softmax
+ * update per span; K and V come from L1 after the first head. */
+#define HEAD_TILE 4
+ALWAYS_INLINE void attend_heads(const float *qf, const char *k, const char *v, int c, int room, size_t tokb, int d,
+                                int ng, float *m, float *l, float *acc, int mode) {
+    __m256 sc[HEAD_TILE][SPAN8];
+    float pp[HEAD_TILE][8 * SPAN8], corr[HEAD_TILE];
+    int nch = (c + 7) / 8;
+    for (int g = 0; g < ng; g++)
+        for (int ch = 0; ch < nch; ch++)
+            sc[g][ch] = scores8(qf + g * d, k + 8 * ch * tokb, c - 8 * ch < 8 ? c - 8 * ch : 8, 8 * ch + 8 <= room,
+                                tokb, d, mode);
+    for (int g = 0; g < ng; g++) corr[g] = softmax_span(sc[g], c, m + g, l + g, pp[g]);
+    for (int g = 0; g < ng; g++) pv8(acc + g * d, pp[g], corr[g], v, c, tokb, d, mode);
+}
+
+/* Head sizes with their own copy (constant trip counts unroll into registers). */
+#define ATTEND_HEADS(NAME, MODE)                                                               \
+static void NAME(const float *qf, const char *k, const char *v, int c, int room, size_t tokb, int d, int ng, \
+                 float *m, float *l, float *acc) {                                           \
+    if (d == 64) attend_heads(qf, k, v, c, room, tokb, 64, ng, m, l, acc, MODE);             \
+    else if (d == 128) attend_heads(qf, k, v, c, room, tokb, 128, ng, m, l, acc, MODE);      \
+    else attend_heads(qf, k, v, c, room, tokb, d, ng, m, l, acc, MODE);                      \
+}
+ATTEND_HEADS(attend_heads_f32, 0)
+ATTEND_HEADS(attend_heads_bf16, 1)
+ATTEND_HEADS(attend_heads_pairs, 2)
+
+/* A bf16 row to float32 in pair order, and back (n % 16 == 0). */
+static inline void load_bf16_pairs(const uint16_t *src, float *dst, int n) {
+    for (int g = 0; g < n; g += 16)
+        for (int i = 0; i < 8; i++) {
+            dst[g + i] = bf16_to_f32(src[g + 2 * i]);
+            dst[g + 8 + i] = bf16_to_f32(src[g + 2 * i + 1]);
+        }
+}
+static inline void store_bf16_pairs(const float *src, uint16_t *dst, int n) {
+    for (int g = 0; g < n; g += 16)
+        for (int i = 0; i < 8; i++) {
+            dst[g + 2 * i] = f32_to_bf16(src[g + i]);
+            dst[g + 2 * i + 1] = f32_to_bf16(src[g + 8 + i]);
+        }
+}
+
+/* One query row: per span of a block, each KV head's query heads in tiles of HEAD_TILE. */
 #define DECODE_TASK2(NAME, T, LOAD, STORE, ATTEND)                                             \
 static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,             \
                  int hq, int hkv, int d, int bs, size_t stride, float scale, float *scratch) { \
@@ -734,21 +825,27 @@ static void NAME(const T *q, const T *kv, const int32_t *table, int len, T *out,
     for (int j = 0; j * bs < len; j++) {                                                     \
         int n = len - j * bs < bs ? len - j * bs : bs;                                       \
         const T *kb = kv + (size_t)table[j] * stride, *vb = kb + (size_t)bs * tok;           \
-        for (int t0 = 0; t0 < n; t0 += 8)                                                    \
-            for (int hd = 0; hd < hq; hd++) {                                                \
-                size_t at = (size_t)t0 * tok + (size_t)(hd / group) * d;                     \
-                ATTEND(qf + hd * d, kb + at, vb + at, n - t0 < 8 ? n - t0 : 8, t0 + 8 <= bs, tok, d, m + hd, \
-                       l + hd, acc + hd * d);                                                \
-            }                                                                                \
+        for (int t0 = 0; t0 < n; t0 += 8 * SPAN8)                                            \
+            for (int h = 0; h < hkv; h++)                                                    \
+                for (int g0 = 0; g0 < group; g0 += HEAD_TILE) {                              \
+                    int hd = h * group + g0, ng = group - g0 < HEAD_TILE ? group - g0 : HEAD_TILE; \
+                    size_t at = (size_t)t0 * tok + (size_t)h * d;                            \
+                    ATTEND(qf + hd * d, (const char *)(kb + at), (const char *)(vb + at),    \
+                           n - t0 < 8 * SPAN8 ? n - t0 : 8 * SPAN8, bs - t0, (size_t)tok * sizeof(T), d, ng, \
+                           m + hd, l + hd, acc + hd * d);                                    \
+                }                                                                            \
     }                                                                                        \
     row_finish(acc, l, hq, d);                                                               \
     STORE(acc, out, hq * d);                                                                 \
 }
-DECODE_TASK2(decode_task2_f32, float, load_f32, store_f32, attend8_f32_any)
-DECODE_TASK2(decode_task2_bf16, uint16_t, load_bf16, store_bf16, attend8_bf16_any)
-#define ROW_TASK(SUF, d) ((d) % 8 == 0 ? decode_task2_##SUF : decode_task_##SUF)
+DECODE_TASK2(decode_task2_f32, float, load_f32, store_f32, attend_heads_f32)
+DECODE_TASK2(decode_task2_bf16, uint16_t, load_bf16, store_bf16, attend_heads_bf16)
+DECODE_TASK2(decode_task2p_bf16, uint16_t, load_bf16_pairs, store_bf16_pairs, attend_heads_pairs)
+#define ROW_TASK_f32(d) ((d) % 8 == 0 ? decode_task2_f32 : decode_task_f32)
+#define ROW_TASK_bf16(d) ((d) % 16 == 0 ? decode_task2p_bf16 : (d) % 8 == 0 ? decode_task2_bf16 : decode_task_bf16)
 #else
-#define ROW_TASK(SUF, d) decode_task_##SUF
+#define ROW_TASK_f32(d) decode_task_f32
+#define ROW_TASK_bf16(d) decode_task_bf16
 #endif
 
 /* The same tile without AVX-512: one row at a time (the query row is copied to float), in
@@ -758,7 +855,7 @@ static void NAME(const T *q, long sq, const T *kv, size_t stride, const int32_t 
                  int ctx0, int rows, T *out, int hq, int hkv, int d, int bs, float scale,    \
                  float *scratch) {                                                           \
     for (int r = 0; r < rows; r++)                                                           \
-        ROW_TASK(SUF, d)(q + r * sq, kv, table, ctx0 + r, out + (size_t)r * hq * d, hq, hkv, d, bs, stride, \
+        ROW_TASK_##SUF(d)(q + r * sq, kv, table, ctx0 + r, out + (size_t)r * hq * d, hq, hkv, d, bs, stride, \
                          scale, scratch);                                                    \
 }
 ATTN_TILE(attn_tile_f32, float, f32)
@@ -1610,10 +1707,6 @@ static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, 
 #define LIN_ROWS LIN2_MR
 #define LIN_GROUP_BYTES 64
 
-ALWAYS_INLINE __m256 lin2_lo(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-ALWAYS_INLINE __m256 lin2_hi(__m256i v) {
-    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
-}
 
 /* One group g of mr rows against one block (w: the block's first group). `last`: bf16's
  * final half group of an odd K, whose activation pair is (x[k - 1], 0). */
@@ -1630,12 +1723,12 @@ ALWAYS_INLINE void lin2_step(__m256 acc[LIN2_MR][2], const char *x, size_t sx, c
         }
         return;
     }
-    __m256 a0 = lin2_lo(w0), b0 = lin2_hi(w0), a1 = lin2_lo(w1), b1 = lin2_hi(w1);
+    __m256 a0 = bf16_lo8(w0), b0 = bf16_hi8(w0), a1 = bf16_lo8(w1), b1 = bf16_hi8(w1);
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
         int32_t v = lin_group_of_row(x + i * sx, g, k, last);
         __m256i xv = _mm256_set1_epi32(v);
-        __m256 xl = lin2_lo(xv), xh = lin2_hi(xv);
+        __m256 xl = bf16_lo8(xv), xh = bf16_hi8(xv);
         acc[i][0] = _mm256_fmadd_ps(xh, b0, _mm256_fmadd_ps(xl, a0, acc[i][0]));
         acc[i][1] = _mm256_fmadd_ps(xh, b1, _mm256_fmadd_ps(xl, a1, acc[i][1]));
     }
