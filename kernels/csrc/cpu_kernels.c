@@ -1697,21 +1697,26 @@ static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, 
 #define HAVE_LINEAR_VEC 1
 #define HAVE_LINEAR_AVX2 1
 /* AVX2 + FMA (no AVX-512): the same packed weight, 8 lanes per register, so a 64-byte group
- * is two halves (columns 0-7, 8-15). A register tile is up to LIN2_MR rows times one block
- * of 16 columns over all of K: float32 one FMA per half and row; bfloat16 two (the pair's
- * k as float32, each a shift or a mask of the 32-bit lane), the weight halves widened once
- * per group and shared by the rows. A single row sums four interleaved chains of groups
- * (and two rows two), so enough FMAs are in flight. The tail block (N mod 16 columns) runs
- * in plain C: at most 15 columns. */
+ * is two halves (columns 0-7, 8-15). A register tile is up to LIN2_MR rows (float32) or
+ * LIN2_BF16_MR rows (bfloat16) times one block of 16 columns over all of K: float32 one FMA
+ * per half and row; bfloat16 two, the activation rows widened to float32 once per call
+ * (lin_range) and each weight half's pairs widened once per group (a shift, a mask) and
+ * shared by the rows (5 rows: 10 accumulators and 2 weight vectors stay in the 16
+ * registers; at 6 one accumulator spilled and its chain set the pace). A single row sums
+ * four interleaved chains of groups (and two rows two), so enough FMAs are in flight. The
+ * tail block (N mod 16 columns) runs in plain C: at most 15 columns. */
 #define LIN2_MR 6
+#define LIN2_BF16_MR 5
 #define LIN_ROWS LIN2_MR
 #define LIN_GROUP_BYTES 64
 
 
-/* One group g of mr rows against one block (w: the block's first group). `last`: bf16's
- * final half group of an odd K, whose activation pair is (x[k - 1], 0). */
-ALWAYS_INLINE void lin2_step(__m256 acc[LIN2_MR][2], const char *x, size_t sx, const char *w, int g, int k, int mr,
-                             int last, int bf16) {
+/* One group g of mr rows against one block (w: the block's first group); x is float32 in
+ * both cases (bf16 rows widened by lin_range). bf16: the pair's first k against the low
+ * halves of the 32-bit lanes, then its second against the high halves, so that only two
+ * widened weight vectors are live next to the 12 accumulators. */
+ALWAYS_INLINE void lin2_step(__m256 acc[LIN2_MR][2], const char *x, size_t sx, const char *w, int g, int mr,
+                             int bf16) {
     __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + (size_t)g * LIN_GROUP_BYTES));
     __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + (size_t)g * LIN_GROUP_BYTES + 32));
     if (!bf16) {
@@ -1723,14 +1728,19 @@ ALWAYS_INLINE void lin2_step(__m256 acc[LIN2_MR][2], const char *x, size_t sx, c
         }
         return;
     }
-    __m256 a0 = bf16_lo8(w0), b0 = bf16_hi8(w0), a1 = bf16_lo8(w1), b1 = bf16_hi8(w1);
+    __m256 a0 = bf16_lo8(w0), a1 = bf16_lo8(w1);
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
-        int32_t v = lin_group_of_row(x + i * sx, g, k, last);
-        __m256i xv = _mm256_set1_epi32(v);
-        __m256 xl = bf16_lo8(xv), xh = bf16_hi8(xv);
-        acc[i][0] = _mm256_fmadd_ps(xh, b0, _mm256_fmadd_ps(xl, a0, acc[i][0]));
-        acc[i][1] = _mm256_fmadd_ps(xh, b1, _mm256_fmadd_ps(xl, a1, acc[i][1]));
+        __m256 xl = _mm256_broadcast_ss((const float *)(x + i * sx) + 2 * g);
+        acc[i][0] = _mm256_fmadd_ps(xl, a0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(xl, a1, acc[i][1]);
+    }
+    __m256 b0 = bf16_hi8(w0), b1 = bf16_hi8(w1);
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        __m256 xh = _mm256_broadcast_ss((const float *)(x + i * sx) + 2 * g + 1);
+        acc[i][0] = _mm256_fmadd_ps(xh, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(xh, b1, acc[i][1]);
     }
 }
 
@@ -1746,21 +1756,21 @@ ALWAYS_INLINE void lin2_store(__m256 v, const void *bias, int c, char *out, int 
         ((uint16_t *)out)[j] = f32_to_bf16(f[j] + (bias ? bf16_to_f32(((const uint16_t *)bias)[c + j]) : 0.f));
 }
 
-/* mr rows (x, out: row strides in bytes) times the full block w of 16 columns from c0, over all of K. */
+/* mr rows (x, out: row strides in bytes; x float32, bf16 rows widened and padded to an even
+ * K with a zero) times the full block w of 16 columns from c0, over all of K. */
 ALWAYS_INLINE void lin2_tile(const char *x, size_t sx, const char *w, int k, const void *bias, char *out,
                              size_t so, int c0, int mr, int bf16) {
     enum { CHAINS = 4 };
     __m256 acc[CHAINS][LIN2_MR][2];
-    int split = mr == 1 ? 4 : mr == 2 ? 2 : 1, kg = bf16 ? k / 2 : k, g = 0;
+    int split = mr == 1 ? 4 : mr == 2 ? 2 : 1, kg = bf16 ? (k + 1) / 2 : k, g = 0;
 #pragma GCC unroll 8
     for (int u = 0; u < split; u++)
 #pragma GCC unroll 8
         for (int i = 0; i < mr; i++) acc[u][i][0] = acc[u][i][1] = _mm256_setzero_ps();
     for (; g + split <= kg; g += split)
 #pragma GCC unroll 4
-        for (int u = 0; u < split; u++) lin2_step(acc[u], x, sx, w, g + u, k, mr, 0, bf16);
-    for (; g < kg; g++) lin2_step(acc[0], x, sx, w, g, k, mr, 0, bf16);
-    if (bf16 && (k & 1)) lin2_step(acc[0], x, sx, w, g, k, mr, 1, bf16);
+        for (int u = 0; u < split; u++) lin2_step(acc[u], x, sx, w, g + u, mr, bf16);
+    for (; g < kg; g++) lin2_step(acc[0], x, sx, w, g, mr, bf16);
     /* NOTE: unrolled, so that no accumulator is indexed at run time: otherwise GCC keeps the
      * array in memory and stores every accumulator after every FMA (half the float32 speed) */
 #pragma GCC unroll 8
@@ -1817,18 +1827,37 @@ static void lin2_tail(const char *x, size_t sxb, const char *w, int tw, int k, c
  * the first. */
 static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, const void *bias, char *out,
                       size_t sob, int r0, int r1, int b0, int b1, int n, int k, int bf16) {
-    int full = n / 16;
+    int full = n / 16, kp = k + (k & 1), tile_rows = bf16 ? LIN2_BF16_MR : LIN2_MR;
     const lin2_tile_fn *fns = LIN2_TILE_FNS[bf16];
+    /* bf16 rows widened to float32 once here, not once per block and pair in the tiles */
+    float small[bf16 ? 4096 : 1], *xf = NULL;
+    const char *xt = x + (size_t)r0 * sxb;
+    size_t sxt = sxb;
+    if (bf16 && r1 > r0) {
+        size_t count = (size_t)(r1 - r0) * kp;
+        xf = count <= 4096 ? small : malloc(count * sizeof(float));
+        if (!xf) abort();
+        for (int r = r0; r < r1; r++) {
+            const uint16_t *src = (const uint16_t *)(x + (size_t)r * sxb);
+            float *dst = xf + (size_t)(r - r0) * kp;
+            for (int i = 0; i < k; i++) dst[i] = bf16_to_f32(src[i]);
+            if (k & 1) dst[k] = 0.f;
+        }
+        xt = (const char *)xf;
+        sxt = (size_t)kp * sizeof(float);
+    }
     for (int b = b0; b < b1; b++) {
         if (b >= full) {
             lin2_tail(x, sxb, packed + (size_t)full * bs, n % 16, k, bias, out, sob, full * 16, r0, r1, bf16);
             continue;
         }
-        for (int r = r0; r < r1; r += LIN2_MR) {
-            int mr = r1 - r < LIN2_MR ? r1 - r : LIN2_MR;
-            fns[mr - 1](x + (size_t)r * sxb, sxb, packed + (size_t)b * bs, k, bias, out + (size_t)r * sob, sob, b * 16);
+        for (int r = r0; r < r1; r += tile_rows) {
+            int mr = r1 - r < tile_rows ? r1 - r : tile_rows;
+            fns[mr - 1](xt + (size_t)(r - r0) * sxt, sxt, packed + (size_t)b * bs, k, bias, out + (size_t)r * sob, sob,
+                        b * 16);
         }
     }
+    if (xf && xf != small) free(xf);
 }
 
 #else
