@@ -22,6 +22,8 @@ from pdserve.engine.layers.loading import CheckpointTensor
 from pdserve.engine.models.interface import LayerHook
 from pdserve.engine.models.model_config import ModelConfig
 
+FusedWeight = tuple[torch.Tensor, torch.Tensor | None]  # LinearBase.fused_weight: (weight, W8A8 scales or None)
+
 # checkpoint projection -> (our merged layer, its part)
 _MERGED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         o = be.attention(q, k, v, kv_layer, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size), be)
 
-    def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def plain_weights(self) -> tuple[FusedWeight, FusedWeight] | None:
         """(qkv, o) as ``LinearBase.fused_weight`` gives them where both are plain and there are
         no q/k norms; else None."""
         qkv, o = self.qkv_proj.fused_weight(), self.o_proj.fused_weight()
@@ -83,7 +85,7 @@ class MLP(nn.Module):
             act = be.silu_and_mul(gate_up)
         return self.down_proj(act, be)
 
-    def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def plain_weights(self) -> tuple[FusedWeight, FusedWeight] | None:
         """(gate_up, down) as ``LinearBase.fused_weight`` gives them where both are plain; else None."""
         gate_up, down = self.gate_up_proj.fused_weight(), self.down_proj.fused_weight()
         return None if gate_up is None or down is None else (gate_up, down)
