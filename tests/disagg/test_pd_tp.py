@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
@@ -42,12 +43,26 @@ def sent_bytes(kind: str, prompt_len: int, decode_tp: int) -> int:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
 def test_prefill_and_decode_of_different_tp_exchange_kv(kind, tmp_path):
+    exchange_between_tps(kind, tmp_path, device="cpu", worker_args=())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prefill_and_decode_of_different_tp_exchange_kv_on_cuda(kind, tmp_path):
+    """Every KV cache in VRAM of one GPU: a tp=2 worker's ranks share it (``--tp-backend
+    gloo``; NCCL needs a GPU per rank), each rank registering and sending its own shard."""
+    exchange_between_tps(kind, tmp_path, device="cuda", worker_args=("--device-type", "cuda", "--tp-backend", "gloo"))
+
+
+def exchange_between_tps(kind: str, tmp_path, device: str, worker_args: tuple[str, ...]) -> None:
     model = make_tiny_model(kind, str(tmp_path))
     every = [p for pair in PAIRS for p in PROMPTS[pair]]
-    outputs = LLM(model, num_blocks=64).generate(every, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
-                                                                            ignore_eos=True))
+    outputs = LLM(model, num_blocks=64, device_type=device).generate(
+        every, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
     expected = {tuple(p): list(o.token_ids) for p, o in zip(every, outputs)}
-    with local_cluster(hybrid=0, prefill=1, decode=1, model=model, log_dir=str(tmp_path / "logs")) as cluster:
+    with local_cluster(hybrid=0, prefill=1, decode=1, model=model, log_dir=str(tmp_path / "logs"),
+                       worker_args=worker_args) as cluster:
         cluster.add_worker("prefill", "--tp", "2")
         cluster.add_worker("decode", "--tp", "2")
         cluster.wait_ready(240.0, count=4)
