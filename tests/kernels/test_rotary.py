@@ -148,11 +148,16 @@ def test_rotary_store_kv_with_head_norms(q_heads: int, kv_heads: int, head_dim: 
     store_kv_ref(k_ref.to(dtype), v, expected, slots)
     got_q, got_k = rotary_store_kv(q, k, v, positions, cos_sin, cache, slots, head_norms=(q_w, k_w, eps))
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
-    check_close(q, q_ref, dtype, "q")
-    check_close(k, k_ref, dtype, "k")
+    # NOTE: Triton's CPU interpreter rounds float32 -> bfloat16 toward zero (the GPU and torch
+    # round to nearest even), so the three chained casts here (normed, times w, rotated) drift
+    # one way by up to ~3 units of the last place: one seed measured 9.2e-3 from the exact
+    # value where the reference is 2.5e-3 off; the GPU keeps the dtype's bound.
+    tol = 2e-2 if dtype == torch.bfloat16 and device.type == "cpu" else None
+    check_close(q, q_ref, dtype, "q", tol)
+    check_close(k, k_ref, dtype, "k", tol)
     written = expected.isfinite()
     assert torch.equal(cache.isfinite(), written)
-    check_close(cache[written], expected[written].double(), dtype, "cache")
+    check_close(cache[written], expected[written].double(), dtype, "cache", tol)
 
 
 def test_rotary_store_kv_rejects_bad_head_norms(device: torch.device) -> None:
