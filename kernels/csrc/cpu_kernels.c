@@ -1531,6 +1531,8 @@ void pd_int8_linear_bf16(const int8_t *a, long sa, const float *as, const int8_t
  * columns that one vdpbf16ps (bf16 pairs) or one FMA (f32) multiplies by a broadcast group
  * of one activation row. ---- */
 
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /* Group g of one activation row (32 bits: one float32, or a bf16 pair); `last`: bf16's final
  * half group of an odd K, the pair (x[k - 1], 0), since the row may end at x[k - 1]. */
 ALWAYS_INLINE int32_t lin_group_of_row(const char *row, int g, int k, int last) {
@@ -1539,8 +1541,6 @@ ALWAYS_INLINE int32_t lin_group_of_row(const char *row, int g, int k, int last) 
     else memcpy(&v, row + (size_t)g * 4, 4);
     return v;
 }
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HAVE_LINEAR_VEC 1
 #define LIN_MR 6  /* rows per register tile */
 #define LIN_ROWS LIN_MR
@@ -1840,7 +1840,7 @@ static void lin_range(const char *x, size_t sxb, const char *packed, size_t bs, 
         for (int r = r0; r < r1; r++) {
             const uint16_t *src = (const uint16_t *)(x + (size_t)r * sxb);
             float *dst = xf + (size_t)(r - r0) * kp;
-            for (int i = 0; i < k; i++) dst[i] = bf16_to_f32(src[i]);
+            load_bf16(src, dst, k);
             if (k & 1) dst[k] = 0.f;
         }
         xt = (const char *)xf;
