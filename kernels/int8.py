@@ -340,12 +340,18 @@ def _row_values(x_row, offs, mask, cols, SILU: tl.constexpr):
     """A chunk of the row to quantize, float32: x itself, or silu(gate) * up rounded as the
     reference rounds (silu to x's dtype, then the product to x's dtype)."""
     if SILU:
-        ty = x_row.dtype.element_ty
         gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + cols + offs, mask=mask, other=0.0).to(tl.float32)
-        act = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(ty).to(tl.float32)
-        return (act * up).to(ty).to(tl.float32)
+        return _silu_mul(gate, up, x_row.dtype.element_ty)
     return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _silu_mul(gate, up, ty: tl.constexpr):
+    """silu(gate) * up from float32 values of dtype ``ty``, rounded to ``ty`` where the reference
+    rounds (the SiLU, then the product); returned in float32."""
+    act = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(ty).to(tl.float32)
+    return (act * up).to(ty).to(tl.float32)
 
 
 @triton.jit
@@ -413,17 +419,29 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _epilogue(acc, rows, cols, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, stride_om,
-              HAS_BIAS: tl.constexpr):
-    row_ok = rows < M
+def _scaled_sums(acc, a_scale, cols, N, w_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """float32 acc [BM, BN] * a_scale [BM] * weight scales (+ bias) of ``cols``: the epilogue's
+    arithmetic before the output rounding (the fused GEMVs of ``int8_gemv_fused`` share it)."""
     col_ok = cols < N
-    a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
     w_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
     y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _store_rows(y, rows, cols, M, N, out_ptr, stride_om):
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _epilogue(acc, rows, cols, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, stride_om,
+              HAS_BIAS: tl.constexpr):
+    a_scale = tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)
+    y = _scaled_sums(acc, a_scale, cols, N, w_scale_ptr, bias_ptr, HAS_BIAS)
+    _store_rows(y, rows, cols, M, N, out_ptr, stride_om)
 
 
 @triton.jit

@@ -125,6 +125,19 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     return outs
 
 
+def use_triton_runner(llm, platform, sizes: tuple[int, ...]):
+    """Swap ``llm``'s model runner for one on the Triton backend (the kernels run under Triton's
+    interpreter on a CPU) on ``platform``, with decode graphs of ``sizes`` captured."""
+    from pdserve.engine.backends.triton_backend import TritonBackend
+    from pdserve.engine.model_runner import ModelRunner, RunnerConfig
+
+    e, rank = llm.engine, llm.engine.executor.rank
+    cfg = RunnerConfig(e.config.block_size, e.max_model_len, sizes)
+    rank.runner = ModelRunner(rank.model, e.kv_cache, TritonBackend(), platform, e.device, cfg)
+    rank.runner.capture_graphs()
+    return rank.runner
+
+
 def prompt_set(vocab: int, seed: int, lengths=(1, 5, 16, 17, 40, 100, 257, 333)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

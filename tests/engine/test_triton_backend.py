@@ -16,9 +16,10 @@ import torch
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
 from pdserve.engine.backends.triton_backend import TritonBackend
-from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
+from pdserve.engine.model_runner import graph_batch_sizes
 from pdserve.engine.platforms import get_platform, platform_names
 from pdserve.engine.platforms.cpu import CpuPlatform
+from tests.engine.conftest import use_triton_runner
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 # With a GPU, Triton compiles for it and cannot take these CPU tensors.
@@ -44,14 +45,6 @@ class ReplayPlatform(CpuPlatform):
         return _Replay(fn, out), out
 
 
-def _use_runner(llm: LLM, platform, sizes: tuple[int, ...]) -> ModelRunner:
-    e, rank = llm.engine, llm.engine.executor.rank
-    cfg = RunnerConfig(e.config.block_size, e.max_model_len, sizes)
-    rank.runner = ModelRunner(rank.model, e.kv_cache, TritonBackend(), platform, e.device, cfg)
-    rank.runner.capture_graphs()
-    return rank.runner
-
-
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(3)
     base = torch.randint(3, 49152, (40,), generator=g).tolist()
@@ -65,7 +58,7 @@ def test_triton_backend_matches_torch(tiny_models, kind):
     prompts = _prompts()
     ref = [o.token_ids for o in LLM(path, num_blocks=32).generate(prompts, GREEDY)]
     llm = LLM(path, num_blocks=32, max_prefill_tokens=24, compiled_cpu_kernels=False)  # chunked prefill: mixed steps
-    _use_runner(llm, CpuPlatform(), ())
+    use_triton_runner(llm, CpuPlatform(), ())
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == ref
 
 
@@ -78,7 +71,7 @@ def test_decode_graphs_pad_and_replay(tiny_models, overlap):
     prompts = _prompts()[:3]  # 3 sequences decode in the padded graph of 4
     ref = [o.token_ids for o in LLM(path, num_blocks=32).generate(prompts, GREEDY)]
     llm = LLM(path, num_blocks=32, max_batch_size=4, async_scheduling=overlap, compiled_cpu_kernels=False)
-    runner = _use_runner(llm, ReplayPlatform(), graph_batch_sizes(4))
+    runner = use_triton_runner(llm, ReplayPlatform(), graph_batch_sizes(4))
     assert sorted(runner.graphs.graphs) == [1, 2, 4]
     replays = []
     for b, (graph, _) in runner.graphs.graphs.items():

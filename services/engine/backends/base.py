@@ -126,6 +126,18 @@ class Backend(Protocol):
         """``(q @ weight.T) * q_scale * weight_scale.T (+ bias)`` from int32 sums; weight int8
         [N, K], weight_scale float32 [N, 1]; out_dtype [T, N]."""
 
+    def int8_linear_dynamic(self, x: torch.Tensor, amax: torch.Tensor | None, weight: torch.Tensor,
+                            weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``quant_per_token(x)`` then ``int8_linear`` in x's dtype (x [T, K] float; ``amax``
+        [T] float32, each row's max |x|, where the producer recorded it)."""
+
+    def int8_linear_silu(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
+                         weight_scale: torch.Tensor, out_dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A gate_up matmul with SiLU-and-mul fused in: (h = silu(gate) * up [T, I] out_dtype,
+        amax [T] float32 = max |h| per row), where ``weight`` is [2I, K] (gate rows, then up
+        rows); None where this backend has no fused form for these operands."""
+
     def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``rms_norm`` with its output quantized per token: (q, scale, x + residual)."""

@@ -72,6 +72,13 @@ class TorchBackend:
             out.add_(bias.double())
         return out.to(out_dtype)
 
+    def int8_linear_dynamic(self, x, amax, weight, weight_scale, bias):
+        q, scale = self.quant_per_token(x)
+        return self.int8_linear(q, scale, weight, weight_scale, bias, x.dtype)
+
+    def int8_linear_silu(self, q, q_scale, weight, weight_scale, out_dtype):
+        return None
+
     def rms_norm_quant(self, x, weight, eps, residual=None):
         return ref.rms_norm_quant_ref(x, weight, eps, residual)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels import (activation, attention, gemv, int8, int8_gemv, kv_store, lora, moe, moe_route, norm,
-                             rotary)
+from pdserve.kernels import (activation, attention, gemv, int8, int8_gemv, int8_gemv_fused, kv_store, lora, moe,
+                             moe_route, norm, rotary)
 from pdserve.kernels import reference as ref
 from pdserve.engine.backends.base import AttentionMetadata, HeadNorms, LoRAMapping, rotary_then_store
 
@@ -90,6 +90,21 @@ class TritonBackend:
         if q.shape[0] <= GEMV_MAX_ROWS:  # NOTE: dp4a GEMV streams the weight faster at 1-2 rows (kernels/int8_gemv.py)
             return int8_gemv.int8_gemv(q, q_scale, weight, weight_scale, bias, out_dtype)
         return int8.int8_gemm(q, q_scale, weight, weight_scale, bias, out_dtype)
+
+    def int8_linear_dynamic(self, x: torch.Tensor, amax: torch.Tensor | None, weight: torch.Tensor,
+                            weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] <= GEMV_MAX_ROWS and int8_gemv_fused.fusable(weight):
+            # NOTE: the quantization rides in the GEMV: one launch where there were two
+            return int8_gemv_fused.int8_gemv_dynamic(x, weight, weight_scale, bias, amax)
+        q, scale = int8.quant_per_token(x)
+        return self.int8_linear(q, scale, weight, weight_scale, bias, x.dtype)
+
+    def int8_linear_silu(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
+                         weight_scale: torch.Tensor, out_dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if q.shape[0] > GEMV_MAX_ROWS or weight.shape[0] % 2 or not int8_gemv_fused.fusable(weight):
+            return None
+        return int8_gemv_fused.int8_gemv_silu(q, q_scale, weight, weight_scale, out_dtype)
 
     def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -90,8 +90,11 @@ class RankAgents(KVTransferAgent):
         self._command("add_peer", peer_name, bytes(metadata))
 
     def remove_peer(self, peer_name: str) -> None:
+        # NOTE: a rank that has exited holds no peers: nothing to remove there. (At a cluster's
+        # stop the ranks may exit before discovery reports the other workers gone; a dead rank
+        # under load is the executor's to report.)
         if self._peers.pop(peer_name, None) is not None:
-            self._command("remove_peer", peer_name)
+            self._command("remove_peer", peer_name, quiet=True)
 
     def peers(self) -> frozenset[str]:
         return frozenset(self._peers)
@@ -178,9 +181,9 @@ class RankAgents(KVTransferAgent):
             self._send(rank, ("close",), quiet=True)
 
     # ---- pipes ----------------------------------------------------------------------------
-    def _command(self, *command: Any) -> None:
+    def _command(self, *command: Any, quiet: bool = False) -> None:
         for rank in range(len(self._links)):
-            self._send(rank, command)
+            self._send(rank, command, quiet)
 
     def _send(self, rank: int, command: tuple[Any, ...], quiet: bool = False) -> None:
         try:

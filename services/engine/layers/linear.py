@@ -48,6 +48,14 @@ class QuantizedActivation(NamedTuple):
     dtype: torch.dtype
 
 
+class RowMaxActivation(NamedTuple):
+    """Float activation rows whose per-row max |x| the producing op already recorded (the
+    gate_up matmul with SiLU-and-mul fused in), for a layer whose method ``takes_int8_input``:
+    it quantizes them per token inside its own matmul. x [T, K], amax float32 [T]."""
+    x: torch.Tensor
+    amax: torch.Tensor
+
+
 class LinearMethod(Protocol):
     """How a linear layer stores its weight and multiplies by it."""
 
@@ -97,8 +105,20 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: "torch.Tensor | QuantizedActivation", be: Backend) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor | QuantizedActivation | RowMaxActivation", be: Backend) -> torch.Tensor:
         return self.method.apply(self, x, be, self.bias)
+
+    def silu_and_mul_for_int8(self, x: "torch.Tensor | QuantizedActivation",
+                              be: Backend) -> "QuantizedActivation | RowMaxActivation":
+        """silu(gate) * up of this (gate;up) layer's output, for an int8 layer that reads it:
+        from the method's matmul with SiLU-and-mul fused in where it has one for this batch
+        (``apply_silu_and_mul``), else quantized per token in a pass of its own."""
+        fused = getattr(self.method, "apply_silu_and_mul", None)
+        act = None if fused is None or self.bias is not None else fused(self, x, be)
+        if act is not None:
+            return act
+        gate_up = self(x, be)
+        return QuantizedActivation(*be.silu_and_mul_quant(gate_up), gate_up.dtype)
 
     def prepare_weights(self, be: Backend) -> None:
         """Once, after loading: let the method put its tensors in the backend's preferred form."""
@@ -297,4 +317,4 @@ class RowParallelLinear(LinearBase):
 
 
 __all__ = ["check_head_split", "ColumnParallelLinear", "LinearBase", "LinearMethod", "MergedColumnParallelLinear", "ParamDims",
-           "QKVParallelLinear", "QuantizedActivation", "ReplicatedLinear", "RowParallelLinear", "UnquantizedLinearMethod"]
+           "QKVParallelLinear", "QuantizedActivation", "ReplicatedLinear", "RowMaxActivation", "RowParallelLinear", "UnquantizedLinearMethod"]

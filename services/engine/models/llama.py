@@ -16,8 +16,7 @@ from torch import nn
 
 from pdserve.engine.backends.base import AttentionMetadata, Backend, DecoderLayerWeights, HeadNorms
 from pdserve.engine.layers import (LayerContext, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                   QuantizedActivation, RMSNorm, RotaryEmbedding, RowParallelLinear,
-                                   VocabParallelEmbedding, load_into)
+                                   RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding, load_into)
 from pdserve.engine.layers.loading import CheckpointTensor
 from pdserve.engine.models.interface import LayerHook
 from pdserve.engine.models.model_config import ModelConfig
@@ -78,12 +77,9 @@ class MLP(nn.Module):
         return self.gate_up_proj.takes_int8_input
 
     def forward(self, x, be: Backend):
-        gate_up = self.gate_up_proj(x, be)
         if self.down_proj.takes_int8_input:
-            act = QuantizedActivation(*be.silu_and_mul_quant(gate_up), gate_up.dtype)
-        else:
-            act = be.silu_and_mul(gate_up)
-        return self.down_proj(act, be)
+            return self.down_proj(self.gate_up_proj.silu_and_mul_for_int8(x, be), be)
+        return self.down_proj(be.silu_and_mul(self.gate_up_proj(x, be)), be)
 
     def plain_weights(self) -> tuple[FusedWeight, FusedWeight] | None:
         """(gate_up, down) as ``LinearBase.fused_weight`` gives them where both are plain; else None."""

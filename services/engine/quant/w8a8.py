@@ -6,7 +6,10 @@ checkpoints name them, so each rank's loader slices them like any weight) and it
 matmul: quantize the activation rows (symmetric, per token, at run time), int8 x
 int8 with int32 sums, scales and bias applied on the way out, in the activation
 dtype. Where the op before the layer already quantized its output (RMSNorm,
-SiLU-and-mul: ``QuantizedActivation``), the int8 rows are used as they come. The backend provides the kernels (``quant_per_token``, ``int8_linear``).
+SiLU-and-mul: ``QuantizedActivation``), the int8 rows are used as they come; where it
+recorded each row's max instead (``RowMaxActivation``), the backend quantizes inside the
+matmul. The backend provides the kernels (``int8_linear_dynamic``, ``int8_linear``, and
+``int8_linear_silu`` for a gate_up layer whose SiLU-and-mul it fuses).
 Stateless apart from the layer's tensors; LoRA wraps it like the unquantized method.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from pdserve.engine.backends.base import Backend
-from pdserve.engine.layers.linear import ParamDims, QuantizedActivation
+from pdserve.engine.layers.linear import ParamDims, QuantizedActivation, RowMaxActivation
 
 # Dummy weights: uniform int8 has a standard deviation of ~73.3; this scale gives the
 # dequantized weights the 0.02 of unquantized dummy weights.
@@ -41,13 +44,23 @@ class W8A8LinearMethod:
         """(the prepared int8 weight, the per-output-column scales) for a fusing backend."""
         return layer.weight, layer.weight_scale
 
-    def apply(self, layer: nn.Module, x: "torch.Tensor | QuantizedActivation", be: Backend,
+    def apply(self, layer: nn.Module, x: "torch.Tensor | QuantizedActivation | RowMaxActivation", be: Backend,
               bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):
             return be.int8_linear(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
-        q, scale = be.quant_per_token(x.reshape(-1, x.shape[-1]))
-        y = be.int8_linear(q, scale, layer.weight, layer.weight_scale, bias, x.dtype)
+        if isinstance(x, RowMaxActivation):
+            return be.int8_linear_dynamic(x.x, x.amax, layer.weight, layer.weight_scale, bias)
+        y = be.int8_linear_dynamic(x.reshape(-1, x.shape[-1]), None, layer.weight, layer.weight_scale, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def apply_silu_and_mul(self, layer: nn.Module, x: "torch.Tensor | QuantizedActivation",
+                           be: Backend) -> RowMaxActivation | None:
+        """silu(gate) * up of this (gate;up) layer's output with each row's max |value|, from one
+        fused matmul where the backend has it for this batch; else None."""
+        if not isinstance(x, QuantizedActivation):
+            return None
+        fused = be.int8_linear_silu(x.q, x.scale, layer.weight, layer.weight_scale, x.dtype)
+        return None if fused is None else RowMaxActivation(*fused)
 
 
 __all__ = ["DUMMY_SCALE", "W8A8LinearMethod"]

@@ -1,0 +1,261 @@
+"""W8A8 decode GEMVs that take over the activation quantization around them (1-4 rows).
+
+Owns two kernels and their launch shape (``FusedGemvConfig`` / ``default_fused_config``):
+
+- ``int8_gemv_dynamic(x, weight, weight_scale, bias, amax=None)``: float rows x, quantized per
+  token inside the GEMV (``quant_per_token`` then ``int8_gemv`` in one launch). Each
+  program quantizes the activation words it multiplies as it goes; the row scale comes from
+  ``amax`` (each row's max |x|, where the producer of x recorded it) or from a first pass
+  over the row in every program (the row is small and read from L2).
+- ``int8_gemv_silu(q, q_scale, weight, weight_scale)``: the gate_up GEMV of a W8A8 MLP with
+  SiLU-and-mul in its epilogue: a program owns the same columns of the gate and the up half,
+  writes ``h = silu(gate) * up`` in the activation dtype and records each row's max |h|
+  with an atomic max (into a zeroed buffer it returns), which ``int8_gemv_dynamic`` then
+  quantizes down_proj's input with.
+
+Stateless; no host sync: both can be captured in a CUDA graph (the zeroed max buffer is a
+memset node).
+
+Why: at batch 1 a W8A8 decoder layer is ten launches where the bf16 one is nine; the
+quantization passes (o_proj's input, SiLU-and-mul + quantize) are kernels of a few
+microseconds each that read and write a row the GEMV reads again. Here they ride along in
+the GEMVs, whose time is the weight stream.
+
+Numerics: bit for bit the unfused ops' (``int8.quant_per_token`` / ``silu_and_mul_quant``,
+then ``int8_gemv``): the same max (exact in any order), scale, IEEE division and
+round-half-even (``int8._quantize``), the same int32 sums and epilogue arithmetic
+(``int8._scaled_sums``), and gate / up rounded to the activation dtype before the SiLU as
+the unfused GEMV's output is. Needs K % 4 == 0 and 4-byte aligned weight rows (the dp4a
+words); ``fusable`` says whether a weight qualifies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# NOTE: private helpers of int8 / int8_gemv shared on purpose: the fused kernels must round
+# exactly as the ops they replace.
+from pdserve.kernels.int8 import _TL_DTYPE, _quantize, _row_scale, _rows_contiguous, _scaled_sums, _silu_mul, _store_rows
+from pdserve.kernels.int8_gemv import _INTERPRETED, MAX_ROWS, _cuda_capability, _dot_step
+
+_WORD = 4
+_AMAX_CHUNK = 1024  # elements per step of the max pass over a row
+
+
+@dataclass(frozen=True)
+class FusedGemvConfig:
+    """Launch shape: ``block_n`` weight rows per program (powers of two), ``block_k`` bytes of
+    K per step (at least 4)."""
+
+    block_n: int = 16
+    block_k: int = 1024
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_fused_config(m: int, n: int, k: int) -> FusedGemvConfig:
+    """Wider tiles than ``int8_gemv``'s (16 weight rows, not 4): every program quantizes the
+    whole activation row again, so the column tiles set how often that work is repeated."""
+    return FusedGemvConfig(block_n=16, block_k=1024 if m <= 2 else 512)
+
+
+def fusable(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` [N, K] int8 can be read as dp4a words (K % 4 == 0, aligned rows)."""
+    return (weight.dim() == 2 and weight.dtype == torch.int8 and weight.shape[1] % _WORD == 0
+            and weight.shape[1] > 0 and weight.stride(1) == 1 and weight.stride(0) % _WORD == 0
+            and weight.storage_offset() % _WORD == 0)
+
+
+def int8_gemv_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None, amax: torch.Tensor | None = None, *,
+                      config: FusedGemvConfig | None = None) -> torch.Tensor:
+    """quant_per_token(x) then the int8 GEMV, in one launch: x [M, K] float (M <= 4) ->
+    [M, N] in x's dtype. ``amax`` [M] float32: each row's max |x| if the producer knows it."""
+    m, n, k = _check(x, weight, weight_scale, bias, floating=True)
+    if amax is not None and (amax.numel() != m or amax.dtype != torch.float32):
+        raise ValueError(f"amax must hold {m} float32 values, got {tuple(amax.shape)} {amax.dtype}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    cfg = config or default_fused_config(m, n, k)
+    x = _rows_contiguous(x)
+    w_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    bias = None if bias is None else bias.reshape(-1).contiguous()
+    block_u = cfg.block_k // _WORD
+    _gemv_dynamic_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, w_scale if amax is None else amax.reshape(-1).contiguous(), weight.view(torch.int32), w_scale,
+        bias if bias is not None else w_scale, out, m, n, k // _WORD, x.stride(0), weight.stride(0) // _WORD,
+        out.stride(0), BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n, BLOCK_U=block_u, CHUNK=_AMAX_CHUNK,
+        HAS_AMAX=amax is not None, HAS_BIAS=bias is not None, DP4A=_dp4a(x.device),
+        EVEN_K=(k // _WORD) % block_u == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def int8_gemv_silu(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16, *, config: FusedGemvConfig | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up = q [M, K] int8 @ weight [2I, K] int8 .T (scaled, rounded to out_dtype), then
+    h = silu(gate) * up: returns (h [M, I] out_dtype, amax [M] float32 = max |h| per row)."""
+    m, n, k = _check(q, weight, weight_scale, None, floating=False)
+    if q_scale.numel() != m:
+        raise ValueError("q_scale needs M elements")
+    if n % 2:
+        raise ValueError(f"expected weight [2I, K] (gate rows, then up rows), got {tuple(weight.shape)}")
+    if out_dtype not in _TL_DTYPE:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    inter = n // 2
+    h = torch.empty((m, inter), dtype=out_dtype, device=q.device)
+    amax = torch.zeros(m, dtype=torch.float32, device=q.device)
+    if m == 0 or inter == 0:
+        return h, amax
+    if not fusable(q):
+        q = q.contiguous()
+    cfg = config or default_fused_config(m, n, k)
+    block_u = cfg.block_k // _WORD
+    _gemv_silu_kernel[(triton.cdiv(inter, cfg.block_n),)](
+        q.view(torch.int32), q_scale.reshape(-1).to(torch.float32).contiguous(), weight.view(torch.int32),
+        weight_scale.reshape(-1).to(torch.float32).contiguous(), h, amax, m, inter, k // _WORD,
+        q.stride(0) // _WORD, weight.stride(0) // _WORD, h.stride(0), BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
+        BLOCK_U=block_u, DP4A=_dp4a(q.device), EVEN_K=(k // _WORD) % block_u == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return h, amax
+
+
+# ---- host helpers ---------------------------------------------------------------------
+
+def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+           floating: bool) -> tuple[int, int, int]:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"the fused GEMVs take at most {MAX_ROWS} rows, got M = {x.shape[0]}")
+    if floating and x.dtype not in _TL_DTYPE:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if not floating and x.dtype != torch.int8:
+        raise ValueError(f"q must be int8, got {x.dtype}")
+    if not fusable(weight):
+        raise ValueError(f"weight must be int8 [N, K] with K % 4 == 0 and 4-byte aligned rows, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    n = weight.shape[0]
+    if weight_scale.numel() != n or (bias is not None and bias.numel() != n):
+        raise ValueError("weight_scale and bias need N elements")
+    return x.shape[0], n, x.shape[1]
+
+
+def _block_m(m: int) -> int:
+    return triton.next_power_of_2(max(1, m))
+
+
+def _dp4a(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.version.hip is not None or _INTERPRETED:
+        return False
+    return _cuda_capability(device.index) >= (6, 1)
+
+
+# ---- kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _row_amax(x_base, K, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """max |x| of each row [BLOCK_M] (x_base [BLOCK_M, 1] row pointers, K elements)."""
+    offs = tl.arange(0, CHUNK)
+    run = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+    for start in range(0, K, CHUNK):
+        v = tl.load(x_base + (start + offs)[None, :], mask=(start + offs < K)[None, :], other=0.0)
+        run = tl.maximum(run, tl.abs(v.to(tl.float32)))
+    return tl.max(run, axis=1)
+
+
+@triton.jit
+def _quantized_words(x_base, units, scale, k_ok, BLOCK_M: tl.constexpr, BLOCK_U: tl.constexpr,
+                     MASKED: tl.constexpr):
+    """The activation words ``units`` [BU] of each row, quantized with ``scale`` [BM] and packed
+    four int8 to an int32 (byte j = element 4 * unit + j, as the weight's words)."""
+    word = tl.zeros((BLOCK_M, BLOCK_U), dtype=tl.int32)
+    for j in tl.static_range(4):
+        if MASKED:
+            v = tl.load(x_base + (units * 4 + j)[None, :], mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            v = tl.load(x_base + (units * 4 + j)[None, :]).to(tl.float32)
+        byte = _quantize(v, scale[:, None]).to(tl.int32) & 0xFF
+        word = word | (byte << (8 * j))
+    return word
+
+
+@triton.jit
+def _gemv_dynamic_kernel(
+    x_ptr, amax_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K_UNITS, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_AMAX: tl.constexpr, HAS_BIAS: tl.constexpr, DP4A: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    us = tl.arange(0, BLOCK_U)
+    # padding rows / columns read the last real one (unmasked loads, dropped at the store)
+    x_rows = tl.minimum(rows, M - 1).to(tl.int64)
+    x_base = (x_ptr + x_rows * stride_xm)[:, None]
+    if HAS_AMAX:
+        amax = tl.load(amax_ptr + x_rows)
+    else:
+        amax = _row_amax(x_base, K_UNITS * 4, BLOCK_M, CHUNK)
+    scale = _row_scale(amax)
+    w_ptrs = w_ptr + tl.minimum(cols, N - 1).to(tl.int64)[:, None] * stride_wn + us[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.int32)
+    for k0 in range(0, K_UNITS, BLOCK_U):
+        k_ok = (k0 + us < K_UNITS)[None, :]
+        xw = _quantized_words(x_base, k0 + us, scale, k_ok, BLOCK_M, BLOCK_U, not EVEN_K)
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=k_ok, other=0)
+        acc = _dot_step(acc, xw, w, True, DP4A)
+        w_ptrs += BLOCK_U
+    y = _scaled_sums(tl.sum(acc, axis=2), scale, cols, N, w_scale_ptr, bias_ptr, HAS_BIAS)
+    _store_rows(y, rows, cols, M, N, out_ptr, stride_om)
+
+
+@triton.jit
+def _gemv_silu_kernel(
+    q_ptr, a_scale_ptr, w_ptr, w_scale_ptr, h_ptr, amax_ptr, M, INTER, K_UNITS, stride_qm, stride_wn, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, DP4A: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Columns [c, c + BLOCK_N) of h: gate rows c.. and up rows INTER + c.. of the weight."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    us = tl.arange(0, BLOCK_U)
+    q_rows = tl.minimum(rows, M - 1).to(tl.int64)
+    g_rows = tl.minimum(cols, INTER - 1).to(tl.int64)
+    q_ptrs = q_ptr + q_rows[:, None] * stride_qm + us[None, :]
+    g_ptrs = w_ptr + g_rows[:, None] * stride_wn + us[None, :]
+    u_ptrs = g_ptrs + INTER * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.int32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.int32)
+    for k0 in range(0, K_UNITS, BLOCK_U):
+        if EVEN_K:
+            x = tl.load(q_ptrs)
+            wg = tl.load(g_ptrs)
+            wu = tl.load(u_ptrs)
+        else:
+            k_ok = (k0 + us < K_UNITS)[None, :]
+            x = tl.load(q_ptrs, mask=k_ok, other=0)
+            wg = tl.load(g_ptrs, mask=k_ok, other=0)
+            wu = tl.load(u_ptrs, mask=k_ok, other=0)
+        acc_g = _dot_step(acc_g, x, wg, True, DP4A)
+        acc_u = _dot_step(acc_u, x, wu, True, DP4A)
+        q_ptrs += BLOCK_U
+        g_ptrs += BLOCK_U
+        u_ptrs += BLOCK_U
+    ty = h_ptr.dtype.element_ty
+    a_scale = tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)
+    # gate and up rounded to the activation dtype first, as the unfused GEMV stores them
+    gate = _scaled_sums(tl.sum(acc_g, axis=2), a_scale, cols, INTER, w_scale_ptr, w_scale_ptr, False)
+    up = _scaled_sums(tl.sum(acc_u, axis=2), a_scale, cols, INTER, w_scale_ptr + INTER, w_scale_ptr, False)
+    h = _silu_mul(gate.to(ty).to(tl.float32), up.to(ty).to(tl.float32), ty)
+    _store_rows(h, rows, cols, M, INTER, h_ptr, stride_hm)
+    ok = (rows < M)[:, None] & (cols < INTER)[None, :]
+    tl.atomic_max(amax_ptr + rows, tl.max(tl.where(ok, tl.abs(h), 0.0), axis=1), mask=rows < M)
