@@ -19,7 +19,11 @@ memset node).
 Why: at batch 1 a W8A8 decoder layer is ten launches where the bf16 one is nine; the
 quantization passes (o_proj's input, SiLU-and-mul + quantize) are kernels of a few
 microseconds each that read and write a row the GEMV reads again. Here they ride along in
-the GEMVs, whose time is the weight stream.
+the GEMVs, whose time is the weight stream. Measured on an H100 (``python3 -m
+pdserve.bench.int8_gemv_fused``, Llama-3-8B shapes, one row): o_proj 10.7 -> 9.5 us, the
+MLP 79.9 -> 71.9 us; the whole W8A8 decode step 4.22 -> 3.96 ms. At two rows the repeated
+quantization work (every program quantizes the whole row) made o_proj slower (0.89x), so
+the backend uses them at one row only.
 
 Numerics: bit for bit the unfused ops' (``int8.quant_per_token`` / ``silu_and_mul_quant``,
 then ``int8_gemv``): the same max (exact in any order), scale, IEEE division and
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # NOTE: private helpers of int8 / int8_gemv shared on purpose: the fused kernels must round
 # exactly as the ops they replace.
@@ -50,16 +55,19 @@ class FusedGemvConfig:
     """Launch shape: ``block_n`` weight rows per program (powers of two), ``block_k`` bytes of
     K per step (at least 4)."""
 
-    block_n: int = 16
-    block_k: int = 1024
+    block_n: int = 8
+    block_k: int = 2048
     num_warps: int = 4
     num_stages: int = 3
 
 
 def default_fused_config(m: int, n: int, k: int) -> FusedGemvConfig:
-    """Wider tiles than ``int8_gemv``'s (16 weight rows, not 4): every program quantizes the
-    whole activation row again, so the column tiles set how often that work is repeated."""
-    return FusedGemvConfig(block_n=16, block_k=1024 if m <= 2 else 512)
+    """Wider tiles than ``int8_gemv``'s (8 weight rows, not 4): every program quantizes the
+    whole activation row again, so the column tiles set how often that work is repeated.
+    NOTE: from ``python3 -m pdserve.bench.int8_gemv_fused`` on an H100 (Llama-3-8B shapes):
+    within 3% of the fastest of its sweep at M = 1 (2048-byte steps) and M = 2 (1024); 4, 16
+    or 32 rows per program and 4096-byte steps were slower."""
+    return FusedGemvConfig(block_n=8, block_k=2048 if m <= 1 else 1024)
 
 
 def fusable(weight: torch.Tensor) -> bool:
@@ -89,7 +97,7 @@ def int8_gemv_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         x, w_scale if amax is None else amax.reshape(-1).contiguous(), weight.view(torch.int32), w_scale,
         bias if bias is not None else w_scale, out, m, n, k // _WORD, x.stride(0), weight.stride(0) // _WORD,
         out.stride(0), BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n, BLOCK_U=block_u, CHUNK=_AMAX_CHUNK,
-        HAS_AMAX=amax is not None, HAS_BIAS=bias is not None, DP4A=_dp4a(x.device),
+        HAS_AMAX=amax is not None, HAS_BIAS=bias is not None, DP4A=_dp4a(x.device), FAST=not _INTERPRETED,
         EVEN_K=(k // _WORD) % block_u == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -116,10 +124,11 @@ def int8_gemv_silu(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
         q = q.contiguous()
     cfg = config or default_fused_config(m, n, k)
     block_u = cfg.block_k // _WORD
-    _gemv_silu_kernel[(triton.cdiv(inter, cfg.block_n),)](
+    half = max(1, cfg.block_n // 2)  # gate rows and as many up rows: block_n weight rows a program
+    _gemv_silu_kernel[(triton.cdiv(inter, half),)](
         q.view(torch.int32), q_scale.reshape(-1).to(torch.float32).contiguous(), weight.view(torch.int32),
         weight_scale.reshape(-1).to(torch.float32).contiguous(), h, amax, m, inter, k // _WORD,
-        q.stride(0) // _WORD, weight.stride(0) // _WORD, h.stride(0), BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
+        q.stride(0) // _WORD, weight.stride(0) // _WORD, h.stride(0), BLOCK_M=_block_m(m), BLOCK_N=half,
         BLOCK_U=block_u, DP4A=_dp4a(q.device), EVEN_K=(k // _WORD) % block_u == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -171,26 +180,40 @@ def _row_amax(x_base, K, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _quantized_words(x_base, units, scale, k_ok, BLOCK_M: tl.constexpr, BLOCK_U: tl.constexpr,
-                     MASKED: tl.constexpr):
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _quantized_words(x_base, units, scale, k_ok, MASKED: tl.constexpr, FAST: tl.constexpr):
     """The activation words ``units`` [BU] of each row, quantized with ``scale`` [BM] and packed
-    four int8 to an int32 (byte j = element 4 * unit + j, as the weight's words)."""
-    word = tl.zeros((BLOCK_M, BLOCK_U), dtype=tl.int32)
-    for j in tl.static_range(4):
-        if MASKED:
-            v = tl.load(x_base + (units * 4 + j)[None, :], mask=k_ok, other=0.0).to(tl.float32)
-        else:
-            v = tl.load(x_base + (units * 4 + j)[None, :]).to(tl.float32)
-        byte = _quantize(v, scale[:, None]).to(tl.int32) & 0xFF
-        word = word | (byte << (8 * j))
-    return word
+    four int8 to an int32 (byte j = element 4 * unit + j, as the weight's words).
+
+    The four elements of a word are loaded together ([BM, BU, 4], contiguous) and packed by an
+    OR over that axis. ``FAST`` (compiled kernels): round-half-even in the float -> int
+    conversion itself (cvt.rni), equal to ``int8._quantize``'s emulation, which the CPU
+    interpreter runs (it has no libdevice)."""
+    byte = tl.arange(0, 4)
+    ptrs = x_base[:, :, None] + ((units * 4)[:, None] + byte[None, :])[None, :, :]
+    if MASKED:
+        v = tl.load(ptrs, mask=k_ok[:, :, None], other=0.0)
+    else:
+        v = tl.load(ptrs)
+    v = v.to(tl.float32)
+    s = scale[:, None, None]
+    if FAST:
+        q = libdevice.float2int_rn(tl.math.div_rn(v, s))
+        q = tl.minimum(tl.maximum(q, -127), 127)
+    else:
+        q = _quantize(v, s).to(tl.int32)
+    return tl.reduce((q & 0xFF) << (byte * 8)[None, None, :], 2, _bit_or)
 
 
 @triton.jit
 def _gemv_dynamic_kernel(
     x_ptr, amax_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K_UNITS, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_AMAX: tl.constexpr, HAS_BIAS: tl.constexpr, DP4A: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_AMAX: tl.constexpr, HAS_BIAS: tl.constexpr, DP4A: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,7 +230,7 @@ def _gemv_dynamic_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.int32)
     for k0 in range(0, K_UNITS, BLOCK_U):
         k_ok = (k0 + us < K_UNITS)[None, :]
-        xw = _quantized_words(x_base, k0 + us, scale, k_ok, BLOCK_M, BLOCK_U, not EVEN_K)
+        xw = _quantized_words(x_base, k0 + us, scale, k_ok, not EVEN_K, FAST)
         if EVEN_K:
             w = tl.load(w_ptrs)
         else:

@@ -26,8 +26,8 @@ from pdserve.kernels.int8_gemv import int8_gemv
 from pdserve.kernels.int8_gemv_fused import FusedGemvConfig, int8_gemv_dynamic, int8_gemv_silu
 
 HIDDEN, INTER, Q_OUT = 4096, 14336, 4096
-CONFIGS = [FusedGemvConfig(block_n=bn, block_k=bk) for bn in (8, 16, 32) for bk in (512, 1024, 2048)] + [
-    FusedGemvConfig(block_n=4, block_k=2048), FusedGemvConfig(block_n=32, block_k=1024, num_warps=8)]
+CONFIGS = [FusedGemvConfig(block_n=bn, block_k=bk) for bn, bk in ((4, 2048), (8, 1024), (8, 4096), (16, 2048))] + [
+    FusedGemvConfig(block_n=8, block_k=2048, num_warps=8)]
 
 
 def _o_part(m: int, sweep: bool) -> dict:

@@ -120,7 +120,7 @@ def test_fused_w8a8_layers_equal_op_by_op(llmc, kind, dtype, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-interpreter test (test_w8a8_gpu runs these kernels)")
 def test_triton_fused_int8_gemvs_give_the_unfused_kernels_logprobs(llmc, monkeypatch):
-    """Triton backend, decode steps of 1-2 rows: o_proj quantizes its input inside its GEMV and
+    """Triton backend, decode steps of one row: o_proj quantizes its input inside its GEMV and
     gate_up applies SiLU-and-mul in its epilogue (kernels/int8_gemv_fused.py). Logprobs equal
     those of the unfused kernels to the bit, and the fused kernels ran."""
     from pdserve.engine.backends.torch_backend import TorchBackend
@@ -134,10 +134,10 @@ def test_triton_fused_int8_gemvs_give_the_unfused_kernels_logprobs(llmc, monkeyp
         kernel = getattr(int8_gemv_fused, name)
         monkeypatch.setattr(int8_gemv_fused, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
     params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0, ignore_eos=True)
-    prompts = prompt_set(49152, seed=8, lengths=(3, 11))  # decode at 2 rows, prefill at 14
+    prompts = prompt_set(49152, seed=8, lengths=(3, 11))
 
     def run() -> list:
-        llm = LLM(llmc["llama"], dtype="float32", num_blocks=32, max_batch_size=2, compiled_cpu_kernels=False)
+        llm = LLM(llmc["llama"], dtype="float32", num_blocks=32, max_batch_size=1, compiled_cpu_kernels=False)
         use_triton_runner(llm, CpuPlatform(), ())
         return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in llm.generate(prompts, params)]
 

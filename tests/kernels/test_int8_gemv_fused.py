@@ -18,7 +18,7 @@ from pdserve.kernels.int8_gemv_fused import FusedGemvConfig, fusable, int8_gemv_
 from .conftest import capture_without_sync
 
 DTYPES = [torch.float32, torch.bfloat16]  # float16 rounds like bfloat16 here; one case below
-SMALL = FusedGemvConfig(block_n=8, block_k=64)
+SMALL = FusedGemvConfig(block_n=8, block_k=256)  # 64 words a step: K = 516 takes two and a tail
 # (N, K): N not a multiple of block_n, K with a tail step, K of one word's step
 SHAPES = [(40, 256), (17, 100), (33, 516), (8, 4)]
 

@@ -16,6 +16,10 @@ from pdserve.kernels import reference as ref
 from pdserve.engine.backends.base import AttentionMetadata, HeadNorms, LoRAMapping, rotary_then_store
 
 GEMV_MAX_ROWS = 2  # int8 rows at or below which the W8A8 linear runs the dp4a GEMV
+# NOTE: rows at or below which the GEMVs take over the activation quantization around them
+# (kernels/int8_gemv_fused.py): at one row they are faster than the separate passes; at two,
+# the repeated quantization work made o_proj 0.89x (H100, bench.int8_gemv_fused).
+FUSED_GEMV_MAX_ROWS = 1
 
 
 class TritonBackend:
@@ -93,7 +97,7 @@ class TritonBackend:
 
     def int8_linear_dynamic(self, x: torch.Tensor, amax: torch.Tensor | None, weight: torch.Tensor,
                             weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[0] <= GEMV_MAX_ROWS and int8_gemv_fused.fusable(weight):
+        if x.shape[0] <= FUSED_GEMV_MAX_ROWS and int8_gemv_fused.fusable(weight):
             # NOTE: the quantization rides in the GEMV: one launch where there were two
             return int8_gemv_fused.int8_gemv_dynamic(x, weight, weight_scale, bias, amax)
         q, scale = int8.quant_per_token(x)
@@ -102,7 +106,7 @@ class TritonBackend:
     def int8_linear_silu(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
                          weight_scale: torch.Tensor, out_dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if q.shape[0] > GEMV_MAX_ROWS or weight.shape[0] % 2 or not int8_gemv_fused.fusable(weight):
+        if q.shape[0] > FUSED_GEMV_MAX_ROWS or weight.shape[0] % 2 or not int8_gemv_fused.fusable(weight):
             return None
         return int8_gemv_fused.int8_gemv_silu(q, q_scale, weight, weight_scale, out_dtype)
 
