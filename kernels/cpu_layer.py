@@ -108,7 +108,8 @@ class FusedDecoder:
             raise ValueError("CPU kernel: unsupported KV layout (a block must be contiguous)")
         threads = torch.get_num_threads()
         qkvn = (self.hq + 2 * self.hkv) * self.d
-        sizes = (qkvn, self.hq * self.d, self.hidden, 2 * self.inter, self.inter)
+        # NOTE: a W8A8 layer writes SiLU-and-mul's output quantized into q: no float act rows
+        sizes = (qkvn, self.hq * self.d, self.hidden, 2 * self.inter, 0 if self.w8a8 else self.inter)
         work = torch.empty(rows * sum(sizes), dtype=self.dtype)
         qkv, attn, h, gate_up, act = (t.view(rows, n) for t, n in zip(work.split([rows * n for n in sizes]), sizes))
         res = torch.empty_like(x)
@@ -118,7 +119,7 @@ class FusedDecoder:
         bs = kv_cache.shape[3]
         per_thread = self.kernels.attention_scratch_floats(self.hq, self.hkv, self.d, bs)
         scratch = torch.empty(threads * per_thread, dtype=torch.float32)
-        # W8A8: each projection's input quantized per token (act is not used then)
+        # W8A8: each projection's input quantized per token
         q = torch.empty(rows * max(self.hidden, self.hq * self.d, self.inter) if self.w8a8 else 0, dtype=torch.int8)
         q_scale = torch.empty(rows if self.w8a8 else 0, dtype=torch.float32)
         step = _Step(rows, seq_lens.shape[0], index[2].shape[1], bs, threads, 1, *(_ptr(t) for t in index[:2]),

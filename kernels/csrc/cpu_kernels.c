@@ -1450,7 +1450,7 @@ static void int8_gemm(const int8_t *a, long sa, const float *as, const int8_t *p
     size_t bw = packed_block_bytes(k), su = (size_t)groups * 4;
     size_t act_bytes = (size_t)m * su * sizeof(int8_act_t);
     int8_act_t *act = aligned_alloc(64, (act_bytes / 64 + 1) * 64);  /* never 0 bytes (K = 0) */
-    if (!act) return;
+    if (!act) abort();  /* as the linear: an unwritten output must never pass for a result */
     int nparts = blocks < threads ? blocks : threads;
     int mparts = threads / nparts, mtiles = (m + INT8_MR - 1) / INT8_MR;
     mparts = mparts < mtiles ? mparts : mtiles;
