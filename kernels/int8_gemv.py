@@ -236,6 +236,16 @@ def _dot_step(acc, x, w, PACKED: tl.constexpr, DP4A: tl.constexpr):
 
 
 @triton.jit
+def _load_step(ptrs, k_ok, EVEN_K: tl.constexpr):
+    """One step's operand words; past K (a tail step, ``k_ok`` false) zeros."""
+    if EVEN_K:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=k_ok, other=0)
+    return v
+
+
+@triton.jit
 def _int8_gemv_kernel(
     q_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K_UNITS, units_per_split, stride_qm, stride_wn, stride_om, stride_split,
@@ -257,14 +267,8 @@ def _int8_gemv_kernel(
     w_ptrs = w_ptr + w_cols[:, None] * stride_wn + (k_start + us)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.int32)
     for k0 in range(0, k_len, BLOCK_U):
-        if EVEN_K:
-            x = tl.load(q_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_ok = (k0 + us < k_len)[None, :]
-            x = tl.load(q_ptrs, mask=k_ok, other=0)
-            w = tl.load(w_ptrs, mask=k_ok, other=0)
-        acc = _dot_step(acc, x, w, PACKED, DP4A)
+        k_ok = (k0 + us < k_len)[None, :]
+        acc = _dot_step(acc, _load_step(q_ptrs, k_ok, EVEN_K), _load_step(w_ptrs, k_ok, EVEN_K), PACKED, DP4A)
         q_ptrs += BLOCK_U
         w_ptrs += BLOCK_U
     total = tl.sum(acc, axis=2)

@@ -44,7 +44,7 @@ from triton.language.extra import libdevice
 # NOTE: private helpers of int8 / int8_gemv shared on purpose: the fused kernels must round
 # exactly as the ops they replace.
 from pdserve.kernels.int8 import _TL_DTYPE, _quantize, _row_scale, _rows_contiguous, _scaled_sums, _silu_mul, _store_rows
-from pdserve.kernels.int8_gemv import _INTERPRETED, MAX_ROWS, _cuda_capability, _dot_step
+from pdserve.kernels.int8_gemv import _INTERPRETED, MAX_ROWS, _cuda_capability, _dot_step, _load_step
 
 _WORD = 4
 _AMAX_CHUNK = 1024  # elements per step of the max pass over a row
@@ -231,11 +231,7 @@ def _gemv_dynamic_kernel(
     for k0 in range(0, K_UNITS, BLOCK_U):
         k_ok = (k0 + us < K_UNITS)[None, :]
         xw = _quantized_words(x_base, k0 + us, scale, k_ok, not EVEN_K, FAST)
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=k_ok, other=0)
-        acc = _dot_step(acc, xw, w, True, DP4A)
+        acc = _dot_step(acc, xw, _load_step(w_ptrs, k_ok, EVEN_K), True, DP4A)
         w_ptrs += BLOCK_U
     y = _scaled_sums(tl.sum(acc, axis=2), scale, cols, N, w_scale_ptr, bias_ptr, HAS_BIAS)
     _store_rows(y, rows, cols, M, N, out_ptr, stride_om)
@@ -259,17 +255,10 @@ def _gemv_silu_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.int32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.int32)
     for k0 in range(0, K_UNITS, BLOCK_U):
-        if EVEN_K:
-            x = tl.load(q_ptrs)
-            wg = tl.load(g_ptrs)
-            wu = tl.load(u_ptrs)
-        else:
-            k_ok = (k0 + us < K_UNITS)[None, :]
-            x = tl.load(q_ptrs, mask=k_ok, other=0)
-            wg = tl.load(g_ptrs, mask=k_ok, other=0)
-            wu = tl.load(u_ptrs, mask=k_ok, other=0)
-        acc_g = _dot_step(acc_g, x, wg, True, DP4A)
-        acc_u = _dot_step(acc_u, x, wu, True, DP4A)
+        k_ok = (k0 + us < K_UNITS)[None, :]
+        x = _load_step(q_ptrs, k_ok, EVEN_K)
+        acc_g = _dot_step(acc_g, x, _load_step(g_ptrs, k_ok, EVEN_K), True, DP4A)
+        acc_u = _dot_step(acc_u, x, _load_step(u_ptrs, k_ok, EVEN_K), True, DP4A)
         q_ptrs += BLOCK_U
         g_ptrs += BLOCK_U
         u_ptrs += BLOCK_U

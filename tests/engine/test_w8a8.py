@@ -133,11 +133,11 @@ def test_triton_fused_int8_gemvs_give_the_unfused_kernels_logprobs(llmc, monkeyp
     for name in ("int8_gemv_dynamic", "int8_gemv_silu"):
         kernel = getattr(int8_gemv_fused, name)
         monkeypatch.setattr(int8_gemv_fused, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
-    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0, ignore_eos=True)
-    prompts = prompt_set(49152, seed=8, lengths=(3, 11))
+    params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=0, ignore_eos=True)
+    prompts = prompt_set(49152, seed=8, lengths=(5,))  # prefill unfused (5 rows), decode fused
 
     def run() -> list:
-        llm = LLM(llmc["llama"], dtype="float32", num_blocks=32, max_batch_size=1, compiled_cpu_kernels=False)
+        llm = LLM(llmc["llama"], dtype="float32", num_blocks=8, max_batch_size=1, compiled_cpu_kernels=False)
         use_triton_runner(llm, CpuPlatform(), ())
         return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in llm.generate(prompts, params)]
 

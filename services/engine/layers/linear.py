@@ -108,18 +108,6 @@ class LinearBase(nn.Module):
     def forward(self, x: "torch.Tensor | QuantizedActivation | RowMaxActivation", be: Backend) -> torch.Tensor:
         return self.method.apply(self, x, be, self.bias)
 
-    def silu_and_mul_for_int8(self, x: "torch.Tensor | QuantizedActivation",
-                              be: Backend) -> "QuantizedActivation | RowMaxActivation":
-        """silu(gate) * up of this (gate;up) layer's output, for an int8 layer that reads it:
-        from the method's matmul with SiLU-and-mul fused in where it has one for this batch
-        (``apply_silu_and_mul``), else quantized per token in a pass of its own."""
-        fused = getattr(self.method, "apply_silu_and_mul", None)
-        act = None if fused is None or self.bias is not None else fused(self, x, be)
-        if act is not None:
-            return act
-        gate_up = self(x, be)
-        return QuantizedActivation(*be.silu_and_mul_quant(gate_up), gate_up.dtype)
-
     def prepare_weights(self, be: Backend) -> None:
         """Once, after loading: let the method put its tensors in the backend's preferred form."""
         prepare = getattr(self.method, "prepare", None)
@@ -238,6 +226,19 @@ class MergedColumnParallelLinear(LinearBase):
             return tensor
         n = self.parts[shard]
         return tensor.narrow(dim, self.ctx.tp_rank * n, n)
+
+    def silu_and_mul_for_int8(self, x: "torch.Tensor | QuantizedActivation",
+                              be: Backend) -> "QuantizedActivation | RowMaxActivation":
+        """silu(gate) * up of this (gate;up) layer's output, for an int8 layer that reads it:
+        from the method's matmul with SiLU-and-mul fused in where it has one for this batch
+        (``apply_silu_and_mul``), else quantized per token in a pass of its own."""
+        fused = getattr(self.method, "apply_silu_and_mul", None)
+        gate_and_up = len(self.parts) == 2 and self.parts[0] == self.parts[1] and self.bias is None
+        act = fused(self, x, be) if fused is not None and gate_and_up else None
+        if act is not None:
+            return act
+        gate_up = self(x, be)
+        return QuantizedActivation(*be.silu_and_mul_quant(gate_up), gate_up.dtype)
 
 
 def check_head_split(num_heads: int, num_kv_heads: int, tp: int) -> None:
