@@ -44,9 +44,8 @@ from triton.language.extra import libdevice
 # NOTE: private helpers of int8 / int8_gemv shared on purpose: the fused kernels must round
 # exactly as the ops they replace.
 from pdserve.kernels.int8 import _TL_DTYPE, _quantize, _row_scale, _rows_contiguous, _scaled_sums, _silu_mul, _store_rows
-from pdserve.kernels.int8_gemv import _INTERPRETED, MAX_ROWS, _cuda_capability, _dot_step, _load_step
+from pdserve.kernels.int8_gemv import _INTERPRETED, _WORD, MAX_ROWS, _block_m, _dot_step, _dp4a_ok, _load_step
 
-_WORD = 4
 _AMAX_CHUNK = 1024  # elements per step of the max pass over a row
 
 
@@ -97,7 +96,7 @@ def int8_gemv_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         x, w_scale if amax is None else amax.reshape(-1).contiguous(), weight.view(torch.int32), w_scale,
         bias if bias is not None else w_scale, out, m, n, k // _WORD, x.stride(0), weight.stride(0) // _WORD,
         out.stride(0), BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n, BLOCK_U=block_u, CHUNK=_AMAX_CHUNK,
-        HAS_AMAX=amax is not None, HAS_BIAS=bias is not None, DP4A=_dp4a(x.device), FAST=not _INTERPRETED,
+        HAS_AMAX=amax is not None, HAS_BIAS=bias is not None, DP4A=_dp4a_ok(x.device), FAST=not _INTERPRETED,
         EVEN_K=(k // _WORD) % block_u == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -129,7 +128,7 @@ def int8_gemv_silu(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
         q.view(torch.int32), q_scale.reshape(-1).to(torch.float32).contiguous(), weight.view(torch.int32),
         weight_scale.reshape(-1).to(torch.float32).contiguous(), h, amax, m, inter, k // _WORD,
         q.stride(0) // _WORD, weight.stride(0) // _WORD, h.stride(0), BLOCK_M=_block_m(m), BLOCK_N=half,
-        BLOCK_U=block_u, DP4A=_dp4a(q.device), EVEN_K=(k // _WORD) % block_u == 0,
+        BLOCK_U=block_u, DP4A=_dp4a_ok(q.device), EVEN_K=(k // _WORD) % block_u == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h, amax
@@ -154,16 +153,6 @@ def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bi
     if weight_scale.numel() != n or (bias is not None and bias.numel() != n):
         raise ValueError("weight_scale and bias need N elements")
     return x.shape[0], n, x.shape[1]
-
-
-def _block_m(m: int) -> int:
-    return triton.next_power_of_2(max(1, m))
-
-
-def _dp4a(device: torch.device) -> bool:
-    if device.type != "cuda" or torch.version.hip is not None or _INTERPRETED:
-        return False
-    return _cuda_capability(device.index) >= (6, 1)
 
 
 # ---- kernels ----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def _o_part(m: int, sweep: bool) -> dict:
     expect = unfused(o.w[0])
     base = time_calls([lambda w=w: unfused(w) for w in o.rotation()])
     results = {"unfused": base}
-    for cfg in _configs(m, sweep):
+    for cfg in _configs(sweep):
         if not torch.equal(fused(o.w[0], cfg), expect):
             raise SystemExit(f"o_proj fused {cfg} differs from the unfused ops")
         results[_label(cfg)] = time_calls([lambda w=w, c=cfg: fused(w, c) for w in o.rotation()])
@@ -68,14 +68,14 @@ def _mlp_part(m: int, sweep: bool) -> dict:
 
     expect = unfused(*pairs[0])
     results = {"unfused": time_calls([lambda p=p: unfused(*p) for p in pairs])}
-    for cfg in _configs(m, sweep):
+    for cfg in _configs(sweep):
         if not torch.equal(fused(*pairs[0], cfg), expect):
             raise SystemExit(f"MLP fused {cfg} differs from the unfused ops")
         results[_label(cfg)] = time_calls([lambda p=p, c=cfg: fused(*p, c) for p in pairs])
     return results
 
 
-def _configs(m: int, sweep: bool) -> list[FusedGemvConfig | None]:
+def _configs(sweep: bool) -> list[FusedGemvConfig | None]:
     return [None] + (CONFIGS if sweep else [])
 
 
