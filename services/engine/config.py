@@ -21,6 +21,8 @@ from pdserve.engine.platforms import platform_names
 DEVICE_TYPES = platform_names()
 DTYPES = MODEL_DTYPES
 TP_BACKENDS = ("auto", "nccl", "gloo")
+# the modules a LoRA adapter may train (PEFT's names for a Llama-family decoder layer's linears)
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,10 @@ class EngineConfig:
     max_loras: int = 4  # adapters on the device at once (slots); a step mixes at most this many
     max_cpu_loras: int | None = None  # adapters registered (host memory, swapped into slots by LRU); None: max_loras
     max_lora_rank: int = 64
+    # the linear layers LoRA wraps (names of LORA_TARGET_MODULES, or "all"); empty: the modules the
+    # ``adapters`` given at start target, all when none is given. A layer not wrapped keeps its fused
+    # paths and takes no adapter memory; an adapter training it is refused when it is loaded
+    lora_target_modules: tuple[str, ...] = ()
     # tp > 1: a rank that stops answering (alive but stuck) fails the worker after this many seconds of
     # a step: its peers' collectives time out, and the engine stops waiting for any rank's answer
     rank_timeout: float = 60.0
@@ -91,6 +97,7 @@ class EngineConfig:
         if self.max_cpu_loras is not None:
             _check(isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= self.max_loras, "max_cpu_loras",
                    self.max_cpu_loras, f"an integer >= max_loras={self.max_loras}")
+        self._check_lora_targets()
         if len(self.adapter_paths()) > self.lora_capacity:
             raise ConfigError(f"adapters: {len(self.adapters)} given but max_cpu_loras={self.lora_capacity}")
         _check(isinstance(self.expert_all_to_all_tokens, int) and self.expert_all_to_all_tokens >= 0,
@@ -106,6 +113,14 @@ class EngineConfig:
             _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1, "max_model_len",
                    self.max_model_len, "an integer >= 1")
         _check(bool(self.model), "model", self.model, "a model name or path")
+
+    def _check_lora_targets(self) -> None:
+        targets = self.lora_target_modules
+        known = (*LORA_TARGET_MODULES, "all")
+        for name in targets:
+            _check(name in known, "lora_target_modules", targets, f"names among {known}")
+        if "all" in targets and len(targets) > 1:
+            raise ConfigError(f"lora_target_modules={targets!r} is invalid: 'all' stands alone")
 
     @property
     def ep_spans_replicas(self) -> bool:
@@ -188,13 +203,13 @@ def coerce_field(f: dataclasses.Field, value: Any) -> Any:
     """Turn a string from env/CLI into the field's type (bool, int, float, tuple; None-able
     ones take "none"/"auto"); other values are returned unchanged. The one such rule of
     every pdserve config built from flags, environment and YAML."""
+    kind = str(f.type)
     if not isinstance(value, str):
         if f.name == "adapters" and isinstance(value, dict):
             return tuple(f"{k}={v}" for k, v in value.items())  # YAML: {name: path}
-        if f.name == "adapters" and isinstance(value, (list, tuple)):
+        if kind.startswith("tuple") and isinstance(value, (list, tuple)):
             return tuple(value)
         return value
-    kind = str(f.type)
     try:
         if kind.startswith("bool"):
             if "None" in kind and value.lower() in ("", "none", "auto"):
@@ -228,4 +243,4 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["EngineConfig", "SchedulerConfig", "ConfigError", "coerce_field", "load_yaml", "field"]
+__all__ = ["LORA_TARGET_MODULES", "EngineConfig", "SchedulerConfig", "ConfigError", "coerce_field", "load_yaml", "field"]

@@ -44,6 +44,7 @@ from pdserve.engine.models.registry import check_quantization
 from pdserve.engine.plan import KVSendOrder, NewRequest, PlannedRow, StepPlan
 from pdserve.engine.request import Request, TokenLogprob
 from pdserve.engine.sampler import PendingSample
+from pdserve.engine.lora.peft_format import adapter_target_modules
 from pdserve.engine.lora.residency import AdapterResidency
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 
@@ -542,8 +543,22 @@ def _rank_config(config: EngineConfig) -> RankConfig:
                       max_batch_size=config.max_batch_size, graphs=graphs, collectives=config.collectives,
                       max_step_tokens=config.max_prefill_tokens,
                       enable_lora=lora, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                      lora_targets=lora_targets(config) if lora else None,
                       compiled_cpu_kernels=config.compiled_cpu_kernels, seed=config.seed, ep_size=config.ep,
                       **_replica_fields(config))
+
+
+def lora_targets(config: EngineConfig) -> tuple[str, ...] | None:
+    """The modules whose layers LoRA wraps: ``lora_target_modules``, else every module the
+    adapters given at start train (read from their tensors' names); None: every linear layer."""
+    if "all" in config.lora_target_modules:
+        return None
+    if config.lora_target_modules:
+        return tuple(sorted(set(config.lora_target_modules)))
+    paths = config.adapter_paths()
+    if not paths:
+        return None
+    return tuple(sorted(set().union(*(adapter_target_modules(name, path) for name, path in paths.items()))))
 
 
 def _replica_fields(config: EngineConfig) -> dict:

@@ -84,6 +84,12 @@ def test_bad_engine_config():
         EngineConfig(tp=0)
     with pytest.raises(ConfigError, match="unknown engine config keys"):
         EngineConfig.from_mapping({"modle": "x"})
+    with pytest.raises(ConfigError, match="lora_target_modules=\\('qkv_proj',\\) is invalid: expected names among"):
+        EngineConfig(lora_target_modules=("qkv_proj",))
+    with pytest.raises(ConfigError, match="'all' stands alone"):
+        EngineConfig.from_mapping({"lora_target_modules": ["all", "q_proj"]})
+    assert EngineConfig.from_mapping({"lora_target_modules": ["q_proj", "v_proj"]}).lora_target_modules == (
+        "q_proj", "v_proj")
 
 
 def test_unsupported_gguf_quant_type(tmp_path):

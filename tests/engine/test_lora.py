@@ -11,6 +11,8 @@ import torch
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
 from pdserve.engine.backends.triton_backend import TritonBackend
+from pdserve.engine.layers import LinearBase
+from pdserve.engine.lora import LoRALinearMethod
 from pdserve.engine.model_runner import ModelRunner, RunnerConfig, graph_batch_sizes
 from tests.engine.conftest import hf_greedy, prompt_set
 from tests.engine.test_triton_backend import ReplayPlatform
@@ -105,6 +107,30 @@ def test_bad_adapters_are_refused_clearly(tiny_models, adapters, tmp_path):
     with pytest.raises(ValueError, match="unknown adapter 'nope'; loaded: \\['qv'\\]"):
         llm.generate([[1, 2, 3]], GREEDY, adapter="nope")
     assert llm.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_lora_wraps_only_the_layers_of_its_target_modules(tiny_models, adapters):
+    """By default the start adapters' modules (mlp: gate_proj, down_proj); an adapter training
+    another layer is refused at load and the engine keeps serving; "all" wraps every layer."""
+    base = tiny_models["llama"]
+    prompts = prompt_set(49152, seed=23, lengths=(4, 19))
+    llm = LLM(base, num_blocks=64, adapters=(f"mlp={adapters['mlp']}",), max_loras=2)
+    rank = llm.engine.local_rank()
+    wrapped = {path.rpartition(".")[2] for path, m in rank.model.named_modules()
+               if isinstance(m, LinearBase) and isinstance(m.method, LoRALinearMethod)}
+    assert wrapped == {"gate_up_proj", "down_proj"}
+    # 2 layers x (gate 64+128, up 64+128, down 128+64) x 2 slots x rank 64 x 4 bytes
+    assert rank.lora.stack_bytes == 2 * (192 + 192 + 192) * 2 * 64 * 4
+    with pytest.raises(ValueError, match="adapter 'qv' targets 'model.layers.0.self_attn.q_proj', but this engine "
+                                         "wraps only the lora_target_modules \\['down_proj', 'gate_proj'\\]"):
+        llm.engine.load_adapter("qv", adapters["qv"])
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter="mlp")] == reference(base, adapters["mlp"],
+                                                                                            prompts)
+    assert llm.engine.adapters == {"mlp"} and llm.engine.stats()["kv_blocks_used"] == 0
+    everything = LLM(base, num_blocks=16, adapters=(f"mlp={adapters['mlp']}",), lora_target_modules=("all",))
+    assert everything.engine.local_rank().lora.stack_bytes == 2 * 1024 * 4 * 64 * 4
+    only_o = LLM(base, num_blocks=16, enable_lora=True, lora_target_modules=("o_proj",))
+    assert only_o.engine.local_rank().lora.stack_bytes == 2 * 128 * 4 * 64 * 4
 
 
 def test_adapters_load_and_unload_at_run_time(tiny_models, adapters):

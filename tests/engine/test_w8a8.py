@@ -34,6 +34,7 @@ import torch
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine import LLM
 from pdserve.engine.evaluate import Scorer, heldout_text, perplexity
+from pdserve.engine.lora import LoRALinearMethod
 from pdserve.engine.models.loader import load_config
 from pdserve.engine.models.registry import UnsupportedModelError
 from pdserve.common.model_source import resolve_model
@@ -159,17 +160,22 @@ def test_w8a8_with_tp2_computes_the_per_rank_reference(llmc, kind):
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
 
 
-def test_w8a8_with_lora_adapters_matches_peft_on_the_fake_quant_model(tiny_models, llmc, tmp_path):
-    """LoRA on a W8A8 base: the base matmul in int8, the adapter's delta from the unrounded input."""
+@pytest.mark.parametrize("name", ["all", "qv"])
+def test_w8a8_with_lora_adapters_matches_peft_on_the_fake_quant_model(tiny_models, llmc, tmp_path, name):
+    """LoRA on a W8A8 base: the base matmul in int8, the adapter's delta from the unrounded input
+    (qv: only the qkv layers are wrapped; the others keep their fused quantization)."""
     peft = pytest.importorskip("peft")
     from tests.engine.test_lora import ADAPTERS, make_adapter
 
-    adapter = make_adapter(tiny_models["llama"], str(tmp_path / "all"), *ADAPTERS["all"], seed=3)
+    adapter = make_adapter(tiny_models["llama"], str(tmp_path / name), *ADAPTERS[name], seed=3)
     prompts = prompt_set(49152, seed=9, lengths=(3, 17))
     reference = peft.PeftModel.from_pretrained(fake_quant_model(llmc["llama"]), adapter)
     expected = hf_greedy(reference.eval(), prompts, GREEDY.max_tokens)
-    llm = LLM(llmc["llama"], num_blocks=64, adapters=(f"all={adapter}",))
-    assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter="all")] == expected
+    llm = LLM(llmc["llama"], num_blocks=64, adapters=(f"{name}={adapter}",))
+    wrapped = {path.rpartition(".")[2] for path, m in llm.engine.local_rank().model.named_modules()
+               if isinstance(getattr(m, "method", None), LoRALinearMethod)}
+    assert wrapped == ({"qkv_proj"} if name == "qv" else {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, adapter=name)] == expected
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] != expected
 
 

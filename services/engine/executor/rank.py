@@ -75,6 +75,7 @@ class RankConfig:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 64
+    lora_targets: tuple[str, ...] | None = None  # the modules whose layers LoRA wraps; None: every linear layer
     samples: bool = True  # the rank that samples (rank 0); the others only run the forward
     collectives: str = "gloo"  # the torch.distributed backend between tp ranks ("gloo" | "nccl")
     device_index: int = 0  # which device of its type this rank runs on
@@ -158,8 +159,9 @@ class RankWorker:
         in their per-token buffers for the longest step and the largest captured batch."""
         c = self.config
         max_tokens = max(c.max_step_tokens, graph_batch_sizes(c.max_batch_size)[-1])
+        targets = frozenset(c.lora_targets) if c.lora_targets is not None else None
         return AdapterSlots(self.model, c.max_loras, c.max_lora_rank, self.device, dtype, max_tokens,
-                            pin_memory=self.platform.pin_memory and self.device.type != "cpu")
+                            pin_memory=self.platform.pin_memory and self.device.type != "cpu", targets=targets)
 
     # ---- steps -------------------------------------------------------------------------
     @torch.inference_mode()

@@ -5,7 +5,8 @@ model its ``A [r, in]`` and ``B [out, r]``) and ``load_peft_adapter``, which rea
 ``adapter_config.json`` with ``adapter_model.safetensors`` (or ``.bin``) and refuses
 what cannot be served with a message naming it: a rank above the maximum, biases or
 extra trained modules, DoRA, tensors missing their pair. Whether the targets fit the
-base model is checked where the adapter is placed (``slots``).
+base model is checked where the adapter is placed (``slots``). ``adapter_target_modules``
+names the modules an adapter trains from its tensors' names alone (no weights read).
 """
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def load_peft_adapter(name: str, path: str, max_rank: int) -> PeftAdapter:
     alpha = float(config.get("lora_alpha", rank))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return PeftAdapter(name, rank, scaling, _pairs(name, _read_tensors(name, path)))
+
+
+def adapter_target_modules(name: str, path: str) -> frozenset[str]:
+    """The modules the adapter at ``path`` trains, by their last name (``q_proj``, ...)."""
+    _read_config(name, path)
+    safetensors = os.path.join(path, "adapter_model.safetensors")
+    if os.path.exists(safetensors):
+        from safetensors import safe_open
+
+        with safe_open(safetensors, framework="pt") as fh:
+            keys = list(fh.keys())
+    else:
+        keys = list(_read_tensors(name, path))
+    stems = [key.removeprefix(_PREFIX).split(".lora_A.")[0] for key in keys if ".lora_A." in key]
+    return frozenset(stem.rpartition(".")[2] for stem in stems)
 
 
 def _read_config(name: str, path: str) -> dict:
@@ -88,4 +104,4 @@ def _pairs(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch
     return out
 
 
-__all__ = ["PeftAdapter", "load_peft_adapter"]
+__all__ = ["PeftAdapter", "adapter_target_modules", "load_peft_adapter"]

@@ -3,7 +3,8 @@ beside the linear layers they target.
 
 Owns: the registered adapters' weights in host memory (each checked against the model
 and sliced for this rank once, at registration); ``max_loras`` device slots; for every
-linear layer of the model (qkv, o, gate_up, down, ...) the stacked
+linear layer of the model that LoRA wraps (qkv, o, gate_up, down, ...: every one, or
+those holding a module of ``targets``, e.g. ``{"q_proj", "v_proj"}`` wraps qkv) the stacked
 ``A [max_loras, parts * max_lora_rank, in]`` (part p of a merged layer in rows
 [p R, (p + 1) R)) and ``B [max_loras, out, max_lora_rank]`` (rows in the layer's output
 order) (an adapter zero-padded to the maximum rank, ``B`` pre-multiplied by its scaling,
@@ -25,12 +26,13 @@ shared input) -> ``unload(name)`` forgets it
 and zeroes its slot if it has one.
 
 NOTE (memory): the stacks take ``max_loras * max_lora_rank * (in + out) * dtype size`` per
-layer part (q, k, v, o, gate, up, down), whichever modules the adapters target: for
+part (q, k, v, o, gate, up, down) of each wrapped layer, whichever parts the adapters train: for
 Llama-3-8B in bf16 (in + out summed over the seven: 81,920 per layer; 32 layers) 1.34 GB at 16 slots x rank
 16 or at the default 4 slots x rank 64, 5.4 GB at 64 slots x rank 16. They are allocated
 before the KV cache is sized, so the cache gets what is left.
-NOTE (W8A8): a wrapped layer takes float input (the delta needs it), so with LoRA on, the
-op before an int8 layer no longer quantizes in its own pass; the int8 method does.
+NOTE (W8A8): a wrapped layer takes float input (the delta needs it), so the op before a
+wrapped int8 layer no longer quantizes in its own pass; the int8 method does. Layers not
+wrapped keep their fused quantization.
 """
 from __future__ import annotations
 
@@ -94,11 +96,13 @@ class AdapterSlots:
         max_tokens: the most tokens of a step whose slots live in the graphs' buffers
             (at least the largest captured batch).
         pin_memory: copy each step's slots from page-locked memory (accelerators).
+        targets: the module names (``q_proj``, ...) whose layers are wrapped; None: every
+            linear layer.
     """
 
     def __init__(self, model: nn.Module, capacity: int, max_rank: int, device: torch.device, dtype: torch.dtype,
-                 max_tokens: int = 2048, pin_memory: bool = False):
-        self.capacity, self.max_rank = capacity, max_rank
+                 max_tokens: int = 2048, pin_memory: bool = False, targets: frozenset[str] | None = None):
+        self.capacity, self.max_rank, self.targets = capacity, max_rank, targets
         self.rows = StepRows(capacity, max_tokens, device, pin_memory)
         self._model, self._modules = model, dict(model.named_modules())
         self._device, self._dtype = device, dtype
@@ -175,13 +179,21 @@ class AdapterSlots:
 
     @torch.inference_mode()
     def _wrap_linear_layers(self) -> dict[str, LayerStack]:
-        """Zero stacks for every linear layer, each layer's method wrapped."""
+        """Zero stacks for every targeted linear layer, each such layer's method wrapped."""
         stacks: dict[str, LayerStack] = {}
         for path, layer in self._modules.items():
-            if isinstance(layer, LinearBase):
+            if isinstance(layer, LinearBase) and self._targeted(path):
                 stacks[path] = self._new_stack(layer)
                 layer.method = LoRALinearMethod(layer.method, stacks[path], self.rows)
         return stacks
+
+    def _targeted(self, path: str) -> bool:
+        """Whether the layer at ``path`` holds one of the target modules (its parts' own names)."""
+        if self.targets is None:
+            return True
+        owner = path.rpartition(".")[0]
+        meta = torch.empty(0, device="meta")
+        return any(self._model.route_tensor(f"{owner}.{name}.weight", meta).module == path for name in self.targets)
 
     def _new_stack(self, layer: LinearBase) -> LayerStack:
         parts, ends = layer.shards(), []
@@ -205,6 +217,9 @@ class AdapterSlots:
         if not isinstance(layer, LinearBase) or routed.param != "weight":
             raise ValueError(f"adapter {adapter.name!r} targets {path!r}, which is not a linear layer LoRA can "
                              "wrap in this model")
+        if routed.module not in self._stacks:
+            raise ValueError(f"adapter {adapter.name!r} targets {path!r}, but this engine wraps only the "
+                             f"lora_target_modules {sorted(self.targets or ())}")
         out_full, in_full = layer.full_sizes(routed.shard)
         if tuple(a.shape) != (adapter.rank, in_full) or tuple(b.shape) != (out_full, adapter.rank):
             raise ValueError(f"adapter {adapter.name!r}: {path} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
