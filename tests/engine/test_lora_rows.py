@@ -30,12 +30,17 @@ def test_a_step_writes_the_persistent_buffer_and_pads_with_minus_one():
 
 def test_no_delta_without_adapter_tokens_except_while_capturing():
     rows = StepRows(num_slots=2, max_tokens=4, device=torch.device("cpu"), pin_memory=False)
+    rows.write(_slots(1, 0))
+    buffer = rows.mapping(2).token_slots
     rows.write(_slots(-1, -1, -1))
     assert rows.mapping(3) is None
+    assert buffer.tolist() == [1, 0]  # a step without adapters copies nothing: nothing reads the buffer then
     with rows.capturing():
         captured = rows.mapping(4)
         assert captured.token_slots.tolist() == [-1] * 4 and captured.slot_count.tolist() == [0, 0]
     assert rows.mapping(3) is None
+    rows.write(_slots(-1, -1, -1, -1, -1, -1))  # longer than the buffer, no adapters: no buffers of its own
+    assert rows.mapping(6) is None
 
 
 def test_a_step_longer_than_the_buffer_gets_its_own():

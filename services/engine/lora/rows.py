@@ -11,7 +11,8 @@ the capture of decode graphs (every wrapped layer launches its delta kernels, wh
 the buffer: all slots -1 then) -> per step ``write(token_slots)`` before the forward:
 one host-to-device copy of the whole buffer (page-locked on accelerators, queued on the
 stream, so a step still running reads its own slots), token slots past the step's tokens
--1, so a graph's padding rows get no delta -> ``mapping(T)`` from each wrapped layer.
+-1, so a graph's padding rows get no delta; none in a step without adapter tokens ->
+``mapping(T)`` from each wrapped layer.
 
 NOTE: eager steps without any adapter token skip the delta (``mapping`` is None then); a
 graph replays its captured kernels whatever the slots, and they do nothing for slot -1.
@@ -63,19 +64,29 @@ class StepRows:
     def write(self, token_slots: torch.Tensor) -> None:
         """This step's slot per token (host int32 [n], -1 = the base model)."""
         n = token_slots.numel()
+        if not bool((token_slots >= 0).any()):
+            # NOTE: nothing reads the buffer in such a step (eager layers skip the delta, and the
+            # runner replays the graphs captured without adapter kernels), so it is not copied
+            self._step = None
+            return
         if n > self.max_tokens:  # NOTE: an eager step only; the graphs' buffer stays as it is
             self._step = self._view(self._layout(token_slots, n).to(self._device), n, n, cache=False)
             return
+        self._fill(token_slots)
+        self._step = self._view(self._buffer, self.max_tokens, n)
+
+    def _fill(self, token_slots: torch.Tensor) -> None:
         host = self._layout(token_slots, self.max_tokens)
         if self._pin:
             host = host.pin_memory()
         self._buffer.copy_(host, non_blocking=self._pin)
-        self._step = self._view(self._buffer, self.max_tokens, n) if bool((token_slots >= 0).any()) else None
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
         """While graphs are captured: every wrapped layer launches its kernels, on no adapter token."""
-        self.write(torch.empty(0, dtype=torch.int32))
+        with torch.inference_mode():
+            self._fill(torch.empty(0, dtype=torch.int32))
+        self._step = None
         self._capturing = True
         try:
             yield
