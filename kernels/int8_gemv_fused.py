@@ -43,7 +43,8 @@ from triton.language.extra import libdevice
 
 # NOTE: private helpers of int8 / int8_gemv shared on purpose: the fused kernels must round
 # exactly as the ops they replace.
-from pdserve.kernels.int8 import _TL_DTYPE, _quantize, _row_scale, _rows_contiguous, _scaled_sums, _silu_mul, _store_rows
+from pdserve.kernels.int8 import (_TL_DTYPE, _quantize, _row_scale, _rows_contiguous, _scaled_sums, _silu_epilogue,
+                                  _store_rows)
 from pdserve.kernels.int8_gemv import _INTERPRETED, _WORD, MAX_ROWS, _block_m, _dot_step, _dp4a_ok, _load_step
 
 _AMAX_CHUNK = 1024  # elements per step of the max pass over a row
@@ -251,12 +252,5 @@ def _gemv_silu_kernel(
         q_ptrs += BLOCK_U
         g_ptrs += BLOCK_U
         u_ptrs += BLOCK_U
-    ty = h_ptr.dtype.element_ty
-    a_scale = tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)
-    # gate and up rounded to the activation dtype first, as the unfused GEMV stores them
-    gate = _scaled_sums(tl.sum(acc_g, axis=2), a_scale, cols, INTER, w_scale_ptr, w_scale_ptr, False)
-    up = _scaled_sums(tl.sum(acc_u, axis=2), a_scale, cols, INTER, w_scale_ptr + INTER, w_scale_ptr, False)
-    h = _silu_mul(gate.to(ty).to(tl.float32), up.to(ty).to(tl.float32), ty)
-    _store_rows(h, rows, cols, M, INTER, h_ptr, stride_hm)
-    ok = (rows < M)[:, None] & (cols < INTER)[None, :]
-    tl.atomic_max(amax_ptr + rows, tl.max(tl.where(ok, tl.abs(h), 0.0), axis=1), mask=rows < M)
+    _silu_epilogue(tl.sum(acc_g, axis=2), tl.sum(acc_u, axis=2), rows, cols, M, INTER, a_scale_ptr, w_scale_ptr,
+                   h_ptr, amax_ptr, stride_hm)

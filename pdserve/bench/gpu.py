@@ -62,7 +62,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the previous one's tokens (default: on for CUDA)")
     p.add_argument("--profile", action="store_true",
-                   help="print the kernels of a decode forward and the host functions of engine steps")
+                   help="print the kernels of a decode forward and of a prefill step, and the host functions of "
+                        "decode engine steps")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -182,19 +183,24 @@ def bench_decode(llm, batch: int, args, vocab: int, ceil: Ceilings, weight_bytes
             "step_pct": 100 * roof_ms / step}
 
 
+def _kernel_table(run, reps: int) -> None:
+    """Kernel time per kernel name over ``reps`` calls of ``run``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+
+
 def _profile(engine, replay, steps: int = 8) -> None:
     """Kernel time per kernel name over a few graph replays; host time per function over engine steps."""
     import cProfile
     import io
     import pstats
 
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            replay()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+    _kernel_table(replay, 3)
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(steps):
@@ -213,16 +219,10 @@ def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int 
         params = params - experts.params + experts.params * experts.top_k // experts.num_experts
     engine = llm.engine
     n = args.prefill_prompts
-    times = []
-    for rep in range(reps):
-        ids = _add(engine, f"prefill{rep}", _prompts(n, args.context, vocab, args.seed + 1000 + rep), 1)
-        engine.synchronize()
-        t0 = time.perf_counter()
-        outs = engine.step()  # ends with the sampled tokens' fetch
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(outs) != n or engine.has_unfinished():
-            raise RuntimeError(f"prefill of {n} x {args.context} did not fit one step: raise --max-prefill-tokens")
-        assert not any(r in engine.requests for r in ids)
+    times = [_prefill_step(engine, n, args, vocab, rep) for rep in range(reps)]
+    if args.profile and args.device_type == "cuda":
+        print(f"kernels of one prefill step ({n} x {args.context} tokens):", flush=True)
+        _kernel_table(lambda: _prefill_step(engine, n, args, vocab, reps), 1)
     tokens = n * args.context
     roof_ms = 2 * params * tokens / ceil.matmul_flops_per_s * 1e3
     best = min(times)
@@ -230,6 +230,19 @@ def bench_prefill(llm, args, vocab: int, ceil: Ceilings, params: int, reps: int 
     return {"prompts": n, "tokens": tokens, "roofline_ms": roof_ms, "step_ms": best,
             "steps_ms": times, "pct": 100 * roof_ms / best, "flops_run": run,
             "tflops_achieved": run / (best * 1e-3) / 1e12}
+
+
+def _prefill_step(engine, n: int, args, vocab: int, rep: int) -> float:
+    """Milliseconds of one engine step that prefills ``n`` fresh prompts (and samples once each)."""
+    ids = _add(engine, f"prefill{rep}", _prompts(n, args.context, vocab, args.seed + 1000 + rep), 1)
+    engine.synchronize()
+    t0 = time.perf_counter()
+    outs = engine.step()  # ends with the sampled tokens' fetch
+    ms = (time.perf_counter() - t0) * 1e3
+    if len(outs) != n or engine.has_unfinished():
+        raise RuntimeError(f"prefill of {n} x {args.context} did not fit one step: raise --max-prefill-tokens")
+    assert not any(r in engine.requests for r in ids)
+    return ms
 
 
 def _prefill_flops_run(engine, n: int, length: int, experts: Experts) -> float:

@@ -122,20 +122,24 @@ def test_fused_w8a8_layers_equal_op_by_op(llmc, kind, dtype, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-interpreter test (test_w8a8_gpu runs these kernels)")
 def test_triton_fused_int8_gemvs_give_the_unfused_kernels_logprobs(llmc, monkeypatch):
     """Triton backend, decode steps of one row: o_proj quantizes its input inside its GEMV and
-    gate_up applies SiLU-and-mul in its epilogue (kernels/int8_gemv_fused.py). Logprobs equal
-    those of the unfused kernels to the bit, and the fused kernels ran."""
+    gate_up applies SiLU-and-mul in its epilogue (kernels/int8_gemv_fused.py); the prefill: the
+    gate_up GEMM does (int8.int8_gemm_silu, from 2 rows here instead of 65: the interpreter is
+    slow). Logprobs equal those of the unfused kernels to the bit, and the fused kernels ran."""
+    from pdserve.engine.backends import triton_backend
     from pdserve.engine.backends.torch_backend import TorchBackend
     from pdserve.engine.backends.triton_backend import TritonBackend
     from pdserve.engine.platforms.cpu import CpuPlatform
-    from pdserve.kernels import int8_gemv_fused
+    from pdserve.kernels import int8, int8_gemv_fused
     from tests.engine.conftest import use_triton_runner
 
     calls: list[str] = []
-    for name in ("int8_gemv_dynamic", "int8_gemv_silu"):
-        kernel = getattr(int8_gemv_fused, name)
-        monkeypatch.setattr(int8_gemv_fused, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
+    for module, name in ((int8_gemv_fused, "int8_gemv_dynamic"), (int8_gemv_fused, "int8_gemv_silu"),
+                         (int8, "int8_gemm_silu")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
     params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=0, ignore_eos=True)
-    prompts = prompt_set(49152, seed=8, lengths=(5,))  # prefill unfused (5 rows), decode fused
+    monkeypatch.setattr(triton_backend, "SILU_GEMM_MIN_ROWS", 2)
+    prompts = prompt_set(49152, seed=8, lengths=(5,))  # prefill: the SiLU GEMM; decode: the fused GEMVs
 
     def run() -> list:
         llm = LLM(llmc["llama"], dtype="float32", num_blocks=8, max_batch_size=1, compiled_cpu_kernels=False)
@@ -143,7 +147,7 @@ def test_triton_fused_int8_gemvs_give_the_unfused_kernels_logprobs(llmc, monkeyp
         return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in llm.generate(prompts, params)]
 
     fused = run()
-    assert {"int8_gemv_dynamic", "int8_gemv_silu"} <= set(calls)
+    assert {"int8_gemv_dynamic", "int8_gemv_silu", "int8_gemm_silu"} <= set(calls)
     monkeypatch.setattr(TritonBackend, "int8_linear_silu", lambda self, *a: None)
     monkeypatch.setattr(TritonBackend, "int8_linear_dynamic", TorchBackend.int8_linear_dynamic)
     calls.clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.kernels.int8 import (Int8GemmConfig, int8_gemm, quant_per_token, rms_norm_quant,
+from pdserve.kernels.int8 import (Int8GemmConfig, int8_gemm, int8_gemm_silu, quant_per_token, rms_norm_quant,
                                   silu_and_mul_quant)
 from pdserve.kernels.reference import (int8_linear_ref, quant_per_token_ref, rms_norm_quant_ref,
                                        silu_and_mul_quant_ref)
@@ -205,6 +205,40 @@ def test_silu_and_mul_quant(rows: int, inter: int, dtype: torch.dtype, device: t
     if rows > 1:
         x[1] = 0
     check_quant(*silu_and_mul_quant(x), *silu_and_mul_quant_ref(x), dtype, seed)
+
+
+SILU_CONFIGS = [Int8GemmConfig(32, 64, 64, group_m=2), Int8GemmConfig(32, 32, 64, group_m=4, tma=True)]
+
+
+@pytest.mark.parametrize("config", SILU_CONFIGS + [None], ids=["pointers", "tma", "default"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,inter,k", [(70, 45, 208), (5, 24, 256), (33, 40, 100),
+                                       pytest.param(2048, 14336, 4096, marks=GPU)])
+def test_int8_gemm_silu_is_the_gemm_then_silu_and_mul(m: int, inter: int, k: int, dtype: torch.dtype,
+                                                      config: Int8GemmConfig | None, device: torch.device,
+                                                      seed: int) -> None:
+    """h and its row max from the fused epilogue quantize to the bits of the unfused GEMM +
+    SiLU-and-mul-quantize; h is silu(gate) * up of the rounded GEMM output."""
+    q, q_scale, w, w_scale, _ = _gemm_inputs(m, 2 * inter, k, device, None)
+    q_scale /= 4  # keep float16-sized outputs at K = 4096
+    h, amax = int8_gemm_silu(q, q_scale, w, w_scale, dtype, config=config)
+    gate_up = int8_gemm(q, q_scale, w, w_scale, None, dtype, config=config)
+    assert h.shape == (m, inter) and h.dtype == dtype and amax.shape == (m,)
+    assert torch.equal(amax, h.float().abs().amax(dim=1)), f"seed={seed}"
+    want_q, want_scale = silu_and_mul_quant(gate_up)
+    got_q, got_scale = quant_per_token(h)
+    assert torch.equal(got_q, want_q) and torch.equal(got_scale, want_scale), f"seed={seed}"
+    gate, up = gate_up.float().chunk(2, dim=1)
+    expect = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype)
+    torch.testing.assert_close(h, expect, rtol=2e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+
+
+def test_int8_gemm_silu_edges(device: torch.device) -> None:
+    q, q_scale, w, w_scale, _ = _gemm_inputs(0, 64, 32, device, None)
+    h, amax = int8_gemm_silu(q, q_scale, w, w_scale)
+    assert h.shape == (0, 32) and amax.shape == (0,)
+    with pytest.raises(ValueError, match=r"expected weight \[2I, K\]"):
+        int8_gemm_silu(*_gemm_inputs(2, 33, 32, device, None)[:4])
 
 
 def test_rejects_bad_shapes(device: torch.device) -> None:

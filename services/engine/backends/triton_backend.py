@@ -20,6 +20,9 @@ GEMV_MAX_ROWS = 2  # int8 rows at or below which the W8A8 linear runs the dp4a G
 # (kernels/int8_gemv_fused.py): at one row they are faster than the separate passes; at two,
 # the repeated quantization work made o_proj 0.89x (H100, bench.int8_gemv_fused).
 FUSED_GEMV_MAX_ROWS = 1
+# from this many rows the gate_up GEMM applies SiLU-and-mul in its epilogue (int8.int8_gemm_silu:
+# prefill-sized tiles without K slices); between the two, the separate SiLU-and-mul-quantize pass
+SILU_GEMM_MIN_ROWS = 65
 
 
 class TritonBackend:
@@ -106,7 +109,12 @@ class TritonBackend:
     def int8_linear_silu(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
                          weight_scale: torch.Tensor, out_dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if q.shape[0] > FUSED_GEMV_MAX_ROWS or weight.shape[0] % 2 or not int8_gemv_fused.fusable(weight):
+        rows = q.shape[0]
+        if weight.shape[0] % 2 or weight.dim() != 2:
+            return None
+        if rows >= SILU_GEMM_MIN_ROWS:
+            return int8.int8_gemm_silu(q, q_scale, weight, weight_scale, out_dtype)
+        if rows > FUSED_GEMV_MAX_ROWS or not int8_gemv_fused.fusable(weight):
             return None
         return int8_gemv_fused.int8_gemv_silu(q, q_scale, weight, weight_scale, out_dtype)
 
