@@ -107,6 +107,7 @@ class CpuKernels:
             "silu_and_mul_quant": [_P, _L, _P, _P, _I, _I, _I],
             "int8_linear": [_P, _L, _P, _P, _P, _P, _P, _L, _I, _I, _I, _I],
             "linear": [_P, _L, _P, _P, _P, _L, _I, _I, _I, _I],
+            "lora_delta": [_P, _L, _P, _L, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
         }
         for name, argtypes in signatures.items():
             for suffix in _TYPES.values():
@@ -401,6 +402,33 @@ class CpuKernels:
                                     None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
                                     torch.get_num_threads())
         return out
+
+    # ---- LoRA ---------------------------------------------------------------------------
+
+    def lora_delta(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   sorted_tokens: torch.Tensor, slot_start: torch.Tensor, slot_count: torch.Tensor,
+                   part_ends: tuple[int, ...]) -> None:
+        """As ``reference.lora_delta_ref``, in place on y [T, N]: every slot and part of one layer in
+        one call. x [T, K] (rows may be strided, as y's), a [S, P * R, K], b [S, N, R], all of y's
+        dtype; sorted_tokens [T], slot_start and slot_count [S] int32 (``group_by_slot``'s);
+        part_ends: the column where each of the P parts ends (the last N). The token indices
+        are not checked: they must be rows of y and x."""
+        # NOTE: few and cheap checks: a decode step calls this for every wrapped layer
+        _require(y.dim() == 2 and a.dim() == 3 and b.dim() == 3, "lora_delta ranks (y 2-D, a and b 3-D)")
+        t, n = y.shape
+        s, pr, k = a.shape
+        r = b.shape[2]
+        _require(x.dtype == y.dtype == a.dtype == b.dtype and y.dtype in _TYPES, "lora_delta dtypes")
+        _require(x.dim() == 2 and x.shape == (t, k) and x.stride(1) == 1 and y.stride(1) == 1 and a.is_contiguous()
+                 and b.is_contiguous() and b.shape[:2] == (s, n) and pr == len(part_ends) * r
+                 and part_ends[-1] == n, "lora_delta shapes or layouts")
+        _require(all(i.dtype == torch.int32 and i.is_contiguous() for i in (sorted_tokens, slot_start, slot_count))
+                 and slot_start.numel() == slot_count.numel() == s, "lora_delta slots (int32, one per A)")
+        ends = (ctypes.c_int32 * len(part_ends))(*part_ends)
+        self._fn("lora_delta", y.dtype)(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(),
+                                        b.data_ptr(), sorted_tokens.data_ptr(), slot_start.data_ptr(),
+                                        slot_count.data_ptr(), ends, len(part_ends), n, k, r, s,
+                                        torch.get_num_threads())
 
 
 def _f32_vector(t: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@
  * online softmax in float32. Row-wise fused ops: RMSNorm (+ residual), SiLU-and-mul,
  * rotary + KV store. W8A8: per-token int8 quantization (alone and fused into RMSNorm
  * and SiLU-and-mul) and the int8 GEMM over a pre-packed weight (AVX512-VNNI, AVX2). Dense
- * float32 / bfloat16 linear layers over a weight packed at load (FMA, AVX512-BF16). The KV
- * layout of one layer is [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0
- * of dim 1 is K.
+ * float32 / bfloat16 linear layers over a weight packed at load (FMA, AVX512-BF16). The LoRA
+ * delta of a layer (every adapter slot and part in one call). The KV layout of one layer is
+ * [num_blocks, 2, block_size, num_kv_heads, head_dim]; index 0 of dim 1 is K.
  * Element types: float32 ("f32") and bfloat16 ("bf16", stored as uint16). AVX-512
  * (and AVX512-BF16) code where the compiler targets it, portable C otherwise.
  */
@@ -2069,3 +2069,219 @@ DECODER_LAYER(f32, float)
 DECODER_LAYER(bf16, uint16_t)
 DECODER_LAYER_W8A8(f32, float)
 DECODER_LAYER_W8A8(bf16, uint16_t)
+
+/* ---- The LoRA delta of one layer, every adapter slot and every part of the layer in one call
+ * (reference.lora_delta_ref): y[t, part p] += (x[t] @ A_s[rows of p]^T) @ B_s[part p]^T for
+ * each token t of slot s. Two phases in one parallel region: the shrink of each slot's tokens
+ * (all parts at once) into a scratch of the element type, each value rounded to it as torch
+ * rounds the first matmul; then the expand, the delta rounded to y's type before the add.
+ * Tasks are (slot, up to LORA_TOKENS of its tokens, block of A rows / of y's columns), the
+ * blocks sized to about LORA_TASK_MACS each: a decode step's few tokens per slot still spread
+ * over every thread, and a prefill slot's many tokens split by tokens. The shrink: float32 dot
+ * products over contiguous k, four at a time with one operand shared, left to the compiler's
+ * vectorizer. The expand: B's rows hold R values per output column, so each task transposes
+ * 64 columns of B at a time into a float32 tile that every token of the block multiplies into
+ * eight vector accumulators (a lone token takes dot products over B's rows instead). ---- */
+
+#define LORA_TOKENS 128
+#define LORA_COLS 64
+#define LORA_TASK_MACS 32768
+
+typedef struct { int slot, j0, j1; } lora_block_t;  /* tokens [j0, j1) of the slot's group */
+
+/* Items of n per block (a multiple of `align`, or n) for tasks of about LORA_TASK_MACS, at
+ * `cost` multiply-adds per item. */
+static int lora_block_size(int n, long cost, int align) {
+    long per = LORA_TASK_MACS / (cost > 0 ? cost : 1);
+    per = per < align ? align : per / align * align;
+    return per < n ? (int)per : n;
+}
+
+/* Each slot's tokens in blocks of at most LORA_TOKENS (malloc'd; *count of them); *rows: the
+ * end of the last slot's tokens in sorted order (the scratch's rows). */
+static lora_block_t *lora_blocks(const int32_t *start, const int32_t *count, int slots, int *nblocks, int *rows) {
+    int n = 0, end = 0;
+    for (int s = 0; s < slots; s++) {
+        n += (count[s] + LORA_TOKENS - 1) / LORA_TOKENS;
+        if (count[s] > 0 && start[s] + count[s] > end) end = start[s] + count[s];
+    }
+    lora_block_t *blocks = malloc((size_t)(n > 0 ? n : 1) * sizeof *blocks);
+    if (!blocks) abort();
+    n = 0;
+    for (int s = 0; s < slots; s++)
+        for (int j = 0; j < count[s]; j += LORA_TOKENS)
+            blocks[n++] = (lora_block_t){s, j, count[s] - j < LORA_TOKENS ? count[s] : j + LORA_TOKENS};
+    *nblocks = n;
+    *rows = end;
+    return blocks;
+}
+
+/* out[q] = u . v[q], q < 4, float32 sums. */
+#define LORA_DOTS(SUF, T)                                                                      \
+static inline float lora_dot_##SUF(const T *u, const T *v, int n) {                          \
+    float acc = 0.f;                                                                         \
+    _Pragma("omp simd reduction(+:acc)")                                                     \
+    for (int i = 0; i < n; i++) acc += GET_##SUF(u, i) * GET_##SUF(v, i);                    \
+    return acc;                                                                              \
+}                                                                                            \
+static inline void lora_dots4_##SUF(const T *u, const T *const *v, int n, float *out) {      \
+    const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];                                  \
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;                                            \
+    _Pragma("omp simd reduction(+:a0, a1, a2, a3)")                                          \
+    for (int i = 0; i < n; i++) {                                                            \
+        float w = GET_##SUF(u, i);                                                           \
+        a0 += w * GET_##SUF(v0, i);                                                          \
+        a1 += w * GET_##SUF(v1, i);                                                          \
+        a2 += w * GET_##SUF(v2, i);                                                          \
+        a3 += w * GET_##SUF(v3, i);                                                          \
+    }                                                                                        \
+    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;                                      \
+}
+
+/* Shrink of tokens [j0, j1) of one slot, A rows [r0, r1): sh[j, r] = x[tok[j]] . a[r] (sh
+ * rows pr apart). Four tokens per A row, then the rest one token against four A rows. */
+#define LORA_SHRINK(SUF, T)                                                                    \
+static void lora_shrink_##SUF(const T *x, long sx, const T *a, const int32_t *tok, T *sh, int pr, int k, \
+                              int j0, int j1, int r0, int r1) {                              \
+    float d[4];                                                                              \
+    int j = j0;                                                                              \
+    for (; j + 4 <= j1; j += 4) {                                                            \
+        const T *xs[4] = {x + tok[j] * sx, x + tok[j + 1] * sx, x + tok[j + 2] * sx, x + tok[j + 3] * sx}; \
+        for (int r = r0; r < r1; r++) {                                                      \
+            lora_dots4_##SUF(a + (size_t)r * k, xs, k, d);                                   \
+            for (int q = 0; q < 4; q++) PUT_##SUF(sh, (size_t)(j + q) * pr + r, d[q]);       \
+        }                                                                                    \
+    }                                                                                        \
+    for (; j < j1; j++) {                                                                    \
+        const T *xr = x + tok[j] * sx;                                                       \
+        T *row = sh + (size_t)j * pr;                                                        \
+        int r = r0;                                                                          \
+        for (; r + 4 <= r1; r += 4) {                                                        \
+            const T *as[4] = {a + (size_t)r * k, a + (size_t)(r + 1) * k, a + (size_t)(r + 2) * k, \
+                              a + (size_t)(r + 3) * k};                                      \
+            lora_dots4_##SUF(xr, as, k, d);                                                  \
+            for (int q = 0; q < 4; q++) PUT_##SUF(row, r + q, d[q]);                         \
+        }                                                                                    \
+        for (; r < r1; r++) PUT_##SUF(row, r, lora_dot_##SUF(xr, a + (size_t)r * k, k));     \
+    }                                                                                        \
+}
+
+/* Eight float32 lanes in whatever registers the target has (a GCC / Clang vector extension: one
+ * AVX register, or two SSE / NEON ones), moved in and out with memcpy: the expand's accumulators,
+ * eight named ones, stay in registers (GCC keeps a float[64] accumulator on the stack: 2x slower). */
+typedef float lora_v8 __attribute__((vector_size(32)));
+
+#define LORA_FMA8(acc, v, p)                                                                   \
+    {                                                                                        \
+        lora_v8 b_;                                                                          \
+        memcpy(&b_, (p), sizeof b_);                                                         \
+        acc += (v) * b_;                                                                     \
+    }
+
+/* out[c] = sum_i s[i] * bt[i][c] for the LORA_COLS columns of a transposed B tile. */
+#define LORA_COLS_DOT(SUF, T)                                                                  \
+static inline void lora_cols_##SUF(const T *s, const float *bt, int r, float *out) {         \
+    lora_v8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, c4 = {0}, c5 = {0}, c6 = {0}, c7 = {0};  \
+    for (int i = 0; i < r; i++) {                                                            \
+        float v = GET_##SUF(s, i);                                                           \
+        const float *row = bt + (size_t)i * LORA_COLS;                                       \
+        LORA_FMA8(c0, v, row) LORA_FMA8(c1, v, row + 8) LORA_FMA8(c2, v, row + 16) LORA_FMA8(c3, v, row + 24) \
+        LORA_FMA8(c4, v, row + 32) LORA_FMA8(c5, v, row + 40) LORA_FMA8(c6, v, row + 48) LORA_FMA8(c7, v, row + 56) \
+    }                                                                                        \
+    lora_v8 acc[8] = {c0, c1, c2, c3, c4, c5, c6, c7};                                       \
+    memcpy(out, acc, sizeof acc);                                                            \
+}
+
+/* Expand of tokens [j0, j1) of one slot into columns [c0, c1) of one part: y[tok[j], c] +=
+ * round(sh[j] . b[c]), sh pointing at the part's R values of row 0 (rows pr apart); bt: room
+ * for R x LORA_COLS floats. */
+#define LORA_EXPAND(SUF, T)                                                                    \
+LORA_COLS_DOT(SUF, T)                                                                        \
+static void lora_expand_dots_##SUF(T *y, long sy, const T *b, const int32_t *tok, const T *sh, int pr, int r, \
+                                   int j0, int j1, int c0, int c1) {                         \
+    float d[4];                                                                              \
+    for (int j = j0; j < j1; j++) {                                                          \
+        const T *sr = sh + (size_t)j * pr;                                                   \
+        T *yr = y + tok[j] * sy;                                                             \
+        int c = c0;                                                                          \
+        for (; c + 4 <= c1; c += 4) {                                                        \
+            const T *bs[4] = {b + (size_t)c * r, b + (size_t)(c + 1) * r, b + (size_t)(c + 2) * r, \
+                              b + (size_t)(c + 3) * r};                                      \
+            lora_dots4_##SUF(sr, bs, r, d);                                                  \
+            for (int q = 0; q < 4; q++) PUT_##SUF(yr, c + q, GET_##SUF(yr, c + q) + ROUND_##SUF(d[q])); \
+        }                                                                                    \
+        for (; c < c1; c++)                                                                  \
+            PUT_##SUF(yr, c, GET_##SUF(yr, c) + ROUND_##SUF(lora_dot_##SUF(sr, b + (size_t)c * r, r))); \
+    }                                                                                        \
+}                                                                                            \
+static void lora_expand_##SUF(T *y, long sy, const T *b, const int32_t *tok, const T *sh, int pr, int r, \
+                              int j0, int j1, int c0, int c1, float *bt) {                   \
+    float d[LORA_COLS];                                                                      \
+    if (j1 - j0 == 1) {  /* one token: a transposed tile would serve it once */                \
+        lora_expand_dots_##SUF(y, sy, b, tok, sh, pr, r, j0, j1, c0, c1);                     \
+        return;                                                                              \
+    }                                                                                        \
+    for (int cb = c0; cb < c1; cb += LORA_COLS) {                                            \
+        int w = c1 - cb < LORA_COLS ? c1 - cb : LORA_COLS;                                   \
+        for (int c = 0; c < LORA_COLS; c++)                                                  \
+            for (int i = 0; i < r; i++) bt[i * LORA_COLS + c] = c < w ? GET_##SUF(b + (size_t)(cb + c) * r, i) : 0.f; \
+        for (int j = j0; j < j1; j++) {                                                      \
+            lora_cols_##SUF(sh + (size_t)j * pr, bt, r, d);                                  \
+            T *yr = y + tok[j] * sy + cb;                                                    \
+            for (int c = 0; c < w; c++) PUT_##SUF(yr, c, GET_##SUF(yr, c) + ROUND_##SUF(d[c])); \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+/* y [T, n] (row stride sy), x [T, k] (row stride sx), a [slots, parts * r, k], b [slots, n, r];
+ * sorted, start, count: reference.group_by_slot's; ends [parts]: where each part's columns end
+ * (the last n). Rows of tokens in no slot are not touched. */
+#define LORA_DELTA(SUF, T)                                                                     \
+LORA_DOTS(SUF, T)                                                                            \
+LORA_SHRINK(SUF, T)                                                                          \
+LORA_EXPAND(SUF, T)                                                                          \
+void pd_lora_delta_##SUF(T *y, long sy, const T *x, long sx, const T *a, const T *b, const int32_t *sorted, \
+                         const int32_t *start, const int32_t *count, const int32_t *ends, int parts, int n, \
+                         int k, int r, int slots, int threads) {                             \
+    int nblocks, rows, pr = parts * r;                                                       \
+    lora_block_t *blocks = lora_blocks(start, count, slots, &nblocks, &rows);                \
+    if (!nblocks) {                                                                          \
+        free(blocks);                                                                        \
+        return;                                                                              \
+    }                                                                                        \
+    /* the shrunk rows [rows, pr], then each thread's transposed B tile */                   \
+    size_t sh_bytes = ((size_t)rows * pr * sizeof(T) + 63) / 64 * 64;                         \
+    char *scratch = malloc(sh_bytes + (size_t)threads * r * LORA_COLS * sizeof(float) + 64);  \
+    if (!scratch) abort();                                                                   \
+    T *sh = (T *)scratch;                                                                    \
+    long per_block = (rows + nblocks - 1) / nblocks;                                         \
+    int rb = lora_block_size(pr, per_block * k, 4), cb = lora_block_size(n, per_block * r, LORA_COLS); \
+    int rtasks = rb ? (pr + rb - 1) / rb : 0, ctasks = cb ? (n + cb - 1) / cb : 0;           \
+    _Pragma("omp parallel num_threads(threads)")                                             \
+    {                                                                                        \
+        _Pragma("omp for schedule(dynamic)")                                                 \
+        for (long t = 0; t < (long)nblocks * rtasks; t++) {                                  \
+            lora_block_t blk = blocks[t / rtasks];                                           \
+            int r0 = (int)(t % rtasks) * rb, r1 = r0 + rb < pr ? r0 + rb : pr;               \
+            lora_shrink_##SUF(x, sx, a + (size_t)blk.slot * pr * k, sorted + start[blk.slot], \
+                              sh + (size_t)start[blk.slot] * pr, pr, k, blk.j0, blk.j1, r0, r1); \
+        }                                                                                    \
+        float *bt = (float *)(scratch + sh_bytes) + (size_t)omp_get_thread_num() * r * LORA_COLS; \
+        _Pragma("omp for schedule(dynamic)")                                                 \
+        for (long t = 0; t < (long)nblocks * ctasks; t++) {                                  \
+            lora_block_t blk = blocks[t / ctasks];                                           \
+            int c = (int)(t % ctasks) * cb, c1 = c + cb < n ? c + cb : n, p = 0;             \
+            const T *bs = b + (size_t)blk.slot * n * r, *ss = sh + (size_t)start[blk.slot] * pr; \
+            for (; c < c1; c = ends[p] < c1 ? ends[p] : c1) {  /* the parts the block spans */ \
+                while (ends[p] <= c) p++;                                                    \
+                lora_expand_##SUF(y, sy, bs, sorted + start[blk.slot], ss + (size_t)p * r, pr, r, blk.j0, \
+                                  blk.j1, c, ends[p] < c1 ? ends[p] : c1, bt);               \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    free(scratch);                                                                           \
+    free(blocks);                                                                            \
+}
+
+LORA_DELTA(f32, float)
+LORA_DELTA(bf16, uint16_t)

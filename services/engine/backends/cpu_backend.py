@@ -10,6 +10,7 @@ for weights packed once at load by ``CpuKernels.prepack_int8_weight``). Float32 
 bfloat16 linear layers multiply with the compiled GEMM over weights packed once at
 load (``prepare_linear_weight``), where the build vectorizes that dtype; a model of
 such plain layers runs each decoder layer as one compiled call (``fuse_decoder_layers``).
+The LoRA delta of a wrapped layer is one compiled call too (every adapter slot and part).
 Every case the kernels do not cover runs the torch code it inherits.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from pdserve.kernels.cpu import CpuKernels
 from pdserve.kernels.cpu_layer import FusedDecoder
-from pdserve.engine.backends.base import AttentionMetadata, HeadNorms, norm_heads
+from pdserve.engine.backends.base import AttentionMetadata, HeadNorms, LoRAMapping, norm_heads
 from pdserve.engine.backends.torch_backend import TorchBackend
 
 
@@ -62,6 +63,14 @@ class CpuBackend(TorchBackend):
             rows = rows.contiguous()
         out = self.kernels.linear(rows, weight, bias)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[1])
+
+    def lora_delta(self, y, x, a, b, lora: LoRAMapping, part_ends: tuple[int, ...]) -> None:
+        """The compiled delta (every slot and part of the layer in one call) where y, x, a and b
+        share a dtype the kernels take, rows contiguous and the stacks dense; else the torch
+        reference (a few small ops per slot and part)."""
+        if not (self._rows(y, x) and a.dtype == b.dtype == y.dtype and a.is_contiguous() and b.is_contiguous()):
+            return super().lora_delta(y, x, a, b, lora, part_ends)
+        self.kernels.lora_delta(y, x, a, b, lora.sorted_tokens, lora.slot_start, lora.slot_count, part_ends)
 
     def prepare_expert_weights(self, weights):
         return self.kernels.prepack_expert_weights(weights)
