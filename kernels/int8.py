@@ -217,13 +217,8 @@ def int8_gemm_silu(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
     bits of ``int8_gemm`` followed by ``silu_and_mul_quant``'s h. ``config`` as ``int8_gemm``'s
     (its ``block_n`` covers gate and up columns together; no K slices)."""
     m, n, k = check_gemm_args(q, q_scale, weight, weight_scale, None)
-    if n % 2:
-        raise ValueError(f"expected weight [2I, K] (gate rows, then up rows), got {tuple(weight.shape)}")
-    if out_dtype not in _TL_DTYPE:
-        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    inter = n // 2
-    h = torch.empty((m, inter), dtype=out_dtype, device=q.device)
-    amax = torch.zeros(m, dtype=torch.float32, device=q.device)
+    h, amax = silu_outputs(m, weight, out_dtype)
+    inter = h.shape[1]
     if m == 0 or inter == 0:
         return h, amax
     q, weight = _rows_contiguous(q), _rows_contiguous(weight)
@@ -250,6 +245,18 @@ def int8_gemm_silu(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
 
 
 # ---- host helpers ---------------------------------------------------------------------
+
+def silu_outputs(m: int, weight: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a gate_up product with SiLU-and-mul fused in (this GEMM's and the fused
+    GEMV's): h [M, I] out_dtype and a zeroed row max [M] float32, after checking that ``weight``
+    is [2I, K] and out_dtype one the kernels write."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"expected weight [2I, K] (gate rows, then up rows), got {tuple(weight.shape)}")
+    if out_dtype not in _TL_DTYPE:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    h = torch.empty((m, weight.shape[0] // 2), dtype=out_dtype, device=weight.device)
+    return h, torch.zeros(m, dtype=torch.float32, device=weight.device)
+
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

@@ -44,7 +44,7 @@ from triton.language.extra import libdevice
 # NOTE: private helpers of int8 / int8_gemv shared on purpose: the fused kernels must round
 # exactly as the ops they replace.
 from pdserve.kernels.int8 import (_TL_DTYPE, _quantize, _row_scale, _rows_contiguous, _scaled_sums, _silu_epilogue,
-                                  _store_rows)
+                                  _store_rows, silu_outputs)
 from pdserve.kernels.int8_gemv import _INTERPRETED, _WORD, MAX_ROWS, _block_m, _dot_step, _dp4a_ok, _load_step
 
 _AMAX_CHUNK = 1024  # elements per step of the max pass over a row
@@ -111,13 +111,8 @@ def int8_gemv_silu(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
     m, n, k = _check(q, weight, weight_scale, None, floating=False)
     if q_scale.numel() != m:
         raise ValueError("q_scale needs M elements")
-    if n % 2:
-        raise ValueError(f"expected weight [2I, K] (gate rows, then up rows), got {tuple(weight.shape)}")
-    if out_dtype not in _TL_DTYPE:
-        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    inter = n // 2
-    h = torch.empty((m, inter), dtype=out_dtype, device=q.device)
-    amax = torch.zeros(m, dtype=torch.float32, device=q.device)
+    h, amax = silu_outputs(m, weight, out_dtype)
+    inter = h.shape[1]
     if m == 0 or inter == 0:
         return h, amax
     if not fusable(q):
