@@ -107,7 +107,7 @@ class CpuKernels:
             "silu_and_mul_quant": [_P, _L, _P, _P, _I, _I, _I],
             "int8_linear": [_P, _L, _P, _P, _P, _P, _P, _L, _I, _I, _I, _I],
             "linear": [_P, _L, _P, _P, _P, _L, _I, _I, _I, _I],
-            "lora_delta": [_P, _L, _P, _L, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
+            "lora_delta": [_P, _L, _P, _L, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, _I],
         }
         for name, argtypes in signatures.items():
             for suffix in _TYPES.values():
@@ -407,12 +407,15 @@ class CpuKernels:
 
     def lora_delta(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    sorted_tokens: torch.Tensor, slot_start: torch.Tensor, slot_count: torch.Tensor,
-                   part_ends: tuple[int, ...]) -> None:
+                   part_ends: tuple[int, ...], *, slot_rank: torch.Tensor | None = None) -> None:
         """As ``reference.lora_delta_ref``, in place on y [T, N]: every slot and part of one layer in
         one call. x [T, K] (rows may be strided, as y's), a [S, P * R, K], b [S, N, R], all of y's
         dtype; sorted_tokens [T], slot_start and slot_count [S] int32 (``group_by_slot``'s);
-        part_ends: the column where each of the P parts ends (the last N). The token indices
-        are not checked: they must be rows of y and x."""
+        part_ends: the column where each of the P parts ends (the last N). slot_rank [S] int32:
+        each slot's real rank, the kernel reading only the first slot_rank[s] rows of each part
+        of a[s] and the first slot_rank[s] values of each row of b[s] (as if the rest were zero),
+        and leaving the rows of a rank-0 slot's tokens as they are; None: R for every slot. The
+        token indices and the ranks are not checked: they must be rows of y and x, and in [0, R]."""
         # NOTE: few and cheap checks: a decode step calls this for every wrapped layer
         _require(y.dim() == 2 and a.dim() == 3 and b.dim() == 3, "lora_delta ranks (y 2-D, a and b 3-D)")
         t, n = y.shape
@@ -424,11 +427,13 @@ class CpuKernels:
                  and part_ends[-1] == n, "lora_delta shapes or layouts")
         _require(all(i.dtype == torch.int32 and i.is_contiguous() for i in (sorted_tokens, slot_start, slot_count))
                  and slot_start.numel() == slot_count.numel() == s, "lora_delta slots (int32, one per A)")
+        _require(slot_rank is None or (slot_rank.dtype == torch.int32 and slot_rank.is_contiguous()
+                                       and slot_rank.numel() == s), "lora_delta slot_rank (int32, one per A)")
         ends = (ctypes.c_int32 * len(part_ends))(*part_ends)
         self._fn("lora_delta", y.dtype)(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(),
                                         b.data_ptr(), sorted_tokens.data_ptr(), slot_start.data_ptr(),
                                         slot_count.data_ptr(), ends, len(part_ends), n, k, r, s,
-                                        torch.get_num_threads())
+                                        None if slot_rank is None else slot_rank.data_ptr(), torch.get_num_threads())
 
 
 def _f32_vector(t: torch.Tensor) -> torch.Tensor:

@@ -2081,7 +2081,9 @@ DECODER_LAYER_W8A8(bf16, uint16_t)
  * products over contiguous k, four at a time with one operand shared, left to the compiler's
  * vectorizer. The expand: B's rows hold R values per output column, so each task transposes
  * 64 columns of B at a time into a float32 tile that every token of the block multiplies into
- * eight vector accumulators (a lone token takes dot products over B's rows instead). ---- */
+ * eight vector accumulators (a lone token takes dot products over B's rows instead). Each slot
+ * has a rank (at most R, the stacks zero-padded to R): both phases touch only the first rank rows
+ * of each part of A_s and the first rank values of each row of B_s, a rank-0 slot nothing. ---- */
 
 #define LORA_TOKENS 128
 #define LORA_COLS 64
@@ -2097,11 +2099,14 @@ static int lora_block_size(int n, long cost, int align) {
     return per < n ? (int)per : n;
 }
 
-/* Each slot's tokens in blocks of at most LORA_TOKENS (malloc'd; *count of them); *rows: the
- * end of the last slot's tokens in sorted order (the scratch's rows). */
-static lora_block_t *lora_blocks(const int32_t *start, const int32_t *count, int slots, int *nblocks, int *rows) {
+/* Each slot's tokens in blocks of at most LORA_TOKENS (malloc'd; *count of them), but those of
+ * rank-0 slots (ranks NULL: none); *rows: the end of the last such slot's tokens in sorted order
+ * (the scratch's rows). */
+static lora_block_t *lora_blocks(const int32_t *start, const int32_t *count, const int32_t *ranks, int slots,
+                                 int *nblocks, int *rows) {
     int n = 0, end = 0;
     for (int s = 0; s < slots; s++) {
+        if (ranks && ranks[s] <= 0) continue;
         n += (count[s] + LORA_TOKENS - 1) / LORA_TOKENS;
         if (count[s] > 0 && start[s] + count[s] > end) end = start[s] + count[s];
     }
@@ -2109,7 +2114,7 @@ static lora_block_t *lora_blocks(const int32_t *start, const int32_t *count, int
     if (!blocks) abort();
     n = 0;
     for (int s = 0; s < slots; s++)
-        for (int j = 0; j < count[s]; j += LORA_TOKENS)
+        for (int j = 0; j < (ranks && ranks[s] <= 0 ? 0 : count[s]); j += LORA_TOKENS)
             blocks[n++] = (lora_block_t){s, j, count[s] - j < LORA_TOKENS ? count[s] : j + LORA_TOKENS};
     *nblocks = n;
     *rows = end;
@@ -2193,12 +2198,12 @@ static inline void lora_cols_##SUF(const T *s, const float *bt, int r, float *ou
 }
 
 /* Expand of tokens [j0, j1) of one slot into columns [c0, c1) of one part: y[tok[j], c] +=
- * round(sh[j] . b[c]), sh pointing at the part's R values of row 0 (rows pr apart); bt: room
- * for R x LORA_COLS floats. */
+ * round(sh[j] . b[c]) over the first `rank` of the R values, sh pointing at the part's values of
+ * row 0 (rows pr apart), b's rows r apart; bt: room for rank x LORA_COLS floats. */
 #define LORA_EXPAND(SUF, T)                                                                    \
 LORA_COLS_DOT(SUF, T)                                                                        \
 static void lora_expand_dots_##SUF(T *y, long sy, const T *b, const int32_t *tok, const T *sh, int pr, int r, \
-                                   int j0, int j1, int c0, int c1) {                         \
+                                   int rank, int j0, int j1, int c0, int c1) {               \
     float d[4];                                                                              \
     for (int j = j0; j < j1; j++) {                                                          \
         const T *sr = sh + (size_t)j * pr;                                                   \
@@ -2207,26 +2212,26 @@ static void lora_expand_dots_##SUF(T *y, long sy, const T *b, const int32_t *tok
         for (; c + 4 <= c1; c += 4) {                                                        \
             const T *bs[4] = {b + (size_t)c * r, b + (size_t)(c + 1) * r, b + (size_t)(c + 2) * r, \
                               b + (size_t)(c + 3) * r};                                      \
-            lora_dots4_##SUF(sr, bs, r, d);                                                  \
+            lora_dots4_##SUF(sr, bs, rank, d);                                               \
             for (int q = 0; q < 4; q++) PUT_##SUF(yr, c + q, GET_##SUF(yr, c + q) + ROUND_##SUF(d[q])); \
         }                                                                                    \
         for (; c < c1; c++)                                                                  \
-            PUT_##SUF(yr, c, GET_##SUF(yr, c) + ROUND_##SUF(lora_dot_##SUF(sr, b + (size_t)c * r, r))); \
+            PUT_##SUF(yr, c, GET_##SUF(yr, c) + ROUND_##SUF(lora_dot_##SUF(sr, b + (size_t)c * r, rank))); \
     }                                                                                        \
 }                                                                                            \
 static void lora_expand_##SUF(T *y, long sy, const T *b, const int32_t *tok, const T *sh, int pr, int r, \
-                              int j0, int j1, int c0, int c1, float *bt) {                   \
+                              int rank, int j0, int j1, int c0, int c1, float *bt) {         \
     float d[LORA_COLS];                                                                      \
     if (j1 - j0 == 1) {  /* one token: a transposed tile would serve it once */                \
-        lora_expand_dots_##SUF(y, sy, b, tok, sh, pr, r, j0, j1, c0, c1);                     \
+        lora_expand_dots_##SUF(y, sy, b, tok, sh, pr, r, rank, j0, j1, c0, c1);               \
         return;                                                                              \
     }                                                                                        \
     for (int cb = c0; cb < c1; cb += LORA_COLS) {                                            \
         int w = c1 - cb < LORA_COLS ? c1 - cb : LORA_COLS;                                   \
         for (int c = 0; c < LORA_COLS; c++)                                                  \
-            for (int i = 0; i < r; i++) bt[i * LORA_COLS + c] = c < w ? GET_##SUF(b + (size_t)(cb + c) * r, i) : 0.f; \
+            for (int i = 0; i < rank; i++) bt[i * LORA_COLS + c] = c < w ? GET_##SUF(b + (size_t)(cb + c) * r, i) : 0.f; \
         for (int j = j0; j < j1; j++) {                                                      \
-            lora_cols_##SUF(sh + (size_t)j * pr, bt, r, d);                                  \
+            lora_cols_##SUF(sh + (size_t)j * pr, bt, rank, d);                               \
             T *yr = y + tok[j] * sy + cb;                                                    \
             for (int c = 0; c < w; c++) PUT_##SUF(yr, c, GET_##SUF(yr, c) + ROUND_##SUF(d[c])); \
         }                                                                                    \
@@ -2235,16 +2240,18 @@ static void lora_expand_##SUF(T *y, long sy, const T *b, const int32_t *tok, con
 
 /* y [T, n] (row stride sy), x [T, k] (row stride sx), a [slots, parts * r, k], b [slots, n, r];
  * sorted, start, count: reference.group_by_slot's; ends [parts]: where each part's columns end
- * (the last n). Rows of tokens in no slot are not touched. */
+ * (the last n); ranks [slots]: how many leading rows of each part of a slot's A (and leading
+ * values of each row of its B) may be non-zero, each in [0, r], the rest never read (NULL: r
+ * for every slot). Rows of tokens in no slot, or in a rank-0 slot, are not touched. */
 #define LORA_DELTA(SUF, T)                                                                     \
 LORA_DOTS(SUF, T)                                                                            \
 LORA_SHRINK(SUF, T)                                                                          \
 LORA_EXPAND(SUF, T)                                                                          \
 void pd_lora_delta_##SUF(T *y, long sy, const T *x, long sx, const T *a, const T *b, const int32_t *sorted, \
                          const int32_t *start, const int32_t *count, const int32_t *ends, int parts, int n, \
-                         int k, int r, int slots, int threads) {                             \
+                         int k, int r, int slots, const int32_t *ranks, int threads) {       \
     int nblocks, rows, pr = parts * r;                                                       \
-    lora_block_t *blocks = lora_blocks(start, count, slots, &nblocks, &rows);                \
+    lora_block_t *blocks = lora_blocks(start, count, ranks, slots, &nblocks, &rows);         \
     if (!nblocks) {                                                                          \
         free(blocks);                                                                        \
         return;                                                                              \
@@ -2263,19 +2270,25 @@ void pd_lora_delta_##SUF(T *y, long sy, const T *x, long sx, const T *a, const T
         for (long t = 0; t < (long)nblocks * rtasks; t++) {                                  \
             lora_block_t blk = blocks[t / rtasks];                                           \
             int r0 = (int)(t % rtasks) * rb, r1 = r0 + rb < pr ? r0 + rb : pr;               \
-            lora_shrink_##SUF(x, sx, a + (size_t)blk.slot * pr * k, sorted + start[blk.slot], \
-                              sh + (size_t)start[blk.slot] * pr, pr, k, blk.j0, blk.j1, r0, r1); \
+            int rank = ranks ? ranks[blk.slot] : r;                                          \
+            for (int p = r0 / r; p * r < r1; p++) {  /* each part's rows below the rank */     \
+                int lo = r0 > p * r ? r0 : p * r, hi = r1 < p * r + rank ? r1 : p * r + rank;  \
+                if (lo < hi)                                                                 \
+                    lora_shrink_##SUF(x, sx, a + (size_t)blk.slot * pr * k, sorted + start[blk.slot], \
+                                      sh + (size_t)start[blk.slot] * pr, pr, k, blk.j0, blk.j1, lo, hi); \
+            }                                                                                \
         }                                                                                    \
         float *bt = (float *)(scratch + sh_bytes) + (size_t)omp_get_thread_num() * r * LORA_COLS; \
         _Pragma("omp for schedule(dynamic)")                                                 \
         for (long t = 0; t < (long)nblocks * ctasks; t++) {                                  \
             lora_block_t blk = blocks[t / ctasks];                                           \
             int c = (int)(t % ctasks) * cb, c1 = c + cb < n ? c + cb : n, p = 0;             \
+            int rank = ranks ? ranks[blk.slot] : r;                                          \
             const T *bs = b + (size_t)blk.slot * n * r, *ss = sh + (size_t)start[blk.slot] * pr; \
             for (; c < c1; c = ends[p] < c1 ? ends[p] : c1) {  /* the parts the block spans */ \
                 while (ends[p] <= c) p++;                                                    \
-                lora_expand_##SUF(y, sy, bs, sorted + start[blk.slot], ss + (size_t)p * r, pr, r, blk.j0, \
-                                  blk.j1, c, ends[p] < c1 ? ends[p] : c1, bt);               \
+                lora_expand_##SUF(y, sy, bs, sorted + start[blk.slot], ss + (size_t)p * r, pr, r, rank, \
+                                  blk.j0, blk.j1, c, ends[p] < c1 ? ends[p] : c1, bt);       \
             }                                                                                \
         }                                                                                    \
     }                                                                                        \

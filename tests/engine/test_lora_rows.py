@@ -53,6 +53,20 @@ def test_a_step_longer_than_the_buffer_gets_its_own():
     assert torch.equal(rows.mapping(4).token_slots, kept)  # the graphs' buffer is untouched
 
 
+def test_each_slots_rank_reaches_the_step_mapping():
+    rows = StepRows(num_slots=3, max_tokens=4, device=torch.device("cpu"), pin_memory=False)
+    rows.set_rank(0, 16)
+    rows.set_rank(2, 5)
+    rows.write(_slots(0, 2))
+    assert rows.mapping(2).slot_rank.tolist() == [16, 0, 5]
+    rows.set_rank(2, 0)
+    rows.write(_slots(-1, -1, -1, -1, -1, -1))  # longer than the buffer, no adapters: no buffers of its own
+    rows.write(_slots(0, 0, 0, 0, 0, 0))  # longer than the buffer: a mapping of its own, same ranks
+    assert rows.mapping(6).slot_rank.tolist() == [16, 0, 0]
+    with rows.capturing():
+        assert rows.mapping(4).slot_rank.tolist() == [16, 0, 0]
+
+
 def test_every_linear_layer_part_is_wrapped_with_zero_stacks(tiny_models):
     from pdserve.engine import LLM
 

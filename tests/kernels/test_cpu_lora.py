@@ -5,7 +5,9 @@ Every build (native, AVX2, portable C). Cases: one part and merged parts (q/k/v 
 widths, gate/up), widths and K not a multiple of any vector width, parts wider than the
 expand's 64-column tiles, ranks 1 to 64, slots with no tokens (their A and B NaN: never read),
 base-model tokens (slot -1: their x rows NaN, their y rows left exactly as they were), one slot
-with every token (prefill), one token per slot of 64 (decode), strided rows. float32 close to
+with every token (prefill), one token per slot of 64 (decode), strided rows. Per-slot ranks
+(``slot_rank``): ranks 0, 1, odd ones and R, the same result as without them where the stacks
+are zero beyond each rank, and where they hold garbage there (never read). float32 close to
 the reference; bfloat16 equal to it but in rare elements (see ``_check``).
 """
 from __future__ import annotations
@@ -91,6 +93,60 @@ def _case(case: str, rank: int, dtype: torch.dtype) -> Delta:
     ref.lora_delta_ref(expected, x, a, b, *grouped, part_ends)
     ref.lora_delta_ref(magnitude, x.double().abs(), a.double().abs(), b.double().abs(), *grouped, part_ends)
     return Delta(y, x, a, b, token_slots, part_ends, expected, magnitude)
+
+
+RANKED_R = 16
+RANKED_CASES = {  # name -> (tokens of the slots of ranks 0, 1, 5, 12, R, random, random; base tokens, part_ends, K)
+    "single": ((0, 0, 0, 1, 0, 0, 0), 0, (20, 29, 37), 33),  # one token in all
+    "decode": ((1, 1, 1, 1, 1, 1, 0), 2, (24, 32, 100), 48),  # a part over two 64-column tiles
+    "prefill": ((150, 20, 40, 140, 30, 25, 0), 9, (24, 32, 100), 48),  # over LORA_TOKENS per slot
+}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A layer whose slots have ranks under R: the stacks zero beyond each rank (in ``delta``, the
+    reference's result on them) and the same with garbage there, NaN in a quarter of it (0 * NaN
+    is NaN: a read of the padding shows even where it meets zeros)."""
+    delta: Delta
+    slot_rank: torch.Tensor
+    garbage_a: torch.Tensor
+    garbage_b: torch.Tensor
+
+
+def _garbage(shape: torch.Size) -> torch.Tensor:
+    noise = torch.randn(shape) * 100
+    return noise.masked_fill(torch.rand(shape) < 0.25, float("nan"))
+
+
+@functools.cache
+def _ranked_case(case: str, dtype: torch.dtype) -> Ranked:
+    """The slots in random order, each with its tokens; the stacks of slots without tokens NaN."""
+    counts, base, part_ends, k = RANKED_CASES[case]
+    r, n, parts = RANKED_R, part_ends[-1], len(part_ends)
+    ranks = torch.tensor([0, 1, 5, 12, r, *torch.randint(0, r + 1, (2,)).tolist()], dtype=torch.int32)
+    order = torch.randperm(len(counts))
+    ranks, counts = ranks[order].contiguous(), torch.tensor(counts)[order]
+    slots = len(counts)
+    token_slots = torch.cat([torch.arange(slots).repeat_interleave(counts), torch.full((base,), -1)])
+    token_slots = token_slots[torch.randperm(len(token_slots))].to(torch.int32)
+    a = (torch.randn(slots, parts * r, k) / k ** 0.5).to(dtype)
+    b = (torch.randn(slots, n, r) / r ** 0.5).to(dtype)
+    padding = torch.arange(r)[None, :] >= ranks[:, None]  # [S, R]: beyond the slot's rank
+    padding_a, padding_b = padding.repeat(1, parts)[:, :, None], padding[:, None, :]
+    garbage_a, garbage_b = (torch.where(m, _garbage(t.shape).to(dtype), t) for t, m in ((a, padding_a), (b, padding_b)))
+    a, b = a.masked_fill(padding_a, 0), b.masked_fill(padding_b, 0)
+    unused = counts == 0
+    for t in (a, b, garbage_a, garbage_b):
+        t[unused] = float("nan")
+    x = torch.randn(len(token_slots), k).to(dtype)
+    x[token_slots < 0] = float("nan")
+    y = torch.randn(len(token_slots), n).to(dtype)
+    grouped = ref.group_by_slot(token_slots, slots)
+    expected, magnitude = y.clone(), torch.zeros(y.shape, dtype=torch.float64)
+    ref.lora_delta_ref(expected, x, a, b, *grouped, part_ends)
+    ref.lora_delta_ref(magnitude, x.double().abs(), a.double().abs(), b.double().abs(), *grouped, part_ends)
+    return Ranked(Delta(y, x, a, b, token_slots, part_ends, expected, magnitude), ranks, garbage_a, garbage_b)
 
 
 def _bf16_step(v: torch.Tensor) -> torch.Tensor:
@@ -186,3 +242,43 @@ def test_cpu_backend_falls_back_for_float16(monkeypatch) -> None:
     got = d.y.clone()
     backend.lora_delta(got, d.x, d.a, d.b, d.mapping(), d.part_ends)
     assert calls == [1] and torch.equal(got, d.expected)
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(RANKED_CASES))
+def test_lora_delta_with_slot_ranks_matches_full_rank(case: str, dtype: torch.dtype, build: str) -> None:
+    """Stacks zero beyond each slot's rank: with the ranks, as without them and as the reference;
+    the tokens of a rank-0 slot left exactly as they were."""
+    kernels, rc = built(BUILDS, build), _ranked_case(case, dtype)
+    d = rc.delta
+    full, got = d.y.clone(), d.y.clone()
+    kernels.lora_delta(full, d.x, d.a, d.b, *d.grouped(), d.part_ends)
+    kernels.lora_delta(got, d.x, d.a, d.b, *d.grouped(), d.part_ends, slot_rank=rc.slot_rank)
+    _check(got, d)
+    _check(got, Delta(d.y, d.x, d.a, d.b, d.token_slots, d.part_ends, full, d.magnitude))
+    rank0 = (d.token_slots >= 0) & (rc.slot_rank[d.token_slots.clamp_min(0).long()] == 0)
+    assert torch.equal(got[rank0], d.y[rank0]), "rows of a rank-0 slot's tokens changed"
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(RANKED_CASES))
+def test_lora_delta_never_reads_beyond_slot_ranks(case: str, dtype: torch.dtype, build: str) -> None:
+    """Garbage (NaN in part) beyond each slot's rank: the result of the stacks zero there, to the
+    bit (the same values summed in the same order), so the reference's."""
+    kernels, rc = built(BUILDS, build), _ranked_case(case, dtype)
+    d = rc.delta
+    clean, got = d.y.clone(), d.y.clone()
+    kernels.lora_delta(clean, d.x, d.a, d.b, *d.grouped(), d.part_ends, slot_rank=rc.slot_rank)
+    kernels.lora_delta(got, d.x, rc.garbage_a, rc.garbage_b, *d.grouped(), d.part_ends, slot_rank=rc.slot_rank)
+    _check(got, d)
+    assert torch.equal(got, clean)
+
+
+def test_lora_delta_refuses_bad_slot_ranks() -> None:
+    kernels, rc = built(BUILDS, "native"), _ranked_case("decode", torch.float32)
+    d = rc.delta
+    for bad in (rc.slot_rank.long(), rc.slot_rank[:-1], rc.slot_rank.repeat_interleave(2)[::2]):
+        with pytest.raises(ValueError, match="lora_delta slot_rank"):
+            kernels.lora_delta(d.y.clone(), d.x, d.a, d.b, *d.grouped(), d.part_ends, slot_rank=bad)

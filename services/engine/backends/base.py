@@ -59,6 +59,9 @@ class LoRAMapping:
     sorted_tokens: torch.Tensor  # [T]: token indices, slot 0's first, base tokens last
     slot_start: torch.Tensor  # [S]
     slot_count: torch.Tensor  # [S]
+    # [S]: the rank of each slot's adapter (A's rows / B's columns past it are zero padding);
+    # None: every slot may use the stacks' whole rank
+    slot_rank: torch.Tensor | None = None
 
 
 class Backend(Protocol):

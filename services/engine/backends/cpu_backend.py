@@ -65,12 +65,13 @@ class CpuBackend(TorchBackend):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[1])
 
     def lora_delta(self, y, x, a, b, lora: LoRAMapping, part_ends: tuple[int, ...]) -> None:
-        """The compiled delta (every slot and part of the layer in one call) where y, x, a and b
-        share a dtype the kernels take, rows contiguous and the stacks dense; else the torch
-        reference (a few small ops per slot and part)."""
+        """The compiled delta (every slot and part of the layer in one call, each slot only up to
+        its adapter's rank) where y, x, a and b share a dtype the kernels take, rows contiguous
+        and the stacks dense; else the torch reference (a few small ops per slot and part)."""
         if not (self._rows(y, x) and a.dtype == b.dtype == y.dtype and a.is_contiguous() and b.is_contiguous()):
             return super().lora_delta(y, x, a, b, lora, part_ends)
-        self.kernels.lora_delta(y, x, a, b, lora.sorted_tokens, lora.slot_start, lora.slot_count, part_ends)
+        self.kernels.lora_delta(y, x, a, b, lora.sorted_tokens, lora.slot_start, lora.slot_count, part_ends,
+                                slot_rank=lora.slot_rank)
 
     def prepare_expert_weights(self, weights):
         return self.kernels.prepack_expert_weights(weights)

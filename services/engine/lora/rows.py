@@ -1,10 +1,11 @@
 """Each token's LoRA adapter slot for the current step, in device buffers a captured graph reads.
 
 Owns: one int32 device buffer, allocated once for ``max_tokens`` tokens and ``num_slots``
-slots, laid out ``slot_start [S] | slot_count [S] | token_slots [max_tokens] |
-sorted_tokens [max_tokens]`` (``kernels/reference.py``: ``group_by_slot``); the
-``LoRAMapping`` views of it per token count; whether the wrapped layers add deltas this
-step.
+slots, laid out ``slot_start [S] | slot_count [S] | slot_rank [S] | token_slots [max_tokens] |
+sorted_tokens [max_tokens]`` (``kernels/reference.py``: ``group_by_slot``); the host copy of
+each slot's adapter rank (``set_rank``, so the kernels that can skip the zero padding of the
+stacks past it do); the ``LoRAMapping`` views of the buffer per token count; whether the
+wrapped layers add deltas this step.
 
 Lifecycle: ``StepRows(...)`` with the rank's ``AdapterSlots`` -> ``capturing()`` around
 the capture of decode graphs (every wrapped layer launches its delta kernels, which read
@@ -36,6 +37,7 @@ class StepRows:
     def __init__(self, num_slots: int, max_tokens: int, device: torch.device, pin_memory: bool):
         self.num_slots, self.max_tokens = num_slots, max_tokens
         self._device, self._pin = device, pin_memory
+        self._ranks = torch.zeros(num_slots, dtype=torch.int32)  # host: each slot's adapter rank
         with torch.inference_mode():  # NOTE: written inside steps' inference mode only
             self._buffer = self._layout(torch.empty(0, dtype=torch.int32), max_tokens).to(device)
         self._views: dict[int, LoRAMapping] = {}
@@ -59,6 +61,11 @@ class StepRows:
     def active(self) -> bool:
         """Whether some token of the step has an adapter."""
         return self._step is not None
+
+    def set_rank(self, slot: int, rank: int) -> None:
+        """The rank of the adapter now in ``slot`` (0: none); the device copy follows with the
+        next step that has adapter tokens (no step reads it before)."""
+        self._ranks[slot] = rank
 
     @torch.inference_mode()
     def write(self, token_slots: torch.Tensor) -> None:
@@ -96,20 +103,20 @@ class StepRows:
     def _layout(self, token_slots: torch.Tensor, size: int) -> torch.Tensor:
         """The host buffer of ``token_slots`` for ``size`` tokens (slots past them -1)."""
         s, n = self.num_slots, token_slots.numel()
-        host = torch.full((2 * s + 2 * size,), -1, dtype=torch.int32)
+        host = torch.full((3 * s + 2 * size,), -1, dtype=torch.int32)
         sorted_tokens, start, count = group_by_slot(token_slots, s)
-        host[:s], host[s:2 * s] = start, count
-        host[2 * s:2 * s + n] = token_slots
-        host[2 * s + size:2 * s + size + n] = sorted_tokens
+        host[:s], host[s:2 * s], host[2 * s:3 * s] = start, count, self._ranks
+        host[3 * s:3 * s + n] = token_slots
+        host[3 * s + size:3 * s + size + n] = sorted_tokens
         return host
 
     def _view(self, buffer: torch.Tensor, size: int, num_tokens: int, cache: bool = True) -> LoRAMapping:
         view = self._views.get(num_tokens) if cache else None
         if view is None:
             s = self.num_slots
-            view = LoRAMapping(token_slots=buffer[2 * s:2 * s + num_tokens],
-                               sorted_tokens=buffer[2 * s + size:2 * s + size + num_tokens],
-                               slot_start=buffer[:s], slot_count=buffer[s:2 * s])
+            view = LoRAMapping(token_slots=buffer[3 * s:3 * s + num_tokens],
+                               sorted_tokens=buffer[3 * s + size:3 * s + size + num_tokens],
+                               slot_start=buffer[:s], slot_count=buffer[s:2 * s], slot_rank=buffer[2 * s:3 * s])
             if cache:
                 self._views[num_tokens] = view
         return view

@@ -19,7 +19,8 @@ captures its decode graphs (inside ``capturing()``), so the graphs hold the LoRA
 -> ``register(adapter)`` (at start or at run time: checked against the model first, so a
 bad adapter changes nothing) -> ``activate(slot, name)`` when the scheduler's plan puts it
 in a slot (the slot's previous adapter is gone from the device; stacks it does not target
-stay zero for it) -> per step ``set_rows`` (each row's slot, -1 for the base model)
+stay zero for it; its rank goes to the step's ``LoRAMapping``, so the CPU kernel skips the
+padding past it) -> per step ``set_rows`` (each row's slot, -1 for the base model)
 before the forward -> each wrapped layer adds ``(x @ A[s].T) @ B[s].T`` to the tokens of
 each slot ``s``, one ``Backend.lora_delta`` per layer (all its parts: one shrink of the
 shared input) -> ``unload(name)`` forgets it
@@ -107,6 +108,7 @@ class AdapterSlots:
         self._model, self._modules = model, dict(model.named_modules())
         self._device, self._dtype = device, dtype
         self._host: dict[str, Placed] = {}  # every registered adapter, in host memory
+        self._rank: dict[str, int] = {}  # and its rank
         self._slot: dict[str, int] = {}  # the resident ones
         self._stacks: dict[str, LayerStack] = self._wrap_linear_layers()  # layer path -> its stacks
 
@@ -143,6 +145,7 @@ class AdapterSlots:
         self._host[adapter.name] = [(layer, part, a.to(self._dtype).contiguous(),
                                      (b * adapter.scaling).to(self._dtype).contiguous())
                                     for layer, part, a, b in placed]
+        self._rank[adapter.name] = adapter.rank
 
     @torch.inference_mode()  # NOTE: the stacks are made inside inference mode; only it may write them
     def activate(self, slot: int, name: str) -> None:
@@ -157,14 +160,17 @@ class AdapterSlots:
             stack.part_a(slot, part)[:a.shape[0]].copy_(a, non_blocking=True)
             stack.part_b(slot, part)[:, :b.shape[1]].copy_(b, non_blocking=True)
         self._slot[name] = slot
+        self.rows.set_rank(slot, self._rank[name])
 
     @torch.inference_mode()
     def unload(self, name: str) -> None:
         """Forget ``name`` (its slot zeroed, so a later adapter there starts clean); KeyError when unknown."""
         del self._host[name]
+        del self._rank[name]
         slot = self._slot.pop(name, None)
         if slot is not None:
             self._zero(slot)
+            self.rows.set_rank(slot, 0)
 
     def _zero(self, slot: int) -> None:
         for stack in self._stacks.values():
