@@ -49,3 +49,38 @@ def test_a_quantized_checkpoint_is_refused_naming_its_method(tiny_models, tmp_pa
     cfg = mc.from_hf_config(raw)
     assert cfg.quantization.method == "awq" and cfg.quantization.raw["bits"] == 4
     assert mc.ModelConfig.from_json_dict(json.loads(json.dumps(cfg.to_json_dict()))) == cfg
+
+
+@pytest.mark.parametrize("raw", [
+    dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=5e5,
+         max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=2),
+    dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+         num_hidden_layers=2, num_attention_heads=4, attention_bias=True, eos_token_id=[2, 3],
+         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=256)),
+    dict(architectures=["Qwen2ForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+    dict(architectures=["Qwen3ForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    dict(architectures=["MistralForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64),
+], ids=["llama-tied", "llama-bias-llama3-rope", "qwen2", "qwen3", "mistral-window"])
+def test_a_dense_config_goes_back_to_hugging_face_unchanged(raw):
+    """``to_hf_config`` (how the quantizer hands a GGUF model to transformers): parsed back, the
+    same ``ModelConfig``; transformers builds the same shapes from it."""
+    from transformers import AutoConfig
+
+    cfg = mc.from_hf_config(raw)
+    hf = mc.to_hf_config(cfg)
+    assert mc.from_hf_config(hf) == cfg
+    built = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"})
+    assert (built.num_key_value_heads, built.head_dim, built.tie_word_embeddings) == (
+        cfg.num_kv_heads, cfg.head_dim, cfg.tie_word_embeddings)
+
+
+def test_models_without_a_dense_hugging_face_config_are_refused():
+    with pytest.raises(ValueError, match="dense"):
+        mc.to_hf_config(mc.from_hf_config(QWEN3_MOE))
+    with pytest.raises(ValueError, match="dense"):
+        mc.to_hf_config(mc.from_preset("llama-3-8b-w8a8"))

@@ -40,7 +40,7 @@ def load_config(source: ModelSource) -> mc.ModelConfig:
         with open(os.path.join(source.path, "config.json")) as fh:
             cfg = mc.from_hf_config(json.load(fh))
     else:
-        cfg = _gguf_cached(source.path)[0]
+        cfg = gguf_checkpoint(source.path)[0]
     check_quantization(cfg)
     return cfg
 
@@ -58,7 +58,7 @@ def load_model(source: ModelSource, cfg: mc.ModelConfig, ctx: LayerContext, devi
     elif source.kind == "hf":
         model.load_weights(_safetensors_weights(source.path))
     else:
-        model.load_weights(_safetensors_weights(_gguf_cached(source.path)[1]))
+        model.load_weights(_safetensors_weights(gguf_checkpoint(source.path)[1]))
     model.prepare(device)
     return model.eval().requires_grad_(False)
 
@@ -68,8 +68,9 @@ def _cache_root() -> str:
     return os.path.join(base, "pdserve", "weights")
 
 
-def _gguf_cached(path: str) -> tuple[mc.ModelConfig, str]:
-    """(config, directory of dequantized safetensors), converting the GGUF on first use."""
+def gguf_checkpoint(path: str) -> tuple[mc.ModelConfig, str]:
+    """(config, directory of the dequantized float32 safetensors, Hugging Face tensor names and
+    layouts), converting the GGUF on first use."""
     st = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
     target = os.path.join(_cache_root(), key)

@@ -2,7 +2,7 @@
 
 Owns: ``ModelConfig`` (frozen), its JSON form, and the parsers that build it from
 a Hugging Face ``config.json`` dict, from GGUF metadata, or from a named dummy
-preset. The differences between Llama-family decoders (qkv bias, q/k norm, rope
+preset; the way back to a ``config.json`` dict for dense models (``to_hf_config``). The differences between Llama-family decoders (qkv bias, q/k norm, rope
 scaling, tied embeddings, sliding window) are flags here; so are the fields of
 mixture-of-experts models (expert counts, top-k, sparse layers) and the
 checkpoint's ``quantization_config``. Which architectures and quantizations can
@@ -162,6 +162,37 @@ def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
         **_moe_fields(cfg, arch),
         quantization=QuantizationConfig.from_hf(cfg["quantization_config"]) if cfg.get("quantization_config") else None,
     )
+
+
+_HF_MODEL_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                  "Qwen3ForCausalLM": "qwen3"}
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face config.json dict of a dense float model (what a GGUF file describes), so
+    that transformers builds the network pdserve runs; ``from_hf_config`` parses it back to
+    ``cfg``. ValueError for what it cannot express (experts, quantization, other families)."""
+    if cfg.architecture not in _HF_MODEL_TYPE or cfg.num_experts or cfg.quantization is not None:
+        raise ValueError(f"no Hugging Face config for {cfg.architecture} (dense {', '.join(_HF_MODEL_TYPE)} only)")
+    qwen2 = cfg.architecture == "Qwen2ForCausalLM"  # q, k, v biased, o not; the others: attention_bias, all four
+    biases_ok = (cfg.qkv_bias, cfg.o_bias) == (True, False) if qwen2 else cfg.qkv_bias == cfg.o_bias
+    if not biases_ok or cfg.qk_norm != (cfg.architecture == "Qwen3ForCausalLM"):
+        raise ValueError(f"{cfg.architecture} has no config for these biases / norms")
+    out: dict[str, Any] = dict(
+        architectures=[cfg.architecture], model_type=_HF_MODEL_TYPE[cfg.architecture], vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        hidden_act="silu", rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
+    if not qwen2:
+        out["attention_bias"] = cfg.qkv_bias
+    if cfg.rope_scaling:
+        out["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.sliding_window:
+        out.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
+    if cfg.eos_token_ids:
+        out["eos_token_id"] = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids)
+    return out
 
 
 def _moe_fields(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
