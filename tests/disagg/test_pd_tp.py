@@ -41,7 +41,7 @@ def sent_bytes(kind: str, prompt_len: int, decode_tp: int) -> int:
     return math.ceil(prompt_len / BLOCK_SIZE) * LAYERS * 2 * BLOCK_SIZE * HEAD_BYTES * shard_heads * decode_tp
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", pytest.param("qwen2", marks=pytest.mark.slow), "mixtral"])
 def test_prefill_and_decode_of_different_tp_exchange_kv(kind, tmp_path):
     exchange_between_tps(kind, tmp_path, device="cpu", worker_args=())
 

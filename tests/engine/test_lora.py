@@ -197,6 +197,8 @@ def test_more_adapters_than_device_slots_swap_in_by_lru(tiny_models, adapters):
     assert stats["lora_swaps_total"] >= 4 and stats["kv_blocks_used"] == 0
 
 
+@pytest.mark.slow  # NOTE: ~35 s under the interpreter; the kernels' own tests (tests/kernels/test_lora_kernels.py)
+# stay in `make test`, and `make test-gpu` runs this with real graphs (test_lora_gpu.py)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-interpreter test; on a GPU test_lora_gpu.py runs it")
 def test_adapters_in_padded_decode_graphs_on_the_triton_backend(tiny_models, adapters):
     """Every linear layer is wrapped before the graphs are captured, so the graphs hold the
