@@ -1,7 +1,8 @@
 """W8A8 (SmoothQuant-style) int8 inference: Triton kernels for the quantized linear layers.
 
-Owns: ``quant_per_token`` (dynamic per-row activation quantization), ``int8_gemm`` (int8 x
-int8 -> int32 on the tensor cores, with the scales and bias applied in the epilogue),
+Owns: ``quant_per_token`` (dynamic per-row activation quantization; in 2-D tiles where the
+row maxima are known), ``int8_gemm`` (int8 x int8 -> int32 on the tensor cores, with the
+scales and bias applied in the epilogue),
 ``rms_norm_quant`` and ``silu_and_mul_quant`` (RMSNorm, resp. SiLU-and-mul, fused with the
 quantization of their output), ``int8_gemm_silu`` (the gate_up GEMM of prefill-sized steps
 with SiLU-and-mul in its epilogue), and ``Int8GemmConfig`` / ``default_gemm_config`` /
@@ -50,6 +51,9 @@ except ImportError:  # pragma: no cover
 _ONE_PASS_MAX = 16384
 _SILU_ONE_PASS_MAX = 8192
 _TWO_PASS_CHUNK = 4096
+# Tiles of the quantization with known row maxima: 8,192 elements, 32 a thread at 8 warps.
+_KNOWN_BLOCK_M = 4
+_KNOWN_BLOCK_N = 2048
 
 
 @dataclass(frozen=True)
@@ -108,14 +112,21 @@ def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> Int8Gem
     return Int8GemmConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=4, tma=tma)
 
 
-def quant_per_token(x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K] (float32/bf16/fp16) -> (q int8 [T, K], scale float32 [T, 1]), x ~= q * scale."""
+def quant_per_token(x: torch.Tensor, *, amax: torch.Tensor | None = None,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] (float32/bf16/fp16) -> (q int8 [T, K], scale float32 [T, 1]), x ~= q * scale.
+
+    ``amax`` [T] float32, each row's max |x| where its producer recorded it (``int8_gemm_silu``):
+    then the rows need no reduction and are quantized in 2-D tiles, one pass at copy speed.
+    """
     if x.dim() != 2:
         raise ValueError(f"expected x [T, K], got {tuple(x.shape)}")
     x = _rows_contiguous(x)
     q, scale = _quant_buffers(out, x.shape[0], x.shape[1], x.device)
-    _launch_quant_rows(x, q, scale, x.shape[1], silu=False)
+    if amax is None:
+        _launch_quant_rows(x, q, scale, x.shape[1], silu=False)
+    else:
+        _launch_quant_known(x, amax, q, scale)
     return q, scale
 
 
@@ -320,6 +331,18 @@ def _launch_quant_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, co
     )
 
 
+def _launch_quant_known(x: torch.Tensor, amax: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    rows, cols = x.shape
+    if amax.shape != (rows,) or amax.dtype != torch.float32:
+        raise ValueError(f"amax must be [{rows}] float32, got {tuple(amax.shape)} {amax.dtype}")
+    if rows == 0:
+        return
+    block_n = min(_KNOWN_BLOCK_N, triton.next_power_of_2(max(cols, 1)))
+    grid = (triton.cdiv(rows, _KNOWN_BLOCK_M), max(1, triton.cdiv(cols, block_n)))
+    _quant_known_kernel[grid](x, amax.contiguous(), q, scale, rows, cols, x.stride(0), q.stride(0),
+                              BLOCK_M=_KNOWN_BLOCK_M, BLOCK_N=block_n, num_warps=8)
+
+
 def k_splits(cfg: Int8GemmConfig, m: int, n: int, k: int, device: torch.device) -> int:
     """The number of K slices ``int8_gemm`` runs ``cfg`` with at this shape."""
     return _k_slices(cfg, triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k, device)[0]
@@ -432,6 +455,23 @@ def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, cols,
             v = _row_values(x_row, start + offs, mask, cols, SILU)
             tl.store(q_row + start + offs, _quantize(v, scale), mask=mask)
     tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _quant_known_kernel(x_ptr, amax_ptr, q_ptr, scale_ptr, M, N, stride_x, stride_q,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] tile of x quantized with its rows' recorded max |x| (the first
+    column tile also stores the rows' scales)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    scale = _row_scale(tl.load(amax_ptr + rows, mask=row_ok, other=0.0))
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    v = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(q_ptr + r64 * stride_q + cols[None, :], _quantize(v, scale[:, None]), mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
 @triton.jit

@@ -168,6 +168,31 @@ def test_quant_per_token_strided_and_out(device: torch.device, seed: int) -> Non
     check_quant(q, scale, *quant_per_token_ref(x), torch.float16, seed)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,k", [(0, 64), (1, 200), (3, 2050), (5, 4096), (9, 37),
+                                    pytest.param(8192, 14336, marks=GPU)])
+def test_quant_per_token_with_known_row_max(rows: int, k: int, dtype: torch.dtype, device: torch.device,
+                                            seed: int) -> None:
+    """Given each row's max |x| (as the SiLU GEMM records it), the tiled pass writes the bits
+    of the row-by-row pass, into strided rows and given buffers too."""
+    wide = (torch.randn(rows, k + 16, device=device) * torch.rand(rows, 1, device=device) * 4).to(dtype)
+    x = wide[:, 8:8 + k]
+    if rows > 2:
+        x[1] = 0
+        x[2] = (torch.randint(-127, 127, (k,), device=device) + 0.5).to(dtype)
+        x[2, 0] = 127
+    amax = x.float().abs().amax(dim=1) if k else torch.zeros(rows, device=device)
+    q = torch.full((rows, k), 99, dtype=torch.int8, device=device)
+    scale = torch.full((rows, 1), float("nan"), device=device)
+    got_q, got_scale = quant_per_token(x, amax=amax, out=(q, scale))
+    assert got_q.data_ptr() == q.data_ptr() and got_scale.data_ptr() == scale.data_ptr()
+    want_q, want_scale = quant_per_token(x)
+    assert torch.equal(q, want_q) and torch.equal(scale, want_scale), f"seed={seed}"
+    check_quant(q, scale, *quant_per_token_ref(x), dtype, seed)
+    with pytest.raises(ValueError, match="amax must be"):
+        quant_per_token(x, amax=amax[:, None])
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [200, 576, 4096])
@@ -226,8 +251,8 @@ def test_int8_gemm_silu_is_the_gemm_then_silu_and_mul(m: int, inter: int, k: int
     assert h.shape == (m, inter) and h.dtype == dtype and amax.shape == (m,)
     assert torch.equal(amax, h.float().abs().amax(dim=1)), f"seed={seed}"
     want_q, want_scale = silu_and_mul_quant(gate_up)
-    got_q, got_scale = quant_per_token(h)
-    assert torch.equal(got_q, want_q) and torch.equal(got_scale, want_scale), f"seed={seed}"
+    for got_q, got_scale in (quant_per_token(h), quant_per_token(h, amax=amax)):
+        assert torch.equal(got_q, want_q) and torch.equal(got_scale, want_scale), f"seed={seed}"
     gate, up = gate_up.float().chunk(2, dim=1)
     expect = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype)
     torch.testing.assert_close(h, expect, rtol=2e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)

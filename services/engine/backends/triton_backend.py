@@ -103,7 +103,7 @@ class TritonBackend:
         if x.shape[0] <= FUSED_GEMV_MAX_ROWS and int8_gemv_fused.fusable(weight):
             # NOTE: the quantization rides in the GEMV: one launch where there were two
             return int8_gemv_fused.int8_gemv_dynamic(x, weight, weight_scale, bias, amax)
-        q, scale = int8.quant_per_token(x)
+        q, scale = int8.quant_per_token(x, amax=amax)
         return self.int8_linear(q, scale, weight, weight_scale, bias, x.dtype)
 
     def int8_linear_silu(self, q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
