@@ -2,7 +2,8 @@
 
 Owns: ``ModelConfig`` (frozen), its JSON form, and the parsers that build it from
 a Hugging Face ``config.json`` dict, from GGUF metadata, or from a named dummy
-preset; the way back to a ``config.json`` dict for dense models (``to_hf_config``). The differences between Llama-family decoders (qkv bias, q/k norm, rope
+preset; the way back to a ``config.json`` dict for dense models (``to_hf_config``).
+The differences between Llama-family decoders (qkv bias, q/k norm, rope
 scaling, tied embeddings, sliding window) are flags here; so are the fields of
 mixture-of-experts models (expert counts, top-k, sparse layers) and the
 checkpoint's ``quantization_config``. Which architectures and quantizations can

@@ -113,7 +113,7 @@ def _load_float(source):
 def _load_gguf(path: str):
     """A GGUF file through the engine's own conversion (dequantized once into the user cache,
     Hugging Face names and layouts): transformers then reads safetensors instead of parsing the
-    GGUF itself (on the default model ~5 s instead of ~45)."""
+    GGUF itself (the default model, conversion cached: a few seconds instead of ~45)."""
     import tempfile
 
     import torch
