@@ -2102,19 +2102,22 @@ static int lora_block_size(int n, long cost, int align) {
 /* Each slot's tokens in blocks of at most LORA_TOKENS (malloc'd; *count of them), but those of
  * rank-0 slots (ranks NULL: none); *rows: the end of the last such slot's tokens in sorted order
  * (the scratch's rows). */
+static inline int lora_slot_tokens(const int32_t *count, const int32_t *ranks, int s) {
+    return ranks && ranks[s] <= 0 ? 0 : count[s];  /* a rank-0 slot's tokens: no work */
+}
 static lora_block_t *lora_blocks(const int32_t *start, const int32_t *count, const int32_t *ranks, int slots,
                                  int *nblocks, int *rows) {
     int n = 0, end = 0;
     for (int s = 0; s < slots; s++) {
-        if (ranks && ranks[s] <= 0) continue;
-        n += (count[s] + LORA_TOKENS - 1) / LORA_TOKENS;
-        if (count[s] > 0 && start[s] + count[s] > end) end = start[s] + count[s];
+        int c = lora_slot_tokens(count, ranks, s);
+        n += (c + LORA_TOKENS - 1) / LORA_TOKENS;
+        if (c > 0 && start[s] + c > end) end = start[s] + c;
     }
     lora_block_t *blocks = malloc((size_t)(n > 0 ? n : 1) * sizeof *blocks);
     if (!blocks) abort();
     n = 0;
     for (int s = 0; s < slots; s++)
-        for (int j = 0; j < (ranks && ranks[s] <= 0 ? 0 : count[s]); j += LORA_TOKENS)
+        for (int j = 0; j < lora_slot_tokens(count, ranks, s); j += LORA_TOKENS)
             blocks[n++] = (lora_block_t){s, j, count[s] - j < LORA_TOKENS ? count[s] : j + LORA_TOKENS};
     *nblocks = n;
     *rows = end;

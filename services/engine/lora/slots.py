@@ -108,7 +108,6 @@ class AdapterSlots:
         self._model, self._modules = model, dict(model.named_modules())
         self._device, self._dtype = device, dtype
         self._host: dict[str, Placed] = {}  # every registered adapter, in host memory
-        self._rank: dict[str, int] = {}  # and its rank
         self._slot: dict[str, int] = {}  # the resident ones
         self._stacks: dict[str, LayerStack] = self._wrap_linear_layers()  # layer path -> its stacks
 
@@ -145,7 +144,6 @@ class AdapterSlots:
         self._host[adapter.name] = [(layer, part, a.to(self._dtype).contiguous(),
                                      (b * adapter.scaling).to(self._dtype).contiguous())
                                     for layer, part, a, b in placed]
-        self._rank[adapter.name] = adapter.rank
 
     @torch.inference_mode()  # NOTE: the stacks are made inside inference mode; only it may write them
     def activate(self, slot: int, name: str) -> None:
@@ -160,13 +158,12 @@ class AdapterSlots:
             stack.part_a(slot, part)[:a.shape[0]].copy_(a, non_blocking=True)
             stack.part_b(slot, part)[:, :b.shape[1]].copy_(b, non_blocking=True)
         self._slot[name] = slot
-        self.rows.set_rank(slot, self._rank[name])
+        self.rows.set_rank(slot, max((a.shape[0] for _, _, a, _ in self._host[name]), default=0))
 
     @torch.inference_mode()
     def unload(self, name: str) -> None:
         """Forget ``name`` (its slot zeroed, so a later adapter there starts clean); KeyError when unknown."""
         del self._host[name]
-        del self._rank[name]
         slot = self._slot.pop(name, None)
         if slot is not None:
             self._zero(slot)
