@@ -45,10 +45,23 @@ def check_quant(q: torch.Tensor, scale: torch.Tensor, ref_q: torch.Tensor, ref_s
     if exact:
         assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
         return
-    # a last-bit difference in a row's largest value moves its scale by that much
-    assert torch.allclose(scale, ref_scale, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
+    rtol, steps = fused_quant_bounds(dtype)
+    assert torch.allclose(scale, ref_scale, rtol=rtol, atol=0)
     diff = (q.int() - ref_q.int()).abs()
-    assert int((diff > 1).sum()) == 0 and int((diff != 0).sum()) <= diff.numel() // 100
+    assert int((diff > steps).sum()) == 0 and int((diff != 0).sum()) <= diff.numel() // 100
+
+
+def fused_quant_bounds(dtype: torch.dtype) -> tuple[float, int]:
+    """(scale's relative bound, q's bound in steps) of a fused quantizer against torch.
+
+    The kernel's float32 sum of squares (or exp) differs from torch's in the last bits, so
+    an element rounded to bf16 twice (normed to bf16, times w, to bf16 again) can land two
+    bf16 steps from torch's: one step of the first rounding is up to 2^-7 of the value, the
+    second rounding adds 2^-8. The row's largest value sets its scale, so the scale may
+    move by 3 * 2^-8, and q = x / scale (up to 127) by 1.5 steps plus its own rounding."""
+    if dtype == torch.float32:
+        return 1e-6, 1
+    return 3 * 2.0 ** -8, 2
 
 
 @pytest.mark.parametrize("build", sorted(BUILDS))
@@ -206,5 +219,6 @@ def test_backends(out_dtype: torch.dtype) -> None:
     pairs = ((cpu.rms_norm_quant(x, weight, 1e-6, residual), ref.rms_norm_quant_ref(x, weight, 1e-6, residual)),
              (cpu.silu_and_mul_quant(x), ref.silu_and_mul_quant_ref(x)))
     for got, expected in pairs:
-        assert (got[0].int() - expected[0].int()).abs().max() <= 1
-        assert torch.allclose(got[1], expected[1], rtol=8e-3, atol=0)
+        rtol, steps = fused_quant_bounds(out_dtype)
+        assert (got[0].int() - expected[0].int()).abs().max() <= steps
+        assert torch.allclose(got[1], expected[1], rtol=rtol, atol=0)

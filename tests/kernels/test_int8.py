@@ -33,11 +33,12 @@ FUSED_DTYPES = [_bf16_on_gpu(d) for d in DTYPES]
 
 def check_quant(q: torch.Tensor, scale: torch.Tensor, ref_q: torch.Tensor, ref_scale: torch.Tensor,
                 dtype: torch.dtype, seed: int) -> None:
-    """Scales equal to 1e-6 (a row whose max sits on a rounding boundary of dtype may be one
-    dtype step off, at most 1% of rows); q within one step, off at all on at most 0.1% (at
-    least two elements: the kernel's float32 sum of squares and rsqrt differ from torch's in
-    the last bits, and an element whose normed value lands within that of a 16-bit rounding
-    boundary rounds the other way, about 1e-4 of elements)."""
+    """Scales equal to 1e-6 (a row whose max sits on a rounding boundary of dtype may be up
+    to two dtype steps off, at most 1% of rows); q within one step (two on such a row), off
+    at all on at most 0.1% (at least two elements: the kernel's float32 sum of squares and
+    rsqrt differ from torch's in the last bits, and an element whose normed value lands
+    within that of a 16-bit rounding boundary rounds the other way, about 1e-4 of
+    elements)."""
     rows = ref_q.shape[0]
     assert q.dtype == torch.int8 and q.shape == ref_q.shape, f"q {q.dtype} {tuple(q.shape)}"
     assert scale.dtype == torch.float32 and scale.shape == (rows, 1), f"scale {scale.dtype} {tuple(scale.shape)}"
@@ -51,8 +52,10 @@ def check_quant(q: torch.Tensor, scale: torch.Tensor, ref_q: torch.Tensor, ref_s
         f"scale relative error {rel.max():.3e} on {off_rows.sum()} rows, seed={seed}"
     diff = (q.int() - ref_q.int()).abs().cpu()
     where = [tuple(i) for i in (diff > 0).nonzero()[:8].tolist()]
-    assert diff.max() <= 1, f"q off by {diff.max()} at {where}, seed={seed}"
     kept = diff[~off_rows]
+    # a row whose scale moved by up to 2^-6 moves its largest q (127) by up to 2 steps
+    assert kept.numel() == 0 or int(kept.max()) <= 1, f"q off by {diff.max()} at {where}, seed={seed}"
+    assert diff.max() <= 2, f"q off by {diff.max()} at {where}, seed={seed}"
     assert (kept != 0).sum() <= max(2, kept.numel() // 1000), \
         f"q off on {(kept != 0).sum()} of {kept.numel()} elements (first at {where}), seed={seed}"
 
