@@ -25,8 +25,9 @@ Grouped path (prefill), five launches (four for T*K <= 64):
 - ``_gate_up_kernel``: per (row block, column tile), the block's gathered x rows @ its
   expert's w13.T, gate and up column tiles side by side, SiLU-and-mul in the epilogue
   -> ``act [T*K, I]`` in x's dtype (row = pair id ``t * K + k``).
-- ``_down_kernel``: act rows @ w2[e].T times the pair's routing weight -> float32
-  ``partial [T*K, H]``; ``_sum_topk_kernel`` adds each token's K rows into ``out``.
+- ``_down_kernel``: act rows @ w2[e].T times the pair's routing weight -> float32 (or, with
+  ``MoeConfig.wide_partials`` off, x's dtype) ``partial [T*K, H]``; ``_sum_topk_kernel``
+  adds each token's K rows into ``out`` in float32.
 """
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ class MoeConfig:
 
     ``block_n`` columns of gate and as many of up per program in the first; ``group_m``
     row blocks share each column tile in launch order, so weight tiles are reused from L2.
+    ``wide_partials``: each (token, k) pair's weighted down output is kept in float32 until
+    the top-k sum; off, in x's dtype (half the scratch bytes of a 16-bit model: written once
+    and read once per pair, about a fifth of a long prefill's MoE time on an H100), each
+    pair's contribution then rounded once before the float32 sum.
     """
 
     block_m: int = 16
@@ -68,6 +73,7 @@ class MoeConfig:
     group_m: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    wide_partials: bool = True
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     plan = align_pairs(topk_ids, num_experts, cfg.block_m)
     max_blocks = plan.block_experts.shape[0]
     act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
-    partial = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
+    partial = torch.empty((pairs, hidden), dtype=torch.float32 if cfg.wide_partials else x.dtype, device=x.device)
     routing = topk_weights.to(torch.float32).reshape(-1).contiguous()
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_args(x))
@@ -431,7 +437,7 @@ def _down_kernel(act_ptr, w_ptr, partial_ptr, routing_ptr, sorted_ids_ptr, block
         b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     acc *= tl.load(routing_ptr + pairs, mask=row_ok, other=0.0)[:, None]
-    tl.store(partial_ptr + pairs[:, None] * stride_partial + cols[None, :], acc,
+    tl.store(partial_ptr + pairs[:, None] * stride_partial + cols[None, :], acc.to(partial_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -442,7 +448,7 @@ def _sum_topk_kernel(partial_ptr, out_ptr, hidden, stride_out, TOP_K: tl.constex
     ok = cols < hidden
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in range(TOP_K):
-        acc += tl.load(partial_ptr + (token * TOP_K + k) * hidden + cols, mask=ok, other=0.0)
+        acc += tl.load(partial_ptr + (token * TOP_K + k) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 

@@ -11,6 +11,8 @@ import torch
 from pdserve.kernels import moe
 from pdserve.kernels.moe import MoeConfig, PairsConfig, align_pairs, default_config, fused_moe, use_pairs_path
 from pdserve.kernels.reference import fused_moe_ref
+from .conftest import HAS_CUDA
+from .pairwise import pairwise_params
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 I32, I64 = torch.int32, torch.int64
@@ -37,6 +39,14 @@ PAIRS_CASES = [
 ]
 # A small launch shape: several column steps and tiles, ragged last ones.
 SMALL_PAIRS = PairsConfig(block_n=8, block_k=16, down_block_h=8, down_block_k=16)
+
+
+def _case_id(value: object) -> str:
+    if value is None:
+        return "default"
+    if value is SMALL_PAIRS:
+        return "small"
+    return "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def make_moe(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
@@ -70,12 +80,12 @@ def test_fused_moe(tokens: int, experts: int, top_k: int, hidden: int, inter: in
         check_close(got, ref64(x, w13, w2, weights, ids), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", [None, SMALL_PAIRS], ids=["default", "small"])
-@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,ids_dtype", PAIRS_CASES, ids=str)
-def test_fused_moe_pairs(tokens: int, experts: int, top_k: int, hidden: int, inter: int, ids_dtype: torch.dtype,
-                         config: PairsConfig | None, dtype: torch.dtype, device: torch.device, check_close) -> None:
+@pytest.mark.parametrize("case,config,dtype", pairwise_params((PAIRS_CASES, [None, SMALL_PAIRS], DTYPES),
+                                                               full=HAS_CUDA), ids=_case_id)
+def test_fused_moe_pairs(case: tuple, config: PairsConfig | None, dtype: torch.dtype, device: torch.device,
+                         check_close) -> None:
     """The pairs path into a poisoned out= buffer; routing tensors column-major (strided)."""
+    tokens, experts, top_k, hidden, inter, ids_dtype = case
     x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, hidden, inter, dtype, device, ids_dtype)
     ids, weights = ids.t().contiguous().t(), weights.t().contiguous().t()
     if config is None:
@@ -121,13 +131,19 @@ def test_fused_moe_idle_experts(dtype: torch.dtype, device: torch.device, check_
     check_close(got, ref64(x, w13, w2, weights, ids), dtype)
 
 
+@pytest.mark.parametrize("wide_partials", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_moe_prefill_blocks(dtype: torch.dtype, device: torch.device, check_close) -> None:
+def test_fused_moe_prefill_blocks(dtype: torch.dtype, wide_partials: bool, device: torch.device,
+                                  check_close) -> None:
     """A prefill launch shape: 64-row blocks, several for one expert, grouped launch order (the
-    last group of row blocks partial)."""
+    last group of row blocks partial); the pairs' partial sums in float32 or in x's dtype."""
     x, w13, w2, weights, ids = make_moe(70, 4, 2, 72, 40, dtype, device, used_experts=3)
-    cfg = MoeConfig(block_m=64, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
-    check_close(fused_moe(x, w13, w2, weights, ids, config=cfg), ref64(x, w13, w2, weights, ids), dtype)
+    cfg = MoeConfig(block_m=64, block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1,
+                    wide_partials=wide_partials)
+    got = fused_moe(x, w13, w2, weights, ids, config=cfg)
+    check_close(got, ref64(x, w13, w2, weights, ids), dtype)
+    if dtype == torch.float32:  # x's dtype is float32: the same partials either way
+        assert torch.equal(got, fused_moe(x, w13, w2, weights, ids, config=replace(cfg, wide_partials=True)))
 
 
 @pytest.mark.parametrize("tokens,block_m", [(2, 16), (23, 16), (23, 64), (3000, 16)])
