@@ -81,10 +81,12 @@ def default_gemv_config(m: int, n: int, k: int, device: torch.device) -> Int8Gem
     NOTE: chosen from ``python3 -m pdserve.bench.int8_gemv``'s sweep on an H100 over
     Llama-3-8B's projections: within 4% of each shape's best at M <= 2, 8% at M = 4
     (where 2 warps or 512-byte steps won on some shapes); wider tiles gained at most 1%
-    anywhere, and K slices were never among the fastest there.
+    anywhere, and K slices were never among the fastest there. Off the GPU (the Triton
+    interpreter, whose cost is per program and per operation, not per byte) 64 rows.
     """
     block_k = 2048 if _block_m(m) <= 2 else 1024
-    return Int8GemvConfig(block_n=4, block_k=block_k, num_warps=4, num_stages=3, split_k=0)
+    block_n = 4 if device.type == "cuda" else 64
+    return Int8GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, split_k=0)
 
 
 def gemv_k_splits(cfg: Int8GemvConfig, n: int, k: int, device: torch.device, packed: bool = True) -> int:

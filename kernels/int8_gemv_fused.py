@@ -61,13 +61,14 @@ class FusedGemvConfig:
     num_stages: int = 3
 
 
-def default_fused_config(m: int, n: int, k: int) -> FusedGemvConfig:
+def default_fused_config(m: int, n: int, k: int, device: torch.device) -> FusedGemvConfig:
     """Wider tiles than ``int8_gemv``'s (8 weight rows, not 4): every program quantizes the
     whole activation row again, so the column tiles set how often that work is repeated.
     NOTE: from ``python3 -m pdserve.bench.int8_gemv_fused`` on an H100 (Llama-3-8B shapes):
     within 3% of the fastest of its sweep at M = 1 (2048-byte steps) and M = 2 (1024); 4, 16
-    or 32 rows per program and 4096-byte steps were slower."""
-    return FusedGemvConfig(block_n=8, block_k=2048 if m <= 1 else 1024)
+    or 32 rows per program and 4096-byte steps were slower. Off the GPU (the Triton
+    interpreter: its cost is per program and per operation) 64 rows."""
+    return FusedGemvConfig(block_n=8 if device.type == "cuda" else 64, block_k=2048 if m <= 1 else 1024)
 
 
 def fusable(weight: torch.Tensor) -> bool:
@@ -88,7 +89,7 @@ def int8_gemv_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or default_fused_config(m, n, k)
+    cfg = config or default_fused_config(m, n, k, x.device)
     x = _rows_contiguous(x)
     w_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
     bias = None if bias is None else bias.reshape(-1).contiguous()
@@ -117,7 +118,7 @@ def int8_gemv_silu(q: torch.Tensor, q_scale: torch.Tensor, weight: torch.Tensor,
         return h, amax
     if not fusable(q):
         q = q.contiguous()
-    cfg = config or default_fused_config(m, n, k)
+    cfg = config or default_fused_config(m, n, k, q.device)
     block_u = cfg.block_k // _WORD
     half = max(1, cfg.block_n // 2)  # gate rows and as many up rows: block_n weight rows a program
     _gemv_silu_kernel[(triton.cdiv(inter, half),)](

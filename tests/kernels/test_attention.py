@@ -14,6 +14,8 @@ import torch
 
 from pdserve.kernels.attention import DecodeConfig, paged_attention, paged_decode_attention
 from pdserve.kernels.reference import paged_attention_ref
+from .conftest import HAS_CUDA
+from .pairwise import pairwise_params
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KV_HEADS = {"small": 2, "large": 8}
@@ -108,11 +110,8 @@ def run_attention(name: str, batch: Batch, scale: float, out: torch.Tensor) -> t
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name", ["decode", "decode_split", "mixed", "prefill"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("group,head_dim,block_size,dtype,name", pairwise_params(
+    ([1, 3, 4], [64, 128], [16, 32], DTYPES, ["decode", "decode_split", "mixed", "prefill"]), full=HAS_CUDA), ids=str)
 def test_paged_attention(group: int, head_dim: int, block_size: int, dtype: torch.dtype, name: str,
                          size: str, device: torch.device, check_close) -> None:
     kv_heads = KV_HEADS[size]

@@ -17,6 +17,7 @@ from pdserve.kernels.reference import (int8_linear_ref, quant_per_token_ref, rms
                                        silu_and_mul_quant_ref)
 
 from .conftest import HAS_CUDA, capture_without_sync
+from .pairwise import pairwise_params
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GPU = pytest.mark.gpu
@@ -238,15 +239,25 @@ def test_silu_and_mul_quant(rows: int, inter: int, dtype: torch.dtype, device: t
 SILU_CONFIGS = [Int8GemmConfig(32, 64, 64, group_m=2), Int8GemmConfig(32, 32, 64, group_m=4, tma=True)]
 
 
-@pytest.mark.parametrize("config", SILU_CONFIGS + [None], ids=["pointers", "tma", "default"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,inter,k", [(70, 45, 208), (5, 24, 256), (33, 40, 100),
-                                       pytest.param(2048, 14336, 4096, marks=GPU)])
-def test_int8_gemm_silu_is_the_gemm_then_silu_and_mul(m: int, inter: int, k: int, dtype: torch.dtype,
+def _silu_case_id(value: object) -> str:
+    if isinstance(value, Int8GemmConfig):
+        return "tma" if value.tma else "pointers"
+    return "default" if value is None else "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+SILU_CASES = pairwise_params(([(70, 45, 208), (5, 24, 256), (33, 40, 100)], DTYPES, SILU_CONFIGS + [None]),
+                             full=HAS_CUDA)
+
+
+@pytest.mark.parametrize("shape,dtype,config", SILU_CASES + [
+    pytest.param((2048, 14336, 4096), dtype, config, marks=GPU) for dtype in DTYPES for config in SILU_CONFIGS + [None]
+], ids=_silu_case_id)
+def test_int8_gemm_silu_is_the_gemm_then_silu_and_mul(shape: tuple[int, int, int], dtype: torch.dtype,
                                                       config: Int8GemmConfig | None, device: torch.device,
                                                       seed: int) -> None:
     """h and its row max from the fused epilogue quantize to the bits of the unfused GEMM +
     SiLU-and-mul-quantize; h is silu(gate) * up of the rounded GEMM output."""
+    m, inter, k = shape
     q, q_scale, w, w_scale, _ = _gemm_inputs(m, 2 * inter, k, device, None)
     q_scale /= 4  # keep float16-sized outputs at K = 4096
     h, amax = int8_gemm_silu(q, q_scale, w, w_scale, dtype, config=config)
