@@ -2,13 +2,16 @@
 
 Owns: the C structs ``pd_decoder_layer_*`` reads (``csrc/cpu_kernels.c``): a layer's
 weights and sizes (``_Weights``, or ``_W8A8Weights`` for int8 projections, made once per
-layer at load) and one step's rows, positions, cache tables and workspace (``_Step``, made
-once per step and read by every layer), and ``FusedDecoder``, a model's stack of such
-layers. A layer call runs RMSNorm, the qkv projection, rotary + KV store, paged attention,
-the output projection, RMSNorm, gate_up, SiLU-and-mul and down in that order on the same
-kernels the per-op path calls (W8A8: with each projection's input quantized per token, in
-the norm's or SiLU-and-mul's pass where the op-by-op path does so), so the result is the
-same to the bit; at batch 1 a dozen Python calls per layer cost as much as the layer's work.
+layer at load; ``_LayerLoRA``, its projections' adapter stacks) and one step's rows,
+positions, cache tables, adapter slots and workspace (``_Step``, made once per step and read
+by every layer), and ``FusedDecoder``, a model's stack of such layers. A layer call runs
+RMSNorm, the qkv projection, rotary + KV store, paged attention, the output projection,
+RMSNorm, gate_up, SiLU-and-mul and down in that order on the same kernels the per-op path
+calls (W8A8: with each projection's input quantized per token, in
+the norm's or SiLU-and-mul's pass where the op-by-op path does so; a projection with LoRA
+adapters: the step's delta added to its output, ``pd_lora_delta`` over the step's token
+slots), so the result is the same to the bit; at batch 1 a dozen Python calls per layer
+cost as much as the layer's work.
 
 Lifecycle: ``FusedDecoder(kernels, layers)`` once after the weights are packed (each
 layer any object with ``DecoderLayerWeights``' fields: ``pdserve.engine.backends.base``);
@@ -27,10 +30,18 @@ from pdserve.kernels.cpu import CpuKernels
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
+class _LoRAStacks(ctypes.Structure):
+    _fields_ = [("a", _P), ("b", _P), ("ends", _P), ("parts", _I), ("r", _I)]
+
+
+class _LayerLoRA(ctypes.Structure):
+    _fields_ = [("qkv", _LoRAStacks), ("o", _LoRAStacks), ("gate_up", _LoRAStacks), ("down", _LoRAStacks)]
+
+
 class _Weights(ctypes.Structure):
     _fields_ = [("input_norm", _P), ("post_norm", _P), ("qkv", _P), ("qkv_bias", _P), ("o", _P),
                 ("o_bias", _P), ("gate_up", _P), ("down", _P), ("eps", _F), ("scale", _F), ("hidden", _I),
-                ("hq", _I), ("hkv", _I), ("d", _I), ("inter", _I)]
+                ("hq", _I), ("hkv", _I), ("d", _I), ("inter", _I), ("lora", ctypes.POINTER(_LayerLoRA))]
 
 
 class _W8A8Weights(ctypes.Structure):
@@ -44,7 +55,8 @@ class _Step(ctypes.Structure):
     _fields_ = [("rows", _I), ("batch", _I), ("width", _I), ("bs", _I), ("threads", _I), ("first", _I),
                 ("positions", _P), ("slots", _P), ("cos_sin", _P), ("tables", _P), ("qsl", _P), ("lens", _P),
                 ("x", _P), ("res", _P), ("qkv", _P), ("attn", _P), ("h", _P), ("gate_up", _P), ("act", _P),
-                ("scratch", _P), ("q", _P), ("q_scale", _P)]
+                ("scratch", _P), ("q", _P), ("q_scale", _P), ("lora_sorted", _P), ("lora_start", _P),
+                ("lora_count", _P), ("lora_ranks", _P), ("lora_slots", _I)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -62,6 +74,9 @@ class FusedDecoder:
         self.hq, self.hkv, self.d = first.num_heads, first.num_kv_heads, first.head_dim
         self._tensors: list[Any] = list(layers)  # NOTE: keeps every pointed-at tensor alive
         self._weights = [self._pack_w8a8(layer) if self.w8a8 else self._pack(layer) for layer in layers]
+        # the step's adapter slots: every wrapped projection reads the same mapping
+        loras = [lora for layer in layers for lora in _loras(layer) if lora is not None]
+        self._lora_mapping = loras[0].mapping if loras else None
 
     @staticmethod
     def supports(kernels: CpuKernels, layer: Any) -> bool:
@@ -78,12 +93,32 @@ class FusedDecoder:
             ok_dtype = dtype in kernels.linear_vec
         vectors = all(t is None or (t.dtype == dtype and t.is_contiguous())
                       for t in (layer.input_norm, layer.post_norm, layer.qkv_bias, layer.o_bias))
-        return ok_dtype and packed and vectors
+        loras = [lora for lora in _loras(layer) if lora is not None]
+        stacks = all(t.dtype == dtype and t.is_contiguous() for lora in loras for t in (lora.a, lora.b))
+        return ok_dtype and packed and vectors and stacks and not (layer.w8a8 and loras)
 
     def _pack(self, layer: Any) -> _Weights:
         return _Weights(_ptr(layer.input_norm), _ptr(layer.post_norm), _ptr(layer.qkv), _ptr(layer.qkv_bias),
                         _ptr(layer.o), _ptr(layer.o_bias), _ptr(layer.gate_up), _ptr(layer.down), layer.eps,
-                        layer.scale, self.hidden, self.hq, self.hkv, self.d, self.inter)
+                        layer.scale, self.hidden, self.hq, self.hkv, self.d, self.inter, self._pack_lora(layer))
+
+    def _pack_lora(self, layer: Any) -> Any:
+        """A pointer to the layer's LoRA stacks (NULL where no projection has adapters)."""
+        loras = _loras(layer)
+        if all(lora is None for lora in loras):
+            return None
+        stacks = []
+        for lora in loras:
+            if lora is None:
+                stacks.append(_LoRAStacks())
+                continue
+            ends = (ctypes.c_int32 * len(lora.part_ends))(*lora.part_ends)
+            self._tensors.append(ends)
+            stacks.append(_LoRAStacks(_ptr(lora.a), _ptr(lora.b), ctypes.addressof(ends), len(lora.part_ends),
+                                      lora.b.shape[2]))
+        packed = _LayerLoRA(*stacks)
+        self._tensors.append(packed)
+        return ctypes.pointer(packed)
 
     def _pack_w8a8(self, layer: Any) -> _W8A8Weights:
         """The int8 GEMM reads float32 scales and biases: vectors of them made here, kept alive."""
@@ -122,9 +157,16 @@ class FusedDecoder:
         # W8A8: each projection's input quantized per token
         q = torch.empty(rows * max(self.hidden, self.hq * self.d, self.inter) if self.w8a8 else 0, dtype=torch.int8)
         q_scale = torch.empty(rows if self.w8a8 else 0, dtype=torch.float32)
+        mapping = None if self._lora_mapping is None else self._lora_mapping(rows)
+        if mapping is not None and not all(t.dtype == torch.int32 and t.is_contiguous() for t in (
+                mapping.sorted_tokens, mapping.slot_start, mapping.slot_count, *_present(mapping.slot_rank))):
+            raise ValueError("CPU kernel: the step's adapter slots must be contiguous int32")
+        slots = () if mapping is None else (_ptr(mapping.sorted_tokens), _ptr(mapping.slot_start),
+                                            _ptr(mapping.slot_count), _ptr(mapping.slot_rank),
+                                            mapping.slot_start.numel())
         step = _Step(rows, seq_lens.shape[0], index[2].shape[1], bs, threads, 1, *(_ptr(t) for t in index[:2]),
                      _ptr(cos_sin), *(_ptr(t) for t in index[2:]), _ptr(x), _ptr(res), _ptr(qkv), _ptr(attn),
-                     _ptr(h), _ptr(gate_up), _ptr(act), _ptr(scratch), _ptr(q), _ptr(q_scale))
+                     _ptr(h), _ptr(gate_up), _ptr(act), _ptr(scratch), _ptr(q), _ptr(q_scale), *slots)
         step_ref, stride = ctypes.byref(step), kv_cache.stride(1)
         layer_bytes = kv_cache.stride(0) * kv_cache.element_size()
         base = kv_cache.data_ptr()
@@ -135,6 +177,15 @@ class FusedDecoder:
             if on_layer_done is not None:
                 on_layer_done(i)
         return x, res
+
+
+def _present(t: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return () if t is None else (t,)
+
+
+def _loras(layer: Any) -> tuple[Any, Any, Any, Any]:
+    """The layer's LoRA stacks per projection (``LinearLoRA`` or None), in the C struct's order."""
+    return layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora
 
 
 __all__ = ["FusedDecoder"]

@@ -1992,11 +1992,24 @@ MOE_EXPERTS(bf16, uint16_t, 1)
  * Python forward calls them, on the same buffers, so the result is the same to the bit; the
  * per-op call overhead (a dozen calls per layer) is paid once. ---- */
 
+/* One projection's LoRA stacks (pd_lora_delta's a [S, parts * r, k] and b [S, n, r]); a NULL
+ * a: the projection has no adapters. */
+typedef struct {
+    const void *a, *b;
+    const int32_t *ends;                                         /* [parts]: each part's last column + 1 */
+    int parts, r;
+} pd_lora_stacks;
+
+typedef struct {
+    pd_lora_stacks qkv, o, gate_up, down;
+} pd_layer_lora;
+
 typedef struct {
     const void *input_norm, *post_norm;                          /* [hidden] */
     const void *qkv, *qkv_bias, *o, *o_bias, *gate_up, *down;    /* packed weights; biases [n] or NULL */
     float eps, scale;
     int hidden, hq, hkv, d, inter;
+    const pd_layer_lora *lora;                                   /* NULL: no projection has adapters */
 } pd_layer_weights;
 
 /* A W8A8 layer: int8 weights packed by pd_int8_prepack with float32 per-column scales; the
@@ -2020,7 +2033,21 @@ typedef struct {
     float *scratch;             /* threads * pd_attention_scratch_floats(...) */
     int8_t *q;                  /* W8A8: [rows, max(hidden, hq * d, inter)] quantized rows */
     float *q_scale;             /* W8A8: [rows] */
+    /* the step's tokens grouped by adapter slot (pd_lora_delta's); lora_slots 0: no token has one */
+    const int32_t *lora_sorted, *lora_start, *lora_count, *lora_ranks;
+    int lora_slots;
 } pd_layer_step;
+
+void pd_lora_delta_f32(float *y, long sy, const float *x, long sx, const float *a, const float *b,
+                       const int32_t *sorted, const int32_t *start, const int32_t *count, const int32_t *ends,
+                       int parts, int n, int k, int r, int slots, const int32_t *ranks, int threads);
+void pd_lora_delta_bf16(uint16_t *y, long sy, const uint16_t *x, long sx, const uint16_t *a, const uint16_t *b,
+                        const int32_t *sorted, const int32_t *start, const int32_t *count, const int32_t *ends,
+                        int parts, int n, int k, int r, int slots, const int32_t *ranks, int threads);
+
+/* y [rows, n] += the LoRA delta of x [rows, k] where the projection has adapters and the step
+ * has adapter tokens: what LoRALinearMethod adds after the base matmul. */
+#define LAYER_LORA(SUF, w, s, part, y, x, n, k)                                                    if ((w)->lora && (w)->lora->part.a && (s)->lora_slots)                                           pd_lora_delta_##SUF(y, n, x, k, (w)->lora->part.a, (w)->lora->part.b, (s)->lora_sorted,                             (s)->lora_start, (s)->lora_count, (w)->lora->part.ends, (w)->lora->part.parts,                             n, k, (w)->lora->part.r, (s)->lora_slots, (s)->lora_ranks, (s)->threads);
 
 #define DECODER_LAYER(SUF, T)                                                                  \
 void pd_decoder_layer_##SUF(const pd_layer_weights *w, const pd_layer_step *s, T *kv, size_t stride) { \
@@ -2029,15 +2056,19 @@ void pd_decoder_layer_##SUF(const pd_layer_weights *w, const pd_layer_step *s, T
     T *x = s->x, *res = s->res, *h = s->h, *qkv = s->qkv, *attn = s->attn;                   \
     pd_rms_norm_##SUF(x, hid, s->first ? NULL : res, hid, w->input_norm, h, res, rows, hid, w->eps, th); \
     pd_linear_##SUF(h, hid, w->qkv, w->qkv_bias, qkv, qkvn, rows, qkvn, hid, th);           \
+    LAYER_LORA(SUF, w, s, qkv, qkv, h, qkvn, hid)                                            \
     pd_rotary_store_##SUF(qkv, qkvn, qkv + qn, qkvn, qkv + qn + kvn, qkvn, s->positions, s->cos_sin, kv, \
                           stride, s->slots, rows, w->hq, w->hkv, w->d, s->bs, th);           \
     pd_paged_attention_##SUF(qkv, qkvn, kv, stride, s->tables, s->width, s->qsl, s->lens, attn, \
                              s->batch, w->hq, w->hkv, w->d, s->bs, w->scale, s->scratch, th); \
     pd_linear_##SUF(attn, qn, w->o, w->o_bias, h, hid, rows, hid, qn, th);                   \
+    LAYER_LORA(SUF, w, s, o, h, attn, hid, qn)                                               \
     pd_rms_norm_##SUF(h, hid, res, hid, w->post_norm, x, res, rows, hid, w->eps, th);        \
     pd_linear_##SUF(x, hid, w->gate_up, NULL, s->gate_up, i2, rows, i2, hid, th);            \
+    LAYER_LORA(SUF, w, s, gate_up, (T *)s->gate_up, x, i2, hid)                              \
     pd_silu_and_mul_##SUF(s->gate_up, i2, s->act, rows, w->inter, th);                       \
     pd_linear_##SUF(s->act, w->inter, w->down, NULL, x, hid, rows, hid, w->inter, th);       \
+    LAYER_LORA(SUF, w, s, down, x, (T *)s->act, hid, w->inter)                               \
 }
 
 /* The W8A8 layer: RMSNorm + quantize -> int8 qkv -> rotary + KV store -> attention ->

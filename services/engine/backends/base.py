@@ -175,11 +175,23 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
+class LinearLoRA:
+    """A projection's LoRA adapters as a fused layer reads them: the stacks ``lora_delta`` takes
+    (a [S, P * R, K], b [S, N, R]), the column where each of its P parts ends, and ``mapping``,
+    the step's token slots for T rows (None when no token has an adapter)."""
+    a: torch.Tensor
+    b: torch.Tensor
+    part_ends: tuple[int, ...]
+    mapping: Callable[[int], LoRAMapping | None]
+
+
+@dataclass(frozen=True)
 class DecoderLayerWeights:
     """A plain Llama-family decoder layer's tensors, as prepared for the backend: RMSNorm ->
     qkv (one merged weight) -> rotary, KV store, attention -> o -> RMSNorm -> gate_up (merged)
-    -> SiLU-and-mul -> down, with no adapters, q/k norms or collectives. Either every
-    projection is unquantized (the ``*_scale`` fields None) or every one is W8A8: int8
+    -> SiLU-and-mul -> down, with no q/k norms or collectives. Either every projection is
+    unquantized (the ``*_scale`` fields None), each with or without LoRA adapters (its delta
+    added to its output, as ``lora_delta``), or every one is W8A8 without adapters: int8
     weights with their per-output-column scales, each input quantized per token."""
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -198,6 +210,11 @@ class DecoderLayerWeights:
     o_scale: torch.Tensor | None = None
     gate_up_scale: torch.Tensor | None = None
     down_scale: torch.Tensor | None = None
+    # the adapters of each unquantized projection (None: it has none)
+    qkv_lora: LinearLoRA | None = None
+    o_lora: LinearLoRA | None = None
+    gate_up_lora: LinearLoRA | None = None
+    down_lora: LinearLoRA | None = None
 
     @property
     def w8a8(self) -> bool:

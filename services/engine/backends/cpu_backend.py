@@ -9,8 +9,9 @@ quantization, alone or fused into RMSNorm and SiLU-and-multiply, and the int8 GE
 for weights packed once at load by ``CpuKernels.prepack_int8_weight``). Float32 and
 bfloat16 linear layers multiply with the compiled GEMM over weights packed once at
 load (``prepare_linear_weight``), where the build vectorizes that dtype; a model of
-such plain layers runs each decoder layer as one compiled call (``fuse_decoder_layers``).
-The LoRA delta of a wrapped layer is one compiled call too (every adapter slot and part).
+such plain layers runs each decoder layer as one compiled call (``fuse_decoder_layers``),
+LoRA-wrapped projections included (the call adds their deltas). The LoRA delta of a
+wrapped layer run op by op is one compiled call too (every adapter slot and part).
 Every case the kernels do not cover runs the torch code it inherits.
 """
 from __future__ import annotations

@@ -110,9 +110,8 @@ class RankWorker:
         self.model = load_model(source, model_config, ctx, self.device, config.seed)
         self.backend = self.platform.backend(config.compiled_cpu_kernels)
         prepare_weights(self.model, self.backend)
-        if not config.enable_lora:  # NOTE: adapters wrap single layers: those run op by op
-            self.model.fuse_layers(self.backend)
         self.lora = self._adapter_slots(ctx.dtype) if config.enable_lora else None
+        self.model.fuse_layers(self.backend)  # NOTE: after the adapters wrap their layers
         self.kv_heads = self.model.kv_heads_per_rank()
         self.kv_cache: torch.Tensor | None = None
         self.runner: ModelRunner | None = None

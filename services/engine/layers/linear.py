@@ -25,7 +25,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
-from pdserve.engine.backends.base import Backend
+from pdserve.engine.backends.base import Backend, LinearLoRA
 from pdserve.engine.layers.context import LayerContext, divide
 from pdserve.engine.layers.loading import Shard, WeightSpec, read
 
@@ -117,14 +117,23 @@ class LinearBase(nn.Module):
     def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """This layer's prepared tensors where it is a plain ``x @ W.T (+ bias)`` on one rank, for
         a backend that fuses whole layers: (weight, None) unquantized, (int8 weight, per-column
-        scales) for W8A8 (its method's ``int8_weights``); None where an adapter, another method
-        or a collective is in the way."""
+        scales) for W8A8 (its method's ``int8_weights``); a method that wraps another (LoRA's)
+        answers for itself (``fused_weight``); None where another method or a collective is in
+        the way."""
         if self.ctx.tp_size != 1:
             return None
         if type(self.method) is UnquantizedLinearMethod:
             return self.weight, None
+        own = getattr(self.method, "fused_weight", None)
+        if own is not None:
+            return own(self)
         int8_weights = getattr(self.method, "int8_weights", None)
         return None if int8_weights is None else int8_weights(self)
+
+    def fused_lora(self) -> LinearLoRA | None:
+        """This layer's adapters for a fused layer (its method's ``fused_lora``), or None."""
+        lora = getattr(self.method, "fused_lora", None)
+        return None if lora is None else lora()
 
     @property
     def takes_int8_input(self) -> bool:

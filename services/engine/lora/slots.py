@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pdserve.engine.backends.base import Backend
-from pdserve.engine.layers import LinearBase, LinearMethod
+from pdserve.engine.backends.base import Backend, LinearLoRA
+from pdserve.engine.layers import LinearBase, LinearMethod, UnquantizedLinearMethod
 from pdserve.engine.lora.peft_format import PeftAdapter
 from pdserve.engine.lora.rows import StepRows
 
@@ -84,6 +84,14 @@ class LoRALinearMethod:
         if mapping is not None:
             be.lora_delta(y, x, self.stack.a, self.stack.b, mapping, self.stack.part_ends)
         return y
+
+    def fused_weight(self, layer: LinearBase) -> tuple[torch.Tensor, None] | None:
+        """The base weight for a fused layer that adds this method's deltas itself (``fused_lora``):
+        an unquantized base only."""
+        return (layer.weight, None) if type(self.base) is UnquantizedLinearMethod else None
+
+    def fused_lora(self) -> LinearLoRA:
+        return LinearLoRA(self.stack.a, self.stack.b, self.stack.part_ends, self.rows.mapping)
 
 
 Placed = list[tuple[str, object, torch.Tensor, torch.Tensor]]  # (layer, part, A, B * scaling) for this rank

@@ -111,12 +111,14 @@ class DecoderLayer(nn.Module):
         scales = (qkv_scale, o_scale, gate_up_scale, down_scale)
         if any(s is None for s in scales) and any(s is not None for s in scales):
             return None  # NOTE: part quantized (a checkpoint's ignore list): op by op
-        a = self.self_attn
+        a, m = self.self_attn, self.mlp
         return DecoderLayerWeights(
             input_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
             eps=self.input_layernorm.eps, qkv=qkv, qkv_bias=a.qkv_proj.bias, o=o, o_bias=a.o_proj.bias,
             gate_up=gate_up, down=down, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-            scale=a.scale, qkv_scale=qkv_scale, o_scale=o_scale, gate_up_scale=gate_up_scale, down_scale=down_scale)
+            scale=a.scale, qkv_scale=qkv_scale, o_scale=o_scale, gate_up_scale=gate_up_scale, down_scale=down_scale,
+            qkv_lora=a.qkv_proj.fused_lora(), o_lora=a.o_proj.fused_lora(), gate_up_lora=m.gate_up_proj.fused_lora(),
+            down_lora=m.down_proj.fused_lora())
 
 
 class LlamaModel(nn.Module):
