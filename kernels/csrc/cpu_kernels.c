@@ -2231,11 +2231,55 @@ static inline void lora_cols_##SUF(const T *s, const float *bt, int r, float *ou
     memcpy(out, acc, sizeof acc);                                                            \
 }
 
+/* bt[i * LORA_COLS + c] = b[c * r + i] for the tile's w columns (zeros past them) and the first
+ * rank values of each: B's rows read as the expand's transposed tile. With AVX2, whole 8 x 8
+ * blocks (a full tile, eight values at a time) go through registers; the rest element by element. */
+#if defined(__AVX2__)
+static inline void lora_transpose8(__m256 *v) {
+    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    v[0] = _mm256_permute2f128_ps(s0, s4, 0x20), v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    v[2] = _mm256_permute2f128_ps(s2, s6, 0x20), v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    v[4] = _mm256_permute2f128_ps(s0, s4, 0x31), v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    v[6] = _mm256_permute2f128_ps(s2, s6, 0x31), v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+static inline __m256 lora_load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 lora_load8_bf16(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#define LORA_TRANSPOSE_BLOCKS(SUF, b, r, rank, w, bt, i0)                                      \
+    if (w == LORA_COLS)                                                                      \
+        for (; i0 + 8 <= rank; i0 += 8)                                                      \
+            for (int c = 0; c < LORA_COLS; c += 8) {                                         \
+                __m256 v[8];                                                                 \
+                for (int q = 0; q < 8; q++) v[q] = lora_load8_##SUF(b + (size_t)(c + q) * r + i0); \
+                lora_transpose8(v);                                                          \
+                for (int q = 0; q < 8; q++) _mm256_storeu_ps(bt + (size_t)(i0 + q) * LORA_COLS + c, v[q]); \
+            }
+#else
+#define LORA_TRANSPOSE_BLOCKS(SUF, b, r, rank, w, bt, i0)
+#endif
+#define LORA_TRANSPOSE(SUF, T)                                                                 \
+static void lora_transpose_##SUF(const T *b, int r, int rank, int w, float *bt) {            \
+    int i0 = 0;                                                                              \
+    LORA_TRANSPOSE_BLOCKS(SUF, b, r, rank, w, bt, i0)                                        \
+    for (int c = 0; c < LORA_COLS; c++)                                                      \
+        for (int i = i0; i < rank; i++) bt[i * LORA_COLS + c] = c < w ? GET_##SUF(b + (size_t)c * r, i) : 0.f; \
+}
+
 /* Expand of tokens [j0, j1) of one slot into columns [c0, c1) of one part: y[tok[j], c] +=
  * round(sh[j] . b[c]) over the first `rank` of the R values, sh pointing at the part's values of
  * row 0 (rows pr apart), b's rows r apart; bt: room for rank x LORA_COLS floats. */
 #define LORA_EXPAND(SUF, T)                                                                    \
 LORA_COLS_DOT(SUF, T)                                                                        \
+LORA_TRANSPOSE(SUF, T)                                                                       \
 static void lora_expand_dots_##SUF(T *y, long sy, const T *b, const int32_t *tok, const T *sh, int pr, int r, \
                                    int rank, int j0, int j1, int c0, int c1) {               \
     float d[4];                                                                              \
@@ -2262,8 +2306,7 @@ static void lora_expand_##SUF(T *y, long sy, const T *b, const int32_t *tok, con
     }                                                                                        \
     for (int cb = c0; cb < c1; cb += LORA_COLS) {                                            \
         int w = c1 - cb < LORA_COLS ? c1 - cb : LORA_COLS;                                   \
-        for (int c = 0; c < LORA_COLS; c++)                                                  \
-            for (int i = 0; i < rank; i++) bt[i * LORA_COLS + c] = c < w ? GET_##SUF(b + (size_t)(cb + c) * r, i) : 0.f; \
+        lora_transpose_##SUF(b + (size_t)cb * r, r, rank, w, bt);                            \
         for (int j = j0; j < j1; j++) {                                                      \
             lora_cols_##SUF(sh + (size_t)j * pr, bt, rank, d);                               \
             T *yr = y + tok[j] * sy + cb;                                                    \
