@@ -2047,7 +2047,11 @@ void pd_lora_delta_bf16(uint16_t *y, long sy, const uint16_t *x, long sx, const 
 
 /* y [rows, n] += the LoRA delta of x [rows, k] where the projection has adapters and the step
  * has adapter tokens: what LoRALinearMethod adds after the base matmul. */
-#define LAYER_LORA(SUF, w, s, part, y, x, n, k)                                                    if ((w)->lora && (w)->lora->part.a && (s)->lora_slots)                                           pd_lora_delta_##SUF(y, n, x, k, (w)->lora->part.a, (w)->lora->part.b, (s)->lora_sorted,                             (s)->lora_start, (s)->lora_count, (w)->lora->part.ends, (w)->lora->part.parts,                             n, k, (w)->lora->part.r, (s)->lora_slots, (s)->lora_ranks, (s)->threads);
+#define LAYER_LORA(SUF, w, s, part, y, x, n, k)                                                \
+    if ((w)->lora && (w)->lora->part.a && (s)->lora_slots)                                   \
+        pd_lora_delta_##SUF(y, n, x, k, (w)->lora->part.a, (w)->lora->part.b, (s)->lora_sorted, \
+                            (s)->lora_start, (s)->lora_count, (w)->lora->part.ends, (w)->lora->part.parts, \
+                            n, k, (w)->lora->part.r, (s)->lora_slots, (s)->lora_ranks, (s)->threads);
 
 #define DECODER_LAYER(SUF, T)                                                                  \
 void pd_decoder_layer_##SUF(const pd_layer_weights *w, const pd_layer_step *s, T *kv, size_t stride) { \

@@ -74,7 +74,8 @@ def test_fused_layers_with_adapters_equal_op_by_op(tiny_models, adapters, dtype,
         pytest.skip(f"{dtype} linear is not vectorized by this build: nothing to fuse")
     names = ["mlp"] if targets else list(adapters)
     args = dict(dtype=dtype, num_blocks=128, max_batch_size=4, max_prefill_tokens=48, max_loras=2,
-                max_cpu_loras=4, adapters=tuple(f"{n}={adapters[n]}" for n in names))
+                max_cpu_loras=4, adapters=tuple(f"{n}={adapters[n]}" for n in names),
+                lora_target_modules=targets or ("all",))
     fused = LLM(tiny_models["llama"], **args)
     assert _model(fused).fused is not None
     with monkeypatch.context() as patch:
@@ -82,7 +83,7 @@ def test_fused_layers_with_adapters_equal_op_by_op(tiny_models, adapters, dtype,
         plain = LLM(tiny_models["llama"], **args)
     assert _model(plain).fused is None
     prompts = _prompts()
-    which = [([None] + names)[i % (len(names) + 1)] for i in range(len(prompts))]  # 3 adapters > 2 slots: swaps
+    which = [([None] + names)[i % (len(names) + 1)] for i in range(len(prompts))]  # all: 3 adapters, 2 slots
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0)
     for _ in range(2):  # the second round hits the prefix cache
         outs = [[(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in llm.generate(prompts, params, adapter=which)]
