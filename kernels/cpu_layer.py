@@ -75,7 +75,7 @@ class FusedDecoder:
         self._tensors: list[Any] = list(layers)  # NOTE: keeps every pointed-at tensor alive
         self._weights = [self._pack_w8a8(layer) if self.w8a8 else self._pack(layer) for layer in layers]
         # the step's adapter slots: every wrapped projection reads the same mapping
-        loras = [lora for layer in layers for lora in _loras(layer) if lora is not None]
+        loras = [lora for layer in layers for lora in _adapters(layer)]
         self._lora_mapping = loras[0].mapping if loras else None
 
     @staticmethod
@@ -93,7 +93,7 @@ class FusedDecoder:
             ok_dtype = dtype in kernels.linear_vec
         vectors = all(t is None or (t.dtype == dtype and t.is_contiguous())
                       for t in (layer.input_norm, layer.post_norm, layer.qkv_bias, layer.o_bias))
-        loras = [lora for lora in _loras(layer) if lora is not None]
+        loras = _adapters(layer)
         stacks = all(t.dtype == dtype and t.is_contiguous() for lora in loras for t in (lora.a, lora.b))
         return ok_dtype and packed and vectors and stacks and not (layer.w8a8 and loras)
 
@@ -104,11 +104,10 @@ class FusedDecoder:
 
     def _pack_lora(self, layer: Any) -> Any:
         """A pointer to the layer's LoRA stacks (NULL where no projection has adapters)."""
-        loras = _loras(layer)
-        if all(lora is None for lora in loras):
+        if not _adapters(layer):
             return None
         stacks = []
-        for lora in loras:
+        for lora in _loras(layer):
             if lora is None:
                 stacks.append(_LoRAStacks())
                 continue
@@ -186,6 +185,11 @@ def _present(t: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
 def _loras(layer: Any) -> tuple[Any, Any, Any, Any]:
     """The layer's LoRA stacks per projection (``LinearLoRA`` or None), in the C struct's order."""
     return layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora
+
+
+def _adapters(layer: Any) -> list[Any]:
+    """The layer's projections' LoRA stacks that exist."""
+    return [lora for lora in _loras(layer) if lora is not None]
 
 
 __all__ = ["FusedDecoder"]
